@@ -1,0 +1,191 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import unit_rows
+from tqindex import CodecConfig, Codes, TurboQuantCodec
+
+PAPER_MSE = {1: 0.3634, 2: 0.1175, 3: 0.0345, 4: 0.0095}
+
+
+def reconstruction_mse(codec: TurboQuantCodec, x: np.ndarray) -> float:
+    return float(((codec.decode(codec.encode(x)) - x) ** 2).sum(axis=1).mean())
+
+
+def paired_estimates(codec: TurboQuantCodec, q: np.ndarray, x: np.ndarray, block: int = 1000) -> np.ndarray:
+    """Estimates of <q_i, x_i> for each pair i."""
+    codes = codec.encode(x)
+    return np.concatenate(
+        [np.diag(codec.inner_products(q[i : i + block], codes[i : i + block])) for i in range(0, len(q), block)]
+    )
+
+
+@pytest.mark.parametrize("rotation", ["dense", "hadamard"])
+@pytest.mark.parametrize("bits", [1, 2, 3, 4])
+def test_unit_vector_reconstruction_mse_matches_paper(rotation, bits):
+    codec = TurboQuantCodec(256, bits, rotation=rotation, scale="norm")
+    mse = reconstruction_mse(codec, unit_rows(3000, 256, seed=bits))
+    assert abs(mse - PAPER_MSE[bits]) / PAPER_MSE[bits] < 0.05
+
+
+def test_fractional_bits_land_strictly_between_neighbours():
+    x = unit_rows(2000, 256, seed=7)
+    mse = {b: reconstruction_mse(TurboQuantCodec(256, b, scale="norm"), x) for b in (2, 2.5, 3)}
+    assert mse[3] < mse[2.5] < mse[2]
+    assert TurboQuantCodec(256, 2.5).code_bytes == 80  # 256 * 2.5 / 8
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4])
+def test_prod_estimator_is_unbiased_with_variance_within_the_paper_bound(bits):
+    dim = 128
+    codec = TurboQuantCodec(dim, bits, variant="prod")
+    x, q = unit_rows(20000, dim, seed=10 + bits), unit_rows(20000, dim, seed=20 + bits)
+    errors = paired_estimates(codec, q, x) - np.einsum("ij,ij->i", q, x)
+    standard_error = errors.std() / math.sqrt(errors.size)
+    assert abs(errors.mean()) < 3 * standard_error
+    # TurboQuant paper, Theorem 2: D_prod <= sqrt(3) pi^2 ||q||^2 / d * 4^-b
+    assert errors.var() <= math.sqrt(3) * math.pi**2 / dim / 4**bits
+
+
+def test_unbiased_scale_has_unit_regression_slope_and_norm_scale_shrinks():
+    dim = 128
+    x, q = unit_rows(20000, dim, seed=1), unit_rows(20000, dim, seed=2)
+    # correlated pairs, so the inner products span a real range
+    q = q + 2 * x
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    true = np.einsum("ij,ij->i", q, x)
+    slope = {s: np.polyfit(true, paired_estimates(TurboQuantCodec(dim, 2, scale=s), q, x), 1)[0] for s in ("unbiased", "norm")}
+    assert abs(slope["unbiased"] - 1) < 0.02
+    assert 0.85 < slope["norm"] < 0.92  # the paper's 2-bit shrinkage, about 0.88
+
+
+def test_unbiased_scale_estimates_a_vector_against_itself_exactly():
+    codec = TurboQuantCodec(64, 2)
+    x = np.random.default_rng(3).standard_normal((50, 64)).astype(np.float32) * 3
+    self_estimates = np.diag(codec.inner_products(x, codec.encode(x)))
+    np.testing.assert_allclose(self_estimates, (x * x).sum(axis=1), rtol=1e-4)
+
+
+def test_inner_products_equal_dot_products_with_decoded_vectors():
+    for variant in ("mse", "prod"):
+        codec = TurboQuantCodec(48, 3, variant=variant)
+        x = np.random.default_rng(4).standard_normal((30, 48)).astype(np.float32)
+        q = np.random.default_rng(5).standard_normal((7, 48)).astype(np.float32)
+        codes = codec.encode(x)
+        np.testing.assert_allclose(codec.inner_products(q, codes), q @ codec.decode(codes).T, rtol=1e-4, atol=1e-4)
+
+
+def test_numpy_in_numpy_out_torch_in_torch_out():
+    codec = TurboQuantCodec(32, 4)
+    x = np.random.default_rng(0).standard_normal((5, 32)).astype(np.float32)
+    codes = codec.encode(x)
+    assert isinstance(codes.packed, np.ndarray) and codes.packed.dtype == np.uint8
+    assert codes.packed.shape == (5, codec.code_bytes) and codes.factors.shape == (5, 1)
+    assert isinstance(codec.decode(codes), np.ndarray)
+    tcodes = codec.encode(torch.from_numpy(x))
+    assert isinstance(tcodes.packed, torch.Tensor) and tcodes.packed.dtype == torch.uint8
+    assert np.array_equal(tcodes.packed.numpy(), codes.packed)
+    scores = codec.inner_products(torch.from_numpy(x[:2]), tcodes)
+    assert isinstance(scores, torch.Tensor) and scores.shape == (2, 5)
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float64])
+def test_other_float_dtypes_are_accepted(dtype):
+    codec = TurboQuantCodec(32, 4)
+    x = np.random.default_rng(0).standard_normal((5, 32))
+    codes = codec.encode(x.astype(dtype))
+    assert codes.packed.shape == (5, codec.code_bytes)
+    assert codec.encode(torch.from_numpy(x).to(torch.bfloat16)).packed.shape == (5, codec.code_bytes)
+
+
+def test_zero_vectors_encode_and_score_zero():
+    codec = TurboQuantCodec(16, 3)
+    x = np.zeros((2, 16), dtype=np.float32)
+    codes = codec.encode(x)
+    assert np.all(codes.factors == 0)
+    assert np.all(codec.decode(codes) == 0)
+    assert np.all(codec.inner_products(np.ones((3, 16), np.float32), codes) == 0)
+
+
+@pytest.mark.parametrize("variant", ["mse", "prod"])
+@pytest.mark.parametrize("rotation", ["dense", "hadamard"])
+def test_state_restores_a_bit_identical_codec(variant, rotation):
+    codec = TurboQuantCodec(40, 2.5, variant=variant, rotation=rotation, seed=9)
+    restored = TurboQuantCodec.from_config(CodecConfig.from_dict(codec.config.to_dict()), codec.state())
+    x = np.random.default_rng(1).standard_normal((20, 40)).astype(np.float32)
+    a, b = codec.encode(x), restored.encode(x)
+    assert a.packed.tobytes() == b.packed.tobytes() and a.factors.tobytes() == b.factors.tobytes()
+
+
+def test_seed_changes_codes_and_same_seed_reproduces_them():
+    x = np.random.default_rng(1).standard_normal((20, 64)).astype(np.float32)
+    a, b, c = (TurboQuantCodec(64, 3, seed=s).encode(x) for s in (1, 1, 2))
+    assert np.array_equal(a.packed, b.packed)
+    assert not np.array_equal(a.packed, c.packed)
+
+
+def test_sizes_count_factors():
+    assert TurboQuantCodec(384, 4, rotation="dense").bytes_per_vector == 192 + 4
+    assert TurboQuantCodec(384, 4, variant="prod", rotation="dense").bytes_per_vector == 192 + 8
+    hadamard = TurboQuantCodec(384, 4, rotation="hadamard")
+    assert hadamard.rotated_dim == 512 and hadamard.code_bytes == 256
+    assert TurboQuantCodec(384, 4).config.rotation == "dense"  # auto: no padding overhead
+    assert TurboQuantCodec(256, 4).config.rotation == "hadamard"
+
+
+@pytest.mark.parametrize(
+    "kwargs,error,match",
+    [
+        (dict(dim=0), ValueError, "dim"),
+        (dict(dim=16, bits=0), ValueError, "bits"),
+        (dict(dim=16, bits=9), ValueError, "bits"),
+        (dict(dim=16, bits=2.3), ValueError, "bits"),
+        (dict(dim=16, bits="4"), TypeError, "bits"),
+        (dict(dim=16, variant="qjl"), ValueError, "variant"),
+        (dict(dim=16, rotation="random"), ValueError, "rotation"),
+        (dict(dim=16, scale="eden"), ValueError, "scale"),
+        (dict(dim=16, variant="prod", scale="unbiased"), ValueError, "prod"),
+        (dict(dim=16, seed=-1), ValueError, "seed"),
+    ],
+)
+def test_bad_configuration_is_refused(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        TurboQuantCodec(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "x,error,match",
+    [
+        (np.zeros((3, 15), np.float32), ValueError, "shape"),
+        (np.zeros((2, 3, 16), np.float32), ValueError, "shape"),
+        (np.array([[np.nan] * 16], np.float32), ValueError, "NaN"),
+        (np.array([[np.inf] * 16], np.float32), ValueError, "NaN"),
+        (np.zeros((3, 16), np.int64), TypeError, "float"),
+        (np.zeros((3, 16), np.complex64), TypeError, "float"),
+        (torch.zeros((3, 16), dtype=torch.int32), TypeError, "float"),
+        ([[0.0] * 16], TypeError, "numpy array or a torch tensor"),
+    ],
+)
+def test_bad_vectors_are_refused(x, error, match):
+    with pytest.raises(error, match=match):
+        TurboQuantCodec(16, 2).encode(x)
+
+
+def test_codes_of_another_codec_are_refused():
+    codes = TurboQuantCodec(16, 2).encode(np.ones((2, 16), np.float32))
+    with pytest.raises(ValueError, match="packed"):
+        TurboQuantCodec(16, 4).decode(codes)
+    with pytest.raises(ValueError, match="factors"):
+        TurboQuantCodec(16, 2, variant="prod").inner_products(np.ones((1, 16), np.float32), Codes(
+            np.zeros((2, TurboQuantCodec(16, 2, variant="prod").code_bytes), np.uint8), codes.factors))
+    with pytest.raises(TypeError, match="Codes"):
+        TurboQuantCodec(16, 2).decode(codes.packed)
+
+
+def test_single_vector_and_empty_batch():
+    codec = TurboQuantCodec(16, 2)
+    assert len(codec.encode(np.ones(16, np.float32))) == 1
+    empty = codec.encode(np.zeros((0, 16), np.float32))
+    assert len(empty) == 0 and codec.inner_products(np.ones((2, 16), np.float32), empty).shape == (2, 0)

@@ -1,0 +1,327 @@
+"""TurboQuantCodec: rotate, quantize each coordinate with a Lloyd-Max codebook, keep a scale.
+
+One codec serves the index and the KV cache. For a vector ``x`` with norm ``n`` and
+rotated unit vector ``y = P x / n``:
+
+* ``variant="mse"``: ``b``-bit indices ``idx`` of the nearest levels ``c[idx]``, and one
+  per-vector factor, the scale ``s``: ``<q, x> ~ s * <P q, c[idx]>``. ``scale="norm"`` stores
+  ``s = n`` (the paper; shrinks inner products); ``scale="unbiased"`` stores the
+  length-corrected ``s = n / <y, c[idx]>`` (EDEN/DRIVE), which makes the estimate unbiased
+  and a vector's estimate of itself exact.
+* ``variant="prod"``: ``(b-1)``-bit indices, plus the signs ``sign(S r)`` of the residual
+  ``r = y - c[idx]`` under a Gaussian ``S``, and two factors ``(n, n ||r|| sqrt(pi/2) / D)``:
+  ``<q, x> ~ n <P q, c[idx]> + n ||r|| sqrt(pi/2)/D * <S P q, sign(S r)>`` (unbiased, QJL).
+
+Shapes: ``d`` = ``dim`` (input), ``D`` = ``rotated_dim`` (``d``, or the next power of two
+for the Hadamard rotation). See DESIGN.md section 1 and ``packing.py`` for the byte layout.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from tqindex._arrays import as_float_rows, is_torch, like
+from tqindex.codebook import lloyd_max_codebook
+from tqindex.packing import BitLayout
+from tqindex.rotation import ROTATIONS, make_rotation, rotation_from_state
+
+VARIANTS = ("mse", "prod")
+SCALES = ("norm", "unbiased")
+_ENCODE_CHUNK = 1 << 15
+_QJL_SEED_STREAM = 0x514A4C  # "QJL": independent of the rotation's stream and of default_rng(seed)
+
+
+@dataclass(frozen=True)
+class CodecConfig:
+    """Everything that defines a codec; with the seed, it rebuilds the codec exactly."""
+
+    dim: int
+    bits: float
+    variant: str
+    rotation: str
+    scale: str
+    seed: int
+
+    def __post_init__(self) -> None:
+        if isinstance(self.dim, bool) or not isinstance(self.dim, (int, np.integer)) or self.dim < 2:
+            raise ValueError(f"dim must be an integer >= 2, got {self.dim!r}")
+        if isinstance(self.bits, bool) or not isinstance(self.bits, (int, float, np.integer, np.floating)):
+            raise TypeError(f"bits must be a number, got {type(self.bits).__name__}")
+        if not 1 <= self.bits <= 8 or float(self.bits) * 8 != round(float(self.bits) * 8):
+            raise ValueError(f"bits must be in [1, 8] in steps of 1/8, got {self.bits!r}")
+        if self.variant not in VARIANTS:
+            raise ValueError(f"variant must be one of {VARIANTS}, got {self.variant!r}")
+        if self.rotation not in ROTATIONS:
+            raise ValueError(f"rotation must be one of {ROTATIONS}, got {self.rotation!r}")
+        if self.scale not in SCALES:
+            raise ValueError(f"scale must be one of {SCALES}, got {self.scale!r}")
+        if self.variant == "prod" and self.scale != "norm":
+            raise ValueError("variant='prod' is unbiased by construction and takes scale='norm' only")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer)) or self.seed < 0:
+            raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "dim": int(self.dim), "bits": float(self.bits), "seed": int(self.seed)}
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "CodecConfig":
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class Codes:
+    """Encoded vectors: ``packed`` uint8 ``(n, code_bytes)`` and ``factors`` float32 ``(n, F)``.
+
+    ``F`` is 1 for ``mse`` (the scale) and 2 for ``prod`` (scale, QJL coefficient). Both are
+    numpy arrays or both torch tensors, matching what was encoded.
+    """
+
+    packed: Any
+    factors: Any
+
+    def __len__(self) -> int:
+        return int(self.packed.shape[0])
+
+    def __getitem__(self, rows: Any) -> "Codes":
+        return Codes(self.packed[rows], self.factors[rows])
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.packed.nbytes + self.factors.nbytes)
+
+
+def _resolve_rotation(rotation: str, dim: int) -> str:
+    """"auto": Hadamard where it costs no padding (power-of-two dims), else dense."""
+    if rotation == "auto":
+        return "hadamard" if dim & (dim - 1) == 0 else "dense"
+    return rotation
+
+
+def _resolve_scale(scale: str, variant: str) -> str:
+    """"auto": the length-corrected scale for mse (it ranks better: docs/benchmarks.md), norm for prod."""
+    if scale == "auto":
+        return "unbiased" if variant == "mse" else "norm"
+    return scale
+
+
+class TurboQuantCodec:
+    """Encode float vectors to TurboQuant codes, decode them, and estimate inner products.
+
+    Args:
+        dim: vector dimension ``d`` (>= 2).
+        bits: bits per coordinate, 1..8, in steps of 1/8 (2.5 gives half the coordinates 3 bits).
+        variant: "mse" (all bits to the Lloyd-Max index) or "prod" (one bit to QJL signs).
+        rotation: "hadamard", "dense", or "auto" (Hadamard for power-of-two ``d``, else dense).
+        scale: "unbiased", "norm", or "auto" ("unbiased" for mse, "norm" for prod).
+        seed: seeds the rotation and the QJL matrix.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        bits: float = 4,
+        *,
+        variant: str = "mse",
+        rotation: str = "auto",
+        scale: str = "auto",
+        seed: int = 0,
+    ):
+        if isinstance(dim, (int, np.integer)) and not isinstance(dim, bool):
+            rotation = _resolve_rotation(rotation, int(dim))
+        config = CodecConfig(dim, bits, variant, rotation, _resolve_scale(scale, variant), seed)
+        self._build(config, state=None)
+
+    @classmethod
+    def from_config(cls, config: CodecConfig, state: dict[str, np.ndarray] | None = None) -> "TurboQuantCodec":
+        """A codec for ``config``; with ``state`` (from ``state()``), bit-identical to the one saved."""
+        codec = cls.__new__(cls)
+        codec._build(config, state)
+        return codec
+
+    def _build(self, config: CodecConfig, state: dict[str, np.ndarray] | None) -> None:
+        self.config = config
+        dim, seed = int(config.dim), int(config.seed)
+        if state is None:
+            self.rotation = make_rotation(config.rotation, dim, seed)
+        else:
+            self.rotation = rotation_from_state(config.rotation, dim, np.asarray(state["rotation"]))
+        rotated_dim = self.rotation.rotated_dim
+        index_bits = float(config.bits) - (1 if config.variant == "prod" else 0)
+        base_bits = int(math.floor(index_bits))
+        extra_coords = int(round((index_bits - base_bits) * rotated_dim))
+        self.layout = BitLayout(rotated_dim, base_bits, extra_coords, signs=config.variant == "prod")
+
+        if state is None:
+            levels_lo = lloyd_max_codebook(rotated_dim, base_bits).astype(np.float32)
+            levels_hi = lloyd_max_codebook(rotated_dim, base_bits + 1).astype(np.float32) if extra_coords else np.zeros(0, np.float32)
+            levels = np.concatenate([levels_lo, levels_hi])
+        else:
+            levels = np.asarray(state["levels"], dtype=np.float32)
+        n_lo = 1 << base_bits
+        expected_levels = n_lo + ((2 * n_lo) if extra_coords else 0)
+        if levels.shape != (expected_levels,):
+            raise ValueError(f"codec state has {levels.shape} levels, expected ({expected_levels},)")
+        self._levels_np = levels
+        #: all levels, float32 ``(L,)``: the ``2^b`` base levels, then the ``2^(b+1)`` levels of extra-bit coordinates
+        self.levels = torch.from_numpy(levels)
+        #: per-coordinate offset into ``levels``, int64 ``(D,)``
+        self.level_offsets = torch.zeros(rotated_dim, dtype=torch.int64)
+        self.level_offsets[:extra_coords] = n_lo
+        levels_lo, levels_hi = levels[:n_lo], levels[n_lo:]
+        self._bounds_lo = torch.from_numpy(0.5 * (levels_lo[1:] + levels_lo[:-1]))
+        self._bounds_hi = torch.from_numpy(0.5 * (levels_hi[1:] + levels_hi[:-1]))
+
+        self.qjl: torch.Tensor | None = None
+        if config.variant == "prod":
+            if state is None:
+                rng = np.random.default_rng([seed, _QJL_SEED_STREAM])
+                qjl = rng.standard_normal((rotated_dim, rotated_dim)).astype(np.float32)
+            else:
+                qjl = np.asarray(state["qjl"], dtype=np.float32)
+            if qjl.shape != (rotated_dim, rotated_dim):
+                raise ValueError(f"codec state QJL matrix has shape {qjl.shape}, expected {(rotated_dim, rotated_dim)}")
+            #: the QJL matrix ``S``, float32 ``(D, D)``
+            self.qjl = torch.from_numpy(qjl)
+
+    # ---- sizes -------------------------------------------------------------------------
+    @property
+    def dim(self) -> int:
+        return int(self.config.dim)
+
+    @property
+    def rotated_dim(self) -> int:
+        return self.rotation.rotated_dim
+
+    @property
+    def code_bytes(self) -> int:
+        """Bytes of packed indices (and signs) per vector."""
+        return self.layout.code_bytes
+
+    @property
+    def n_factors(self) -> int:
+        """float32 factors stored per vector: 1 for mse, 2 for prod."""
+        return 2 if self.config.variant == "prod" else 1
+
+    @property
+    def bytes_per_vector(self) -> int:
+        """Stored bytes per vector, factors included."""
+        return self.code_bytes + 4 * self.n_factors
+
+    def state(self) -> dict[str, np.ndarray]:
+        """The codec's fixed arrays (rotation, levels, QJL matrix), for ``from_config``."""
+        state = {"rotation": self.rotation.state(), "levels": self._levels_np}
+        if self.qjl is not None:
+            state["qjl"] = self.qjl.numpy()
+        return state
+
+    # ---- encode / decode ---------------------------------------------------------------
+    def encode(self, x: Any) -> Codes:
+        """Encode ``(n, d)`` (or ``(d,)``) float vectors into ``Codes`` (numpy in, numpy out)."""
+        rows = as_float_rows(x, self.dim, "x")
+        chunks = [self._encode_rows(rows[i : i + _ENCODE_CHUNK]) for i in range(0, rows.shape[0], _ENCODE_CHUNK)]
+        if chunks:
+            packed, factors = (torch.cat(parts) for parts in zip(*chunks))
+        else:
+            packed, factors = self._encode_rows(rows)
+        return Codes(like(packed, is_torch(x)), like(factors, is_torch(x)))
+
+    def _encode_rows(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        norms = torch.linalg.vector_norm(rows, dim=1)
+        unit = self.rotation.forward(rows) / norms.clamp_min(torch.finfo(torch.float32).tiny)[:, None]
+        indices = self._quantize(unit)
+        levels = self._levels_of(indices)
+        if self.config.variant == "mse":
+            if self.config.scale == "unbiased":
+                alignment = (unit * levels).sum(dim=1)
+                scale = torch.where(norms > 0, norms / alignment.clamp_min(1e-30), torch.zeros_like(norms))
+            else:
+                scale = norms
+            return self.layout.pack(indices), scale[:, None]
+        residual = unit - levels
+        signs = residual @ self._on(self.qjl, rows.device).t() >= 0
+        coefficient = norms * torch.linalg.vector_norm(residual, dim=1) * math.sqrt(math.pi / 2) / self.rotated_dim
+        return self.layout.pack(indices, signs), torch.stack([norms, coefficient], dim=1)
+
+    def _quantize(self, unit: torch.Tensor) -> torch.Tensor:
+        """Nearest-level indices of rotated unit rows, uint8 ``(n, D)``."""
+        extra = self.layout.extra_coords
+        indices = torch.empty(unit.shape, dtype=torch.uint8, device=unit.device)
+        indices[:, extra:] = torch.bucketize(unit[:, extra:].contiguous(), self._on(self._bounds_lo, unit.device)).to(torch.uint8)
+        if extra:
+            indices[:, :extra] = torch.bucketize(unit[:, :extra].contiguous(), self._on(self._bounds_hi, unit.device)).to(torch.uint8)
+        return indices
+
+    def _levels_of(self, indices: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Level values of indices: uint8 ``(n, D)`` -> ``dtype`` ``(n, D)``."""
+        table = self._on(self.levels, indices.device).to(dtype)
+        return table[indices.long() + self._on(self.level_offsets, indices.device)]
+
+    def dequantize(self, packed: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Packed rows -> unscaled levels ``c[idx]`` in rotated space, ``dtype`` ``(n, D)``."""
+        return self._levels_of(self.layout.unpack_indices(packed), dtype)
+
+    def signs(self, packed: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Packed rows -> QJL signs as +-1, ``dtype`` ``(n, D)`` (prod only)."""
+        return self.layout.unpack_signs(packed).to(dtype) * 2 - 1
+
+    def decode(self, codes: Codes) -> Any:
+        """``Codes`` -> reconstructed float32 vectors ``(n, d)``, same kind as the codes."""
+        packed, factors = self._check_codes(codes)
+        rotated = self.dequantize(packed) * factors[:, :1]
+        if self.qjl is not None:
+            rotated += (self.signs(packed) @ self._on(self.qjl, packed.device)) * factors[:, 1:2]
+        return like(self.rotation.inverse(rotated), is_torch(codes.packed))
+
+    # ---- inner products ----------------------------------------------------------------
+    def rotate_queries(self, q: Any) -> torch.Tensor:
+        """Queries ``(m, d)`` (or ``(d,)``) -> rotated float32 ``(m, D)``; with prod, ``(m, 2D)``: ``[P q, S P q]``."""
+        rotated = self.rotation.forward(as_float_rows(q, self.dim, "queries"))
+        if self.qjl is None:
+            return rotated
+        return torch.cat([rotated, rotated @ self._on(self.qjl, rotated.device).t()], dim=1)
+
+    def inner_products(self, q: Any, codes: Codes) -> Any:
+        """Estimated ``<q_i, x_j>``: queries ``(m, d)``, codes of n vectors -> float32 ``(m, n)``."""
+        packed, factors = self._check_codes(codes)
+        queries = self.rotate_queries(q).to(packed.device)
+        return like(self.score(queries, packed, factors), is_torch(q))
+
+    def score(self, queries: torch.Tensor, packed: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
+        """The estimator on rotated queries (from ``rotate_queries``): float32 ``(m, n)``."""
+        dim = self.rotated_dim
+        scores = (queries[:, :dim] @ self.dequantize(packed).t()) * factors[:, 0]
+        if self.qjl is not None:
+            scores += (queries[:, dim:] @ self.signs(packed).t()) * factors[:, 1]
+        return scores
+
+    def _check_codes(self, codes: Codes) -> tuple[torch.Tensor, torch.Tensor]:
+        if not isinstance(codes, Codes):
+            raise TypeError(f"expected Codes from encode(), got {type(codes).__name__}")
+        packed, factors = (torch.as_tensor(a) for a in (codes.packed, codes.factors))
+        if packed.dtype != torch.uint8 or packed.ndim != 2 or packed.shape[1] != self.code_bytes:
+            raise ValueError(f"codes.packed must be uint8 (n, {self.code_bytes}), got {packed.dtype} {tuple(packed.shape)}")
+        if factors.shape != (packed.shape[0], self.n_factors):
+            raise ValueError(f"codes.factors must have shape ({packed.shape[0]}, {self.n_factors}), got {tuple(factors.shape)}")
+        return packed, factors.to(torch.float32)
+
+    def _on(self, tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """A fixed tensor on ``device`` (cached, so GPU callers do not copy it every call)."""
+        if tensor.device == device:
+            return tensor
+        cache = self.__dict__.setdefault("_device_cache", {})
+        key = (id(tensor), device)
+        if key not in cache:
+            cache[key] = tensor.to(device)
+        return cache[key]
+
+    def __repr__(self) -> str:
+        c = self.config
+        return (
+            f"TurboQuantCodec(dim={c.dim}, bits={c.bits}, variant={c.variant!r}, rotation={c.rotation!r}, "
+            f"scale={c.scale!r}, seed={c.seed}, bytes_per_vector={self.bytes_per_vector})"
+        )
