@@ -1,0 +1,536 @@
+"""On-disk format of an index: named fixed arrays and append-only columns in one directory.
+
+Layout of a store::
+
+    manifest.json   format name, version, user meta; per fixed array its file, dtype, shape and
+                    sha256; per column its file, dtype, row_shape and committed row count
+    <name>.npy      one fixed array each (np.save, no pickle): loaded whole, verified on open
+    <name>.col      one raw little-endian file per column, rows back to back
+
+Commit protocol: `append` writes rows after the pending ones; `commit` fsyncs the column files
+written, then replaces manifest.json atomically (temp file, fsync, os.replace, fsync of the
+directory). The row counts in the manifest are the commit point: bytes past them (a crash between
+append and commit) are ignored on read and cut off when the store is next opened for append.
+Rows are never rewritten; deletions are the caller's own appended log.
+
+One writer at a time: mode "a" holds an exclusive advisory lock (flock on the directory), so a
+second writer is refused with StorageError. Readers take no lock and see the rows committed when
+they opened. POSIX only (fcntl, os.pread). Storage knows nothing of the math or of ids.
+"""
+
+from __future__ import annotations
+
+import copy
+import fcntl
+import hashlib
+import io
+import json
+import math
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+_MANIFEST_TMP = MANIFEST + ".tmp"
+_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]*")
+_COLUMN_KINDS = "biufc"  # bool, int, uint, float, complex: plain fixed-size numbers
+
+
+class StorageError(ValueError):
+    """A store (or the arguments for one) was refused; the message names the path and problem."""
+
+
+@dataclass(frozen=True)
+class ColumnSpec:
+    """Type of a column: `dtype` a numpy dtype string, `row_shape` the shape of one row."""
+
+    dtype: str
+    row_shape: tuple[int, ...] = ()
+
+
+@dataclass
+class _Column:
+    file: Path
+    dtype: np.dtype  # explicit little-endian
+    row_shape: tuple[int, ...]
+    rows: int  # committed
+    pending: int  # committed + appended since
+    fd: int = -1
+    view: np.ndarray | None = None  # cached column(): the committed rows when it was made
+
+    @property
+    def row_bytes(self) -> int:
+        return self.dtype.itemsize * math.prod(self.row_shape)
+
+
+class ColumnStore:
+    """A directory: manifest.json + fixed arrays (.npy) + one raw binary file per column.
+
+    Make one with `ColumnStore.create` or `ColumnStore.open`. `meta` is the user's JSON metadata,
+    `fixed` the fixed arrays (read-only, in RAM), `columns` the ColumnSpec of each column.
+    """
+
+    def __init__(self, path: Path, mode: str, manifest: dict, dir_fd: int | None) -> None:
+        """Internal: takes over `dir_fd` (the writer lock in mode "a") even when it raises."""
+        self.path, self.mode = path, mode
+        self._dir_fd = dir_fd
+        self._manifest = manifest
+        self._columns: dict[str, _Column] = {}
+        self._closed = False
+        try:
+            self.meta: dict[str, Any] = copy.deepcopy(manifest["meta"])
+            self.fixed: dict[str, np.ndarray] = {
+                name: _load_fixed(path, name, entry) for name, entry in manifest["fixed"].items()
+            }
+            for name, entry in manifest["columns"].items():
+                self._columns[name] = col = _parse_column(path, name, entry)
+                col.fd = _open_fd(col.file, os.O_RDWR if mode == "a" else os.O_RDONLY)
+                size, committed = os.fstat(col.fd).st_size, col.rows * col.row_bytes
+                if size < committed:
+                    raise StorageError(
+                        f"{col.file}: column {name!r} is truncated: {size} bytes, "
+                        f"{col.rows} committed rows need {committed}"
+                    )
+                if mode == "a" and size > committed:
+                    os.ftruncate(col.fd, committed)  # drop the rows of an interrupted append
+        except BaseException:
+            self._release()
+            raise
+
+    # ---- making and opening ----
+
+    @classmethod
+    def create(
+        cls,
+        path: str | os.PathLike,
+        *,
+        format_name: str,
+        meta: dict,
+        fixed: dict[str, np.ndarray],
+        columns: dict[str, ColumnSpec],
+        overwrite: bool = False,
+    ) -> ColumnStore:
+        """Make a new store at `path` (created if missing) and return it open in mode "a".
+
+        An existing non-empty directory is refused unless `overwrite` is set and it is itself a
+        store of `format_name`; then only the files its manifest names are removed. Overwriting
+        is not atomic: a crash during it leaves a directory that is not a store.
+        """
+        path = Path(path)
+        if not isinstance(format_name, str) or not format_name:
+            raise StorageError(f"{path}: format_name must be a non-empty string")
+        meta = _check_meta(path, meta)
+        blobs = {name: _npy_bytes(path, name, array) for name, array in fixed.items()}
+        if not all(isinstance(spec, ColumnSpec) for spec in columns.values()):
+            raise StorageError(f"{path}: columns must map names to ColumnSpec")
+        specs = {name: _check_spec(str(path), name, s.dtype, s.row_shape) for name, s in columns.items()}
+        if path.exists() and not path.is_dir():
+            raise StorageError(f"{path}: exists and is not a directory")
+        path.mkdir(parents=True, exist_ok=True)
+        dir_fd = _lock_dir(path)
+        try:
+            if any(path.iterdir()):
+                if not overwrite:
+                    raise StorageError(f"{path}: directory is not empty (overwrite=True replaces a store)")
+                _remove_store(path, format_name)
+            fixed_entries = {}
+            for name, data in blobs.items():
+                _write_file(path / f"{name}.npy", data)
+                array = np.load(io.BytesIO(data), allow_pickle=False)
+                fixed_entries[name] = {
+                    "file": f"{name}.npy",
+                    "dtype": array.dtype.str,
+                    "shape": list(array.shape),
+                    "sha256": hashlib.sha256(data).hexdigest(),
+                }
+            column_entries = {}
+            for name, (dtype, row_shape) in specs.items():
+                _write_file(path / f"{name}.col", b"")
+                column_entries[name] = {
+                    "file": f"{name}.col",
+                    "dtype": dtype.str,
+                    "row_shape": list(row_shape),
+                    "rows": 0,
+                }
+            manifest = {
+                "format": format_name,
+                "version": FORMAT_VERSION,
+                "meta": meta,
+                "fixed": fixed_entries,
+                "columns": column_entries,
+            }
+            _replace_manifest(path, dir_fd, manifest)
+        except BaseException:
+            os.close(dir_fd)
+            raise
+        return cls(path, "a", manifest, dir_fd)
+
+    @classmethod
+    def open(cls, path: str | os.PathLike, *, format_name: str, mode: str = "r") -> ColumnStore:
+        """Open the store at `path`: mode "r" reads, "a" also appends (one writer at a time)."""
+        path = Path(path)
+        if mode not in ("r", "a"):
+            raise StorageError(f"{path}: mode must be 'r' or 'a', not {mode!r}")
+        _check_dir(path)
+        dir_fd = _lock_dir(path) if mode == "a" else None
+        try:
+            manifest = _read_manifest(path, format_name)
+        except BaseException:
+            if dir_fd is not None:
+                os.close(dir_fd)
+            raise
+        return cls(path, mode, manifest, dir_fd)
+
+    # ---- reading ----
+
+    @property
+    def columns(self) -> dict[str, ColumnSpec]:
+        """ColumnSpec of each column (dtype as an explicit little-endian string, e.g. "<f4")."""
+        return {name: ColumnSpec(c.dtype.str, c.row_shape) for name, c in self._columns.items()}
+
+    def rows(self, name: str) -> int:
+        """Committed row count of column `name`."""
+        return self._column(name).rows
+
+    def pending_rows(self, name: str) -> int:
+        """Rows appended to column `name`, committed or not."""
+        return self._column(name).pending
+
+    def column(self, name: str) -> np.ndarray:
+        """Read-only memmap of the committed rows, shape (rows, *row_shape); remapped after commits."""
+        col = self._column(name)
+        if col.view is None or len(col.view) != col.rows:
+            if col.rows == 0:  # np.memmap cannot map 0 bytes
+                col.view = np.empty((0, *col.row_shape), col.dtype)
+                col.view.flags.writeable = False
+            else:
+                col.view = np.memmap(col.file, col.dtype, mode="r", shape=(col.rows, *col.row_shape))
+        return col.view
+
+    def read_rows(self, name: str, start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
+        """Copy committed rows [start, stop) into `out` (or a new array), shape (stop - start, *row_shape).
+
+        Reads with os.preadv, not through a memmap, so scanning a file larger than RAM chunk by
+        chunk keeps the memory held to the chunk. `out` must be C-contiguous, writeable and of the
+        column's dtype.
+        """
+        col = self._column(name)
+        if not (_is_int(start) and _is_int(stop) and 0 <= start <= stop <= col.rows):
+            raise StorageError(f"{col.file}: rows [{start}, {stop}) out of range: {col.rows} committed rows")
+        shape = (stop - start, *col.row_shape)
+        if out is None:
+            out = np.empty(shape, col.dtype)
+        elif (
+            not isinstance(out, np.ndarray)
+            or out.shape != shape
+            or out.dtype != col.dtype
+            or not (out.flags.c_contiguous and out.flags.writeable)
+        ):
+            raise StorageError(
+                f"{col.file}: out must be a writeable C-contiguous {col.dtype.name} array of shape {shape}"
+            )
+        view = memoryview(_as_bytes(out))
+        offset = int(start) * col.row_bytes
+        while view:
+            n = os.preadv(col.fd, [view], offset)
+            if n == 0:
+                raise StorageError(f"{col.file}: column {name!r} is truncated (file shrank while open)")
+            view, offset = view[n:], offset + n
+        return out
+
+    # ---- writing ----
+
+    def append(self, name: str, values: np.ndarray) -> None:
+        """Append rows `values`, shape (n, *row_shape), after the pending rows; not committed yet.
+
+        Refuses (writing nothing) a wrong row shape or a dtype that does not cast safely.
+        """
+        self._check_writable()
+        col = self._column(name)
+        values = np.asarray(values)
+        if values.ndim != 1 + len(col.row_shape) or values.shape[1:] != col.row_shape:
+            raise StorageError(
+                f"{col.file}: column {name!r} takes arrays of shape (n, *{col.row_shape}), got {values.shape}"
+            )
+        if not np.can_cast(values.dtype, col.dtype, casting="safe"):
+            raise StorageError(
+                f"{col.file}: column {name!r} is {col.dtype.name}; {values.dtype} does not cast safely"
+            )
+        view = memoryview(_as_bytes(np.ascontiguousarray(values, dtype=col.dtype)))
+        offset = col.pending * col.row_bytes
+        while view:
+            n = os.pwrite(col.fd, view, offset)
+            view, offset = view[n:], offset + n
+        col.pending += len(values)
+
+    def commit(self) -> None:
+        """Make the appended rows durable: fsync the column files, then replace the manifest."""
+        self._check_writable()
+        dirty = {name: c for name, c in self._columns.items() if c.pending != c.rows}
+        if not dirty:
+            return
+        for col in dirty.values():
+            os.fsync(col.fd)
+        columns = {n: {**e, "rows": self._columns[n].pending} for n, e in self._manifest["columns"].items()}
+        manifest = {**self._manifest, "columns": columns}
+        _replace_manifest(self.path, self._dir_fd, manifest)
+        self._manifest = manifest
+        for col in dirty.values():
+            col.rows = col.pending
+
+    def close(self) -> None:
+        """Commit pending rows (mode "a") and close the files; idempotent."""
+        if self._closed:
+            return
+        try:
+            if self.mode == "a":
+                self.commit()
+        finally:
+            self._release()
+
+    def __enter__(self) -> ColumnStore:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        """Close; on an exception the pending rows are dropped rather than committed."""
+        if exc_type is None:
+            self.close()
+        else:
+            self._release()
+
+    def __del__(self) -> None:
+        self._release()  # frees the files and the lock; never commits
+
+    # ---- private ----
+
+    def _column(self, name: str) -> _Column:
+        if self._closed:
+            raise StorageError(f"{self.path}: store is closed")
+        if name not in self._columns:
+            raise StorageError(f"{self.path}: no column {name!r} (has {sorted(self._columns)})")
+        return self._columns[name]
+
+    def _check_writable(self) -> None:
+        if self._closed:
+            raise StorageError(f"{self.path}: store is closed")
+        if self.mode != "a":
+            raise StorageError(f"{self.path}: store is open read-only (mode 'r')")
+
+    def _release(self) -> None:
+        """Close every file descriptor (and so the writer lock) without committing."""
+        self._closed = True
+        for col in self._columns.values():
+            if col.fd >= 0:
+                os.close(col.fd)
+                col.fd = -1
+            col.view = None
+        if self._dir_fd is not None:
+            os.close(self._dir_fd)
+            self._dir_fd = None
+
+
+# ---- helpers: validation ----
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+
+
+def _check_name(where: Path, what: str, name: Any) -> None:
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise StorageError(f"{where}: bad {what} name {name!r} (letters, digits, '_' and '-')")
+
+
+def _check_meta(path: Path, meta: Any) -> dict:
+    """Return a copy of `meta` as JSON reads it back, refusing anything that does not read back exactly."""
+    try:
+        text = json.dumps(meta, allow_nan=False)
+    except (TypeError, ValueError) as e:
+        raise StorageError(f"{path}: meta is not JSON-serialisable ({e})") from None
+    loaded = json.loads(text)
+    if not isinstance(meta, dict) or loaded != meta:
+        raise StorageError(f"{path}: meta must be a dict that JSON reads back exactly (str keys, no tuples)")
+    return loaded
+
+
+def _check_spec(where: str, name: Any, dtype: Any, row_shape: Any) -> tuple[np.dtype, tuple[int, ...]]:
+    """Validate a column's name, dtype and row shape; return the little-endian dtype and the shape."""
+    _check_name(Path(where), "column", name)
+    try:
+        dt = np.dtype(dtype) if isinstance(dtype, str) else None
+    except TypeError:
+        dt = None
+    if dt is None or dt.kind not in _COLUMN_KINDS:
+        raise StorageError(f"{where}: column {name!r}: dtype {dtype!r} is not a plain numeric numpy dtype")
+    shape = tuple(row_shape) if isinstance(row_shape, (tuple, list)) else None
+    if shape is None or not all(_is_int(s) and s > 0 for s in shape):
+        raise StorageError(f"{where}: column {name!r}: row_shape {row_shape!r} is not a tuple of positive ints")
+    return dt.newbyteorder("<"), tuple(int(s) for s in shape)
+
+
+def _npy_bytes(path: Path, name: Any, array: Any) -> bytes:
+    _check_name(path, "fixed array", name)
+    buf = io.BytesIO()
+    try:
+        np.save(buf, np.asarray(array), allow_pickle=False)
+    except ValueError as e:
+        raise StorageError(f"{path}: fixed array {name!r} cannot be saved without pickle ({e})") from None
+    return buf.getvalue()
+
+
+# ---- helpers: reading the manifest ----
+
+
+def _check_dir(path: Path) -> None:
+    if not path.exists():
+        raise StorageError(f"{path}: no such directory")
+    if not path.is_dir():
+        raise StorageError(f"{path}: not a directory")
+
+
+def _read_manifest(path: Path, format_name: str) -> dict:
+    """Parse and check the manifest's top level: format, version and the three sections."""
+    _check_dir(path)
+    mpath = path / MANIFEST
+    try:
+        data = mpath.read_bytes()
+    except FileNotFoundError:
+        raise StorageError(f"{path}: not a tqindex store (no {MANIFEST})") from None
+    try:
+        m = json.loads(data)
+    except ValueError as e:
+        raise StorageError(f"{mpath}: not valid JSON ({e})") from None
+    if not isinstance(m, dict) or not isinstance(m.get("format"), str):
+        raise StorageError(f"{mpath}: corrupt manifest: no format name")
+    if m["format"] != format_name:
+        raise StorageError(f"{mpath}: foreign store: format {m['format']!r}, expected {format_name!r}")
+    version = m.get("version")
+    if type(version) is not int or version < 1:
+        raise StorageError(f"{mpath}: corrupt manifest: bad version {version!r}")
+    if version > FORMAT_VERSION:
+        raise StorageError(
+            f"{mpath}: written by a newer tqindex (format version {version}; this one reads up to {FORMAT_VERSION})"
+        )
+    for key in ("meta", "fixed", "columns"):
+        if not isinstance(m.get(key), dict):
+            raise StorageError(f"{mpath}: corrupt manifest: {key!r} missing or not an object")
+    return m
+
+
+def _field(path: Path, what: str, entry: Any, key: str, kind: type) -> Any:
+    value = entry.get(key) if isinstance(entry, dict) else None
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise StorageError(f"{path / MANIFEST}: corrupt manifest: {what} has no valid {key!r}")
+    return value
+
+
+def _file(path: Path, what: str, entry: Any) -> Path:
+    """The file an entry names: a plain file name inside the store, never a path out of it."""
+    name = _field(path, what, entry, "file", str)
+    plain = os.path.basename(name) == name and "\\" not in name and "\0" not in name
+    if not plain or name in ("", ".", "..", MANIFEST, _MANIFEST_TMP):
+        raise StorageError(f"{path / MANIFEST}: corrupt manifest: {what} names file {name!r}")
+    return path / name
+
+
+def _load_fixed(path: Path, name: str, entry: Any) -> np.ndarray:
+    """Load a fixed array, checking its sha256, dtype and shape against the manifest."""
+    what = f"fixed array {name!r}"
+    file = _file(path, what, entry)
+    dtype, shape = _field(path, what, entry, "dtype", str), _field(path, what, entry, "shape", list)
+    sha256 = _field(path, what, entry, "sha256", str)
+    try:
+        data = file.read_bytes()
+    except FileNotFoundError:
+        raise StorageError(f"{file}: {what} is missing") from None
+    if hashlib.sha256(data).hexdigest() != sha256:
+        raise StorageError(f"{file}: {what} is corrupt (sha256 differs from the manifest)")
+    try:
+        array = np.load(io.BytesIO(data), allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise StorageError(f"{file}: {what} is corrupt ({e})") from None
+    if not isinstance(array, np.ndarray) or array.dtype.str != dtype or list(array.shape) != shape:
+        raise StorageError(f"{file}: {what} is corrupt: dtype/shape differ from the manifest's {dtype} {shape}")
+    array.flags.writeable = False
+    return array
+
+
+def _parse_column(path: Path, name: str, entry: Any) -> _Column:
+    what = f"column {name!r}"
+    file = _file(path, what, entry)
+    rows = _field(path, what, entry, "rows", int)
+    if rows < 0:
+        raise StorageError(f"{path / MANIFEST}: corrupt manifest: {what} has {rows} rows")
+    dtype, row_shape = _check_spec(
+        f"{path / MANIFEST}: corrupt manifest",
+        name,
+        _field(path, what, entry, "dtype", str),
+        _field(path, what, entry, "row_shape", list),
+    )
+    return _Column(file, dtype, row_shape, rows=rows, pending=rows)
+
+
+# ---- helpers: files ----
+
+
+def _open_fd(file: Path, flags: int) -> int:
+    try:
+        return os.open(file, flags)
+    except FileNotFoundError:
+        raise StorageError(f"{file}: column file is missing") from None
+    except OSError as e:
+        raise StorageError(f"{file}: cannot open ({e.strerror})") from None
+
+
+def _lock_dir(path: Path) -> int:
+    """Open directory `path` and take the exclusive writer lock on it; return the descriptor."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError as e:
+        raise StorageError(f"{path}: cannot open directory ({e.strerror})") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise StorageError(f"{path}: already open for writing elsewhere (one writer at a time)") from None
+    return fd
+
+
+def _as_bytes(array: np.ndarray) -> np.ndarray:
+    """Flat uint8 view of a C-contiguous array (shares its memory)."""
+    return array.reshape(-1).view(np.uint8)
+
+
+def _write_file(file: Path, data: bytes) -> None:
+    """Write `data` to `file` (replacing it) and fsync it."""
+    fd = os.open(file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _replace_manifest(path: Path, dir_fd: int, manifest: dict) -> None:
+    """The commit point: write a temp manifest, fsync it, rename it over the old, fsync the directory."""
+    _write_file(path / _MANIFEST_TMP, json.dumps(manifest, indent=1, allow_nan=False).encode() + b"\n")
+    os.replace(path / _MANIFEST_TMP, path / MANIFEST)
+    os.fsync(dir_fd)
+
+
+def _remove_store(path: Path, format_name: str) -> None:
+    """Delete the files of the store at `path`, refusing anything but a store of `format_name`."""
+    try:
+        m = _read_manifest(path, format_name)
+        files = [_file(path, f"{kind} {name!r}", e) for kind in ("fixed", "columns") for name, e in m[kind].items()]
+    except StorageError as e:
+        raise StorageError(f"{path}: refusing to overwrite: not a readable {format_name!r} store ({e})") from None
+    for file in [path / MANIFEST, *files, path / _MANIFEST_TMP]:  # manifest first: a crash leaves a non-store
+        file.unlink(missing_ok=True)
