@@ -146,6 +146,8 @@ class TurboQuantCodec:
     def _build(self, config: CodecConfig, state: dict[str, np.ndarray] | None) -> None:
         self.config = config
         dim, seed = int(config.dim), int(config.seed)
+        if state is not None:  # own writable copies: the caller's may be read-only or change later
+            state = {name: np.array(array) for name, array in state.items()}
         if state is None:
             self.rotation = make_rotation(config.rotation, dim, seed)
         else:

@@ -1,0 +1,325 @@
+"""TurboQuantIndex: a FAISS-like exhaustive inner-product index over TurboQuant codes.
+
+Rows (codes, per-vector factors, user ids) live in a store: in RAM (`path=None`) or a
+directory of memory-mapped column files (`path=...`, `tqindex.open`). Deletions are an
+appended log of row numbers (tombstones); the scan skips them, and the rows of ids outside a
+search's allow-list, inside the chunk loop. The ranking equals the codec's own estimator,
+`TurboQuantCodec.inner_products` (see `kernels.scan`).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from tqindex._arrays import as_float_rows, as_id_array, is_torch, like
+from tqindex.codec import CodecConfig, Codes, TurboQuantCodec
+from tqindex.kernels import Chunk, get_scanner, scan_topk
+from tqindex.memstore import MemoryStore
+from tqindex.storage import ColumnSpec, ColumnStore, StorageError
+
+FORMAT_NAME = "tqindex"
+METRICS = ("ip", "cosine")
+_ENCODE_BATCH = 1 << 16
+
+
+def _column_specs(codec: TurboQuantCodec) -> dict[str, ColumnSpec]:
+    return {
+        "codes": ColumnSpec("uint8", (codec.code_bytes,)),
+        "factors": ColumnSpec("float32", (codec.n_factors,)),
+        "ids": ColumnSpec("int64", ()),
+        "deleted": ColumnSpec("int64", ()),  # log of deleted row numbers
+    }
+
+
+class TurboQuantIndex:
+    """Exhaustive top-k inner-product search over b-bit TurboQuant codes.
+
+    Args:
+        dim: vector dimension.
+        bits: bits per coordinate (1..8, steps of 1/8); see `TurboQuantCodec`.
+        metric: "ip" (inner product) or "cosine" (vectors and queries normalised on the way in).
+        variant, rotation, scale, seed: passed to `TurboQuantCodec`.
+        path: None for an index in RAM, or a new directory for an on-disk index.
+        backend: scan backend, see `tqindex.kernels.get_scanner`.
+        chunk_rows: rows scanned per step; bounds the memory a search holds.
+
+    `add` returns int64 ids; `search` returns ``(D, I)``: float32 ``(m, k)`` scores best first
+    and int64 ``(m, k)`` ids, padded with ``-inf`` / ``-1`` when fewer than k rows qualify.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        bits: float = 4,
+        *,
+        metric: str = "ip",
+        variant: str = "mse",
+        rotation: str = "auto",
+        scale: str = "auto",
+        seed: int = 0,
+        path: str | os.PathLike | None = None,
+        backend: str = "auto",
+        chunk_rows: int = 8192,
+    ):
+        if metric not in METRICS:
+            raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+        codec = TurboQuantCodec(dim, bits, variant=variant, rotation=rotation, scale=scale, seed=seed)
+        meta = {"codec": codec.config.to_dict(), "metric": metric}
+        if path is None:
+            store = MemoryStore(meta=meta, fixed=codec.state(), columns=_column_specs(codec))
+        else:
+            store = ColumnStore.create(path, format_name=FORMAT_NAME, meta=meta, fixed=codec.state(), columns=_column_specs(codec))
+        self._attach(codec, metric, store, backend, chunk_rows)
+
+    @classmethod
+    def open(cls, path: str | os.PathLike, mode: str = "r", *, backend: str = "auto", chunk_rows: int = 8192) -> "TurboQuantIndex":
+        """Open an index saved at ``path``: mode "r" (read only) or "a" (append, remove)."""
+        store = ColumnStore.open(path, format_name=FORMAT_NAME, mode=mode)
+        try:
+            codec = TurboQuantCodec.from_config(CodecConfig.from_dict(store.meta["codec"]), store.fixed)
+            metric = store.meta["metric"]
+            if metric not in METRICS:
+                raise ValueError(f"unknown metric {metric!r}")
+            expected = {n: (np.dtype(s.dtype), tuple(s.row_shape)) for n, s in _column_specs(codec).items()}
+            found = {n: (np.dtype(s.dtype), tuple(s.row_shape)) for n, s in store.columns.items()}
+            if found != expected:
+                raise ValueError(f"columns {found} do not match the codec's {expected}")
+        except (KeyError, TypeError, ValueError) as error:
+            store.close()
+            raise StorageError(f"{path}: not a valid tqindex index: {error}") from error
+        index = cls.__new__(cls)
+        index._attach(codec, metric, store, backend, chunk_rows)
+        return index
+
+    def _attach(self, codec: TurboQuantCodec, metric: str, store: Any, backend: str, chunk_rows: int) -> None:
+        if isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows < 1:
+            raise ValueError(f"chunk_rows must be a positive integer, got {chunk_rows!r}")
+        self.codec, self.metric, self._store, self.chunk_rows = codec, metric, store, chunk_rows
+        self._scanner = get_scanner(codec, backend)
+        counts = {name: store.rows(name) for name in ("codes", "factors", "ids")}
+        if len(set(counts.values())) != 1:
+            store.close()
+            raise StorageError(f"{store.path}: columns hold different row counts {counts}")
+        self._rows = counts["ids"]
+        self._deleted = np.zeros(self._rows, dtype=bool)
+        deleted_rows = store.column("deleted")
+        if len(deleted_rows) and (deleted_rows.min() < 0 or deleted_rows.max() >= self._rows):
+            store.close()
+            raise StorageError(f"{store.path}: deletion log names rows outside 0..{self._rows - 1}")
+        self._deleted[deleted_rows] = True
+        self._id_lookup: tuple[np.ndarray, np.ndarray] | None = None
+        self._next_id: int | None = None
+        self._closed = False
+
+    # ---- sizes -------------------------------------------------------------------------
+    @property
+    def dim(self) -> int:
+        return self.codec.dim
+
+    @property
+    def ntotal(self) -> int:
+        """Vectors in the index (removed ones excluded)."""
+        return self._rows - int(self._deleted.sum())
+
+    def __len__(self) -> int:
+        return self.ntotal
+
+    @property
+    def bytes_per_vector(self) -> int:
+        """Bytes of codes and per-vector factors per vector (ids add 8 more)."""
+        return self.codec.bytes_per_vector
+
+    def memory_usage(self) -> int:
+        """Bytes this index holds in RAM (an on-disk index keeps its rows on disk)."""
+        held = sum(a.nbytes for a in self._store.fixed.values()) + self._deleted.nbytes
+        if isinstance(self._store, MemoryStore):
+            held += sum(self._store.column(name).nbytes for name in self._store.columns)
+        if self._id_lookup is not None:
+            held += sum(a.nbytes for a in self._id_lookup)
+        return held
+
+    # ---- adding and removing -----------------------------------------------------------
+    def add(self, x: Any, *, progress: bool | None = None) -> np.ndarray:
+        """Add vectors ``(n, dim)`` (or one ``(dim,)``); returns their int64 ids, sequential."""
+        vectors = self._vectors(x, "x")
+        start = self._next_free_id()
+        ids = np.arange(start, start + vectors.shape[0], dtype=np.int64)
+        self._append(vectors, ids, progress)
+        return ids
+
+    def add_with_ids(self, x: Any, ids: Any, *, progress: bool | None = None) -> None:
+        """Add vectors ``(n, dim)`` under user ids (int64 ``(n,)``, new and distinct)."""
+        vectors = self._vectors(x, "x")
+        ids = as_id_array(ids)
+        if len(ids) != vectors.shape[0]:
+            raise ValueError(f"got {vectors.shape[0]} vectors but {len(ids)} ids")
+        unique, counts = np.unique(ids, return_counts=True)
+        if np.any(counts > 1):
+            raise ValueError(f"duplicate ids in the batch: {unique[counts > 1][:5].tolist()}")
+        taken = ids[self._find_rows(ids) >= 0]
+        if len(taken):
+            raise ValueError(f"ids already in the index: {taken[:5].tolist()}")
+        self._append(vectors, ids, progress)
+
+    def _append(self, vectors: torch.Tensor, ids: np.ndarray, progress: bool | None) -> None:
+        self._check_writable()
+        batches = range(0, vectors.shape[0], _ENCODE_BATCH)
+        encoded = [
+            self.codec.encode(vectors[i : i + _ENCODE_BATCH])
+            for i in tqdm(batches, desc="encode", unit="batch", disable=None if progress is None else not progress)
+        ]
+        if not encoded:
+            return
+        self._store.append("codes", torch.cat([c.packed for c in encoded]).numpy())
+        self._store.append("factors", torch.cat([c.factors for c in encoded]).numpy())
+        self._store.append("ids", ids)
+        self._store.commit()
+        self._rows += len(ids)
+        self._deleted = np.concatenate([self._deleted, np.zeros(len(ids), dtype=bool)])
+        self._id_lookup = None
+        self._next_id = max(self._next_free_id(), int(ids.max()) + 1)
+
+    def remove_ids(self, ids: Any) -> int:
+        """Remove vectors by id; returns how many were removed. Unknown ids: KeyError, nothing removed."""
+        self._check_writable()
+        ids = np.unique(as_id_array(ids))
+        rows = self._find_rows(ids)
+        if np.any(rows < 0):
+            raise KeyError(f"ids not in the index: {ids[rows < 0][:5].tolist()}")
+        if len(rows):
+            self._store.append("deleted", rows)
+            self._store.commit()
+            self._deleted[rows] = True
+            self._id_lookup = None
+        return len(rows)
+
+    # ---- reading -----------------------------------------------------------------------
+    def search(self, queries: Any, k: int, *, filter: Any = None) -> tuple[Any, Any]:
+        """Top-``k`` inner products for each query ``(m, dim)`` (or one ``(dim,)``).
+
+        ``filter``: ids allowed in the result (array-like of int64); others are skipped in the scan.
+        Returns ``(D, I)``: float32 ``(m, k)`` best first, int64 ``(m, k)`` ids; numpy, or torch
+        for torch queries; ``-inf`` / ``-1`` past the rows that qualify.
+        """
+        self._check_open()
+        rows = self._vectors(queries, "queries")
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+            raise ValueError(f"k must be a positive integer, got {k!r}")
+        if self.ntotal == 0:
+            raise ValueError("the index is empty: add vectors before searching")
+        if k > self.ntotal:
+            raise ValueError(f"k={k} exceeds the {self.ntotal} vectors in the index")
+        allowed = None if filter is None else np.unique(as_id_array(filter, "filter"))
+        rotated = self.codec.rotate_queries(rows)
+        scores, found = scan_topk(self.codec, self._scanner, rotated, self._chunks(allowed), int(k), self._fetch)
+        ids = self._store.column("ids")[found.clamp_min(0).numpy()]
+        ids[found.numpy() < 0] = -1
+        return like(scores, is_torch(queries)), like(torch.from_numpy(ids), is_torch(queries))
+
+    def reconstruct(self, ids: Any) -> np.ndarray:
+        """Decoded vectors of ``ids``: float32 ``(n, dim)``, or ``(dim,)`` for one scalar id."""
+        self._check_open()
+        wanted = as_id_array(ids)
+        rows = self._find_rows(wanted)
+        if np.any(rows < 0):
+            raise KeyError(f"ids not in the index: {wanted[rows < 0][:5].tolist()}")
+        packed, factors = self._fetch(torch.from_numpy(rows))
+        vectors = self.codec.decode(Codes(packed.numpy(), factors.numpy()))
+        return vectors[0] if np.ndim(ids) == 0 else vectors
+
+    def _chunks(self, allowed: np.ndarray | None) -> Iterator[Chunk]:
+        for start in range(0, self._rows, self.chunk_rows):
+            stop = min(start + self.chunk_rows, self._rows)
+            valid = ~self._deleted[start:stop]
+            if allowed is not None:
+                valid &= np.isin(self._store.read_rows("ids", start, stop), allowed)
+            if not valid.any():
+                continue
+            yield Chunk(
+                start,
+                torch.from_numpy(self._store.read_rows("codes", start, stop)),
+                torch.from_numpy(self._store.read_rows("factors", start, stop)),
+                None if valid.all() else torch.from_numpy(valid),
+            )
+
+    def _fetch(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        at = rows.numpy()
+        return torch.from_numpy(self._store.column("codes")[at]), torch.from_numpy(self._store.column("factors")[at])
+
+    def _vectors(self, x: Any, name: str) -> torch.Tensor:
+        rows = as_float_rows(x, self.dim, name)
+        if self.metric == "cosine":
+            rows = rows / torch.linalg.vector_norm(rows, dim=1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+        return rows
+
+    def _find_rows(self, ids: np.ndarray) -> np.ndarray:
+        """Row of each id among the live rows, -1 where absent: int64 ``(n,)``."""
+        if self._id_lookup is None:
+            live = np.flatnonzero(~self._deleted)
+            live_ids = np.asarray(self._store.column("ids"))[live]
+            order = np.argsort(live_ids, kind="stable")
+            self._id_lookup = (live_ids[order], live[order])
+        sorted_ids, sorted_rows = self._id_lookup
+        if not len(sorted_ids):
+            return np.full(len(ids), -1, dtype=np.int64)
+        at = np.searchsorted(sorted_ids, ids).clip(max=len(sorted_ids) - 1)
+        return np.where(sorted_ids[at] == ids, sorted_rows[at], -1).astype(np.int64)
+
+    def _next_free_id(self) -> int:
+        if self._next_id is None:
+            ids = self._store.column("ids")
+            self._next_id = int(ids.max()) + 1 if len(ids) else 0
+        return self._next_id
+
+    # ---- persistence -------------------------------------------------------------------
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the index to a new directory ``path`` (open it again with ``tqindex.open``)."""
+        self._check_open()
+        target = ColumnStore.create(
+            path, format_name=FORMAT_NAME, meta=self._store.meta, fixed=self.codec.state(), columns=_column_specs(self.codec)
+        )
+        with target:
+            for name in ("codes", "factors", "ids", "deleted"):
+                for start in range(0, self._store.rows(name), _ENCODE_BATCH):
+                    target.append(name, self._store.read_rows(name, start, min(start + _ENCODE_BATCH, self._store.rows(name))))
+            target.commit()
+
+    def flush(self) -> None:
+        """Make everything added so far durable (``add`` and ``remove_ids`` already commit)."""
+        self._check_open()
+        if self._store.mode == "a":
+            self._store.commit()
+
+    def close(self) -> None:
+        """Flush and release the files; idempotent."""
+        if not self._closed:
+            self._store.close()
+            self._closed = True
+
+    def __enter__(self) -> "TurboQuantIndex":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ValueError("the index is closed")
+
+    def _check_writable(self) -> None:
+        self._check_open()
+        if self._store.mode != "a":
+            raise ValueError(f"the index at {self._store.path} is open read-only (mode='r')")
+
+    def __repr__(self) -> str:
+        c = self.codec.config
+        where = "memory" if self._store.path is None else str(self._store.path)
+        return f"TurboQuantIndex(dim={c.dim}, bits={c.bits}, metric={self.metric!r}, variant={c.variant!r}, ntotal={self.ntotal}, in {where})"
+
+
+open = TurboQuantIndex.open

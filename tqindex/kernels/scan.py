@@ -1,0 +1,101 @@
+"""Exhaustive top-k search over chunks of packed codes, with exact rescoring of candidates.
+
+A scanner (CPU or Triton) picks ``candidates`` rows per query from each chunk in reduced
+precision; the running top-k keeps the best across chunks; the survivors are rescored with the
+codec's float32 estimator and the best ``k`` returned. The ranking is therefore the codec's
+own (``TurboQuantCodec.inner_products``), ties aside, at the speed of the reduced-precision scan.
+Kernels know nothing of ids or files: rows are positions, chunks come from the caller.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterable, Protocol
+
+import torch
+
+from tqindex.codec import TurboQuantCodec
+from tqindex.kernels.topk import RunningTopK
+
+_RESCORE_QUERY_BLOCK = 256
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """Rows ``[start, start + n)``: packed uint8 ``(n, B)``, factors float32 ``(n, F)``, optional bool ``valid`` ``(n,)``."""
+
+    start: int
+    packed: torch.Tensor
+    factors: torch.Tensor
+    valid: torch.Tensor | None = None
+
+
+class Scanner(Protocol):
+    def prepare(self, rotated_queries: torch.Tensor) -> torch.Tensor: ...
+    def chunk_topk(
+        self, queries: torch.Tensor, packed: torch.Tensor, factors: torch.Tensor, valid: torch.Tensor | None, k: int
+    ) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+def candidate_count(k: int) -> int:
+    """Rows kept per query from the reduced-precision scan before exact rescoring."""
+    return 2 * k + 16
+
+
+def scan_topk(
+    codec: TurboQuantCodec,
+    scanner: Scanner,
+    rotated_queries: torch.Tensor,
+    chunks: Iterable[Chunk],
+    k: int,
+    fetch: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-``k`` rows per query over all chunks.
+
+    Args:
+        rotated_queries: float32 ``(m, W)`` from ``codec.rotate_queries``.
+        chunks: the rows to scan, in any order.
+        fetch: rows int64 ``(u,)`` -> their (packed, factors), for rescoring.
+
+    Returns:
+        scores float32 ``(m, k)`` best first (``-inf`` past the rows that qualified) and rows int64 ``(m, k)`` (``-1`` there).
+    """
+    m = rotated_queries.shape[0]
+    wanted = candidate_count(k)
+    running = RunningTopK(m, wanted, device=rotated_queries.device)
+    queries = scanner.prepare(rotated_queries)
+    for chunk in chunks:
+        scores, local = scanner.chunk_topk(queries, chunk.packed, chunk.factors, chunk.valid, wanted)
+        running.push(scores, local + chunk.start)
+    return _rescore(codec, rotated_queries, running.rows, fetch, k)
+
+
+def _rescore(
+    codec: TurboQuantCodec,
+    rotated_queries: torch.Tensor,
+    rows: torch.Tensor,
+    fetch: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+    k: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact float32 scores of each query's candidate ``rows`` ``(m, c)``; best ``k`` kept."""
+    m, dim = rows.shape[0], codec.rotated_dim
+    unique, inverse = torch.unique(rows.clamp_min(0), return_inverse=True)
+    packed, factors = fetch(unique)
+    levels = codec.dequantize(packed)
+    signs = codec.signs(packed) if codec.qjl is not None else None
+    exact = torch.empty(rows.shape, dtype=torch.float32, device=rows.device)
+    for start in range(0, m, _RESCORE_QUERY_BLOCK):
+        block = slice(start, start + _RESCORE_QUERY_BLOCK)
+        at = inverse[block]
+        q = rotated_queries[block]
+        exact[block] = (q[:, None, :dim] * levels[at]).sum(-1) * factors[at, 0]
+        if signs is not None:
+            exact[block] += (q[:, None, dim:] * signs[at]).sum(-1) * factors[at, 1]
+    exact[rows < 0] = float("-inf")
+    # best first; among equal scores the lower row first, so results are deterministic
+    by_row = torch.argsort(rows.clamp_min(0), dim=1, stable=True)
+    exact, rows = exact.gather(1, by_row), rows.gather(1, by_row)
+    best = torch.argsort(exact, dim=1, descending=True, stable=True)[:, :k]
+    scores, best_rows = exact.gather(1, best), rows.gather(1, best)
+    best_rows[scores == float("-inf")] = -1
+    return scores, best_rows

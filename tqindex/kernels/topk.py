@@ -1,0 +1,32 @@
+"""A running top-k over chunks of scores: best ``k`` per query, merged chunk by chunk."""
+
+from __future__ import annotations
+
+import torch
+
+
+class RunningTopK:
+    """Keeps, per query, the ``k`` largest scores seen so far and their global row numbers.
+
+    ``scores`` float32 ``(m, k)`` (``-inf`` where fewer than ``k`` rows qualified) and
+    ``rows`` int64 ``(m, k)`` (``-1`` there), best first.
+    """
+
+    def __init__(self, m: int, k: int, device: torch.device | str = "cpu"):
+        self.k = k
+        self.scores = torch.full((m, k), float("-inf"), device=device)
+        self.rows = torch.full((m, k), -1, dtype=torch.int64, device=device)
+
+    def push(self, scores: torch.Tensor, rows: torch.Tensor) -> None:
+        """Merge candidates: ``scores`` ``(m, c)`` and their global ``rows`` ``(m, c)`` or ``(c,)``."""
+        if rows.ndim == 1:
+            rows = rows.expand(scores.shape[0], -1)
+        keep = min(self.k, scores.shape[1])
+        if keep < scores.shape[1]:
+            scores, at = scores.topk(keep, dim=1)
+            rows = rows.gather(1, at)
+        merged_scores = torch.cat([self.scores, scores.to(torch.float32)], dim=1)
+        merged_rows = torch.cat([self.rows, rows], dim=1)
+        self.scores, at = merged_scores.topk(self.k, dim=1)
+        self.rows = merged_rows.gather(1, at)
+        self.rows[self.scores == float("-inf")] = -1

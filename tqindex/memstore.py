@@ -1,0 +1,75 @@
+"""Columns held in RAM, with the reading and appending interface of `storage.ColumnStore`.
+
+An index made without a path keeps its rows here; `save` copies them into a ColumnStore.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from tqindex.storage import ColumnSpec, StorageError
+
+
+class _GrowingArray:
+    """Rows appended to a numpy array that doubles its capacity when full."""
+
+    def __init__(self, spec: ColumnSpec):
+        self._data = np.empty((0, *spec.row_shape), dtype=np.dtype(spec.dtype))
+        self.rows = 0
+
+    def append(self, values: np.ndarray) -> None:
+        needed = self.rows + len(values)
+        if needed > len(self._data):
+            grown = np.empty((max(needed, 2 * len(self._data), 1024), *self._data.shape[1:]), self._data.dtype)
+            grown[: self.rows] = self._data[: self.rows]
+            self._data = grown
+        self._data[self.rows : needed] = values
+        self.rows = needed
+
+    def rows_view(self, start: int, stop: int) -> np.ndarray:
+        return self._data[start : min(stop, self.rows)]
+
+    def view(self) -> np.ndarray:
+        view = self._data[: self.rows]
+        view.flags.writeable = False
+        return view
+
+
+class MemoryStore:
+    """In-RAM twin of ColumnStore: `meta`, `fixed`, columns appended and read by name."""
+
+    mode = "a"
+    path = None
+
+    def __init__(self, *, meta: dict[str, Any], fixed: dict[str, np.ndarray], columns: dict[str, ColumnSpec]):
+        self.meta, self.fixed = meta, fixed
+        self.columns = dict(columns)
+        self._arrays = {name: _GrowingArray(spec) for name, spec in columns.items()}
+
+    def rows(self, name: str) -> int:
+        return self._arrays[name].rows
+
+    pending_rows = rows
+
+    def append(self, name: str, values: np.ndarray) -> None:
+        spec = self.columns[name]
+        values = np.asarray(values)
+        if values.shape[1:] != tuple(spec.row_shape) or not np.can_cast(values.dtype, spec.dtype, casting="safe"):
+            raise StorageError(f"column {name!r} takes {spec.dtype} rows of shape {spec.row_shape}, got {values.dtype} {values.shape}")
+        self._arrays[name].append(values)
+
+    def column(self, name: str) -> np.ndarray:
+        """Read-only view of all rows, shape (rows, *row_shape)."""
+        return self._arrays[name].view()
+
+    def read_rows(self, name: str, start: int, stop: int) -> np.ndarray:
+        """Rows [start, stop) without a copy (for the scan; callers must not write to them)."""
+        return self._arrays[name].rows_view(start, stop)
+
+    def commit(self) -> None:
+        """Nothing to make durable in RAM."""
+
+    def close(self) -> None:
+        """Nothing to release."""
