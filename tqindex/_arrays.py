@@ -37,7 +37,9 @@ def as_float_rows(x: Any, dim: int, name: str, *, allow_1d: bool = True) -> torc
         expected = f"(n, {dim})" + (f" or ({dim},)" if allow_1d else "")
         raise ValueError(f"{name} must have shape {expected}, got {tuple(tensor.shape)}")
     tensor = tensor.to(torch.float32)
-    if not bool(torch.isfinite(tensor).all()):
+    # one reduction instead of a full boolean mask: NaN and inf propagate into the sum; a finite
+    # sum that overflowed is told apart by the exact check
+    if not bool(torch.isfinite(tensor.sum())) and not bool(torch.isfinite(tensor).all()):
         raise ValueError(f"{name} contains NaN or inf")
     return tensor
 

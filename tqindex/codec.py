@@ -32,7 +32,7 @@ from tqindex.rotation import ROTATIONS, make_rotation, rotation_from_state
 
 VARIANTS = ("mse", "prod")
 SCALES = ("norm", "unbiased")
-_ENCODE_CHUNK = 1 << 15
+_ENCODE_CHUNK = 1 << 13  # rows per step: keeps the temporaries in cache
 _QJL_SEED_STREAM = 0x514A4C  # "QJL": independent of the rotation's stream and of default_rng(seed)
 
 
@@ -260,8 +260,9 @@ class TurboQuantCodec:
 
     def _levels_of(self, indices: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Level values of indices: uint8 ``(n, D)`` -> ``dtype`` ``(n, D)``."""
-        table = self._on(self.levels, indices.device).to(dtype)
-        return table[indices.long() + self._on(self.level_offsets, indices.device)]
+        table = self._on(self.levels, indices.device).to(dtype)[:, None]
+        offsets = self._on(self.level_offsets, indices.device).to(torch.int32)
+        return torch.nn.functional.embedding(indices.to(torch.int32) + offsets, table).squeeze(-1)
 
     def dequantize(self, packed: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Packed rows -> unscaled levels ``c[idx]`` in rotated space, ``dtype`` ``(n, D)``."""
