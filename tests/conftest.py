@@ -1,3 +1,9 @@
+import os
+
+# Triton kernels run in the interpreter on CPU tensors unless the environment says otherwise
+# (TRITON_INTERPRET=0 on a GPU machine); it must be set before anything imports triton.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import numpy as np
 import pytest
 import torch

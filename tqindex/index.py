@@ -18,13 +18,14 @@ from tqdm.auto import tqdm
 
 from tqindex._arrays import as_float_rows, as_id_array, is_torch, like
 from tqindex.codec import CodecConfig, Codes, TurboQuantCodec
-from tqindex.kernels import Chunk, get_scanner, scan_topk
+from tqindex.kernels import BACKENDS, Chunk, get_scanner, scan_topk
 from tqindex.memstore import MemoryStore
 from tqindex.storage import ColumnSpec, ColumnStore, StorageError
 
 FORMAT_NAME = "tqindex"
 METRICS = ("ip", "cosine")
 _ENCODE_BATCH = 1 << 16
+_RESIDENT_CHUNK_ROWS = 1 << 20  # rows per scan step over codes resident on an accelerator
 
 
 def _column_specs(codec: TurboQuantCodec) -> dict[str, ColumnSpec]:
@@ -45,8 +46,9 @@ class TurboQuantIndex:
         metric: "ip" (inner product) or "cosine" (vectors and queries normalised on the way in).
         variant, rotation, scale, seed: passed to `TurboQuantCodec`.
         path: None for an index in RAM, or a new directory for an on-disk index.
-        backend: scan backend, see `tqindex.kernels.get_scanner`.
+        backend: scan backend ("auto", "torch", "lut", "triton"), see `tqindex.kernels.get_scanner`.
         chunk_rows: rows scanned per step; bounds the memory a search holds.
+        device: where codes are scanned; other than "cpu", the same as calling ``.to(device)``.
 
     `add` returns int64 ids; `search` returns ``(D, I)``: float32 ``(m, k)`` scores best first
     and int64 ``(m, k)`` ids, padded with ``-inf`` / ``-1`` when fewer than k rows qualify.
@@ -65,6 +67,7 @@ class TurboQuantIndex:
         path: str | os.PathLike | None = None,
         backend: str = "auto",
         chunk_rows: int = 8192,
+        device: str | torch.device = "cpu",
     ):
         if metric not in METRICS:
             raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
@@ -75,6 +78,8 @@ class TurboQuantIndex:
         else:
             store = ColumnStore.create(path, format_name=FORMAT_NAME, meta=meta, fixed=codec.state(), columns=_column_specs(codec))
         self._attach(codec, metric, store, backend, chunk_rows)
+        if torch.device(device).type != "cpu":
+            self.to(device)
 
     @classmethod
     def open(cls, path: str | os.PathLike, mode: str = "r", *, backend: str = "auto", chunk_rows: int = 8192) -> "TurboQuantIndex":
@@ -99,8 +104,12 @@ class TurboQuantIndex:
     def _attach(self, codec: TurboQuantCodec, metric: str, store: Any, backend: str, chunk_rows: int) -> None:
         if isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows < 1:
             raise ValueError(f"chunk_rows must be a positive integer, got {chunk_rows!r}")
-        self.codec, self.metric, self._store, self.chunk_rows = codec, metric, store, chunk_rows
-        self._scanner = get_scanner(codec, backend)
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        self.codec, self.metric, self._store, self.chunk_rows, self.backend = codec, metric, store, chunk_rows, backend
+        self.device = torch.device("cpu")
+        #: codes and factors as tensors on ``self.device`` after ``to()``; None: read from the store
+        self._resident: tuple[torch.Tensor, torch.Tensor] | None = None
         counts = {name: store.rows(name) for name in ("codes", "factors", "ids")}
         if len(set(counts.values())) != 1:
             store.close()
@@ -141,7 +150,21 @@ class TurboQuantIndex:
             held += sum(self._store.column(name).nbytes for name in self._store.columns)
         if self._id_lookup is not None:
             held += sum(a.nbytes for a in self._id_lookup)
+        if self._resident is not None and self.device.type == "cpu":
+            held += sum(t.numel() * t.element_size() for t in self._resident)
         return held
+
+    def to(self, device: str | torch.device) -> "TurboQuantIndex":
+        """Keep codes and factors resident as tensors on ``device`` and scan them there; returns self.
+
+        On "cuda" the scan runs there (Triton where installed); on "cpu" this loads an on-disk
+        index into RAM. Rows added later are encoded on ``device`` and kept there too.
+        """
+        self._check_open()
+        self.device = torch.device(device)
+        codes, factors = (torch.from_numpy(np.array(self._store.column(name))) for name in ("codes", "factors"))
+        self._resident = (codes.to(self.device), factors.to(self.device))
+        return self
 
     # ---- adding and removing -----------------------------------------------------------
     def add(self, x: Any, *, progress: bool | None = None) -> np.ndarray:
@@ -170,15 +193,18 @@ class TurboQuantIndex:
         self._check_writable()
         batches = range(0, vectors.shape[0], _ENCODE_BATCH)
         encoded = [
-            self.codec.encode(vectors[i : i + _ENCODE_BATCH])
+            self.codec.encode(vectors[i : i + _ENCODE_BATCH].to(self.device))
             for i in tqdm(batches, desc="encode", unit="batch", disable=None if progress is None else not progress)
         ]
         if not encoded:
             return
-        self._store.append("codes", torch.cat([c.packed for c in encoded]).numpy())
-        self._store.append("factors", torch.cat([c.factors for c in encoded]).numpy())
+        packed, factors = torch.cat([c.packed for c in encoded]), torch.cat([c.factors for c in encoded])
+        self._store.append("codes", packed.cpu().numpy())
+        self._store.append("factors", factors.cpu().numpy())
         self._store.append("ids", ids)
         self._store.commit()
+        if self._resident is not None:
+            self._resident = (torch.cat([self._resident[0], packed]), torch.cat([self._resident[1], factors]))
         self._rows += len(ids)
         self._deleted = np.concatenate([self._deleted, np.zeros(len(ids), dtype=bool)])
         self._id_lookup = None
@@ -215,11 +241,13 @@ class TurboQuantIndex:
         if k > self.ntotal:
             raise ValueError(f"k={k} exceeds the {self.ntotal} vectors in the index")
         allowed = None if filter is None else np.unique(as_id_array(filter, "filter"))
-        rotated = self.codec.rotate_queries(rows)
-        scores, found = scan_topk(self.codec, self._scanner, rotated, self._chunks(allowed), int(k), self._fetch)
-        ids = self._store.column("ids")[found.clamp_min(0).numpy()]
-        ids[found.numpy() < 0] = -1
-        return like(scores, is_torch(queries)), like(torch.from_numpy(ids), is_torch(queries))
+        rotated = self.codec.rotate_queries(rows.to(self.device))
+        scanner = get_scanner(self.codec, self.backend, self.device, queries=rows.shape[0])
+        scores, found = scan_topk(self.codec, scanner, rotated, self._chunks(allowed), int(k), self._fetch)
+        found = found.cpu().numpy()
+        ids = self._store.column("ids")[np.maximum(found, 0)]
+        ids[found < 0] = -1
+        return like(scores.cpu(), is_torch(queries)), like(torch.from_numpy(ids), is_torch(queries))
 
     def reconstruct(self, ids: Any) -> np.ndarray:
         """Decoded vectors of ``ids``: float32 ``(n, dim)``, or ``(dim,)`` for one scalar id."""
@@ -228,27 +256,31 @@ class TurboQuantIndex:
         rows = self._find_rows(wanted)
         if np.any(rows < 0):
             raise KeyError(f"ids not in the index: {wanted[rows < 0][:5].tolist()}")
-        packed, factors = self._fetch(torch.from_numpy(rows))
-        vectors = self.codec.decode(Codes(packed.numpy(), factors.numpy()))
+        packed, factors = self._fetch(torch.from_numpy(rows).to(self.device))
+        vectors = self.codec.decode(Codes(packed.cpu().numpy(), factors.cpu().numpy()))
         return vectors[0] if np.ndim(ids) == 0 else vectors
 
     def _chunks(self, allowed: np.ndarray | None) -> Iterator[Chunk]:
-        for start in range(0, self._rows, self.chunk_rows):
-            stop = min(start + self.chunk_rows, self._rows)
+        """The rows to scan, chunk by chunk: from the resident tensors, or read from the store."""
+        step = self.chunk_rows if self.device.type == "cpu" else max(self.chunk_rows, _RESIDENT_CHUNK_ROWS)
+        for start in range(0, self._rows, step):
+            stop = min(start + step, self._rows)
             valid = ~self._deleted[start:stop]
             if allowed is not None:
                 valid &= np.isin(self._store.read_rows("ids", start, stop), allowed)
             if not valid.any():
                 continue
-            yield Chunk(
-                start,
-                torch.from_numpy(self._store.read_rows("codes", start, stop)),
-                torch.from_numpy(self._store.read_rows("factors", start, stop)),
-                None if valid.all() else torch.from_numpy(valid),
-            )
+            if self._resident is not None:
+                packed, factors = (t[start:stop] for t in self._resident)
+            else:
+                packed, factors = (torch.from_numpy(self._store.read_rows(n, start, stop)) for n in ("codes", "factors"))
+            yield Chunk(start, packed, factors, None if valid.all() else torch.from_numpy(valid).to(self.device))
 
     def _fetch(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        at = rows.numpy()
+        """Codes and factors of ``rows`` (int64 ``(u,)``), on ``self.device``."""
+        if self._resident is not None:
+            return self._resident[0][rows], self._resident[1][rows]
+        at = rows.cpu().numpy()
         return torch.from_numpy(self._store.column("codes")[at]), torch.from_numpy(self._store.column("factors")[at])
 
     def _vectors(self, x: Any, name: str) -> torch.Tensor:

@@ -18,6 +18,15 @@ ROTATIONS = ("dense", "hadamard")
 _SEED_STREAM = 0x524F54
 
 
+def _matrix_on(matrix: torch.Tensor, copies: dict[torch.device, torch.Tensor], device: torch.device) -> torch.Tensor:
+    """``matrix`` on ``device``, copied there once and kept in ``copies``."""
+    if matrix.device == device:
+        return matrix
+    if device not in copies:
+        copies[device] = matrix.to(device)
+    return copies[device]
+
+
 class Rotation(Protocol):
     kind: str
     dim: int
@@ -39,6 +48,7 @@ class DenseRotation:
         self.dim = self.rotated_dim = matrix.shape[0]
         self._matrix = np.ascontiguousarray(matrix, dtype=np.float32)
         self._transposed = torch.from_numpy(self._matrix).t().contiguous()
+        self._copies: dict[torch.device, torch.Tensor] = {}
 
     @classmethod
     def from_seed(cls, dim: int, seed: int) -> "DenseRotation":
@@ -48,11 +58,11 @@ class DenseRotation:
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(n, dim)`` float32 -> ``(n, dim)`` float32."""
-        return x @ self._transposed.to(x.device)
+        return x @ _matrix_on(self._transposed, self._copies, x.device)
 
     def inverse(self, y: torch.Tensor) -> torch.Tensor:
         """``(n, dim)`` float32 -> ``(n, dim)`` float32."""
-        return y @ self._transposed.to(y.device).t()
+        return y @ _matrix_on(self._transposed, self._copies, y.device).t()
 
     def state(self) -> np.ndarray:
         """The rotation matrix ``P``, float32 ``(dim, dim)``."""
@@ -86,6 +96,7 @@ class HadamardRotation:
         matrix = _hadamard_matrix(rotated_dim) * self._signs[None, :] / np.sqrt(rotated_dim)
         # forward keeps only the first `dim` input columns: the padding is zero
         self._forward = torch.from_numpy(np.ascontiguousarray(matrix[:, :dim].T, dtype=np.float32))
+        self._copies: dict[torch.device, torch.Tensor] = {}
 
     @classmethod
     def from_seed(cls, dim: int, seed: int) -> "HadamardRotation":
@@ -95,11 +106,11 @@ class HadamardRotation:
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(n, dim)`` float32 -> ``(n, rotated_dim)`` float32."""
-        return x @ self._forward.to(x.device)
+        return x @ _matrix_on(self._forward, self._copies, x.device)
 
     def inverse(self, y: torch.Tensor) -> torch.Tensor:
         """``(n, rotated_dim)`` float32 -> ``(n, dim)`` float32 (the padding is dropped)."""
-        return y @ self._forward.to(y.device).t()
+        return y @ _matrix_on(self._forward, self._copies, y.device).t()
 
     def state(self) -> np.ndarray:
         """The random signs, int8 ``(rotated_dim,)``."""

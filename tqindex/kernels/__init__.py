@@ -1,21 +1,55 @@
-"""Scan backends: one dispatch function picks the scanner for a codec and a device."""
+"""Scan backends, chosen by one dispatch function from the backend, the device and the batch size."""
 
 from __future__ import annotations
+
+import importlib.util
 
 import torch
 
 from tqindex.codec import TurboQuantCodec
-from tqindex.kernels.cpu import CpuScanner
+from tqindex.kernels import lut
+from tqindex.kernels.gemm import GemmScanner
 from tqindex.kernels.scan import Chunk, Scanner, candidate_count, scan_topk
 
-BACKENDS = ("auto", "torch")
+BACKENDS = ("auto", "torch", "lut", "triton")
+
+#: up to this many queries per search, "auto" on the CPU scans with look-up tables (where the
+#: layout allows) instead of decode + GEMM; measured crossover in docs/benchmarks.md
+LUT_MAX_QUERIES = 8
 
 
-def get_scanner(codec: TurboQuantCodec, backend: str = "auto", device: torch.device | str = "cpu") -> Scanner:
-    """The scanner for ``backend`` ("auto" or "torch": decode + GEMM in torch)."""
+def _triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def get_scanner(
+    codec: TurboQuantCodec, backend: str = "auto", device: torch.device | str = "cpu", queries: int = 1
+) -> Scanner:
+    """The scanner for ``backend`` on ``device`` for a batch of ``queries``.
+
+    "torch": decode + GEMM in torch (any device). "lut": per-byte look-up tables (CPU, numba;
+    layouts of 1, 2, 4 or 8 index bits). "triton": the fused Triton kernel (CUDA tensors, or CPU
+    tensors under ``TRITON_INTERPRET=1``). "auto": triton on a CUDA device where triton is
+    installed; on the CPU, lut for up to ``LUT_MAX_QUERIES`` queries where the layout allows,
+    else torch.
+    """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    return CpuScanner(codec)
+    on_cuda = torch.device(device).type == "cuda"
+    if backend == "auto":
+        if on_cuda:
+            backend = "triton" if _triton_available() else "torch"
+        else:
+            backend = "lut" if queries <= LUT_MAX_QUERIES and lut.supports(codec.layout) else "torch"
+    if backend == "triton":
+        from tqindex.kernels.triton_scan import TritonScanner  # imported here: `import tqindex` never needs triton
+
+        return TritonScanner(codec)
+    if backend == "lut":
+        if on_cuda:
+            raise ValueError("backend='lut' runs on the CPU only")
+        return lut.LutScanner(codec)
+    return GemmScanner(codec)
 
 
-__all__ = ["BACKENDS", "Chunk", "Scanner", "candidate_count", "get_scanner", "scan_topk"]
+__all__ = ["BACKENDS", "LUT_MAX_QUERIES", "Chunk", "Scanner", "candidate_count", "get_scanner", "scan_topk"]

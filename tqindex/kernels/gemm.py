@@ -1,4 +1,7 @@
-"""The CPU scan: decode a chunk of codes to bf16 (or fp32) and score all queries with one GEMM."""
+"""The batched scan: decode a chunk of codes to bf16/fp16/fp32 and score all queries with one GEMM.
+
+Runs on any torch device; on the CPU it is the path for many queries at once.
+"""
 
 from __future__ import annotations
 
@@ -13,7 +16,7 @@ def fast_bf16() -> bool:
     return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
-class CpuScanner:
+class GemmScanner:
     """Scores a chunk of packed rows against a batch of rotated queries.
 
     ``dtype`` is the GEMM precision: bf16 runs ~3.5x faster than fp32 here and only picks

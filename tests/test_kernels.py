@@ -1,0 +1,89 @@
+"""Scan kernels on the CPU: the look-up-table scan, the GEMM scan, dispatch, resident codes."""
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import unit_rows
+from tqindex import TurboQuantCodec, TurboQuantIndex
+from tqindex.kernels import LUT_MAX_QUERIES, get_scanner
+from tqindex.kernels.gemm import GemmScanner
+from tqindex.kernels.lut import LutScanner, supports
+
+
+@pytest.mark.parametrize(
+    "bits,variant", [(1, "mse"), (2, "mse"), (4, "mse"), (8, "mse"), (1, "prod"), (2, "prod"), (3, "prod"), (5, "prod")]
+)
+def test_lut_scores_equal_the_codec_estimator(bits, variant):
+    codec = TurboQuantCodec(100, bits, variant=variant)
+    codes = codec.encode(torch.randn(300, 100, generator=torch.Generator().manual_seed(bits)))
+    rotated = codec.rotate_queries(torch.randn(3, 100, generator=torch.Generator().manual_seed(99)))
+    scanner = LutScanner(codec)
+    scores, rows = scanner.chunk_topk(scanner.prepare(rotated), codes.packed, codes.factors, None, 300)
+    expected = codec.score(rotated, codes.packed, codes.factors)
+    np.testing.assert_allclose(scores, expected.gather(1, rows), rtol=1e-5, atol=1e-4)
+    assert torch.equal(rows.sort(dim=1).values, torch.arange(300).expand(3, -1))
+
+
+def test_lut_honours_the_valid_mask():
+    codec = TurboQuantCodec(32, 4)
+    codes = codec.encode(torch.randn(50, 32))
+    valid = torch.arange(50) % 3 == 0
+    scanner = LutScanner(codec)
+    scores, rows = scanner.chunk_topk(scanner.prepare(codec.rotate_queries(torch.randn(2, 32))), codes.packed, codes.factors, valid, 30)
+    finite = torch.isfinite(scores)
+    assert finite.sum(dim=1).tolist() == [17, 17]
+    assert bool(valid[rows[finite]].all())
+
+
+@pytest.mark.parametrize("bits,supported", [(1, True), (2, True), (3, False), (4, True), (2.5, False), (8, True)])
+def test_lut_supports_single_field_layouts_only(bits, supported):
+    codec = TurboQuantCodec(64, bits)
+    assert supports(codec.layout) is supported
+    if not supported:
+        with pytest.raises(ValueError, match="look-up-table"):
+            LutScanner(codec)
+
+
+def test_dispatch_by_batch_size_and_layout():
+    four, three = TurboQuantCodec(64, 4), TurboQuantCodec(64, 3)
+    assert isinstance(get_scanner(four, "auto", "cpu", queries=1), LutScanner)
+    assert isinstance(get_scanner(four, "auto", "cpu", queries=LUT_MAX_QUERIES + 1), GemmScanner)
+    assert isinstance(get_scanner(three, "auto", "cpu", queries=1), GemmScanner)
+    assert isinstance(get_scanner(four, "torch", "cpu", queries=1), GemmScanner)
+    with pytest.raises(ValueError, match="CPU only"):
+        get_scanner(four, "lut", "cuda")
+    with pytest.raises(ValueError, match="backend"):
+        get_scanner(four, "simd")
+
+
+@pytest.mark.parametrize("backend", ["lut", "torch"])
+def test_every_cpu_backend_gives_the_same_search_results(backend):
+    x, q = unit_rows(2000, 64, seed=1), unit_rows(4, 64, seed=2)
+    reference = TurboQuantIndex(64, 2, backend="torch", chunk_rows=300)
+    index = TurboQuantIndex(64, 2, backend=backend, chunk_rows=300)
+    for i in (reference, index):
+        i.add(x)
+        i.remove_ids(np.arange(0, 2000, 7))
+    for a, b in zip(index.search(q, 20), reference.search(q, 20)):
+        np.testing.assert_allclose(a, b, rtol=1e-6)
+    for a, b in zip(index.search(q, 20, filter=np.arange(100)), reference.search(q, 20, filter=np.arange(100))):
+        np.testing.assert_allclose(a, b, rtol=1e-6)
+
+
+def test_resident_codes_give_the_same_results_and_take_new_rows(tmp_path):
+    x, q = unit_rows(1200, 32, seed=3), unit_rows(5, 32, seed=4)
+    with TurboQuantIndex(32, 4, path=tmp_path / "idx") as on_disk:
+        on_disk.add(x[:1000])
+    streamed = TurboQuantIndex.open(tmp_path / "idx", mode="a")
+    resident = TurboQuantIndex.open(tmp_path / "idx", mode="r").to("cpu")
+    assert resident.memory_usage() > 1000 * resident.codec.code_bytes > streamed.memory_usage()
+    for a, b in zip(resident.search(q, 10), streamed.search(q, 10)):
+        assert np.array_equal(a, b)
+    in_ram = TurboQuantIndex(32, 4).to("cpu")
+    in_ram.add(x)
+    plain = TurboQuantIndex(32, 4)
+    plain.add(x)
+    for a, b in zip(in_ram.search(q, 10, filter=np.arange(500, 1200)), plain.search(q, 10, filter=np.arange(500, 1200))):
+        assert np.array_equal(a, b)
+    np.testing.assert_array_equal(in_ram.reconstruct([3, 1100]), plain.reconstruct([3, 1100]))
