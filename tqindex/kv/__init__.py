@@ -1,0 +1,25 @@
+"""KV-cache adapter for Hugging Face transformers: TurboQuant codes inside attention (extra ``kv``).
+
+    from tqindex.kv import TurboQuantCache
+    model.set_attn_implementation("turboquant")   # optional: attention on the codes
+    model.generate(**inputs, past_key_values=TurboQuantCache(key_bits=4, value_bits=4))
+
+Importing this package registers the "turboquant" attention (and its mask) with transformers.
+"""
+
+from tqindex.kv.attention import ATTENTION_NAME, codes_attention, register, turboquant_attention
+from tqindex.kv.cache import MemoryReport, TurboQuantCache, TurboQuantLayer
+from tqindex.kv.compressed import CompressedKV
+
+register()
+
+__all__ = [
+    "ATTENTION_NAME",
+    "CompressedKV",
+    "MemoryReport",
+    "TurboQuantCache",
+    "TurboQuantLayer",
+    "codes_attention",
+    "register",
+    "turboquant_attention",
+]

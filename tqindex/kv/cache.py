@@ -1,0 +1,322 @@
+"""`TurboQuantCache`: a Hugging Face transformers cache holding old keys and values as TurboQuant codes.
+
+Per layer and KV head, keys and values are vectors of ``head_dim``. The newest tokens stay in
+full precision (the window); once the dense tokens reach ``window + chunk``, the oldest whole
+chunks are encoded with `TurboQuantCodec`, once, and never touched again (crop and beam
+reordering slice or gather codes, they do not re-encode). ``update`` returns `CompressedKV`
+tensors (codes, then the window) that any attention implementation can consume; the
+"turboquant" attention (`tqindex.kv.attention`) computes on the codes directly.
+
+Attention always sees exactly what the cache stores, prefill included: tokens that leave the
+window during a forward are attended through their codes in that same forward.
+
+Shapes: ``B`` batch, ``H`` KV heads, ``Tc`` encoded tokens, ``Tw`` window tokens, ``d`` head dim.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+from transformers.cache_utils import DYNAMIC_LAYER_TYPE_MAPPING, Cache, DynamicLayer, get_layer_types_and_kwargs
+from transformers.configuration_utils import PreTrainedConfig
+
+from tqindex.codec import CodecConfig, Codes, TurboQuantCodec
+from tqindex.kv.compressed import CompressedKV, map_codes
+
+BACKENDS = ("auto", "torch", "triton")
+_REFERENCE_BYTES = 2  # a bf16/fp16 cache stores 2 bytes per element
+
+CodecFactory = Callable[[str, int], TurboQuantCodec]
+
+
+def _concat(codes: Codes, new: Codes) -> Codes:
+    """``new`` tokens appended after ``codes`` (dim 2)."""
+    return Codes(torch.cat([codes.packed, new.packed], dim=2), torch.cat([codes.factors, new.factors], dim=2))
+
+
+class TurboQuantLayer(DynamicLayer):
+    """One layer's cache: codes ``(B, H, Tc, ...)`` for old tokens, a dense window ``(B, H, Tw, d)`` after them.
+
+    ``self.keys`` / ``self.values`` hold the window, ``self.key_codes`` / ``self.value_codes`` the
+    codes (``Codes`` with packed ``(B, H, Tc, C)`` uint8 and factors ``(B, H, Tc, F)``).
+    """
+
+    def __init__(self, codecs: CodecFactory, *, window: int, chunk: int, factor_dtype: torch.dtype, backend: str):
+        super().__init__()
+        self._codecs, self.window, self.chunk = codecs, window, chunk
+        self.factor_dtype, self.backend = factor_dtype, backend
+        self.key_codes: Codes | None = None
+        self.value_codes: Codes | None = None
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.key_codec = self._codecs("key", key_states.shape[-1])
+        self.value_codec = self._codecs("value", value_states.shape[-1])
+        self.keys = key_states.new_empty((*key_states.shape[:2], 0, key_states.shape[-1]))
+        self.values = value_states.new_empty((*value_states.shape[:2], 0, value_states.shape[-1]))
+        self.key_codes = self._empty_codes(self.key_codec, key_states)
+        self.value_codes = self._empty_codes(self.value_codec, value_states)
+        self.is_initialized = True
+
+    def _empty_codes(self, codec: TurboQuantCodec, states: torch.Tensor) -> Codes:
+        batch, heads = states.shape[:2]
+        packed = torch.empty((batch, heads, 0, codec.code_bytes), dtype=torch.uint8, device=states.device)
+        factors = torch.empty((batch, heads, 0, codec.n_factors), dtype=self.factor_dtype, device=states.device)
+        return Codes(packed, factors)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append ``(B, H, t, d)`` keys and values; return all of them (`CompressedKV` once any are encoded)."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        keys = torch.cat([self.keys, key_states], dim=-2)
+        values = torch.cat([self.values, value_states], dim=-2)
+        flush = self._flush_len(keys.shape[-2])
+        if flush:
+            new_keys = self._encode(self.key_codec, keys[..., :flush, :])
+            new_values = self._encode(self.value_codec, values[..., :flush, :])
+            self.key_codes, self.value_codes = _concat(self.key_codes, new_keys), _concat(self.value_codes, new_values)
+            keys, values = keys[..., flush:, :].clone(), values[..., flush:, :].clone()
+        self.keys, self.values = keys, values
+        return self.states()
+
+    def states(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values as attention sees them: `CompressedKV` ``(B, H, Tc + Tw, d)``, or the window while ``Tc == 0``."""
+        if self.encoded_len == 0:
+            return self.keys, self.values
+        return (
+            CompressedKV(self.key_codec, self.key_codes, self.keys, self.backend),
+            CompressedKV(self.value_codec, self.value_codes, self.values, self.backend),
+        )
+
+    def _flush_len(self, dense_len: int) -> int:
+        """How many of the oldest dense tokens to encode now: whole chunks, leaving at least ``window``."""
+        if dense_len < self.window + self.chunk:
+            return 0
+        return (dense_len - self.window) // self.chunk * self.chunk
+
+    def _encode(self, codec: TurboQuantCodec, states: torch.Tensor) -> Codes:
+        """Encode ``(B, H, t, d)`` states -> ``Codes`` ``(B, H, t, C)`` and ``(B, H, t, F)`` in ``factor_dtype``."""
+        batch, heads, tokens, dim = states.shape
+        codes = codec.encode(states.reshape(-1, dim))
+        factors = codes.factors.to(self.factor_dtype)
+        if not bool(torch.isfinite(factors).all()):
+            raise OverflowError(
+                f"a per-vector scale does not fit {self.factor_dtype}: pass factor_dtype=torch.float32 to TurboQuantCache"
+            )
+        return Codes(codes.packed.view(batch, heads, tokens, -1), factors.view(batch, heads, tokens, -1))
+
+    @property
+    def encoded_len(self) -> int:
+        """``Tc``: tokens held as codes."""
+        return 0 if self.key_codes is None else int(self.key_codes.packed.shape[2])
+
+    def get_seq_length(self) -> int:
+        if not self.is_initialized:
+            return 0
+        return self.encoded_len + self.keys.shape[-2]
+
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Apply ``fn`` to every stored tensor (window and codes)."""
+        if not self.is_initialized:
+            return
+        self.keys, self.values = fn(self.keys), fn(self.values)
+        self.key_codes, self.value_codes = map_codes(self.key_codes, fn), map_codes(self.value_codes, fn)
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Drop the last ``-tokens_to_remove`` tokens (a negative count, as `DynamicLayer.crop`)."""
+        if tokens_to_remove > 0:
+            raise ValueError(f"crop takes a negative number of tokens to remove, got {tokens_to_remove}")
+        if tokens_to_remove == 0 or not self.is_initialized:
+            return
+        keep = max(self.get_seq_length() + tokens_to_remove, 0)
+        encoded = self.encoded_len
+        self.keys, self.values = self.keys[..., : max(keep - encoded, 0), :], self.values[..., : max(keep - encoded, 0), :]
+        if keep < encoded:
+            self.key_codes = map_codes(self.key_codes, lambda a: a[:, :, :keep])
+            self.value_codes = map_codes(self.value_codes, lambda a: a[:, :, :keep])
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._apply(lambda a: a.index_select(0, beam_idx.to(a.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._apply(lambda a: a.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._apply(lambda a: a[indices, ...])
+
+    def offload(self) -> None:
+        self._apply(lambda a: a.to("cpu", non_blocking=True))
+
+    def prefetch(self) -> None:
+        if self.is_initialized and self.keys.device != self.device:
+            self._apply(lambda a: a.to(self.device, non_blocking=True))
+
+    def reset(self) -> None:
+        super().reset()
+        self.key_codes = self.value_codes = None
+
+    def memory(self) -> tuple[int, int, int]:
+        """Stored bytes: ``(codes, factors, window)``."""
+        if not self.is_initialized:
+            return 0, 0, 0
+        codes = (self.key_codes, self.value_codes)
+        return (
+            sum(c.packed.nbytes for c in codes),
+            sum(c.factors.nbytes for c in codes),
+            self.keys.nbytes + self.values.nbytes,
+        )
+
+    def nbytes(self) -> int:
+        return sum(self.memory())
+
+    def reference_bytes(self) -> int:
+        """Bytes a bf16/fp16 dense cache would take for the same tokens."""
+        if not self.is_initialized:
+            return 0
+        batch, heads = self.keys.shape[:2]
+        return _REFERENCE_BYTES * batch * heads * self.get_seq_length() * (self.keys.shape[-1] + self.values.shape[-1])
+
+
+def _dense_bytes(layer: object) -> int:
+    """Bytes held by a layer that keeps dense ``keys`` / ``values`` (or none)."""
+    keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
+    return sum(t.nbytes for t in (keys, values) if isinstance(t, torch.Tensor))
+
+
+@dataclass(frozen=True)
+class MemoryReport:
+    """What the cache stores, in bytes, against a bf16/fp16 dense cache of the same tokens."""
+
+    tokens: int
+    code_bytes: int
+    factor_bytes: int
+    window_bytes: int
+    uncompressed_bytes: int
+    reference_bytes: int
+
+    @property
+    def total_bytes(self) -> int:
+        return self.code_bytes + self.factor_bytes + self.window_bytes + self.uncompressed_bytes
+
+    @property
+    def ratio(self) -> float:
+        """How many times smaller than the 16-bit cache (every stored byte counted)."""
+        return self.reference_bytes / self.total_bytes if self.total_bytes else float("nan")
+
+    def __str__(self) -> str:
+        mib = 1 / (1 << 20)
+        return (
+            f"{self.tokens} tokens: {self.total_bytes * mib:.3f} MiB stored "
+            f"(codes {self.code_bytes * mib:.3f}, scales {self.factor_bytes * mib:.3f}, "
+            f"window {self.window_bytes * mib:.3f}, uncompressed layers {self.uncompressed_bytes * mib:.3f}) "
+            f"vs {self.reference_bytes * mib:.3f} MiB at 16 bits: {self.ratio:.2f}x smaller"
+        )
+
+
+class TurboQuantCache(Cache):
+    """A transformers cache that stores keys and values as TurboQuant codes beyond a full-precision window.
+
+    Use it as ``model.generate(..., past_key_values=TurboQuantCache(key_bits=4, value_bits=4))`` or
+    in a plain forward loop. Layers initialise lazily from the first tensors they see, like
+    ``DynamicCache()``. With ``model.set_attn_implementation("turboquant")`` attention runs on
+    the codes; with any other implementation the codes are decoded for it.
+
+    Args:
+        key_bits, value_bits: codec bits per coordinate, 1..8 in steps of 1/8 (see `TurboQuantCodec`;
+            each stored vector also keeps ``F`` per-vector factors in ``factor_dtype``).
+        key_variant, value_variant: "mse" or "prod" (QJL residual bit).
+        window: the most recent tokens kept in full precision.
+        chunk: tokens are encoded in whole chunks of this many as they leave the window.
+        skip_layers: layer indices kept uncompressed (negative indices need ``config``).
+        config: a model config: builds every layer upfront; layers that are not full attention
+            (sliding, linear...) get transformers' own dynamic layer for their type.
+        seed: seeds the codecs' rotation and QJL matrix.
+        factor_dtype: dtype of the stored per-vector factors (float16: 2 bytes each).
+        backend: attention over codes: "auto" (Triton on CUDA, else torch), "torch" or "triton".
+    """
+
+    def __init__(
+        self,
+        key_bits: float = 4,
+        value_bits: float = 4,
+        *,
+        key_variant: str = "mse",
+        value_variant: str = "mse",
+        window: int = 128,
+        chunk: int = 32,
+        skip_layers: Iterable[int] = (),
+        config: PreTrainedConfig | None = None,
+        seed: int = 0,
+        factor_dtype: torch.dtype = torch.float16,
+        backend: str = "auto",
+    ):
+        for bits, variant in ((key_bits, key_variant), (value_bits, value_variant)):
+            CodecConfig(dim=2, bits=bits, variant=variant, rotation="dense", scale="norm", seed=seed)  # validates
+        if isinstance(window, bool) or not isinstance(window, int) or window < 0:
+            raise ValueError(f"window must be an integer >= 0, got {window!r}")
+        if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+            raise ValueError(f"chunk must be an integer >= 1, got {chunk!r}")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        if not factor_dtype.is_floating_point:
+            raise TypeError(f"factor_dtype must be a floating dtype, got {factor_dtype}")
+        self._specs = {"key": (key_bits, key_variant), "value": (value_bits, value_variant)}
+        self._codec_cache: dict[tuple[str, int], TurboQuantCodec] = {}
+        self._seed, self._layer_args = seed, dict(window=window, chunk=chunk, factor_dtype=factor_dtype, backend=backend)
+
+        skip = list(skip_layers)
+        if config is None:
+            if any(i < 0 for i in skip):
+                raise ValueError(f"negative skip_layers {skip} need config= to know the number of layers")
+            self._skip = set(skip)
+            super().__init__(layers=[])
+            return
+        layer_types, layer_kwargs = get_layer_types_and_kwargs(config.get_text_config(decoder=True))
+        n_layers = len(layer_types)
+        if any(not -n_layers <= i < n_layers for i in skip):
+            raise ValueError(f"skip_layers {skip} out of range for {n_layers} layers")
+        self._skip = {i % n_layers for i in skip}
+        layers = [
+            self._new_layer(i) if kind == "full_attention" else DYNAMIC_LAYER_TYPE_MAPPING[kind](**kwargs)
+            for i, (kind, kwargs) in enumerate(zip(layer_types, layer_kwargs))
+        ]
+        super().__init__(layers=layers)
+
+    def codec(self, role: str, dim: int) -> TurboQuantCodec:
+        """The codec for ``role`` ("key" or "value") vectors of ``dim``, made once and shared by all layers."""
+        if (role, dim) not in self._codec_cache:
+            bits, variant = self._specs[role]
+            self._codec_cache[role, dim] = TurboQuantCodec(dim, bits, variant=variant, seed=self._seed)
+        return self._codec_cache[role, dim]
+
+    def _new_layer(self, layer_idx: int) -> DynamicLayer:
+        if layer_idx in self._skip:
+            return DynamicLayer()
+        return TurboQuantLayer(self.codec, **self._layer_args)
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append ``(B, H, t, d)`` keys and values for ``layer_idx``; return the layer's keys and values."""
+        while len(self.layers) <= layer_idx:
+            self.layers.append(self._new_layer(len(self.layers)))
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
+    def nbytes(self) -> int:
+        """Every byte the cache stores: codes, factors, windows and uncompressed layers."""
+        return self.memory_report().total_bytes
+
+    def memory_report(self) -> MemoryReport:
+        """Stored bytes by kind, against what a bf16/fp16 ``DynamicCache`` would take."""
+        codes = factors = window = dense = reference = 0
+        for layer in self.layers:
+            if isinstance(layer, TurboQuantLayer):
+                c, f, w = layer.memory()
+                codes, factors, window, reference = codes + c, factors + f, window + w, reference + layer.reference_bytes()
+            else:
+                held = _dense_bytes(layer)
+                itemsize = layer.keys.element_size() if held else 1
+                dense, reference = dense + held, reference + held * _REFERENCE_BYTES // itemsize
+        return MemoryReport(self.get_seq_length(), codes, factors, window, dense, reference)
