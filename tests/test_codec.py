@@ -189,3 +189,25 @@ def test_single_vector_and_empty_batch():
     assert len(codec.encode(np.ones(16, np.float32))) == 1
     empty = codec.encode(np.zeros((0, 16), np.float32))
     assert len(empty) == 0 and codec.inner_products(np.ones((2, 16), np.float32), empty).shape == (2, 0)
+
+
+@pytest.mark.parametrize("variant", ["mse", "prod"])
+def test_accumulate_then_finish_is_the_weighted_sum_of_decoded_vectors(variant):
+    codec = TurboQuantCodec(40, 3, variant=variant)
+    x = torch.randn(2, 30, 40, generator=torch.Generator().manual_seed(1))
+    codes = codec.encode(x.reshape(-1, 40))
+    packed, factors = codes.packed.view(2, 30, -1), codes.factors.view(2, 30, -1)
+    weights = torch.rand(2, 5, 30, generator=torch.Generator().manual_seed(2))
+    decoded = codec.decode(codes).view(2, 30, 40)
+    torch.testing.assert_close(codec.finish(codec.accumulate(weights, packed, factors)), weights @ decoded, rtol=1e-4, atol=1e-4)
+
+
+def test_batched_score_equals_per_batch_score():
+    codec = TurboQuantCodec(40, 2.5, variant="prod")
+    codes = codec.encode(torch.randn(3 * 20, 40, generator=torch.Generator().manual_seed(3)))
+    packed, factors = codes.packed.view(3, 20, -1), codes.factors.view(3, 20, -1)
+    queries = codec.rotate_queries(torch.randn(3 * 4, 40)).view(3, 4, -1)
+    batched = codec.score(queries, packed, factors)
+    assert batched.shape == (3, 4, 20)
+    for b in range(3):
+        torch.testing.assert_close(batched[b], codec.score(queries[b], packed[b], factors[b]))

@@ -265,20 +265,47 @@ class TurboQuantCodec:
         return torch.nn.functional.embedding(indices.to(torch.int32) + offsets, table).squeeze(-1)
 
     def dequantize(self, packed: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """Packed rows -> unscaled levels ``c[idx]`` in rotated space, ``dtype`` ``(n, D)``."""
-        return self._levels_of(self.layout.unpack_indices(packed), dtype)
+        """Packed rows ``(..., C)`` -> unscaled levels ``c[idx]`` in rotated space, ``dtype`` ``(..., D)``."""
+        rows = packed.reshape(-1, packed.shape[-1])
+        return self._levels_of(self.layout.unpack_indices(rows), dtype).view(*packed.shape[:-1], self.rotated_dim)
 
     def signs(self, packed: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """Packed rows -> QJL signs as +-1, ``dtype`` ``(n, D)`` (prod only)."""
-        return self.layout.unpack_signs(packed).to(dtype) * 2 - 1
+        """Packed rows ``(..., C)`` -> QJL signs as +-1, ``dtype`` ``(..., D)`` (prod only)."""
+        rows = packed.reshape(-1, packed.shape[-1])
+        return (self.layout.unpack_signs(rows).to(dtype) * 2 - 1).view(*packed.shape[:-1], self.rotated_dim)
+
+    def scaled_rows(self, packed: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
+        """The stored vectors in rotated space, float32 ``(..., n, W)``: ``f0 c[idx]``, and for prod ``f1 sign`` after it.
+
+        ``W = D`` (mse) or ``2 D`` (prod). Every estimate is a product with these rows:
+        ``score`` = queries @ rows^T, ``accumulate`` = weights @ rows, ``decode`` = ``finish(rows)``.
+        """
+        factors = factors.to(torch.float32)
+        rows = self.dequantize(packed) * factors[..., :1]
+        if self.qjl is None:
+            return rows
+        return torch.cat([rows, self.signs(packed) * factors[..., 1:2]], dim=-1)
+
+    def finish(self, rotated: torch.Tensor) -> torch.Tensor:
+        """Rows in rotated space ``(..., W)`` (sums of ``scaled_rows``) -> vectors in the input space ``(..., d)``."""
+        dim = self.rotated_dim
+        base = rotated[..., :dim]
+        if self.qjl is not None:
+            base = base + rotated[..., dim:] @ self._on(self.qjl, rotated.device)
+        return self.rotation.inverse(base.reshape(-1, dim)).view(*rotated.shape[:-1], self.dim)
+
+    def accumulate(self, weights: torch.Tensor, packed: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
+        """``sum_j weights[..., i, j] x_j`` in rotated space: weights ``(..., m, n)`` -> float32 ``(..., m, W)``.
+
+        ``finish`` of the result is the weighted sum of the decoded vectors, without decoding them
+        one by one (the value side of attention over codes).
+        """
+        return weights.to(torch.float32) @ self.scaled_rows(packed, factors)
 
     def decode(self, codes: Codes) -> Any:
         """``Codes`` -> reconstructed float32 vectors ``(n, d)``, same kind as the codes."""
         packed, factors = self._check_codes(codes)
-        rotated = self.dequantize(packed) * factors[:, :1]
-        if self.qjl is not None:
-            rotated += (self.signs(packed) @ self._on(self.qjl, packed.device)) * factors[:, 1:2]
-        return like(self.rotation.inverse(rotated), is_torch(codes.packed))
+        return like(self.finish(self.scaled_rows(packed, factors)), is_torch(codes.packed))
 
     # ---- inner products ----------------------------------------------------------------
     def rotate_queries(self, q: Any) -> torch.Tensor:
@@ -295,12 +322,11 @@ class TurboQuantCodec:
         return like(self.score(queries, packed, factors), is_torch(q))
 
     def score(self, queries: torch.Tensor, packed: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
-        """The estimator on rotated queries (from ``rotate_queries``): float32 ``(m, n)``."""
-        dim = self.rotated_dim
-        scores = (queries[:, :dim] @ self.dequantize(packed).t()) * factors[:, 0]
-        if self.qjl is not None:
-            scores += (queries[:, dim:] @ self.signs(packed).t()) * factors[:, 1]
-        return scores
+        """The estimator on rotated queries (from ``rotate_queries``).
+
+        queries float32 ``(..., m, W)``, packed ``(..., n, C)``, factors ``(..., n, F)`` -> float32 ``(..., m, n)``.
+        """
+        return queries @ self.scaled_rows(packed, factors).transpose(-1, -2)
 
     def _check_codes(self, codes: Codes) -> tuple[torch.Tensor, torch.Tensor]:
         if not isinstance(codes, Codes):

@@ -78,19 +78,14 @@ def _rescore(
     k: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact float32 scores of each query's candidate ``rows`` ``(m, c)``; best ``k`` kept."""
-    m, dim = rows.shape[0], codec.rotated_dim
+    m = rows.shape[0]
     unique, inverse = torch.unique(rows.clamp_min(0), return_inverse=True)
     packed, factors = fetch(unique)
-    levels = codec.dequantize(packed)
-    signs = codec.signs(packed) if codec.qjl is not None else None
     exact = torch.empty(rows.shape, dtype=torch.float32, device=rows.device)
     for start in range(0, m, _RESCORE_QUERY_BLOCK):
         block = slice(start, start + _RESCORE_QUERY_BLOCK)
         at = inverse[block]
-        q = rotated_queries[block]
-        exact[block] = (q[:, None, :dim] * levels[at]).sum(-1) * factors[at, 0]
-        if signs is not None:
-            exact[block] += (q[:, None, dim:] * signs[at]).sum(-1) * factors[at, 1]
+        exact[block] = codec.score(rotated_queries[block, None, :], packed[at], factors[at])[:, 0]
     exact[rows < 0] = float("-inf")
     # best first; among equal scores the lower row first, so results are deterministic
     by_row = torch.argsort(rows.clamp_min(0), dim=1, stable=True)

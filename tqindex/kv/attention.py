@@ -4,7 +4,7 @@ For one (batch, KV head) pair, query rows ``q_m`` (the query heads of its GQA gr
 query positions) and stored tokens ``j``: ``logit_mj = scaling * <q_m, k_j> + bias_mj``, with
 ``<q_m, k_j>`` the codec's estimator on the key codes (queries rotated once), and the output
 ``sum_j softmax_j * v_j``, whose code part is accumulated in rotated space and rotated back once
-(`codec_ops`). No token is decoded to a dense vector. The dense window is attended exactly and
+(`TurboQuantCodec.accumulate` / `finish`). No token is decoded to a dense vector. The dense window is attended exactly and
 merged with the code part by the usual max/sum-of-exponentials rescaling.
 
 The code part ("partial") has two backends with one contract: torch (`_partial_torch`) and a
@@ -29,7 +29,6 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from tqindex.codec import Codes, TurboQuantCodec
-from tqindex.kv import codec_ops
 from tqindex.kv.compressed import CompressedKV, as_dense, map_codes
 
 ATTENTION_NAME = "turboquant"
@@ -115,7 +114,7 @@ def codes_attention(
     shift = torch.where(torch.isfinite(shift), shift, torch.zeros_like(shift))
     code_weight = torch.exp(top - shift)
     window_weights = torch.exp(window_logits - shift[..., None])
-    code_part = codec_ops.finish(value.codec, acc.view(batch, heads, group * q_len, -1) * code_weight[..., None])
+    code_part = value.codec.finish(acc.view(batch, heads, group * q_len, -1) * code_weight[..., None])
     numerator = code_part + window_weights @ value.window.float()
     denominator = code_weight * total.view_as(code_weight) + window_weights.sum(dim=-1)
     out = numerator / denominator.clamp_min(torch.finfo(torch.float32).tiny)[..., None]
@@ -154,14 +153,14 @@ def _partial_torch(
     n, rows, _ = queries.shape
     batch, q_len, encoded = bias.shape
     blocks = [slice(s, s + _TOKEN_BLOCK) for s in range(0, encoded, _TOKEN_BLOCK)]
-    logits = torch.cat([codec_ops.score(key_codec, queries, key_codes.packed[:, b], key_codes.factors[:, b]) for b in blocks], dim=-1)
+    logits = torch.cat([key_codec.score(queries, key_codes.packed[:, b], key_codes.factors[:, b]) for b in blocks], dim=-1)
     logits = (logits.view(batch, heads, rows // q_len, q_len, encoded) * scaling + bias[:, None, None]).view(n, rows, encoded)
     top = logits.amax(dim=-1)
     weights = torch.exp(logits - torch.where(torch.isfinite(top), top, torch.zeros_like(top))[..., None])
     acc_dim = value_codec.rotated_dim * value_codec.n_factors
     acc = queries.new_zeros((n, rows, acc_dim))
     for b in blocks:
-        acc += codec_ops.accumulate(value_codec, weights[..., b], value_codes.packed[:, b], value_codes.factors[:, b])
+        acc += value_codec.accumulate(weights[..., b], value_codes.packed[:, b], value_codes.factors[:, b])
     return acc, top, weights.sum(dim=-1)
 
 
