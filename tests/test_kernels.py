@@ -6,7 +6,7 @@ import torch
 
 from conftest import unit_rows
 from tqindex import TurboQuantCodec, TurboQuantIndex
-from tqindex.kernels import LUT_MAX_QUERIES, get_scanner
+from tqindex.kernels import LUT_MAX_QUERY_BITS, get_scanner
 from tqindex.kernels.gemm import GemmScanner
 from tqindex.kernels.lut import LutScanner, supports
 
@@ -48,7 +48,9 @@ def test_lut_supports_single_field_layouts_only(bits, supported):
 def test_dispatch_by_batch_size_and_layout():
     four, three = TurboQuantCodec(64, 4), TurboQuantCodec(64, 3)
     assert isinstance(get_scanner(four, "auto", "cpu", queries=1), LutScanner)
-    assert isinstance(get_scanner(four, "auto", "cpu", queries=LUT_MAX_QUERIES + 1), GemmScanner)
+    assert isinstance(get_scanner(four, "auto", "cpu", queries=LUT_MAX_QUERY_BITS // 4), LutScanner)
+    assert isinstance(get_scanner(four, "auto", "cpu", queries=LUT_MAX_QUERY_BITS // 4 + 1), GemmScanner)
+    assert isinstance(get_scanner(TurboQuantCodec(64, 2), "auto", "cpu", queries=LUT_MAX_QUERY_BITS // 2), LutScanner)
     assert isinstance(get_scanner(three, "auto", "cpu", queries=1), GemmScanner)
     assert isinstance(get_scanner(four, "torch", "cpu", queries=1), GemmScanner)
     with pytest.raises(ValueError, match="CPU only"):

@@ -24,7 +24,7 @@ def as_float_rows(x: Any, dim: int, name: str, *, allow_1d: bool = True) -> torc
     if isinstance(x, np.ndarray):
         if x.dtype.kind != "f":
             raise TypeError(f"{name} must hold floats, got numpy dtype {x.dtype}")
-        tensor = torch.from_numpy(np.ascontiguousarray(x))
+        tensor = torch.from_numpy(np.require(x, requirements=["C", "W"]))  # copies read-only (memmapped) input only
     elif isinstance(x, torch.Tensor):
         if x.dtype not in _FLOAT_DTYPES:
             raise TypeError(f"{name} must hold floats, got torch dtype {x.dtype}")

@@ -13,9 +13,11 @@ from tqindex.kernels.scan import Chunk, Scanner, candidate_count, scan_topk
 
 BACKENDS = ("auto", "torch", "lut", "triton")
 
-#: up to this many queries per search, "auto" on the CPU scans with look-up tables (where the
-#: layout allows) instead of decode + GEMM; measured crossover in docs/benchmarks.md
-LUT_MAX_QUERIES = 8
+#: "auto" on the CPU scans with look-up tables (where the layout allows) while queries x bits
+#: <= this, else decodes + GEMMs. Table work grows with the code bytes per query, decode work
+#: does not: measured at 100k x 384 on 2 cores, tables win up to 8 queries at 2 bits and up to 4
+#: at 4 bits (benchmarks/bench_backends.py, docs/benchmarks.md)
+LUT_MAX_QUERY_BITS = 16
 
 
 def _triton_available() -> bool:
@@ -30,8 +32,8 @@ def get_scanner(
     "torch": decode + GEMM in torch (any device). "lut": per-byte look-up tables (CPU, numba;
     layouts of 1, 2, 4 or 8 index bits). "triton": the fused Triton kernel (CUDA tensors, or CPU
     tensors under ``TRITON_INTERPRET=1``). "auto": triton on a CUDA device where triton is
-    installed; on the CPU, lut for up to ``LUT_MAX_QUERIES`` queries where the layout allows,
-    else torch.
+    installed; on the CPU, lut while ``queries * bits <= LUT_MAX_QUERY_BITS`` where the layout
+    allows, else torch.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -40,7 +42,8 @@ def get_scanner(
         if on_cuda:
             backend = "triton" if _triton_available() else "torch"
         else:
-            backend = "lut" if queries <= LUT_MAX_QUERIES and lut.supports(codec.layout) else "torch"
+            few = queries * float(codec.config.bits) <= LUT_MAX_QUERY_BITS
+            backend = "lut" if few and lut.supports(codec.layout) else "torch"
     if backend == "triton":
         from tqindex.kernels.triton_scan import TritonScanner  # imported here: `import tqindex` never needs triton
 
@@ -52,4 +55,4 @@ def get_scanner(
     return GemmScanner(codec)
 
 
-__all__ = ["BACKENDS", "LUT_MAX_QUERIES", "Chunk", "Scanner", "candidate_count", "get_scanner", "scan_topk"]
+__all__ = ["BACKENDS", "LUT_MAX_QUERY_BITS", "Chunk", "Scanner", "candidate_count", "get_scanner", "scan_topk"]
