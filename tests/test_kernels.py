@@ -12,11 +12,13 @@ from tqindex.kernels.lut import LutScanner, supports
 
 
 @pytest.mark.parametrize(
-    "bits,variant", [(1, "mse"), (2, "mse"), (4, "mse"), (8, "mse"), (1, "prod"), (2, "prod"), (3, "prod"), (5, "prod")]
+    "bits,variant",
+    [(1, "mse"), (2, "mse"), (2.5, "mse"), (3, "mse"), (4, "mse"), (4.5, "mse"), (5, "mse"), (6, "mse"), (8, "mse"),
+     (1, "prod"), (2, "prod"), (3, "prod"), (4, "prod"), (5, "prod")],
 )
 def test_lut_scores_equal_the_codec_estimator(bits, variant):
     codec = TurboQuantCodec(100, bits, variant=variant)
-    codes = codec.encode(torch.randn(300, 100, generator=torch.Generator().manual_seed(bits)))
+    codes = codec.encode(torch.randn(300, 100, generator=torch.Generator().manual_seed(int(bits * 10))))
     rotated = codec.rotate_queries(torch.randn(3, 100, generator=torch.Generator().manual_seed(99)))
     scanner = LutScanner(codec)
     scores, rows = scanner.chunk_topk(scanner.prepare(rotated), codes.packed, codes.factors, None, 300)
@@ -36,8 +38,10 @@ def test_lut_honours_the_valid_mask():
     assert bool(valid[rows[finite]].all())
 
 
-@pytest.mark.parametrize("bits,supported", [(1, True), (2, True), (3, False), (4, True), (2.5, False), (8, True)])
-def test_lut_supports_single_field_layouts_only(bits, supported):
+@pytest.mark.parametrize(
+    "bits,supported", [(1, True), (2, True), (2.5, True), (3, True), (4, True), (6, True), (8, True), (1.5, False), (3.5, False), (7, False)]
+)
+def test_lut_supports_layouts_whose_group_keys_fit(bits, supported):
     codec = TurboQuantCodec(64, bits)
     assert supports(codec.layout) is supported
     if not supported:
@@ -51,7 +55,8 @@ def test_dispatch_by_batch_size_and_layout():
     assert isinstance(get_scanner(four, "auto", "cpu", queries=LUT_MAX_QUERY_BITS // 4), LutScanner)
     assert isinstance(get_scanner(four, "auto", "cpu", queries=LUT_MAX_QUERY_BITS // 4 + 1), GemmScanner)
     assert isinstance(get_scanner(TurboQuantCodec(64, 2), "auto", "cpu", queries=LUT_MAX_QUERY_BITS // 2), LutScanner)
-    assert isinstance(get_scanner(three, "auto", "cpu", queries=1), GemmScanner)
+    assert isinstance(get_scanner(three, "auto", "cpu", queries=1), LutScanner)
+    assert isinstance(get_scanner(TurboQuantCodec(64, 7), "auto", "cpu", queries=1), GemmScanner)
     assert isinstance(get_scanner(four, "torch", "cpu", queries=1), GemmScanner)
     with pytest.raises(ValueError, match="CPU only"):
         get_scanner(four, "lut", "cuda")
