@@ -28,6 +28,7 @@ import torch
 from tqindex._arrays import as_float_rows, is_torch, like
 from tqindex.codebook import lloyd_max_codebook
 from tqindex.packing import BitLayout
+from tqindex.quantize import quantize_rows
 from tqindex.rotation import ROTATIONS, make_rotation, rotation_from_state
 
 VARIANTS = ("mse", "prod")
@@ -234,29 +235,44 @@ class TurboQuantCodec:
 
     def _encode_rows(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         norms = torch.linalg.vector_norm(rows, dim=1)
-        unit = self.rotation.forward(rows) / norms.clamp_min(torch.finfo(torch.float32).tiny)[:, None]
-        indices = self._quantize(unit)
-        levels = self._levels_of(indices)
-        if self.config.variant == "mse":
+        prod = self.config.variant == "prod"
+        indices, alignment, residual = self._quantize(self.rotation.forward(rows), norms, keep_residual=prod)
+        if not prod:
             if self.config.scale == "unbiased":
-                alignment = (unit * levels).sum(dim=1)
                 scale = torch.where(norms > 0, norms / alignment.clamp_min(1e-30), torch.zeros_like(norms))
             else:
                 scale = norms
             return self.layout.pack(indices), scale[:, None]
-        residual = unit - levels
         signs = residual @ self._on(self.qjl, rows.device).t() >= 0
         coefficient = norms * torch.linalg.vector_norm(residual, dim=1) * math.sqrt(math.pi / 2) / self.rotated_dim
         return self.layout.pack(indices, signs), torch.stack([norms, coefficient], dim=1)
 
-    def _quantize(self, unit: torch.Tensor) -> torch.Tensor:
-        """Nearest-level indices of rotated unit rows, uint8 ``(n, D)``."""
+    def _quantize(
+        self, rotated: torch.Tensor, norms: torch.Tensor, keep_residual: bool
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Rotated rows ``(n, D)`` and their norms -> indices uint8 ``(n, D)``, ``<u, c[idx]>`` ``(n,)``, residual ``u - c[idx]``.
+
+        On the CPU one fused numba pass (``quantize.py``); on other devices the same in torch ops.
+        """
+        inverse_norms = 1 / norms.clamp_min(torch.finfo(torch.float32).tiny)
         extra = self.layout.extra_coords
+        if rotated.device.type == "cpu":
+            n_lo = 1 << self.layout.base_bits
+            indices = torch.empty(rotated.shape, dtype=torch.uint8)
+            alignment = torch.empty(rotated.shape[0], dtype=torch.float32)
+            residual = torch.empty(rotated.shape if keep_residual else (0, rotated.shape[1]), dtype=torch.float32)
+            quantize_rows(
+                rotated.contiguous().numpy(), inverse_norms.numpy(), self._bounds_lo.numpy(), self._levels_np[:n_lo],
+                self._bounds_hi.numpy(), self._levels_np[n_lo:], extra, indices.numpy(), alignment.numpy(), residual.numpy(),
+            )  # fmt: skip
+            return indices, alignment, residual if keep_residual else None
+        unit = rotated * inverse_norms[:, None]
         indices = torch.empty(unit.shape, dtype=torch.uint8, device=unit.device)
         indices[:, extra:] = torch.bucketize(unit[:, extra:].contiguous(), self._on(self._bounds_lo, unit.device)).to(torch.uint8)
         if extra:
             indices[:, :extra] = torch.bucketize(unit[:, :extra].contiguous(), self._on(self._bounds_hi, unit.device)).to(torch.uint8)
-        return indices
+        levels = self._levels_of(indices)
+        return indices, (unit * levels).sum(dim=1), unit - levels if keep_residual else None
 
     def _levels_of(self, indices: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Level values of indices: uint8 ``(n, D)`` -> ``dtype`` ``(n, D)``."""
