@@ -419,3 +419,16 @@ def test_create_refuses_bad_arguments(tmp_path, bad):
     with pytest.raises(StorageError, match=re.escape(str(tmp_path / "idx"))):
         ColumnStore.create(tmp_path / "idx", **args)
     assert not (tmp_path / "idx").exists()
+
+
+def test_read_at_returns_scattered_rows_in_the_order_asked(tmp_path):
+    store = ColumnStore.create(tmp_path / "s", format_name="t", meta={}, fixed={}, columns={"c": ColumnSpec("int32", (3,))})
+    values = np.arange(60, dtype=np.int32).reshape(20, 3)
+    store.append("c", values)
+    store.commit()
+    rows = np.array([7, 2, 3, 4, 19, 7, 0])
+    assert np.array_equal(store.read_at("c", rows), values[rows])
+    assert store.read_at("c", np.array([], dtype=np.int64)).shape == (0, 3)
+    with pytest.raises(StorageError, match="out of range"):
+        store.read_at("c", np.array([20]))
+    store.close()

@@ -245,7 +245,7 @@ class TurboQuantIndex:
         scanner = get_scanner(self.codec, self.backend, self.device, queries=rows.shape[0])
         scores, found = scan_topk(self.codec, scanner, rotated, self._chunks(allowed), int(k), self._fetch)
         found = found.cpu().numpy()
-        ids = self._store.column("ids")[np.maximum(found, 0)]
+        ids = self._store.read_at("ids", np.maximum(found, 0).ravel()).reshape(found.shape)
         ids[found < 0] = -1
         return like(scores.cpu(), is_torch(queries)), like(torch.from_numpy(ids), is_torch(queries))
 
@@ -281,7 +281,7 @@ class TurboQuantIndex:
         if self._resident is not None:
             return self._resident[0][rows], self._resident[1][rows]
         at = rows.cpu().numpy()
-        return torch.from_numpy(self._store.column("codes")[at]), torch.from_numpy(self._store.column("factors")[at])
+        return torch.from_numpy(self._store.read_at("codes", at)), torch.from_numpy(self._store.read_at("factors", at))
 
     def _vectors(self, x: Any, name: str) -> torch.Tensor:
         rows = as_float_rows(x, self.dim, name)

@@ -68,6 +68,10 @@ class MemoryStore:
         """Rows [start, stop) without a copy (for the scan; callers must not write to them)."""
         return self._arrays[name].rows_view(start, stop)
 
+    def read_at(self, name: str, rows: np.ndarray) -> np.ndarray:
+        """Copies of the rows ``rows`` (int64 ``(u,)``), shape (u, *row_shape)."""
+        return self._arrays[name].view()[rows]
+
     def commit(self) -> None:
         """Nothing to make durable in RAM."""
 

@@ -234,13 +234,32 @@ class ColumnStore:
             raise StorageError(
                 f"{col.file}: out must be a writeable C-contiguous {col.dtype.name} array of shape {shape}"
             )
-        view = memoryview(_as_bytes(out))
-        offset = int(start) * col.row_bytes
-        while view:
-            n = os.preadv(col.fd, [view], offset)
-            if n == 0:
-                raise StorageError(f"{col.file}: column {name!r} is truncated (file shrank while open)")
-            view, offset = view[n:], offset + n
+        _pread_into(col, name, memoryview(_as_bytes(out)), int(start) * col.row_bytes)
+        return out
+
+    def read_at(self, name: str, rows: np.ndarray) -> np.ndarray:
+        """Copy the committed rows ``rows`` (int64 ``(u,)``, any order) into a new array ``(u, *row_shape)``.
+
+        One pread per run of consecutive rows, not a memmap: fetching scattered rows of a file
+        larger than RAM then holds only those rows, where a mapping would keep every page the
+        kernel's readahead brought in.
+        """
+        col = self._column(name)
+        rows = np.asarray(rows, dtype=np.int64)
+        if rows.size and (rows.min() < 0 or rows.max() >= col.rows):
+            raise StorageError(f"{col.file}: rows out of range: {col.rows} committed rows")
+        out = np.empty((rows.size, *col.row_shape), col.dtype)
+        order = np.argsort(rows, kind="stable")
+        ordered = rows[order]
+        gathered = np.empty_like(out)
+        view = memoryview(_as_bytes(gathered))
+        runs = np.flatnonzero(np.diff(ordered) != 1) + 1
+        for run in np.split(np.arange(rows.size), runs):
+            if run.size:
+                first, count = int(ordered[run[0]]), run.size
+                chunk = view[int(run[0]) * col.row_bytes : (int(run[0]) + count) * col.row_bytes]
+                _pread_into(col, name, chunk, first * col.row_bytes)
+        out[order] = gathered
         return out
 
     # ---- writing ----
@@ -335,6 +354,15 @@ class ColumnStore:
 
 
 # ---- helpers: validation ----
+
+
+def _pread_into(col: _Column, name: str, view: memoryview, offset: int) -> None:
+    """Fill ``view`` from the column file at byte ``offset``."""
+    while view:
+        n = os.preadv(col.fd, [view], offset)
+        if n == 0:
+            raise StorageError(f"{col.file}: column {name!r} is truncated (file shrank while open)")
+        view, offset = view[n:], offset + n
 
 
 def _is_int(x: Any) -> bool:
