@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import weakref
 
 import torch
 
@@ -18,6 +19,10 @@ BACKENDS = ("auto", "torch", "lut", "triton")
 #: does not: measured at 100k x 384 on 2 cores, tables win up to 8 queries at 2 bits and up to 4
 #: at 4 bits (benchmarks/bench_backends.py, docs/benchmarks.md)
 LUT_MAX_QUERY_BITS = 16
+
+
+# scanners keep only tables derived from the codec, so one per (codec, backend) serves every search
+_SCANNERS: "weakref.WeakKeyDictionary[TurboQuantCodec, dict[str, Scanner]]" = weakref.WeakKeyDictionary()
 
 
 def _triton_available() -> bool:
@@ -44,13 +49,20 @@ def get_scanner(
         else:
             few = queries * float(codec.config.bits) <= LUT_MAX_QUERY_BITS
             backend = "lut" if few and lut.supports(codec.layout) else "torch"
+    if backend == "lut" and on_cuda:
+        raise ValueError("backend='lut' runs on the CPU only")
+    made = _SCANNERS.setdefault(codec, {})
+    if backend not in made:
+        made[backend] = _make_scanner(codec, backend)
+    return made[backend]
+
+
+def _make_scanner(codec: TurboQuantCodec, backend: str) -> Scanner:
     if backend == "triton":
         from tqindex.kernels.triton_scan import TritonScanner  # imported here: `import tqindex` never needs triton
 
         return TritonScanner(codec)
     if backend == "lut":
-        if on_cuda:
-            raise ValueError("backend='lut' runs on the CPU only")
         return lut.LutScanner(codec)
     return GemmScanner(codec)
 
