@@ -211,3 +211,15 @@ def test_batched_score_equals_per_batch_score():
     assert batched.shape == (3, 4, 20)
     for b in range(3):
         torch.testing.assert_close(batched[b], codec.score(queries[b], packed[b], factors[b]))
+
+
+@pytest.mark.parametrize("bits,variant", [(2, "mse"), (2.5, "mse"), (4, "mse"), (3, "prod"), (1, "prod")])
+def test_torch_quantizer_for_accelerators_equals_the_fused_cpu_kernel(bits, variant):
+    codec = TurboQuantCodec(96, bits, variant=variant)
+    rows = torch.randn(200, 96, generator=torch.Generator().manual_seed(5))
+    rotated, norms = codec.rotation.forward(rows), torch.linalg.vector_norm(rows, dim=1)
+    fused = codec._quantize(rotated, norms, keep_residual=True)
+    in_torch = codec._quantize_torch(rotated, 1 / norms, keep_residual=True)
+    assert torch.equal(fused[0], in_torch[0])
+    torch.testing.assert_close(fused[1], in_torch[1], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fused[2], in_torch[2], rtol=1e-5, atol=1e-6)

@@ -266,6 +266,13 @@ class TurboQuantCodec:
                 self._bounds_hi.numpy(), self._levels_np[n_lo:], extra, indices.numpy(), alignment.numpy(), residual.numpy(),
             )  # fmt: skip
             return indices, alignment, residual if keep_residual else None
+        return self._quantize_torch(rotated, inverse_norms, keep_residual)
+
+    def _quantize_torch(
+        self, rotated: torch.Tensor, inverse_norms: torch.Tensor, keep_residual: bool
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """``_quantize`` in torch ops, for any device (the GPU's encode path)."""
+        extra = self.layout.extra_coords
         unit = rotated * inverse_norms[:, None]
         indices = torch.empty(unit.shape, dtype=torch.uint8, device=unit.device)
         indices[:, extra:] = torch.bucketize(unit[:, extra:].contiguous(), self._on(self._bounds_lo, unit.device)).to(torch.uint8)
