@@ -51,8 +51,6 @@ class MemoryStore:
     def rows(self, name: str) -> int:
         return self._arrays[name].rows
 
-    pending_rows = rows
-
     def append(self, name: str, values: np.ndarray) -> None:
         spec = self.columns[name]
         values = np.asarray(values)
