@@ -88,6 +88,7 @@ class LutScanner:
             [[f.offset, f.width, -(-f.stop // groups.size), s] for f, s in zip(fields, groups.key_shifts)], dtype=np.int64
         ).reshape(-1, 4)
         sign = codec.layout.sign_field
+        #: first sign byte, which is also the count of index bytes (code_bytes without signs)
         self._sign_offset = sign.offset if sign is not None else codec.code_bytes
         signs = torch.tensor([-1.0, 1.0])[(torch.arange(256)[:, None] >> torch.arange(8)) & 1]  # (256, 8)
         self._sign_values = signs if sign is not None else None
@@ -117,14 +118,14 @@ class LutScanner:
         return index, signs
 
     def chunk_topk(
-        self, tables: tuple[np.ndarray, np.ndarray], packed: torch.Tensor, factors: torch.Tensor, valid: torch.Tensor | None, k: int
+        self, tables: tuple[np.ndarray, np.ndarray | None], packed: torch.Tensor, factors: torch.Tensor, valid: torch.Tensor | None, k: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Best ``k`` rows of the chunk per query: float32 ``(m, k)`` and chunk-local int64 rows ``(m, k)``."""
         index, signs = tables
         scores = np.empty((index.shape[0], packed.shape[0]), dtype=np.float32)
         numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
         if signs is None:
-            _scan_bytes(packed.numpy(), index, factors.numpy(), self._sign_offset, scores)
+            _scan_bytes(packed.numpy(), index, factors.numpy(), index_bytes=self._sign_offset, out=scores)
         else:
             _scan_groups(packed.numpy(), index, signs, factors.numpy(), self._groups.size, self._field_params, self._sign_offset, scores)
         result = torch.from_numpy(scores)
