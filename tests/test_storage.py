@@ -5,12 +5,14 @@ import re
 import signal
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from tqindex.storage import FORMAT_VERSION, ColumnSpec, ColumnStore, StorageError
+from tqindex.errors import CorruptIndexError, IndexFormatError, IndexLockedError, StorageError
+from tqindex.storage import BLOCK_BYTES, FORMAT_VERSION, ColumnSpec, ColumnStore, _manifest_checksum
 
 FMT = "tqtest"
 META = {"d": 4, "bits": [2, 3], "name": "x", "scale": 0.1, "nested": {"seed": 7, "flag": True, "none": None}}
@@ -51,9 +53,12 @@ def store_path(tmp_path):
     return path
 
 
-def edit_manifest(path, change):
+def edit_manifest(path, change, *, keep_checksum=False):
+    """Change the manifest; by default re-sign it, as a writer with a bug (not a bit flip) would."""
     m = json.loads((path / "manifest.json").read_text())
     change(m)
+    if not keep_checksum:
+        m["checksum"] = _manifest_checksum(m)
     (path / "manifest.json").write_text(json.dumps(m))
 
 
@@ -84,7 +89,14 @@ def test_manifest_layout(store_path):
     m = json.loads((store_path / "manifest.json").read_text())
     assert m["format"] == FMT and m["version"] == FORMAT_VERSION and m["meta"] == META
     assert m["fixed"]["rotation"]["shape"] == [4, 4] and len(m["fixed"]["rotation"]["sha256"]) == 64
-    assert m["columns"]["codes"] == {"file": "codes.col", "dtype": "|u1", "row_shape": [3], "rows": 5}
+    assert m["columns"]["codes"] == {
+        "file": "codes.col",
+        "dtype": "|u1",
+        "row_shape": [3],
+        "rows": 5,
+        "tail_crc": zlib.crc32(codes(5).tobytes()),
+    }
+    assert m["checksum"] == _manifest_checksum(m)
     assert m["columns"]["deleted"]["rows"] == 2
     assert (store_path / "codes.col").stat().st_size == 5 * 3
 
@@ -203,8 +215,9 @@ def test_kill_9_keeps_committed_rows_and_drops_the_rest(tmp_path):
     assert (path / "codes.col").stat().st_size == 15 * 3  # mode "r" leaves the tail alone
 
     with ColumnStore.open(path, format_name="tqtest", mode="a") as s:  # the dead writer's lock is gone
-        assert (path / "codes.col").stat().st_size == 10 * 3  # tail cut off before appending
+        assert (path / "codes.col").stat().st_size == 15 * 3  # opening alone changes nothing
         s.append("codes", codes(2, start=10))
+        assert (path / "codes.col").stat().st_size == 12 * 3  # the tail was cut before appending
         s.append("ids", np.array([70, 77]))
     with ColumnStore.open(path, format_name="tqtest") as s:
         np.testing.assert_array_equal(s.column("codes"), codes(12))
@@ -235,9 +248,9 @@ def test_mode_r_refuses_writes(store_path):
 
 def test_second_writer_refused(store_path):
     with ColumnStore.open(store_path, format_name=FMT, mode="a"):
-        with pytest.raises(StorageError, match="already open for writing"):
+        with pytest.raises(IndexLockedError, match="already open for writing"):
             ColumnStore.open(store_path, format_name=FMT, mode="a")
-        with pytest.raises(StorageError, match="already open for writing"):
+        with pytest.raises(IndexLockedError, match="already open for writing"):
             make(store_path, overwrite=True)
         ColumnStore.open(store_path, format_name=FMT).close()  # readers are welcome
     ColumnStore.open(store_path, format_name=FMT, mode="a").close()  # free again after close
@@ -327,38 +340,69 @@ def flip_last_byte(file):
     file.write_bytes(bytes(data))
 
 
-DAMAGES = {
-    "missing-dir": (lambda p: __import__("shutil").rmtree(p), "no such directory"),
-    "not-a-dir": (lambda p: (__import__("shutil").rmtree(p), p.write_bytes(b"x")), "not a directory"),
-    "no-manifest": (lambda p: (p / "manifest.json").unlink(), "not a tqindex store"),
-    "garbage-manifest": (lambda p: (p / "manifest.json").write_bytes(b"{not json"), "not valid JSON"),
-    "manifest-not-object": (lambda p: (p / "manifest.json").write_bytes(b"[1, 2]"), "corrupt manifest"),
-    "missing-key": (lambda p: edit_manifest(p, lambda m: m.pop("columns")), "corrupt manifest: 'columns'"),
-    "foreign": (lambda p: edit_manifest(p, lambda m: m.update(format="faiss")), "foreign store: format 'faiss'"),
-    "newer-version": (lambda p: edit_manifest(p, lambda m: m.update(version=FORMAT_VERSION + 1)), "newer tqindex"),
-    "tampered-fixed": (lambda p: flip_last_byte(p / "rotation.npy"), "'rotation' is corrupt"),
+def flip_byte_in_manifest(path):
+    """Change one digit of the manifest (a bit flip that keeps it valid JSON)."""
+    text = (path / "manifest.json").read_text()
+    at = text.index('"rows": 5') + len('"rows": ')
+    (path / "manifest.json").write_text(text[:at] + "4" + text[at + 1 :])
+
+
+def cut_file(file, n):
+    file.write_bytes(file.read_bytes()[:-n])
+
+
+DAMAGES = {  # damage: (spoil, exception, message)
+    "missing-dir": (lambda p: __import__("shutil").rmtree(p), IndexFormatError, "no such directory"),
+    "not-a-dir": (lambda p: (__import__("shutil").rmtree(p), p.write_bytes(b"x")), IndexFormatError, "not a directory"),
+    "other-directory": (
+        lambda p: [f.unlink() for f in p.iterdir()] and (p / "photo.jpg").write_bytes(b"\xff\xd8"),
+        IndexFormatError,
+        "not a tqtest index",
+    ),
+    "no-manifest": (lambda p: (p / "manifest.json").unlink(), IndexFormatError, "not a tqtest index"),
+    "garbage-manifest": (lambda p: (p / "manifest.json").write_bytes(b"{not json"), CorruptIndexError, "not valid JSON"),
+    "manifest-not-object": (lambda p: (p / "manifest.json").write_bytes(b"[1, 2]"), IndexFormatError, "no format name"),
+    "flipped-manifest-byte": (flip_byte_in_manifest, CorruptIndexError, "checksum does not match"),
+    "missing-key": (lambda p: edit_manifest(p, lambda m: m.pop("columns")), CorruptIndexError, "'columns'"),
+    "foreign": (lambda p: edit_manifest(p, lambda m: m.update(format="faiss")), IndexFormatError, "foreign store"),
+    "newer-version": (
+        lambda p: edit_manifest(p, lambda m: m.update(version=FORMAT_VERSION + 1), keep_checksum=True),
+        IndexFormatError,
+        "newer tqindex",
+    ),
+    "older-version": (lambda p: edit_manifest(p, lambda m: m.update(version=1)), IndexFormatError, "predates checksums"),
+    "tampered-fixed": (lambda p: flip_last_byte(p / "rotation.npy"), CorruptIndexError, "'rotation' is corrupt"),
     "fixed-shape-differs": (
         lambda p: edit_manifest(p, lambda m: m["fixed"]["rotation"].update(shape=[2, 8])),
+        CorruptIndexError,
         "'rotation' is corrupt",
     ),
-    "missing-fixed": (lambda p: (p / "codebook.npy").unlink(), "'codebook' is missing"),
-    "truncated-column": (lambda p: (p / "codes.col").write_bytes(codes(5).tobytes()[:-1]), "truncated"),
-    "missing-column": (lambda p: (p / "norms.col").unlink(), "missing"),
+    "missing-fixed": (lambda p: (p / "codebook.npy").unlink(), CorruptIndexError, "'codebook' is missing"),
+    "truncated-column": (lambda p: cut_file(p / "codes.col", 1), CorruptIndexError, "codes.col: .* truncated"),
+    "rows-beyond-files": (
+        lambda p: edit_manifest(p, lambda m: m["columns"]["norms"].update(rows=6)),
+        CorruptIndexError,
+        "norms.col: .* truncated",
+    ),
+    "missing-column": (lambda p: (p / "norms.col").unlink(), CorruptIndexError, "missing"),
+    "missing-checksums": (lambda p: (p / "norms.crc").unlink(), CorruptIndexError, "norms.crc: column file is missing"),
     "file-outside-store": (
         lambda p: edit_manifest(p, lambda m: m["columns"]["codes"].update(file="../codes.col")),
+        CorruptIndexError,
         "names file '../codes.col'",
     ),
-    "negative-rows": (lambda p: edit_manifest(p, lambda m: m["columns"]["codes"].update(rows=-1)), "-1 rows"),
+    "negative-rows": (lambda p: edit_manifest(p, lambda m: m["columns"]["codes"].update(rows=-1)), CorruptIndexError, "-1 rows"),
+    "bad-dtype": (lambda p: edit_manifest(p, lambda m: m["columns"]["codes"].update(dtype="<U4")), CorruptIndexError, "dtype"),
 }
 
 
 @pytest.mark.parametrize("mode", ["r", "a"])
 @pytest.mark.parametrize("damage", list(DAMAGES))
 def test_open_refuses_damaged_store(store_path, damage, mode):
-    spoil, message = DAMAGES[damage]
+    spoil, error, message = DAMAGES[damage]
     spoil(store_path)
     before = snapshot(store_path)
-    with pytest.raises(StorageError, match=message) as err:
+    with pytest.raises(error, match=message) as err:
         ColumnStore.open(store_path, format_name=FMT, mode=mode)
     assert str(store_path) in str(err.value)
     assert snapshot(store_path) == before
@@ -394,7 +438,7 @@ def test_create_overwrite_replaces_store(store_path):
     columns = {"ids": ColumnSpec("int64", ())}
     with ColumnStore.create(store_path, format_name=FMT, meta={}, fixed={}, columns=columns, overwrite=True) as s:
         assert s.rows("ids") == 0 and s.fixed == {}
-    assert sorted(p.name for p in store_path.iterdir()) == ["ids.col", "manifest.json", "notes.txt"]
+    assert sorted(p.name for p in store_path.iterdir()) == ["ids.col", "ids.crc", "manifest.json", "notes.txt"]
 
 
 BAD_CREATE_ARGS = {
@@ -432,3 +476,97 @@ def test_read_at_returns_scattered_rows_in_the_order_asked(tmp_path):
     with pytest.raises(StorageError, match="out of range"):
         store.read_at("c", np.array([20]))
     store.close()
+
+
+# ---- checksums, verify, refresh ----
+
+
+def test_block_checksums_cover_every_byte_across_sessions(tmp_path):
+    """Appends of odd sizes across three writer sessions: the .crc file holds the CRC-32 of each
+    1 MiB block of the column file and verify accepts it; bytes flipped anywhere are found."""
+    rng = np.random.default_rng(1)
+    columns = {"codes": ColumnSpec("uint8", (1000,))}
+    data = rng.integers(0, 256, (2600, 1000), dtype=np.uint8)
+    path, done = tmp_path / "s", 0
+    ColumnStore.create(path, format_name=FMT, meta={}, fixed={}, columns=columns).close()
+    for batches in ([1, 700, 3], [1100], [49, 747]):
+        with ColumnStore.open(path, format_name=FMT, mode="a") as s:
+            for n in batches:
+                s.append("codes", data[done : done + n])
+                done += n
+                s.commit()
+    raw = data.tobytes()
+    blocks = [raw[i : i + BLOCK_BYTES] for i in range(0, len(raw), BLOCK_BYTES)]
+    assert np.array_equal(np.fromfile(path / "codes.crc", "<u4"), [zlib.crc32(b) for b in blocks[:-1]])
+    with ColumnStore.open(path, format_name=FMT) as s:
+        assert s.verify() == {"files": 2, "bytes": len(raw), "blocks": len(blocks)}
+    for at in (5, BLOCK_BYTES + 17, len(raw) - 1):  # first block, a middle block, the tail
+        with open(path / "codes.col", "r+b") as f:
+            f.seek(at)
+            byte = f.read(1)
+            f.seek(at)
+            f.write(bytes([byte[0] ^ 0x10]))
+        with ColumnStore.open(path, format_name=FMT) as s:  # opening does not read the rows...
+            with pytest.raises(CorruptIndexError, match=rf"codes.col: .*rows \d+\.\.\d+") as err:
+                s.verify()  # ...verify does
+        first, last = map(int, re.search(r"rows (\d+)\.\.(\d+)", str(err.value)).groups())
+        assert first <= at // 1000 <= last
+        with open(path / "codes.col", "r+b") as f:
+            f.seek(at)
+            f.write(byte)
+
+
+def test_verify_refuses_a_flipped_checksum_and_a_short_checksum_file(tmp_path):
+    path = tmp_path / "s"
+    with ColumnStore.create(path, format_name=FMT, meta={}, fixed={}, columns={"c": ColumnSpec("uint8", (4096,))}) as s:
+        s.append("c", np.ones((600, 4096), np.uint8))  # 2.34 blocks
+    flip_last_byte(path / "c.crc")
+    with ColumnStore.open(path, format_name=FMT) as s, pytest.raises(CorruptIndexError, match="c.col: bytes"):
+        s.verify()
+    cut_file(path / "c.crc", 1)
+    with pytest.raises(CorruptIndexError, match="c.crc: .* truncated"):
+        ColumnStore.open(path, format_name=FMT)
+
+
+def test_interrupted_append_leaves_checksums_of_the_committed_rows(tmp_path):
+    path = tmp_path / "s"
+    s = ColumnStore.create(path, format_name=FMT, meta={}, fixed={}, columns={"c": ColumnSpec("uint8", (4096,))})
+    s.append("c", np.full((300, 4096), 7, np.uint8))
+    s.commit()
+    s.append("c", np.full((500, 4096), 9, np.uint8))  # completes blocks past the commit point
+    s._release()  # the process dies: no commit
+    assert (path / "c.crc").stat().st_size > 4 * (300 * 4096 // BLOCK_BYTES)
+    with ColumnStore.open(path, format_name=FMT, mode="a") as s:  # a writer cuts off the residue
+        assert s.rows("c") == 300
+        s.append("c", np.full((100, 4096), 5, np.uint8))
+    with ColumnStore.open(path, format_name=FMT) as s:
+        assert s.verify()["bytes"] == 400 * 4096
+        assert np.array_equal(np.unique(s.read_rows("c", 295, 305)), [5, 7])
+
+
+def test_reader_refresh_takes_new_commits_only(store_path):
+    reader = ColumnStore.open(store_path, format_name=FMT)
+    assert reader.refresh() is False
+    with ColumnStore.open(store_path, format_name=FMT, mode="a") as writer:
+        writer.append("codes", codes(4, start=5))
+        writer.append("norms", np.zeros(4, np.float32))
+        assert reader.refresh() is False  # appended, not committed: invisible
+        writer.commit()
+        writer.append("codes", codes(1, start=9))  # pending at the time of the refresh
+        assert reader.refresh() is True
+        assert reader.rows("codes") == 9 and reader.rows("norms") == 9
+        assert np.array_equal(reader.read_rows("codes", 0, 9), codes(9))
+        assert reader.column("codes").shape == (9, 3)
+    assert reader.verify()["bytes"] == 9 * 3 + 9 * 4 + 2 * 8  # its snapshot, not the row committed by close
+    with pytest.raises(StorageError, match="refresh is for readers"):
+        ColumnStore.open(store_path, format_name=FMT, mode="a").refresh()
+    reader.close()
+
+
+def test_refresh_refuses_a_replaced_store(store_path):
+    reader = ColumnStore.open(store_path, format_name=FMT)
+    with ColumnStore.create(store_path, format_name=FMT, meta={}, fixed={}, columns=COLUMNS, overwrite=True):
+        pass
+    with pytest.raises(StorageError, match="replaced"):
+        reader.refresh()
+    reader.close()

@@ -2,7 +2,18 @@
 
 from tqindex.codec import CodecConfig, Codes, TurboQuantCodec
 from tqindex.index import TurboQuantIndex, open
-from tqindex.storage import StorageError
+from tqindex.errors import CorruptIndexError, IndexFormatError, IndexLockedError, StorageError, TQIndexError
 
-__all__ = ["CodecConfig", "Codes", "StorageError", "TurboQuantCodec", "TurboQuantIndex", "open"]
+__all__ = [
+    "CodecConfig",
+    "Codes",
+    "CorruptIndexError",
+    "IndexFormatError",
+    "IndexLockedError",
+    "StorageError",
+    "TQIndexError",
+    "TurboQuantCodec",
+    "TurboQuantIndex",
+    "open",
+]
 __version__ = "0.1.0"

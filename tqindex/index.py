@@ -20,7 +20,8 @@ from tqindex._arrays import as_float_rows, as_id_array, is_torch, like
 from tqindex.codec import CodecConfig, Codes, TurboQuantCodec
 from tqindex.kernels import BACKENDS, Chunk, get_scanner, scan_topk
 from tqindex.memstore import MemoryStore
-from tqindex.storage import ColumnSpec, ColumnStore, StorageError
+from tqindex.errors import CorruptIndexError
+from tqindex.storage import ColumnSpec, ColumnStore
 
 FORMAT_NAME = "tqindex"
 METRICS = ("ip", "cosine")
@@ -96,7 +97,7 @@ class TurboQuantIndex:
                 raise ValueError(f"columns {found} do not match the codec's {expected}")
         except (KeyError, TypeError, ValueError) as error:
             store.close()
-            raise StorageError(f"{path}: not a valid tqindex index: {error}") from error
+            raise CorruptIndexError(f"{path}: not a valid tqindex index: {error}") from error
         index = cls.__new__(cls)
         index._attach(codec, metric, store, backend, chunk_rows)
         return index
@@ -110,20 +111,42 @@ class TurboQuantIndex:
         self.device = torch.device("cpu")
         #: codes and factors as tensors on ``self.device`` after ``to()``; None: read from the store
         self._resident: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._rows = 0
+        self._deleted_mask = np.zeros(0, dtype=bool)  # capacity grows by doubling; see _deleted
+        self._closed = False
+        try:
+            self._load_rows()
+        except BaseException:
+            store.close()
+            raise
+
+    def _load_rows(self) -> None:
+        """Take the store's committed row count and deletion log (on open and on `refresh`)."""
+        store = self._store
         counts = {name: store.rows(name) for name in ("codes", "factors", "ids")}
         if len(set(counts.values())) != 1:
-            store.close()
-            raise StorageError(f"{store.path}: columns hold different row counts {counts}")
-        self._rows = counts["ids"]
-        self._deleted = np.zeros(self._rows, dtype=bool)
+            raise CorruptIndexError(f"{store.path}: columns hold different row counts {counts}")
         deleted_rows = store.column("deleted")
-        if len(deleted_rows) and (deleted_rows.min() < 0 or deleted_rows.max() >= self._rows):
-            store.close()
-            raise StorageError(f"{store.path}: deletion log names rows outside 0..{self._rows - 1}")
+        if len(deleted_rows) and (deleted_rows.min() < 0 or deleted_rows.max() >= counts["ids"]):
+            raise CorruptIndexError(f"{store.path}: deletion log names rows outside 0..{counts['ids'] - 1}")
+        self._grow_rows(counts["ids"] - self._rows)
         self._deleted[deleted_rows] = True
         self._id_lookup: tuple[np.ndarray, np.ndarray] | None = None
         self._next_id: int | None = None
-        self._closed = False
+
+    @property
+    def _deleted(self) -> np.ndarray:
+        """Tombstone of each stored row: bool ``(rows,)``, a view into a mask that grows by doubling."""
+        return self._deleted_mask[: self._rows]
+
+    def _grow_rows(self, n: int) -> None:
+        """Count ``n`` more stored rows, not deleted."""
+        needed = self._rows + n
+        if needed > len(self._deleted_mask):
+            grown = np.zeros(max(needed, 2 * len(self._deleted_mask)), dtype=bool)
+            grown[: self._rows] = self._deleted
+            self._deleted_mask = grown
+        self._rows = needed
 
     # ---- sizes -------------------------------------------------------------------------
     @property
@@ -205,8 +228,7 @@ class TurboQuantIndex:
         self._store.commit()
         if self._resident is not None:
             self._resident = (torch.cat([self._resident[0], packed]), torch.cat([self._resident[1], factors]))
-        self._rows += len(ids)
-        self._deleted = np.concatenate([self._deleted, np.zeros(len(ids), dtype=bool)])
+        self._grow_rows(len(ids))
         self._id_lookup = None
         self._next_id = max(self._next_free_id(), int(ids.max()) + 1)
 
@@ -320,6 +342,33 @@ class TurboQuantIndex:
                 for start in range(0, self._store.rows(name), _ENCODE_BATCH):
                     target.append(name, self._store.read_rows(name, start, min(start + _ENCODE_BATCH, self._store.rows(name))))
             target.commit()
+
+    def verify(self) -> dict[str, int]:
+        """Re-read every byte of an on-disk index and check its checksums (and, cheaply, its row
+        counts and deletion log); returns ``{"files", "bytes", "blocks", "rows", "ntotal"}``.
+
+        Raises `tqindex.errors.CorruptIndexError` naming the file (and rows) that fail.
+        """
+        self._check_open()
+        if self._store.path is None:
+            raise ValueError("verify checks files on disk; this index is in memory")
+        report = self._store.verify()
+        return {**report, "rows": self._rows, "ntotal": self.ntotal}
+
+    def refresh(self) -> bool:
+        """Read-only index: take the rows and deletions committed by a writer since this index was
+        opened; returns True if there were any. Searches before the call keep seeing the old snapshot."""
+        self._check_open()
+        if self._store.path is None or self._store.mode != "r":
+            raise ValueError("refresh is for an index opened read-only (tqindex.open(path, 'r'))")
+        rows_before = self._rows
+        if not self._store.refresh():
+            return False
+        self._load_rows()
+        if self._resident is not None:
+            new = [torch.from_numpy(self._store.read_rows(n, rows_before, self._rows)).to(self.device) for n in ("codes", "factors")]
+            self._resident = (torch.cat([self._resident[0], new[0]]), torch.cat([self._resident[1], new[1]]))
+        return True
 
     def flush(self) -> None:
         """Make everything added so far durable (``add`` and ``remove_ids`` already commit)."""

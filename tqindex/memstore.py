@@ -9,7 +9,8 @@ from typing import Any
 
 import numpy as np
 
-from tqindex.storage import ColumnSpec, StorageError
+from tqindex.errors import StorageError
+from tqindex.storage import ColumnSpec
 
 
 class _GrowingArray:

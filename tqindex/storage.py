@@ -3,19 +3,22 @@
 Layout of a store::
 
     manifest.json   format name, version, user meta; per fixed array its file, dtype, shape and
-                    sha256; per column its file, dtype, row_shape and committed row count
+                    sha256; per column its file, dtype, row_shape, committed row count and the
+                    CRC-32 of its last partial block; the sha256 of all of that ("checksum")
     <name>.npy      one fixed array each (np.save, no pickle): loaded whole, verified on open
     <name>.col      one raw little-endian file per column, rows back to back
+    <name>.crc      uint32 CRC-32 of each complete 1 MiB block of <name>.col, in order
 
 Commit protocol: `append` writes rows after the pending ones; `commit` fsyncs the column files
 written, then replaces manifest.json atomically (temp file, fsync, os.replace, fsync of the
 directory). The row counts in the manifest are the commit point: bytes past them (a crash between
-append and commit) are ignored on read and cut off when the store is next opened for append.
-Rows are never rewritten; deletions are the caller's own appended log.
+append and commit) are ignored on read and cut off by the next writer's first append.
+Rows are never rewritten; deletions are the caller's own appended log. `verify` re-reads every
+byte and checks it against the block checksums.
 
 One writer at a time: mode "a" holds an exclusive advisory lock (flock on the directory), so a
-second writer is refused with StorageError. Readers take no lock and see the rows committed when
-they opened. POSIX only (fcntl, os.pread). Storage knows nothing of the math or of ids.
+second writer is refused with IndexLockedError. Readers take no lock and see the rows committed
+when they opened (or last called `refresh`). POSIX only (fcntl, os.pread). Storage knows nothing of the math or of ids.
 """
 
 from __future__ import annotations
@@ -28,21 +31,21 @@ import json
 import math
 import os
 import re
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-FORMAT_VERSION = 1
+from tqindex.errors import CorruptIndexError, IndexFormatError, IndexLockedError, StorageError
+
+FORMAT_VERSION = 2  # 2: manifest checksum and per-block CRC-32 of the columns
+BLOCK_BYTES = 1 << 20  # column bytes per checksum block
 MANIFEST = "manifest.json"
 _MANIFEST_TMP = MANIFEST + ".tmp"
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]*")
 _COLUMN_KINDS = "biufc"  # bool, int, uint, float, complex: plain fixed-size numbers
-
-
-class StorageError(ValueError):
-    """A store (or the arguments for one) was refused; the message names the path and problem."""
 
 
 @dataclass(frozen=True)
@@ -60,12 +63,20 @@ class _Column:
     row_shape: tuple[int, ...]
     rows: int  # committed
     pending: int  # committed + appended since
+    tail_crc: int  # CRC-32 of the committed bytes after the last complete block
+    pending_tail_crc: int  # the same for the pending bytes
     fd: int = -1
+    crc_fd: int = -1  # the <name>.crc file: CRC-32 of each complete block
+    residue: bool = False  # bytes of an interrupted append may follow the committed ones
     view: np.ndarray | None = None  # cached column(): the committed rows when it was made
 
     @property
     def row_bytes(self) -> int:
         return self.dtype.itemsize * math.prod(self.row_shape)
+
+    @property
+    def crc_file(self) -> Path:
+        return self.file.with_suffix(".crc")
 
 
 class ColumnStore:
@@ -87,17 +98,12 @@ class ColumnStore:
             self.fixed: dict[str, np.ndarray] = {
                 name: _load_fixed(path, name, entry) for name, entry in manifest["fixed"].items()
             }
+            flags = os.O_RDWR if mode == "a" else os.O_RDONLY
             for name, entry in manifest["columns"].items():
                 self._columns[name] = col = _parse_column(path, name, entry)
-                col.fd = _open_fd(col.file, os.O_RDWR if mode == "a" else os.O_RDONLY)
-                size, committed = os.fstat(col.fd).st_size, col.rows * col.row_bytes
-                if size < committed:
-                    raise StorageError(
-                        f"{col.file}: column {name!r} is truncated: {size} bytes, "
-                        f"{col.rows} committed rows need {committed}"
-                    )
-                if mode == "a" and size > committed:
-                    os.ftruncate(col.fd, committed)  # drop the rows of an interrupted append
+                col.fd, col.crc_fd = _open_fd(col.file, flags), _open_fd(col.crc_file, flags)
+                _check_sizes(col, name)
+                col.residue = mode == "a"  # cut off at the first append, once the caller has accepted the store
         except BaseException:
             self._release()
             raise
@@ -151,11 +157,13 @@ class ColumnStore:
             column_entries = {}
             for name, (dtype, row_shape) in specs.items():
                 _write_file(path / f"{name}.col", b"")
+                _write_file(path / f"{name}.crc", b"")
                 column_entries[name] = {
                     "file": f"{name}.col",
                     "dtype": dtype.str,
                     "row_shape": list(row_shape),
                     "rows": 0,
+                    "tail_crc": 0,
                 }
             manifest = {
                 "format": format_name,
@@ -262,6 +270,71 @@ class ColumnStore:
         out[order] = gathered
         return out
 
+    def verify(self) -> dict[str, int]:
+        """Re-read every committed byte and check it: fixed arrays against their sha256, column
+        files block by block against their CRC-32s. Returns counts ``{"files", "bytes", "blocks"}``;
+        raises CorruptIndexError naming the file and the rows of the first block that fails.
+        """
+        for name, entry in self._manifest["fixed"].items():
+            _load_fixed(self.path, name, entry)
+        files, total, blocks = len(self._manifest["fixed"]), 0, 0
+        buffer = np.empty(BLOCK_BYTES, np.uint8)
+        for name in self._manifest["columns"]:
+            col = self._column(name)
+            size = col.rows * col.row_bytes
+            _check_sizes(col, name)
+            expected = _read_crcs(col, size // BLOCK_BYTES)
+            for block, start in enumerate(range(0, size, BLOCK_BYTES)):
+                view = memoryview(buffer)[: min(BLOCK_BYTES, size - start)]
+                _pread_into(col, name, view, start)
+                want = int(expected[block]) if block < len(expected) else col.tail_crc
+                if zlib.crc32(view) != want:
+                    first, last = start // col.row_bytes, (start + len(view) - 1) // col.row_bytes
+                    raise CorruptIndexError(
+                        f"{col.file}: bytes [{start}, {start + len(view)}) (rows {first}..{last}) "
+                        f"fail their checksum: the file was modified or damaged"
+                    )
+                blocks += 1
+            if size % BLOCK_BYTES == 0 and col.tail_crc != 0:
+                raise CorruptIndexError(f"{self.path / MANIFEST}: column {name!r} has a tail checksum but no tail")
+            files, total = files + 2, total + size
+        return {"files": files, "bytes": total, "blocks": blocks}
+
+    def refresh(self) -> bool:
+        """Mode "r": take the rows committed since this store was opened; True if there were any.
+
+        The fixed arrays and column types must be the ones already open (an overwritten store is
+        refused with StorageError); committed rows never go away, so a smaller count is corrupt.
+        """
+        if self._closed:
+            raise StorageError(f"{self.path}: store is closed")
+        if self.mode != "r":
+            raise StorageError(f"{self.path}: refresh is for readers; a writer (mode 'a') already sees its rows")
+        manifest = _read_manifest(self.path, self._manifest["format"])
+        if manifest["fixed"] != self._manifest["fixed"] or set(manifest["columns"]) != set(self._columns):
+            raise StorageError(f"{self.path}: the store was replaced since it was opened; open it again")
+        parsed = {name: _parse_column(self.path, name, entry) for name, entry in manifest["columns"].items()}
+        for name, new in parsed.items():
+            col = self._columns[name]
+            if (new.dtype, new.row_shape) != (col.dtype, col.row_shape):
+                raise StorageError(f"{self.path}: the store was replaced since it was opened; open it again")
+            if new.rows < col.rows:
+                raise CorruptIndexError(f"{col.file}: committed rows went from {col.rows} down to {new.rows}")
+        grown = False
+        for name, new in parsed.items():
+            col = self._columns[name]
+            previous = (col.rows, col.tail_crc)
+            col.rows, col.tail_crc = new.rows, new.tail_crc
+            try:
+                _check_sizes(col, name)
+            except BaseException:
+                col.rows, col.tail_crc = previous
+                raise
+            col.pending, col.pending_tail_crc = col.rows, col.tail_crc
+            grown |= col.rows != previous[0]
+        self._manifest = manifest
+        return grown
+
     # ---- writing ----
 
     def append(self, name: str, values: np.ndarray) -> None:
@@ -280,12 +353,17 @@ class ColumnStore:
             raise StorageError(
                 f"{col.file}: column {name!r} is {col.dtype.name}; {values.dtype} does not cast safely"
             )
-        view = memoryview(_as_bytes(np.ascontiguousarray(values, dtype=col.dtype)))
-        offset = col.pending * col.row_bytes
-        while view:
-            n = os.pwrite(col.fd, view, offset)
-            view, offset = view[n:], offset + n
+        data = memoryview(_as_bytes(np.ascontiguousarray(values, dtype=col.dtype)))
+        if col.residue:
+            _check_sizes(col, name, cut_residue=True)
+            col.residue = False
+        start = col.pending * col.row_bytes
+        finished, tail_crc = _block_crcs(data, start, col.pending_tail_crc)
+        _pwrite_all(col.fd, data, start)
+        if finished:
+            _pwrite_all(col.crc_fd, memoryview(np.array(finished, "<u4").view(np.uint8)), 4 * (start // BLOCK_BYTES))
         col.pending += len(values)
+        col.pending_tail_crc = tail_crc
 
     def commit(self) -> None:
         """Make the appended rows durable: fsync the column files, then replace the manifest."""
@@ -295,12 +373,16 @@ class ColumnStore:
             return
         for col in dirty.values():
             os.fsync(col.fd)
-        columns = {n: {**e, "rows": self._columns[n].pending} for n, e in self._manifest["columns"].items()}
+            os.fsync(col.crc_fd)
+        columns = {
+            n: {**e, "rows": self._columns[n].pending, "tail_crc": self._columns[n].pending_tail_crc}
+            for n, e in self._manifest["columns"].items()
+        }
         manifest = {**self._manifest, "columns": columns}
         _replace_manifest(self.path, self._dir_fd, manifest)
         self._manifest = manifest
         for col in dirty.values():
-            col.rows = col.pending
+            col.rows, col.tail_crc = col.pending, col.pending_tail_crc
 
     def close(self) -> None:
         """Commit pending rows (mode "a") and close the files; idempotent."""
@@ -344,9 +426,10 @@ class ColumnStore:
         """Close every file descriptor (and so the writer lock) without committing."""
         self._closed = True
         for col in self._columns.values():
-            if col.fd >= 0:
-                os.close(col.fd)
-                col.fd = -1
+            for fd in (col.fd, col.crc_fd):
+                if fd >= 0:
+                    os.close(fd)
+            col.fd = col.crc_fd = -1
             col.view = None
         if self._dir_fd is not None:
             os.close(self._dir_fd)
@@ -361,8 +444,55 @@ def _pread_into(col: _Column, name: str, view: memoryview, offset: int) -> None:
     while view:
         n = os.preadv(col.fd, [view], offset)
         if n == 0:
-            raise StorageError(f"{col.file}: column {name!r} is truncated (file shrank while open)")
+            raise CorruptIndexError(f"{col.file}: column {name!r} is truncated (file shrank while open)")
         view, offset = view[n:], offset + n
+
+
+def _pwrite_all(fd: int, view: memoryview, offset: int) -> None:
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view, offset = view[n:], offset + n
+
+
+def _block_crcs(data: memoryview, start: int, tail_crc: int) -> tuple[list[int], int]:
+    """CRC-32s after appending ``data`` at byte ``start`` of a column whose partial last block so
+    far has CRC ``tail_crc``: the CRCs of the blocks this completes, and the new tail CRC."""
+    finished, offset = [], 0
+    while offset < len(data):
+        take = min(len(data) - offset, BLOCK_BYTES - (start + offset) % BLOCK_BYTES)
+        tail_crc = zlib.crc32(data[offset : offset + take], tail_crc)
+        offset += take
+        if (start + offset) % BLOCK_BYTES == 0:
+            finished.append(tail_crc)
+            tail_crc = 0
+    return finished, tail_crc
+
+
+def _read_crcs(col: _Column, blocks: int) -> np.ndarray:
+    """The first ``blocks`` CRC-32s of the column's .crc file: uint32 ``(blocks,)``."""
+    data = bytearray(4 * blocks)
+    view, offset = memoryview(data), 0
+    while view:
+        n = os.preadv(col.crc_fd, [view], offset)
+        if n == 0:
+            raise CorruptIndexError(f"{col.crc_file}: truncated (the manifest's rows need {blocks} checksums)")
+        view, offset = view[n:], offset + n
+    return np.frombuffer(bytes(data), "<u4")
+
+
+def _check_sizes(col: _Column, name: str, *, cut_residue: bool = False) -> None:
+    """Refuse a column whose files are shorter than its committed rows; ``cut_residue``: cut off
+    what an interrupted append left past them."""
+    committed = col.rows * col.row_bytes
+    committed_crcs = 4 * (committed // BLOCK_BYTES)
+    for fd, file, need in ((col.fd, col.file, committed), (col.crc_fd, col.crc_file, committed_crcs)):
+        size = os.fstat(fd).st_size
+        if size < need:
+            raise CorruptIndexError(
+                f"{file}: column {name!r} is truncated: {size} bytes, {col.rows} committed rows need {need}"
+            )
+        if cut_residue and size > need:
+            os.ftruncate(fd, need)
 
 
 def _is_int(x: Any) -> bool:
@@ -416,44 +546,56 @@ def _npy_bytes(path: Path, name: Any, array: Any) -> bytes:
 
 def _check_dir(path: Path) -> None:
     if not path.exists():
-        raise StorageError(f"{path}: no such directory")
+        raise IndexFormatError(f"{path}: no such directory")
     if not path.is_dir():
-        raise StorageError(f"{path}: not a directory")
+        raise IndexFormatError(f"{path}: not a directory (an index is a directory)")
+
+
+def _manifest_checksum(manifest: dict) -> str:
+    """sha256 of the manifest's canonical JSON, without its own "checksum" entry."""
+    body = {key: value for key, value in manifest.items() if key != "checksum"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()).hexdigest()
 
 
 def _read_manifest(path: Path, format_name: str) -> dict:
-    """Parse and check the manifest's top level: format, version and the three sections."""
+    """Parse and check the manifest's top level: format, version, checksum and the three sections."""
     _check_dir(path)
     mpath = path / MANIFEST
     try:
         data = mpath.read_bytes()
     except FileNotFoundError:
-        raise StorageError(f"{path}: not a tqindex store (no {MANIFEST})") from None
+        raise IndexFormatError(f"{path}: not a {format_name} index (no {MANIFEST})") from None
     try:
         m = json.loads(data)
     except ValueError as e:
-        raise StorageError(f"{mpath}: not valid JSON ({e})") from None
+        raise CorruptIndexError(f"{mpath}: corrupt manifest: not valid JSON ({e})") from None
     if not isinstance(m, dict) or not isinstance(m.get("format"), str):
-        raise StorageError(f"{mpath}: corrupt manifest: no format name")
+        raise IndexFormatError(f"{mpath}: not a {format_name} manifest (no format name)")
     if m["format"] != format_name:
-        raise StorageError(f"{mpath}: foreign store: format {m['format']!r}, expected {format_name!r}")
+        raise IndexFormatError(f"{mpath}: foreign store: format {m['format']!r}, expected {format_name!r}")
     version = m.get("version")
     if type(version) is not int or version < 1:
-        raise StorageError(f"{mpath}: corrupt manifest: bad version {version!r}")
+        raise CorruptIndexError(f"{mpath}: corrupt manifest: bad version {version!r}")
     if version > FORMAT_VERSION:
-        raise StorageError(
+        raise IndexFormatError(
             f"{mpath}: written by a newer tqindex (format version {version}; this one reads up to {FORMAT_VERSION})"
         )
+    if version < FORMAT_VERSION:
+        raise IndexFormatError(
+            f"{mpath}: format version {version} predates checksums; rebuild the index with this tqindex"
+        )
+    if m.get("checksum") != _manifest_checksum(m):
+        raise CorruptIndexError(f"{mpath}: corrupt manifest: its checksum does not match its content")
     for key in ("meta", "fixed", "columns"):
         if not isinstance(m.get(key), dict):
-            raise StorageError(f"{mpath}: corrupt manifest: {key!r} missing or not an object")
+            raise CorruptIndexError(f"{mpath}: corrupt manifest: {key!r} missing or not an object")
     return m
 
 
 def _field(path: Path, what: str, entry: Any, key: str, kind: type) -> Any:
     value = entry.get(key) if isinstance(entry, dict) else None
     if not isinstance(value, kind) or isinstance(value, bool):
-        raise StorageError(f"{path / MANIFEST}: corrupt manifest: {what} has no valid {key!r}")
+        raise CorruptIndexError(f"{path / MANIFEST}: corrupt manifest: {what} has no valid {key!r}")
     return value
 
 
@@ -461,8 +603,8 @@ def _file(path: Path, what: str, entry: Any) -> Path:
     """The file an entry names: a plain file name inside the store, never a path out of it."""
     name = _field(path, what, entry, "file", str)
     plain = os.path.basename(name) == name and "\\" not in name and "\0" not in name
-    if not plain or name in ("", ".", "..", MANIFEST, _MANIFEST_TMP):
-        raise StorageError(f"{path / MANIFEST}: corrupt manifest: {what} names file {name!r}")
+    if not plain or name.endswith(".crc") or name in ("", ".", "..", MANIFEST, _MANIFEST_TMP):
+        raise CorruptIndexError(f"{path / MANIFEST}: corrupt manifest: {what} names file {name!r}")
     return path / name
 
 
@@ -475,15 +617,15 @@ def _load_fixed(path: Path, name: str, entry: Any) -> np.ndarray:
     try:
         data = file.read_bytes()
     except FileNotFoundError:
-        raise StorageError(f"{file}: {what} is missing") from None
+        raise CorruptIndexError(f"{file}: {what} is missing") from None
     if hashlib.sha256(data).hexdigest() != sha256:
-        raise StorageError(f"{file}: {what} is corrupt (sha256 differs from the manifest)")
+        raise CorruptIndexError(f"{file}: {what} is corrupt (sha256 differs from the manifest)")
     try:
         array = np.load(io.BytesIO(data), allow_pickle=False)
     except (ValueError, OSError, EOFError) as e:
-        raise StorageError(f"{file}: {what} is corrupt ({e})") from None
+        raise CorruptIndexError(f"{file}: {what} is corrupt ({e})") from None
     if not isinstance(array, np.ndarray) or array.dtype.str != dtype or list(array.shape) != shape:
-        raise StorageError(f"{file}: {what} is corrupt: dtype/shape differ from the manifest's {dtype} {shape}")
+        raise CorruptIndexError(f"{file}: {what} is corrupt: dtype/shape differ from the manifest's {dtype} {shape}")
     array.flags.writeable = False
     return array
 
@@ -491,16 +633,21 @@ def _load_fixed(path: Path, name: str, entry: Any) -> np.ndarray:
 def _parse_column(path: Path, name: str, entry: Any) -> _Column:
     what = f"column {name!r}"
     file = _file(path, what, entry)
-    rows = _field(path, what, entry, "rows", int)
-    if rows < 0:
-        raise StorageError(f"{path / MANIFEST}: corrupt manifest: {what} has {rows} rows")
-    dtype, row_shape = _check_spec(
-        f"{path / MANIFEST}: corrupt manifest",
-        name,
-        _field(path, what, entry, "dtype", str),
-        _field(path, what, entry, "row_shape", list),
-    )
-    return _Column(file, dtype, row_shape, rows=rows, pending=rows)
+    rows, tail_crc = _field(path, what, entry, "rows", int), _field(path, what, entry, "tail_crc", int)
+    if rows < 0 or not 0 <= tail_crc < 2**32:
+        raise CorruptIndexError(f"{path / MANIFEST}: corrupt manifest: {what} has {rows} rows, tail CRC {tail_crc}")
+    try:
+        dtype, row_shape = _check_spec(
+            f"{path / MANIFEST}: corrupt manifest",
+            name,
+            _field(path, what, entry, "dtype", str),
+            _field(path, what, entry, "row_shape", list),
+        )
+    except CorruptIndexError:
+        raise
+    except StorageError as e:
+        raise CorruptIndexError(str(e)) from None
+    return _Column(file, dtype, row_shape, rows=rows, pending=rows, tail_crc=tail_crc, pending_tail_crc=tail_crc)
 
 
 # ---- helpers: files ----
@@ -510,7 +657,7 @@ def _open_fd(file: Path, flags: int) -> int:
     try:
         return os.open(file, flags)
     except FileNotFoundError:
-        raise StorageError(f"{file}: column file is missing") from None
+        raise CorruptIndexError(f"{file}: column file is missing") from None
     except OSError as e:
         raise StorageError(f"{file}: cannot open ({e.strerror})") from None
 
@@ -525,7 +672,7 @@ def _lock_dir(path: Path) -> int:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
-        raise StorageError(f"{path}: already open for writing elsewhere (one writer at a time)") from None
+        raise IndexLockedError(f"{path}: already open for writing elsewhere (one writer at a time)") from None
     return fd
 
 
@@ -548,6 +695,7 @@ def _write_file(file: Path, data: bytes) -> None:
 
 def _replace_manifest(path: Path, dir_fd: int, manifest: dict) -> None:
     """The commit point: write a temp manifest, fsync it, rename it over the old, fsync the directory."""
+    manifest = {**manifest, "checksum": _manifest_checksum(manifest)}
     _write_file(path / _MANIFEST_TMP, json.dumps(manifest, indent=1, allow_nan=False).encode() + b"\n")
     os.replace(path / _MANIFEST_TMP, path / MANIFEST)
     os.fsync(dir_fd)
@@ -558,6 +706,7 @@ def _remove_store(path: Path, format_name: str) -> None:
     try:
         m = _read_manifest(path, format_name)
         files = [_file(path, f"{kind} {name!r}", e) for kind in ("fixed", "columns") for name, e in m[kind].items()]
+        files += [_file(path, f"column {name!r}", e).with_suffix(".crc") for name, e in m["columns"].items()]
     except StorageError as e:
         raise StorageError(f"{path}: refusing to overwrite: not a readable {format_name!r} store ({e})") from None
     for file in [path / MANIFEST, *files, path / _MANIFEST_TMP]:  # manifest first: a crash leaves a non-store
