@@ -1,4 +1,5 @@
-"""Benchmark data for tqindex: ann-benchmarks HDF5 files, synthetic data, embedded text, exact ground truth.
+"""Benchmark data for tqindex: ann-benchmarks HDF5 files, TEXMEX .fvecs/.ivecs/.bvecs files,
+synthetic data, embedded text, exact ground truth.
 
 Imports only numpy, torch and tqdm up front; h5py (``tqindex[datasets]``) and
 sentence-transformers with the bundled model (``tqindex[corpus]``) load when first used.
@@ -11,6 +12,7 @@ from .groundtruth import exact_knn, recall_1_at, recall_at
 from .passages import iter_passages
 from .registry import DATASETS, default_data_dir, load_dataset
 from .synthetic import make_synthetic
+from .vecs import read_vecs, write_vecs
 
 __all__ = [
     "DATASETS",
@@ -24,7 +26,9 @@ __all__ = [
     "load_dataset",
     "make_synthetic",
     "read_hdf5",
+    "read_vecs",
     "recall_1_at",
     "recall_at",
     "write_hdf5",
+    "write_vecs",
 ]
