@@ -36,12 +36,14 @@ def as_float_rows(x: Any, dim: int, name: str, *, allow_1d: bool = True) -> torc
     if tensor.ndim != 2 or tensor.shape[1] != dim:
         expected = f"(n, {dim})" + (f" or ({dim},)" if allow_1d else "")
         raise ValueError(f"{name} must have shape {expected}, got {tuple(tensor.shape)}")
-    tensor = tensor.to(torch.float32)
+    converted = tensor.to(torch.float32)
     # one reduction instead of a full boolean mask: NaN and inf propagate into the sum; a finite
     # sum that overflowed is told apart by the exact check
-    if not bool(torch.isfinite(tensor.sum())) and not bool(torch.isfinite(tensor).all()):
+    if not bool(torch.isfinite(converted.sum())) and not bool(torch.isfinite(converted).all()):
+        if bool(torch.isfinite(tensor).all()):  # finite float64 values beyond float32's range
+            raise ValueError(f"{name} holds values beyond the float32 range (|x| > {torch.finfo(torch.float32).max:.3g})")
         raise ValueError(f"{name} contains NaN or inf")
-    return tensor
+    return converted
 
 
 def as_id_array(ids: Any, name: str = "ids") -> np.ndarray:
@@ -55,6 +57,8 @@ def as_id_array(ids: Any, name: str = "ids") -> np.ndarray:
         raise ValueError(f"{name} must be one-dimensional, got shape {array.shape}")
     if array.size and array.dtype.kind not in "iu":
         raise TypeError(f"{name} must be integers, got dtype {array.dtype}")
+    if array.dtype.kind == "u" and array.size and array.max() > np.iinfo(np.int64).max:
+        raise ValueError(f"{name} must fit int64, got {int(array.max())}")
     return array.astype(np.int64, copy=False)
 
 

@@ -231,6 +231,8 @@ class TurboQuantCodec:
             packed, factors = (torch.cat(parts) for parts in zip(*chunks))
         else:
             packed, factors = self._encode_rows(rows)
+        if not bool(torch.isfinite(factors).all()):
+            raise ValueError("x has a vector whose norm overflows float32: scale the vectors down")
         return Codes(like(packed, is_torch(x)), like(factors, is_torch(x)))
 
     def _encode_rows(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -354,7 +356,10 @@ class TurboQuantCodec:
     def _check_codes(self, codes: Codes) -> tuple[torch.Tensor, torch.Tensor]:
         if not isinstance(codes, Codes):
             raise TypeError(f"expected Codes from encode(), got {type(codes).__name__}")
-        packed, factors = (torch.as_tensor(a) for a in (codes.packed, codes.factors))
+        try:
+            packed, factors = (torch.as_tensor(a) for a in (codes.packed, codes.factors))
+        except (TypeError, ValueError, RuntimeError) as error:
+            raise TypeError(f"codes.packed and codes.factors must be numpy arrays or torch tensors ({error})") from error
         if packed.dtype != torch.uint8 or packed.ndim != 2 or packed.shape[1] != self.code_bytes:
             raise ValueError(f"codes.packed must be uint8 (n, {self.code_bytes}), got {packed.dtype} {tuple(packed.shape)}")
         if factors.shape != (packed.shape[0], self.n_factors):

@@ -38,6 +38,25 @@ def _column_specs(codec: TurboQuantCodec) -> dict[str, ColumnSpec]:
     }
 
 
+def _check_scan_args(backend: str, chunk_rows: int) -> None:
+    """Refuse a bad ``backend`` or ``chunk_rows`` (before any store is created or locked)."""
+    if isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows < 1:
+        raise ValueError(f"chunk_rows must be a positive integer, got {chunk_rows!r}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+
+def _usable_device(device: str | torch.device) -> torch.device:
+    """``device`` as a ``torch.device`` that this machine has; ValueError naming it otherwise."""
+    try:
+        parsed = torch.device(device)
+        if parsed.type != "cpu":
+            torch.empty(0, device=parsed)  # raises where torch lacks the backend or the device
+    except (AssertionError, RuntimeError, TypeError, ValueError) as error:
+        raise ValueError(f"device {device!r} is not available: {error}") from error
+    return parsed
+
+
 class TurboQuantIndex:
     """Exhaustive top-k inner-product search over b-bit TurboQuant codes.
 
@@ -72,6 +91,8 @@ class TurboQuantIndex:
     ):
         if metric not in METRICS:
             raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+        _check_scan_args(backend, chunk_rows)
+        device = _usable_device(device)
         codec = TurboQuantCodec(dim, bits, variant=variant, rotation=rotation, scale=scale, seed=seed)
         meta = {"codec": codec.config.to_dict(), "metric": metric}
         if path is None:
@@ -79,12 +100,13 @@ class TurboQuantIndex:
         else:
             store = ColumnStore.create(path, format_name=FORMAT_NAME, meta=meta, fixed=codec.state(), columns=_column_specs(codec))
         self._attach(codec, metric, store, backend, chunk_rows)
-        if torch.device(device).type != "cpu":
+        if device.type != "cpu":
             self.to(device)
 
     @classmethod
     def open(cls, path: str | os.PathLike, mode: str = "r", *, backend: str = "auto", chunk_rows: int = 8192) -> "TurboQuantIndex":
         """Open an index saved at ``path``: mode "r" (read only) or "a" (append, remove)."""
+        _check_scan_args(backend, chunk_rows)
         store = ColumnStore.open(path, format_name=FORMAT_NAME, mode=mode)
         try:
             codec = TurboQuantCodec.from_config(CodecConfig.from_dict(store.meta["codec"]), store.fixed)
@@ -103,10 +125,6 @@ class TurboQuantIndex:
         return index
 
     def _attach(self, codec: TurboQuantCodec, metric: str, store: Any, backend: str, chunk_rows: int) -> None:
-        if isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows < 1:
-            raise ValueError(f"chunk_rows must be a positive integer, got {chunk_rows!r}")
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         self.codec, self.metric, self._store, self.chunk_rows, self.backend = codec, metric, store, chunk_rows, backend
         self.device = torch.device("cpu")
         #: codes and factors as tensors on ``self.device`` after ``to()``; None: read from the store
@@ -184,26 +202,32 @@ class TurboQuantIndex:
         index into RAM. Rows added later are encoded on ``device`` and kept there too.
         """
         self._check_open()
-        self.device = torch.device(device)
-        codes, factors = (torch.from_numpy(np.array(self._store.column(name))) for name in ("codes", "factors"))
-        self._resident = (codes.to(self.device), factors.to(self.device))
+        device = _usable_device(device)
+        codes, factors = (torch.from_numpy(np.array(self._store.column(name))).to(device) for name in ("codes", "factors"))
+        self.device, self._resident = device, (codes, factors)
         return self
 
     # ---- adding and removing -----------------------------------------------------------
     def add(self, x: Any, *, progress: bool | None = None) -> np.ndarray:
         """Add vectors ``(n, dim)`` (or one ``(dim,)``); returns their int64 ids, sequential."""
+        self._check_writable()
         vectors = self._vectors(x, "x")
         start = self._next_free_id()
+        if start + vectors.shape[0] - 1 > np.iinfo(np.int64).max:
+            raise ValueError(f"no {vectors.shape[0]} sequential int64 ids left after {start - 1}: use add_with_ids")
         ids = np.arange(start, start + vectors.shape[0], dtype=np.int64)
         self._append(vectors, ids, progress)
         return ids
 
     def add_with_ids(self, x: Any, ids: Any, *, progress: bool | None = None) -> None:
-        """Add vectors ``(n, dim)`` under user ids (int64 ``(n,)``, new and distinct)."""
+        """Add vectors ``(n, dim)`` under user ids (int64 ``(n,)``, non-negative, new and distinct)."""
+        self._check_writable()
         vectors = self._vectors(x, "x")
         ids = as_id_array(ids)
         if len(ids) != vectors.shape[0]:
             raise ValueError(f"got {vectors.shape[0]} vectors but {len(ids)} ids")
+        if len(ids) and ids.min() < 0:
+            raise ValueError(f"ids must be >= 0 (-1 marks padding in search results), got {int(ids.min())}")
         unique, counts = np.unique(ids, return_counts=True)
         if np.any(counts > 1):
             raise ValueError(f"duplicate ids in the batch: {unique[counts > 1][:5].tolist()}")
@@ -213,7 +237,6 @@ class TurboQuantIndex:
         self._append(vectors, ids, progress)
 
     def _append(self, vectors: torch.Tensor, ids: np.ndarray, progress: bool | None) -> None:
-        self._check_writable()
         batches = range(0, vectors.shape[0], _ENCODE_BATCH)
         encoded = [
             self.codec.encode(vectors[i : i + _ENCODE_BATCH].to(self.device))
@@ -252,7 +275,8 @@ class TurboQuantIndex:
 
         ``filter``: ids allowed in the result (array-like of int64); others are skipped in the scan.
         Returns ``(D, I)``: float32 ``(m, k)`` best first, int64 ``(m, k)`` ids; numpy, or torch
-        for torch queries; ``-inf`` / ``-1`` past the rows that qualify.
+        for torch queries; ``-inf`` / ``-1`` past the rows that qualify. ``(0, dim)`` queries
+        give ``(0, k)`` results; ``k`` must be in ``1..ntotal`` all the same.
         """
         self._check_open()
         rows = self._vectors(queries, "queries")

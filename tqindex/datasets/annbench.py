@@ -89,6 +89,8 @@ def _read_train(dataset, progress: bool) -> np.ndarray:
 def read_hdf5(path: str | os.PathLike, *, progress: bool = True) -> Dataset:
     """Read an ann-benchmarks file; ValueError naming the file if it is not one we can use."""
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{path}: is a directory, not an HDF5 file")
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
     h5py = _h5py()

@@ -9,8 +9,25 @@ from tqdm.auto import tqdm
 METRICS = ("ip", "angular", "euclidean")
 
 
-def _as_float32(a: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
+def _as_float32(a: np.ndarray, name: str) -> torch.Tensor:
+    """Rows of ``a`` as a float32 tensor; ValueError if any is NaN or inf."""
+    t = torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
+    if not bool(torch.isfinite(t).all()):
+        raise ValueError(f"NaN or inf (or a value beyond the float32 range) in {name}")
+    return t
+
+
+def _as_matrix(a: object, name: str) -> np.ndarray:
+    """``a`` as an array-like of numbers (numpy, memmap, h5py dataset; lists are converted)."""
+    if not (hasattr(a, "ndim") and hasattr(a, "dtype")):
+        a = np.asarray(a)
+    if np.dtype(a.dtype).kind not in "fiu":
+        raise TypeError(f"{name} must hold real numbers, got dtype {a.dtype}")
+    return a
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
 
 
 def _unit(x: torch.Tensor) -> torch.Tensor:
@@ -40,15 +57,16 @@ def exact_knn(
     """
     if metric not in METRICS:
         raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+    train, test = _as_matrix(train, "train"), _as_matrix(test, "test")
     if train.ndim != 2 or test.ndim != 2 or train.shape[1] != test.shape[1]:
         raise ValueError(f"train (n, d) and test (m, d) must share d; got {train.shape}, {test.shape}")
     n = train.shape[0]
-    if not 1 <= k <= n:
-        raise ValueError(f"k must be in [1, n={n}], got {k}")
+    if not _is_int(k) or not 1 <= k <= n:
+        raise ValueError(f"k must be an integer in [1, n={n}], got {k!r}")
     if chunk_rows < 1 or query_rows < 1:
         raise ValueError("chunk_rows and query_rows must be positive")
 
-    q = _as_float32(test)
+    q = _as_float32(test, "test")
     if metric == "angular":
         q = _unit(q)
     m = q.shape[0]
@@ -56,7 +74,7 @@ def exact_knn(
     best_s = torch.full((m, k), -torch.inf)
     best_i = torch.full((m, k), -1, dtype=torch.int64)
     for start in tqdm(range(0, n, chunk_rows), desc="exact kNN", unit="chunk", disable=not progress):
-        x = _as_float32(train[start : start + chunk_rows])
+        x = _as_float32(train[start : start + chunk_rows], f"train rows {start}..{min(start + chunk_rows, n) - 1}")
         if metric == "angular":
             x = _unit(x)
         half_sq_norm = (x * x).sum(dim=1) / 2 if metric == "euclidean" else None
@@ -85,8 +103,12 @@ def _check_ids(neighbors_true: np.ndarray, found: np.ndarray, k: int, k_true: in
     t, f = np.asarray(neighbors_true), np.asarray(found)
     if t.ndim != 2 or f.ndim != 2 or t.shape[0] != f.shape[0]:
         raise ValueError(f"need two (m, *) id arrays with the same m; got {t.shape}, {f.shape}")
-    if k < 1 or k > f.shape[1] or k_true > t.shape[1]:
-        raise ValueError(f"k={k} does not fit true ids {t.shape} and found ids {f.shape}")
+    if t.shape[0] == 0:
+        raise ValueError("need at least one query: the id arrays have no rows")
+    if t.dtype.kind not in "iu" or f.dtype.kind not in "iu":
+        raise TypeError(f"ids must be integers, got dtypes {t.dtype} and {f.dtype}")
+    if not _is_int(k) or k < 1 or k > f.shape[1] or k_true > t.shape[1]:
+        raise ValueError(f"k={k!r} does not fit true ids {t.shape} and found ids {f.shape}")
     return t[:, :k_true].astype(np.int64), f[:, :k].astype(np.int64)
 
 

@@ -98,6 +98,12 @@ def make_synthetic(
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     if metric not in METRICS:
         raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+    sizes = {"n": n, "n_queries": n_queries, "dim": dim, "k": k, "seed": seed}
+    wrong = [f"{name}={value!r}" for name, value in sizes.items() if isinstance(value, bool) or not isinstance(value, (int, np.integer))]
+    if wrong:
+        raise TypeError(f"n, n_queries, dim, k and seed must be integers; got {', '.join(wrong)}")
+    if seed < 0:
+        raise ValueError(f"seed must be >= 0, got {seed}")
     if min(n, n_queries, dim, k) < 1:
         raise ValueError(f"n, n_queries, dim and k must be positive; got {n}, {n_queries}, {dim}, {k}")
     x = _SAMPLERS[kind](np.random.default_rng(seed), n + n_queries, dim)

@@ -260,13 +260,15 @@ class TurboQuantCache(Cache):
             raise ValueError(f"chunk must be an integer >= 1, got {chunk!r}")
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-        if not factor_dtype.is_floating_point:
+        if not isinstance(factor_dtype, torch.dtype) or not factor_dtype.is_floating_point:
             raise TypeError(f"factor_dtype must be a floating dtype, got {factor_dtype}")
         self._specs = {"key": (key_bits, key_variant), "value": (value_bits, value_variant)}
         self._codec_cache: dict[tuple[str, int], TurboQuantCodec] = {}
         self._seed, self._layer_args = seed, dict(window=window, chunk=chunk, factor_dtype=factor_dtype, backend=backend)
 
         skip = list(skip_layers)
+        if not all(isinstance(i, int) and not isinstance(i, bool) for i in skip):
+            raise TypeError(f"skip_layers must be layer indices (ints), got {skip}")
         if config is None:
             if any(i < 0 for i in skip):
                 raise ValueError(f"negative skip_layers {skip} need config= to know the number of layers")
