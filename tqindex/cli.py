@@ -46,7 +46,7 @@ from tqindex.datasets.vecs import VECS_DTYPES, read_vecs
 from tqindex.errors import TQIndexError
 from tqindex.index import TurboQuantIndex
 
-FAILURES = (TQIndexError, ValueError, KeyError, OSError, ImportError)  # exit 1, one line
+FAILURES = (TQIndexError, ValueError, TypeError, KeyError, OSError, ImportError)  # exit 1, one line
 QUERY_BATCH = 1024  # queries searched per step (bounds the score matrix; drives the progress bar)
 
 
