@@ -13,6 +13,7 @@ import tqindex
 from tqindex.errors import IndexLockedError
 
 DIM, BATCH, BATCHES = 32, 64, 40
+TIMEOUT = 120  # seconds any reader may take: a hang fails the test instead of stalling the suite
 
 
 def batch(b: int) -> tuple[np.ndarray, np.ndarray]:
@@ -75,7 +76,8 @@ def test_reader_threads_see_whole_batches_while_a_writer_adds(index_path):
         t.start()
     write_batches(index_path, 1, BATCHES)
     for t in threads:
-        t.join()
+        t.join(TIMEOUT)
+        assert not t.is_alive(), "a reader thread hung"
     assert not errors, errors[0]
     for seen in results:
         assert seen == sorted(seen) and 1 <= seen[0]  # snapshots only move forward
@@ -101,9 +103,11 @@ def test_reader_processes_see_whole_batches_while_a_writer_adds(index_path):
         pipes.append(receive)
         procs.append(proc)
     write_batches(index_path, 1, BATCHES)
-    outcomes = [receive.recv() for receive in pipes]
-    for proc in procs:
-        proc.join()
+    outcomes = []
+    for receive, proc in zip(pipes, procs):
+        assert receive.poll(TIMEOUT), f"reader process hung or died (exit code {proc.exitcode})"
+        outcomes.append(receive.recv())
+        proc.join(TIMEOUT)
     for kind, value in outcomes:
         assert kind == "ok", value
         assert value == sorted(value)
@@ -114,7 +118,7 @@ def test_a_second_writer_is_refused_in_this_process_and_in_another(index_path):
         with pytest.raises(IndexLockedError, match="already open for writing"):
             tqindex.open(index_path, "a")
         code = f"import tqindex; tqindex.open({str(index_path)!r}, 'a')"
-        other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+        other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=TIMEOUT)
         assert other.returncode != 0 and "IndexLockedError" in other.stderr and str(index_path) in other.stderr
         with pytest.raises(IndexLockedError):  # nor may a new index be made over it
             tqindex.TurboQuantIndex(DIM, 4, path=index_path)
@@ -137,6 +141,7 @@ def test_one_read_only_index_serves_searches_from_many_threads(index_path):
         for t in threads:
             t.start()
         for t in threads:
-            t.join()
+            t.join(TIMEOUT)
+    assert all(result is not None for result in got), "a search thread failed or hung"
     for (d1, i1), (d2, i2) in zip(want, got):
         assert np.array_equal(i1, i2) and np.array_equal(d1, d2)
