@@ -18,7 +18,9 @@ Pairs compared: variant "mse" with ``L2norm,RR,SQtqmse{b}`` (FAISS keeps no norm
 only) and variant "prod" with ``RR,SQtq{b}`` ((b-1)-bit MSE + 1 QJL bit + two float factors).
 FAISS's SQ codecs do not rotate by themselves: the ``RR``/``HR`` pre-transform does.
 
-Usage: python benchmarks/bench_codec.py [--n N] [--repeats R] [--threads T] [--out DIR] [--quick]
+With ``--search`` the tqindex codecs use code search (``TurboQuantCodec(search=True)``).
+
+Usage: python benchmarks/bench_codec.py [--n N] [--repeats R] [--threads T] [--out DIR] [--quick] [--search]
 """
 
 from __future__ import annotations
@@ -58,6 +60,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--bits", type=int, nargs="+", default=list(BITS), help=f"bits per coordinate (default {BITS})")
     parser.add_argument("--out", default="results/bench_codec", help="directory for results.json and results.md")
     parser.add_argument("--quick", action="store_true", help=f"smoke run: n={QUICK_N}, one repeat")
+    parser.add_argument("--search", action="store_true", help="tqindex codecs with code search (search=True)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args()
     if args.quick:
@@ -83,8 +86,11 @@ def throughput(n: int, timing: dict[str, Any]) -> float:
 
 
 # ---- tqindex ------------------------------------------------------------------------------
+SEARCH = False  # set from --search
+
+
 def make_codec(d: int, bits: int, variant: str, rotation: str, seed: int) -> TurboQuantCodec:
-    return TurboQuantCodec(d, bits, variant=variant, rotation=rotation, seed=seed)
+    return TurboQuantCodec(d, bits, variant=variant, rotation=rotation, seed=seed, search=SEARCH)
 
 
 def clear_codebook_cache() -> None:
@@ -256,7 +262,8 @@ def report(results: dict[str, Any]) -> str:
     s = results["settings"]
     return "\n\n".join([
         "# Codec encode throughput: tqindex vs FAISS",
-        f"n = {s['n']:,} {s['data']}; median of {s['repeats']} runs after a warm-up; {s['threads']} threads.",
+        f"n = {s['n']:,} {s['data']}; median of {s['repeats']} runs after a warm-up; {s['threads']} threads; "
+        f"tqindex code search {'on' if s.get('search') else 'off'}.",
         f"Machine: {describe_machine_md(results['machine'])}",
         "## Encode",
         "tqindex: `codec.encode(x)` end to end (numpy float32 in, numpy codes out), rotation \"auto\" "
@@ -278,7 +285,9 @@ def report(results: dict[str, Any]) -> str:
 
 
 def main() -> None:
+    global SEARCH
     args = parse_args()
+    SEARCH = args.search
     set_threads(args.threads)
     results: dict[str, Any] = {
         "benchmark": "bench_codec",
@@ -286,7 +295,7 @@ def main() -> None:
             "n": args.n, "repeats": args.repeats, "threads": args.threads, "seed": args.seed,
             "data": "i.i.d. N(0, 1) float32 rows, numpy default_rng(seed)",
             "statistic": "median of repeats after one warm-up run", "faiss_train_rows": TRAIN_ROWS,
-            "check_rows": CHECK_ROWS, "quick": args.quick,
+            "check_rows": CHECK_ROWS, "quick": args.quick, "search": args.search,
         },
         "machine": machine_description(args.threads),
         "encode": [],

@@ -213,13 +213,114 @@ def test_batched_score_equals_per_batch_score():
         torch.testing.assert_close(batched[b], codec.score(queries[b], packed[b], factors[b]))
 
 
-@pytest.mark.parametrize("bits,variant", [(2, "mse"), (2.5, "mse"), (4, "mse"), (3, "prod"), (1, "prod")])
-def test_torch_quantizer_for_accelerators_equals_the_fused_cpu_kernel(bits, variant):
-    codec = TurboQuantCodec(96, bits, variant=variant)
-    rows = torch.randn(200, 96, generator=torch.Generator().manual_seed(5))
+@pytest.mark.parametrize("search", [False, True])
+@pytest.mark.parametrize("bits,variant", [(2, "mse"), (2.5, "mse"), (4, "mse"), (3, "prod"), (1, "prod"), (3.5, "prod")])
+def test_torch_quantizer_for_accelerators_equals_the_fused_cpu_kernel(bits, variant, search):
+    codec = TurboQuantCodec(96, bits, variant=variant, search=search)
+    rows = torch.randn(300, 96, generator=torch.Generator().manual_seed(5))
+    rows[7] = 0  # a zero vector keeps its plain codes
     rotated, norms = codec.rotation.forward(rows), torch.linalg.vector_norm(rows, dim=1)
     fused = codec._quantize(rotated, norms, keep_residual=True)
-    in_torch = codec._quantize_torch(rotated, 1 / norms, keep_residual=True)
+    in_torch = codec._quantize_torch(rotated, 1 / norms.clamp_min(torch.finfo(torch.float32).tiny), keep_residual=True)
     assert torch.equal(fused[0], in_torch[0])
     torch.testing.assert_close(fused[1], in_torch[1], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(fused[2], in_torch[2], rtol=1e-5, atol=1e-6)
+    assert (fused[3] is None) == (in_torch[3] is None) == (not search)
+    if search:
+        torch.testing.assert_close(fused[3], in_torch[3], rtol=1e-5, atol=1e-5)
+
+
+# ---- code search --------------------------------------------------------------------------
+def rotated_cosines(codec: TurboQuantCodec, x: np.ndarray) -> np.ndarray:
+    """Cosine between each rotated unit vector and the levels its codes select (float64)."""
+    rotated = codec.rotation.forward(torch.from_numpy(x)).double()
+    levels = codec.dequantize(torch.from_numpy(codec.encode(x).packed), torch.float64)
+    return ((rotated * levels).sum(1) / (rotated.norm(dim=1) * levels.norm(dim=1))).numpy()
+
+
+@pytest.mark.parametrize("variant", ["mse", "prod"])
+@pytest.mark.parametrize(
+    "dim,rotation,bits", [(64, "dense", 2), (64, "dense", 2.5), (128, "hadamard", 3), (96, "dense", 4), (32, "hadamard", 6)]
+)
+def test_code_search_never_lowers_any_vectors_cosine(dim, rotation, bits, variant):
+    x = unit_rows(2000, dim, seed=31)
+    codecs = [TurboQuantCodec(dim, bits, variant=variant, rotation=rotation, search=s) for s in (False, True)]
+    plain, searched = (rotated_cosines(codec, x) for codec in codecs)
+    assert np.all(searched >= plain - 1e-7)
+    if bits - (variant == "prod") >= 2:  # (1-bit indices are signs: every scaling gives the same codes)
+        assert np.mean(searched > plain + 1e-7) > 0.2  # and it improves many
+
+
+# measured (docs/benchmarks.md, "Code search"): 1.0 / 5.9 / 15.3 % lower at 2 / 3 / 4 bits, d = 128;
+# the thresholds leave about a third of the gain as slack for the sample
+@pytest.mark.parametrize("bits,gain", [(2, 0.005), (2.5, 0.012), (3, 0.04), (3.5, 0.06), (4, 0.10)])
+def test_code_search_lowers_the_unbiased_reconstruction_error(bits, gain):
+    x = unit_rows(4000, 128, seed=32)
+    plain, searched = (reconstruction_mse(TurboQuantCodec(128, bits, rotation="hadamard", search=s), x) for s in (False, True))
+    assert searched < (1 - gain) * plain
+
+
+def test_code_search_lowers_the_prod_estimators_variance_and_keeps_it_unbiased():
+    dim, bits = 64, 4
+    x, q = unit_rows(20000, dim, seed=33), unit_rows(20000, dim, seed=34)
+    true = np.einsum("ij,ij->i", q, x)
+    errors = {s: paired_estimates(TurboQuantCodec(dim, bits, variant="prod", search=s), q, x) - true for s in (False, True)}
+    assert abs(errors[True].mean()) < 3 * errors[True].std() / math.sqrt(errors[True].size)
+    assert errors[True].var() < 0.95 * errors[False].var()  # measured 12% lower
+
+
+@pytest.mark.parametrize("variant", ["mse", "prod"])
+def test_searched_codes_decode_and_score_consistently_with_their_factors(variant):
+    codec = TurboQuantCodec(48, 3, variant=variant, search=True)
+    x = np.random.default_rng(4).standard_normal((40, 48)).astype(np.float32) * 2
+    q = np.random.default_rng(5).standard_normal((7, 48)).astype(np.float32)
+    codes = codec.encode(x)
+    np.testing.assert_allclose(codec.inner_products(q, codes), q @ codec.decode(codes).T, rtol=1e-4, atol=1e-4)
+    if variant == "mse":  # the unbiased scale still estimates each vector against itself exactly
+        np.testing.assert_allclose(np.diag(codec.inner_products(x, codes)), (x * x).sum(axis=1), rtol=1e-4)
+    else:  # the first factor is the least-squares length of the levels: decode without QJL bits is the projection
+        rotated = codec.rotation.forward(torch.from_numpy(x)).double()
+        levels = codec.dequantize(torch.from_numpy(codes.packed), torch.float64)
+        expected = (rotated * levels).sum(1) / (levels * levels).sum(1)
+        np.testing.assert_allclose(codes.factors[:, 0], expected.numpy(), rtol=1e-4)
+
+
+def test_code_search_config_round_trips_and_old_configs_load_without_it(tmp_path):
+    codec = TurboQuantCodec(40, 2.5, search=True, seed=9)
+    assert codec.config.search is True and codec.config.to_dict()["search"] is True
+    restored = TurboQuantCodec.from_config(CodecConfig.from_dict(codec.config.to_dict()), codec.state())
+    x = np.random.default_rng(1).standard_normal((50, 40)).astype(np.float32)
+    a, b = codec.encode(x), restored.encode(x)
+    assert a.packed.tobytes() == b.packed.tobytes() and a.factors.tobytes() == b.factors.tobytes()
+    assert not np.array_equal(a.packed, TurboQuantCodec(40, 2.5, search=False, seed=9).encode(x).packed)
+    old = {key: value for key, value in codec.config.to_dict().items() if key != "search"}
+    assert CodecConfig.from_dict(old).search is False
+    assert TurboQuantCodec(40, 2.5).config.search is False  # "auto": off (docs/benchmarks.md)
+    assert TurboQuantCodec(40, 2.5, scale="norm").config.search is False
+
+    from tqindex import TurboQuantIndex
+
+    index = TurboQuantIndex(40, 2.5, search=True, seed=9, path=tmp_path / "index")
+    index.add(x)
+    index.close()
+    reopened = TurboQuantIndex.open(tmp_path / "index")
+    assert reopened.codec.config.search is True
+    np.testing.assert_array_equal(reopened.search(x[:5], 1)[1][:, 0], np.arange(5))
+
+    kv = pytest.importorskip("tqindex.kv")
+    assert kv.TurboQuantCache(3, 3, search=True).codec("key", 64).config.search is True
+    assert kv.TurboQuantCache(3, 3, search=False).codec("value", 64).config.search is False
+    assert kv.TurboQuantCache(3, 3).codec("value", 64).config.search is True  # the cache's default, measured
+
+
+@pytest.mark.parametrize(
+    "kwargs,error,match",
+    [
+        (dict(search="yes"), TypeError, "search"),
+        (dict(search=1), TypeError, "search"),
+        (dict(search=True, scale="norm"), ValueError, "unbiased"),
+    ],
+)
+def test_bad_search_option_is_refused(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        TurboQuantCodec(16, 2, **kwargs)

@@ -28,7 +28,7 @@ import torch
 from tqindex._arrays import as_float_rows, is_torch, like
 from tqindex.codebook import lloyd_max_codebook
 from tqindex.packing import BitLayout
-from tqindex.quantize import quantize_rows
+from tqindex.quantize import quantize_rows, quantize_rows_search, search_grid
 from tqindex.rotation import ROTATIONS, make_rotation, rotation_from_state
 
 VARIANTS = ("mse", "prod")
@@ -47,6 +47,7 @@ class CodecConfig:
     rotation: str
     scale: str
     seed: int
+    search: bool = False  # code search (quantize.py); configs saved before it existed load without it
 
     def __post_init__(self) -> None:
         if isinstance(self.dim, bool) or not isinstance(self.dim, (int, np.integer)) or self.dim < 2:
@@ -65,9 +66,13 @@ class CodecConfig:
             raise ValueError("variant='prod' is unbiased by construction and takes scale='norm' only")
         if isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer)) or self.seed < 0:
             raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
+        if not isinstance(self.search, (bool, np.bool_)):
+            raise TypeError(f"search must be a bool, got {self.search!r}")
+        if self.search and self.variant == "mse" and self.scale != "unbiased":
+            raise ValueError("search=True picks codes by their direction: variant='mse' needs scale='unbiased' with it")
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "dim": int(self.dim), "bits": float(self.bits), "seed": int(self.seed)}
+        return {**asdict(self), "dim": int(self.dim), "bits": float(self.bits), "seed": int(self.seed), "search": bool(self.search)}
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "CodecConfig":
@@ -110,6 +115,14 @@ def _resolve_scale(scale: str, variant: str) -> str:
     return scale
 
 
+def _resolve_search(search: bool | str) -> bool | str:
+    """"auto": off (no recall gain on real embeddings, slower encode: docs/benchmarks.md, "Code search");
+    otherwise as given (``CodecConfig`` validates it)."""
+    if isinstance(search, str) and search == "auto":
+        return False
+    return search
+
+
 class TurboQuantCodec:
     """Encode float vectors to TurboQuant codes, decode them, and estimate inner products.
 
@@ -120,6 +133,10 @@ class TurboQuantCodec:
         rotation: "hadamard", "dense", or "auto" (Hadamard for power-of-two ``d``, else dense).
         scale: "unbiased", "norm", or "auto" ("unbiased" for mse, "norm" for prod).
         seed: seeds the rotation and the QJL matrix.
+        search: code search: of the codes ``nearest(t y)`` for scalings ``t`` in [0.6, 1.5], keep
+            the one whose levels point closest to ``y`` (largest cosine); same format and decoder,
+            lower error, slower encode. ``True``, ``False`` or "auto" (off); for mse it needs
+            scale "unbiased"; for prod the stored ``c`` is rescaled by least squares.
     """
 
     def __init__(
@@ -131,10 +148,12 @@ class TurboQuantCodec:
         rotation: str = "auto",
         scale: str = "auto",
         seed: int = 0,
+        search: bool | str = "auto",
     ):
         if isinstance(dim, (int, np.integer)) and not isinstance(dim, bool):
             rotation = _resolve_rotation(rotation, int(dim))
-        config = CodecConfig(dim, bits, variant, rotation, _resolve_scale(scale, variant), seed)
+        scale = _resolve_scale(scale, variant)
+        config = CodecConfig(dim, bits, variant, rotation, scale, seed, _resolve_search(search))
         self._build(config, state=None)
 
     @classmethod
@@ -178,6 +197,9 @@ class TurboQuantCodec:
         levels_lo, levels_hi = levels[:n_lo], levels[n_lo:]
         self._bounds_lo = torch.from_numpy(0.5 * (levels_lo[1:] + levels_lo[:-1]))
         self._bounds_hi = torch.from_numpy(0.5 * (levels_hi[1:] + levels_hi[:-1]))
+        #: code search's scalings ``t``, float32 ``(T,)``, and the index of ``t = 1``
+        self._search_grid, self._search_start = search_grid()
+        self._search_grid_t = torch.from_numpy(self._search_grid)
 
         self.qjl: torch.Tensor | None = None
         if config.variant == "prod":
@@ -238,7 +260,7 @@ class TurboQuantCodec:
     def _encode_rows(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         norms = torch.linalg.vector_norm(rows, dim=1)
         prod = self.config.variant == "prod"
-        indices, alignment, residual = self._quantize(self.rotation.forward(rows), norms, keep_residual=prod)
+        indices, alignment, residual, energy = self._quantize(self.rotation.forward(rows), norms, keep_residual=prod)
         if not prod:
             if self.config.scale == "unbiased":
                 scale = torch.where(norms > 0, norms / alignment.clamp_min(1e-30), torch.zeros_like(norms))
@@ -247,13 +269,17 @@ class TurboQuantCodec:
             return self.layout.pack(indices), scale[:, None]
         signs = residual @ self._on(self.qjl, rows.device).t() >= 0
         coefficient = norms * torch.linalg.vector_norm(residual, dim=1) * math.sqrt(math.pi / 2) / self.rotated_dim
+        if energy is not None:  # searched codes: the levels scaled by least squares, u ~ a c + residual
+            norms = norms * alignment / energy.clamp_min(1e-30)
         return self.layout.pack(indices, signs), torch.stack([norms, coefficient], dim=1)
 
     def _quantize(
         self, rotated: torch.Tensor, norms: torch.Tensor, keep_residual: bool
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Rotated rows ``(n, D)`` and their norms -> indices uint8 ``(n, D)``, ``<u, c[idx]>`` ``(n,)``, residual ``u - c[idx]``.
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """Rotated rows ``(n, D)`` and their norms -> indices uint8 ``(n, D)``, ``<u, c[idx]>`` ``(n,)``,
+        residual ``(n, D)`` (or None), energy ``|c[idx]|^2`` ``(n,)`` (None without search).
 
+        The residual is ``u - c[idx]``, or with search ``u - a c[idx]``, ``a = <u, c> / |c|^2``.
         On the CPU one fused numba pass (``quantize.py``); on other devices the same in torch ops.
         """
         inverse_norms = 1 / norms.clamp_min(torch.finfo(torch.float32).tiny)
@@ -263,25 +289,57 @@ class TurboQuantCodec:
             indices = torch.empty(rotated.shape, dtype=torch.uint8)
             alignment = torch.empty(rotated.shape[0], dtype=torch.float32)
             residual = torch.empty(rotated.shape if keep_residual else (0, rotated.shape[1]), dtype=torch.float32)
+            if self.config.search:
+                energy = torch.empty(rotated.shape[0], dtype=torch.float32)
+                quantize_rows_search(
+                    rotated.contiguous().numpy(), inverse_norms.numpy(), self._bounds_lo.numpy(), self._levels_np[:n_lo],
+                    self._bounds_hi.numpy(), self._levels_np[n_lo:], extra, self._search_grid, self._search_start,
+                    indices.numpy(), alignment.numpy(), energy.numpy(), residual.numpy(),
+                )  # fmt: skip
+                return indices, alignment, residual if keep_residual else None, energy
             quantize_rows(
                 rotated.contiguous().numpy(), inverse_norms.numpy(), self._bounds_lo.numpy(), self._levels_np[:n_lo],
                 self._bounds_hi.numpy(), self._levels_np[n_lo:], extra, indices.numpy(), alignment.numpy(), residual.numpy(),
             )  # fmt: skip
-            return indices, alignment, residual if keep_residual else None
+            return indices, alignment, residual if keep_residual else None, None
         return self._quantize_torch(rotated, inverse_norms, keep_residual)
 
     def _quantize_torch(
         self, rotated: torch.Tensor, inverse_norms: torch.Tensor, keep_residual: bool
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """``_quantize`` in torch ops, for any device (the GPU's encode path)."""
-        extra = self.layout.extra_coords
         unit = rotated * inverse_norms[:, None]
+        if not self.config.search:
+            indices = self._nearest_torch(unit)
+            levels = self._levels_of(indices)
+            return indices, (unit * levels).sum(dim=1), unit - levels if keep_residual else None, None
+        grid = self._on(self._search_grid_t, unit.device)
+        # the cosine of nearest(t u) for every t of the grid, a group of t at a time: (n, T) in float64
+        group = max(1, (1 << 24) // max(1, unit.numel()))
+        unit64 = unit.to(torch.float64)
+        keys = []
+        for first in range(0, grid.shape[0], group):
+            scaled = grid[first : first + group, None, None] * unit  # (G, n, D): the float32 products numba makes
+            levels = self._levels_of(self._nearest_torch(scaled.reshape(-1, unit.shape[1])), torch.float64).view(scaled.shape)
+            dot = (levels * unit64).sum(dim=2)
+            keys.append((dot * dot.abs() / (levels * levels).sum(dim=2).clamp_min(1e-300)).t())
+        keys = torch.cat(keys, dim=1)
+        best_key, best = keys.max(dim=1).values, keys.argmax(dim=1)  # the first point of largest cosine,
+        best = torch.where(keys[:, self._search_start] == best_key, self._search_start, best)  # or the plain codes on a tie
+        indices = self._nearest_torch(grid[best][:, None] * unit)
+        levels = self._levels_of(indices)
+        alignment, energy = (unit * levels).sum(dim=1), (levels * levels).sum(dim=1)
+        residual = unit - (alignment / energy.clamp_min(1e-30))[:, None] * levels if keep_residual else None
+        return indices, alignment, residual, energy
+
+    def _nearest_torch(self, unit: torch.Tensor) -> torch.Tensor:
+        """Indices of the nearest levels of rows ``(n, D)`` in rotated space: uint8 ``(n, D)``."""
+        extra = self.layout.extra_coords
         indices = torch.empty(unit.shape, dtype=torch.uint8, device=unit.device)
         indices[:, extra:] = torch.bucketize(unit[:, extra:].contiguous(), self._on(self._bounds_lo, unit.device)).to(torch.uint8)
         if extra:
             indices[:, :extra] = torch.bucketize(unit[:, :extra].contiguous(), self._on(self._bounds_hi, unit.device)).to(torch.uint8)
-        levels = self._levels_of(indices)
-        return indices, (unit * levels).sum(dim=1), unit - levels if keep_residual else None
+        return indices
 
     def _levels_of(self, indices: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Level values of indices: uint8 ``(n, D)`` -> ``dtype`` ``(n, D)``."""
@@ -380,5 +438,5 @@ class TurboQuantCodec:
         c = self.config
         return (
             f"TurboQuantCodec(dim={c.dim}, bits={c.bits}, variant={c.variant!r}, rotation={c.rotation!r}, "
-            f"scale={c.scale!r}, seed={c.seed}, bytes_per_vector={self.bytes_per_vector})"
+            f"scale={c.scale!r}, seed={c.seed}, search={c.search}, bytes_per_vector={self.bytes_per_vector})"
         )

@@ -64,7 +64,7 @@ class TurboQuantIndex:
         dim: vector dimension.
         bits: bits per coordinate (1..8, steps of 1/8); see `TurboQuantCodec`.
         metric: "ip" (inner product) or "cosine" (vectors and queries normalised on the way in).
-        variant, rotation, scale, seed: passed to `TurboQuantCodec`.
+        variant, rotation, scale, seed, search: passed to `TurboQuantCodec`.
         path: None for an index in RAM, or a new directory for an on-disk index.
         backend: scan backend ("auto", "torch", "lut", "triton"), see `tqindex.kernels.get_scanner`.
         chunk_rows: rows scanned per step; bounds the memory a search holds.
@@ -84,6 +84,7 @@ class TurboQuantIndex:
         rotation: str = "auto",
         scale: str = "auto",
         seed: int = 0,
+        search: bool | str = "auto",
         path: str | os.PathLike | None = None,
         backend: str = "auto",
         chunk_rows: int = 8192,
@@ -93,7 +94,7 @@ class TurboQuantIndex:
             raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
         _check_scan_args(backend, chunk_rows)
         device = _usable_device(device)
-        codec = TurboQuantCodec(dim, bits, variant=variant, rotation=rotation, scale=scale, seed=seed)
+        codec = TurboQuantCodec(dim, bits, variant=variant, rotation=rotation, scale=scale, seed=seed, search=search)
         meta = {"codec": codec.config.to_dict(), "metric": metric}
         if path is None:
             store = MemoryStore(meta=meta, fixed=codec.state(), columns=_column_specs(codec))
