@@ -41,6 +41,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from tqindex.datasets.passages import iter_passages
 from tqindex.kv import TurboQuantCache, codes_attention
+from tqindex.kv.cache import LOG8_BELOW_BITS
 
 BUDGETS = (2, 2.5, 3, 3.5, 4, 5, 8)
 TOP_K_ATTENTION = 8
@@ -59,19 +60,29 @@ class Method:
     cache: Callable[[], Cache]  # a cache that stores every token compressed
 
 
-def turboquant(bits: float, head_dim: int, key_variant: str) -> Method:
-    key_factors = 2 if key_variant == "prod" else 1
-    key_bits = bits - 16 * key_factors / head_dim
-    value_bits = bits - 16 / head_dim
+def turboquant(
+    bits: float, head_dim: int, key_variant: str, *, search: bool = False, log8: bool = False, center_keys: bool = False
+) -> Method:
+    """TurboQuantCache at ``bits`` stored bits: code bits = bits - factor bits / head_dim.
+
+    ``search``: the codecs' code search; ``log8``: one-byte log factors instead of float16;
+    ``center_keys``: keys minus their mean (its bfloat16 vector per head is counted by the
+    end-to-end memory ratio, not in ``bits``).
+    """
+    factor_bits = 8 if log8 else 16
+    key_bits = bits - factor_bits * (2 if key_variant == "prod" else 1) / head_dim
+    value_bits = bits - factor_bits / head_dim
+    options = dict(search=search, factor_dtype="log8" if log8 else torch.float16, center_keys=center_keys)
 
     def cache() -> TurboQuantCache:
-        return TurboQuantCache(key_bits, value_bits, key_variant=key_variant, window=0, chunk=1)
+        return TurboQuantCache(key_bits, value_bits, key_variant=key_variant, window=0, chunk=1, **options)
 
     def roundtrip(keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         k, v = cache().update(keys, values, 0)
         return k.dense(), v.dense()
 
-    return Method(f"turboquant {key_variant} keys ({key_bits:g}/{value_bits:g} code bits)", bits, roundtrip, cache)
+    extras = "".join((", search" if search else "", ", log8 factors" if log8 else "", ", centred keys" if center_keys else ""))
+    return Method(f"turboquant {key_variant} keys ({key_bits:g}/{value_bits:g} code bits{extras})", bits, roundtrip, cache)
 
 
 def group_int(x: torch.Tensor, bits: int, group: int) -> torch.Tensor:
@@ -107,6 +118,9 @@ def baseline(name: str, bits: float, quantize: Callable[[torch.Tensor], torch.Te
 
 def methods(head_dim: int) -> list[Method]:
     found = [turboquant(b, head_dim, variant) for b in BUDGETS for variant in ("mse", "prod") if b - 32 / head_dim >= 1 or variant == "mse"]
+    # TurboQuantCache's defaults: code search, centred keys, one-byte log factors below 6 code bits
+    found += [turboquant(b, head_dim, "mse", search=True, center_keys=True, log8=b - 8 / head_dim < LOG8_BELOW_BITS) for b in BUDGETS]
+    found += [turboquant(3.5, head_dim, "mse", **{option: True}) for option in ("search", "log8", "center_keys")]  # each alone
     for bits, group in ((2, 32), (2, 16), (3, 32), (4, 32), (4, 16)):
         group = min(group, head_dim)
         found.append(baseline(f"KIVI-style int{bits} per-token g{group}", bits + 32 / group, lambda x, b=bits, g=group: group_int(x, b, g)))

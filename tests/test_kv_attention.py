@@ -17,13 +17,13 @@ SCALE = 0.125
 
 
 def compressed_kv(
-    batch=2, heads=2, tokens=30, dim=32, bits=(3, 3), variants=("mse", "mse"), window=5, chunk=4
+    batch=2, heads=2, tokens=30, dim=32, bits=(3, 3), variants=("mse", "mse"), window=5, chunk=4, key_mean=0.0, **options
 ) -> tuple[CompressedKV, CompressedKV]:
-    """Keys and values of ``tokens`` random vectors as a TurboQuantCache layer returns them."""
-    cache = TurboQuantCache(*bits, key_variant=variants[0], value_variant=variants[1], window=window, chunk=chunk)
+    """Keys (plus ``key_mean``) and values of ``tokens`` random vectors as a TurboQuantCache layer returns them."""
+    cache = TurboQuantCache(*bits, key_variant=variants[0], value_variant=variants[1], window=window, chunk=chunk, **options)
     g = torch.Generator().manual_seed(tokens)
     keys, values = (torch.randn(batch, heads, tokens, dim, generator=g) for _ in range(2))
-    return cache.update(keys, values, 0)
+    return cache.update(keys + key_mean, values, 0)
 
 
 def reference(query, keys: CompressedKV, values: CompressedKV, mask=None, causal=False) -> torch.Tensor:
@@ -59,6 +59,25 @@ def test_codes_attention_equals_attention_on_decoded_cache(variants, heads, grou
         atol=1e-5,
         rtol=1e-5,
     )
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(center_keys=True, factor_dtype=torch.float16),
+        dict(center_keys=False, factor_dtype="log8"),
+        dict(center_keys=True, factor_dtype="log8"),
+    ],
+)
+@pytest.mark.parametrize("variants", [("mse", "mse"), ("prod", "prod")])
+def test_codes_attention_with_centred_keys_and_log_factors_equals_decoded_attention(options, variants):
+    keys, values = compressed_kv(heads=2, variants=variants, key_mean=torch.linspace(-3, 3, 32), **options)
+    assert (keys.offset is not None) == options["center_keys"]
+    query = torch.randn(2, 6, 3, 32)
+    for mask in (None, padding_mask(2, 3, 30)):
+        torch.testing.assert_close(
+            codes_attention(query, keys, values, mask, scaling=SCALE), reference(query, keys, values, mask), atol=1e-5, rtol=1e-5
+        )
 
 
 def test_codes_attention_without_window_with_float_mask_and_half_precision():

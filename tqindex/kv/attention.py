@@ -104,6 +104,9 @@ def codes_attention(
     key_codes, value_codes = (map_codes(c, lambda a: a.flatten(0, 1)) for c in (key.codes, value.codes))  # (N, Tc, .)
     partial = _partial_backend(backend or key.backend, query.device, key.codec, value.codec)
     acc, top, total = partial(rotated, key_codes, value_codes, bias[..., :encoded], heads, scaling, key.codec, value.codec)
+    if key.offset is not None:  # the codes hold keys minus the offset: add q . offset to their logits
+        offset_logits = q.view(batch, heads, group * q_len, dim) @ key.offset.float().view(batch, heads, dim, 1)
+        top = top + scaling * offset_logits.view_as(top)
 
     # the dense window, exactly, merged with the code part
     window_logits = (q.view(batch, heads, group * q_len, dim) @ key.window.float().transpose(-1, -2)) * scaling

@@ -24,8 +24,11 @@ from transformers.configuration_utils import PreTrainedConfig
 
 from tqindex.codec import CodecConfig, Codes, TurboQuantCodec
 from tqindex.kv.compressed import CompressedKV, map_codes
+from tqindex.kv.factors import LogByteFactors
 
 BACKENDS = ("auto", "torch", "triton")
+LOG8 = "log8"  # factor_dtype for one-byte logarithmic factors (tqindex.kv.factors)
+LOG8_BELOW_BITS = 6  # factor_dtype="auto": log8 below this many code bits (its ±2.2% then costs less than the bits it frees)
 _REFERENCE_BYTES = 2  # a bf16/fp16 cache stores 2 bytes per element
 
 CodecFactory = Callable[[str, int], TurboQuantCodec]
@@ -40,15 +43,29 @@ class TurboQuantLayer(DynamicLayer):
     """One layer's cache: codes ``(B, H, Tc, ...)`` for old tokens, a dense window ``(B, H, Tw, d)`` after them.
 
     ``self.keys`` / ``self.values`` hold the window, ``self.key_codes`` / ``self.value_codes`` the
-    codes (``Codes`` with packed ``(B, H, Tc, C)`` uint8 and factors ``(B, H, Tc, F)``).
+    codes (``Codes`` with packed ``(B, H, Tc, C)`` uint8 and factors ``(B, H, Tc, F)`` in
+    ``factor_dtypes[role]``, or uint8 log codes for "log8"). With ``center_keys`` the codes hold keys
+    minus ``self.key_offset`` ``(B, H, 1, d)`` bfloat16: the mean of the keys present at the first
+    flush (any offset is exact, so its rounding costs nothing).
     """
 
-    def __init__(self, codecs: CodecFactory, *, window: int, chunk: int, factor_dtype: torch.dtype, backend: str):
+    def __init__(
+        self,
+        codecs: CodecFactory,
+        *,
+        window: int,
+        chunk: int,
+        factor_dtypes: dict[str, torch.dtype | str],
+        center_keys: bool,
+        backend: str,
+    ):
         super().__init__()
         self._codecs, self.window, self.chunk = codecs, window, chunk
-        self.factor_dtype, self.backend = factor_dtype, backend
+        self.factor_dtypes, self.center_keys, self.backend = factor_dtypes, center_keys, backend
         self.key_codes: Codes | None = None
         self.value_codes: Codes | None = None
+        self.key_offset: torch.Tensor | None = None
+        self._log_factors: dict[str, LogByteFactors] = {}  # per role, fitted at the first flush
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
@@ -56,14 +73,15 @@ class TurboQuantLayer(DynamicLayer):
         self.value_codec = self._codecs("value", value_states.shape[-1])
         self.keys = key_states.new_empty((*key_states.shape[:2], 0, key_states.shape[-1]))
         self.values = value_states.new_empty((*value_states.shape[:2], 0, value_states.shape[-1]))
-        self.key_codes = self._empty_codes(self.key_codec, key_states)
-        self.value_codes = self._empty_codes(self.value_codec, value_states)
+        self.key_codes = self._empty_codes(self.key_codec, key_states, "key")
+        self.value_codes = self._empty_codes(self.value_codec, value_states, "value")
         self.is_initialized = True
 
-    def _empty_codes(self, codec: TurboQuantCodec, states: torch.Tensor) -> Codes:
+    def _empty_codes(self, codec: TurboQuantCodec, states: torch.Tensor, role: str) -> Codes:
         batch, heads = states.shape[:2]
         packed = torch.empty((batch, heads, 0, codec.code_bytes), dtype=torch.uint8, device=states.device)
-        factors = torch.empty((batch, heads, 0, codec.n_factors), dtype=self.factor_dtype, device=states.device)
+        dtype = torch.uint8 if self.factor_dtypes[role] == LOG8 else self.factor_dtypes[role]
+        factors = torch.empty((batch, heads, 0, codec.n_factors), dtype=dtype, device=states.device)
         return Codes(packed, factors)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
@@ -74,8 +92,13 @@ class TurboQuantLayer(DynamicLayer):
         values = torch.cat([self.values, value_states], dim=-2)
         flush = self._flush_len(keys.shape[-2])
         if flush:
-            new_keys = self._encode(self.key_codec, keys[..., :flush, :])
-            new_values = self._encode(self.value_codec, values[..., :flush, :])
+            if self.center_keys and self.key_offset is None:  # exact: softmax ignores q . offset
+                self.key_offset = keys.float().mean(dim=-2, keepdim=True).to(torch.bfloat16)
+            old_keys = keys[..., :flush, :]
+            if self.key_offset is not None:
+                old_keys = old_keys.float() - self.key_offset.float()
+            new_keys = self._encode(self.key_codec, old_keys, "key")
+            new_values = self._encode(self.value_codec, values[..., :flush, :], "value")
             self.key_codes, self.value_codes = _concat(self.key_codes, new_keys), _concat(self.value_codes, new_values)
             keys, values = keys[..., flush:, :].clone(), values[..., flush:, :].clone()
         self.keys, self.values = keys, values
@@ -86,9 +109,15 @@ class TurboQuantLayer(DynamicLayer):
         if self.encoded_len == 0:
             return self.keys, self.values
         return (
-            CompressedKV(self.key_codec, self.key_codes, self.keys, self.backend),
-            CompressedKV(self.value_codec, self.value_codes, self.values, self.backend),
+            CompressedKV(self.key_codec, self._readable(self.key_codes, "key"), self.keys, self.backend, self.key_offset),
+            CompressedKV(self.value_codec, self._readable(self.value_codes, "value"), self.values, self.backend),
         )
+
+    def _readable(self, codes: Codes, role: str) -> Codes:
+        """``codes`` with float factors (log codes decoded) for the codec and the attention."""
+        if self.factor_dtypes[role] != LOG8:
+            return codes
+        return Codes(codes.packed, self._log_factors[role].decode(codes.factors))
 
     def _flush_len(self, dense_len: int) -> int:
         """How many of the oldest dense tokens to encode now: whole chunks, leaving at least ``window``."""
@@ -96,14 +125,18 @@ class TurboQuantLayer(DynamicLayer):
             return 0
         return (dense_len - self.window) // self.chunk * self.chunk
 
-    def _encode(self, codec: TurboQuantCodec, states: torch.Tensor) -> Codes:
-        """Encode ``(B, H, t, d)`` states -> ``Codes`` ``(B, H, t, C)`` and ``(B, H, t, F)`` in ``factor_dtype``."""
+    def _encode(self, codec: TurboQuantCodec, states: torch.Tensor, role: str) -> Codes:
+        """Encode ``(B, H, t, d)`` states -> ``Codes`` ``(B, H, t, C)`` and ``(B, H, t, F)`` as stored."""
         batch, heads, tokens, dim = states.shape
         codes = codec.encode(states.reshape(-1, dim))
-        factors = codes.factors.to(self.factor_dtype)
+        if self.factor_dtypes[role] == LOG8:
+            log_factors = self._log_factors.setdefault(role, LogByteFactors.fit(codes.factors))
+            factors = log_factors.encode(codes.factors)
+            return Codes(codes.packed.view(batch, heads, tokens, -1), factors.view(batch, heads, tokens, -1))
+        factors = codes.factors.to(self.factor_dtypes[role])
         if not bool(torch.isfinite(factors).all()):
             raise OverflowError(
-                f"a per-vector scale does not fit {self.factor_dtype}: pass factor_dtype=torch.float32 to TurboQuantCache"
+                f"a per-vector scale does not fit {self.factor_dtypes[role]}: pass factor_dtype=torch.float32 or 'log8' to TurboQuantCache"
             )
         return Codes(codes.packed.view(batch, heads, tokens, -1), factors.view(batch, heads, tokens, -1))
 
@@ -123,6 +156,8 @@ class TurboQuantLayer(DynamicLayer):
             return
         self.keys, self.values = fn(self.keys), fn(self.values)
         self.key_codes, self.value_codes = map_codes(self.key_codes, fn), map_codes(self.value_codes, fn)
+        if self.key_offset is not None:
+            self.key_offset = fn(self.key_offset)
 
     def crop(self, tokens_to_remove: int) -> None:
         """Drop the last ``-tokens_to_remove`` tokens (a negative count, as `DynamicLayer.crop`)."""
@@ -155,16 +190,18 @@ class TurboQuantLayer(DynamicLayer):
 
     def reset(self) -> None:
         super().reset()
-        self.key_codes = self.value_codes = None
+        self.key_codes = self.value_codes = self.key_offset = None
+        self._log_factors = {}
 
     def memory(self) -> tuple[int, int, int]:
-        """Stored bytes: ``(codes, factors, window)``."""
+        """Stored bytes: ``(codes, factors and key offsets, window)``."""
         if not self.is_initialized:
             return 0, 0, 0
         codes = (self.key_codes, self.value_codes)
+        offset = 0 if self.key_offset is None else self.key_offset.nbytes
         return (
             sum(c.packed.nbytes for c in codes),
-            sum(c.factors.nbytes for c in codes),
+            sum(c.factors.nbytes for c in codes) + offset,
             self.keys.nbytes + self.values.nbytes,
         )
 
@@ -233,8 +270,15 @@ class TurboQuantCache(Cache):
         config: a model config: builds every layer upfront; layers that are not full attention
             (sliding, linear...) get transformers' own dynamic layer for their type.
         seed: seeds the codecs' rotation and QJL matrix.
-        factor_dtype: dtype of the stored per-vector factors (float16: 2 bytes each).
+        factor_dtype: how the per-vector factors are stored: a float dtype (float16: 2 bytes each),
+            "log8" (one byte each, logarithmic, within ±2.2%: `tqindex.kv.factors`), or "auto":
+            log8 for keys or values of fewer than 6 code bits, float16 otherwise.
+        center_keys: encode keys minus their mean over the tokens present at a layer's first
+            flush (per batch row and head, stored in bfloat16): exact for softmax attention, since
+            ``q . mean`` is the same for every token, and it leaves less for the codes to carry.
+            Costs ``2 * head_dim`` bytes per batch row, head and layer.
         backend: attention over codes: "auto" (Triton on CUDA, else torch), "torch" or "triton".
+        search: the codecs' code search (see `TurboQuantCodec`): True, False or "auto".
     """
 
     def __init__(
@@ -249,9 +293,13 @@ class TurboQuantCache(Cache):
         skip_layers: Iterable[int] = (),
         config: PreTrainedConfig | None = None,
         seed: int = 0,
-        factor_dtype: torch.dtype = torch.float16,
+        factor_dtype: torch.dtype | str = "auto",
+        center_keys: bool = True,
         backend: str = "auto",
+        search: bool | str = True,
     ):
+        if not isinstance(search, bool) and search != "auto":
+            raise ValueError(f"search must be True, False or 'auto', got {search!r}")
         for bits, variant in ((key_bits, key_variant), (value_bits, value_variant)):
             CodecConfig(dim=2, bits=bits, variant=variant, rotation="dense", scale="norm", seed=seed)  # validates
         if isinstance(window, bool) or not isinstance(window, int) or window < 0:
@@ -260,11 +308,19 @@ class TurboQuantCache(Cache):
             raise ValueError(f"chunk must be an integer >= 1, got {chunk!r}")
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-        if not isinstance(factor_dtype, torch.dtype) or not factor_dtype.is_floating_point:
-            raise TypeError(f"factor_dtype must be a floating dtype, got {factor_dtype}")
+        if factor_dtype not in (LOG8, "auto") and (not isinstance(factor_dtype, torch.dtype) or not factor_dtype.is_floating_point):
+            raise TypeError(f"factor_dtype must be a floating torch dtype, {LOG8!r} or 'auto', got {factor_dtype!r}")
+        if not isinstance(center_keys, bool):
+            raise TypeError(f"center_keys must be True or False, got {center_keys!r}")
         self._specs = {"key": (key_bits, key_variant), "value": (value_bits, value_variant)}
+        factor_dtypes = {
+            role: (LOG8 if bits < LOG8_BELOW_BITS else torch.float16) if factor_dtype == "auto" else factor_dtype
+            for role, (bits, _) in self._specs.items()
+        }
         self._codec_cache: dict[tuple[str, int], TurboQuantCodec] = {}
-        self._seed, self._layer_args = seed, dict(window=window, chunk=chunk, factor_dtype=factor_dtype, backend=backend)
+        self._seed, self._search, self._layer_args = seed, search, dict(
+            window=window, chunk=chunk, factor_dtypes=factor_dtypes, center_keys=center_keys, backend=backend
+        )
 
         skip = list(skip_layers)
         if not all(isinstance(i, int) and not isinstance(i, bool) for i in skip):
@@ -290,7 +346,7 @@ class TurboQuantCache(Cache):
         """The codec for ``role`` ("key" or "value") vectors of ``dim``, made once and shared by all layers."""
         if (role, dim) not in self._codec_cache:
             bits, variant = self._specs[role]
-            self._codec_cache[role, dim] = TurboQuantCodec(dim, bits, variant=variant, seed=self._seed)
+            self._codec_cache[role, dim] = TurboQuantCodec(dim, bits, variant=variant, seed=self._seed, search=self._search)
         return self._codec_cache[role, dim]
 
     def _new_layer(self, layer_idx: int) -> DynamicLayer:

@@ -29,21 +29,28 @@ class CompressedKV(torch.Tensor):
         codes: ``Codes`` with ``packed`` uint8 ``(B, H, Tc, C)`` and ``factors`` ``(B, H, Tc, F)``.
         window: the dense tokens, ``(B, H, Tw, d)``, in the model's dtype.
         backend: how attention over these codes runs: "auto", "torch" or "triton".
+        offset: None, or ``(B, H, 1, d)`` added to every decoded token (the codes hold
+            vectors minus it: the cache's key centring).
     """
 
     codec: TurboQuantCodec
     codes: Codes
     window: torch.Tensor
     backend: str
+    offset: torch.Tensor | None
 
     @staticmethod
-    def __new__(cls, codec: TurboQuantCodec, codes: Codes, window: torch.Tensor, backend: str = "auto") -> "CompressedKV":
+    def __new__(
+        cls, codec: TurboQuantCodec, codes: Codes, window: torch.Tensor, backend: str = "auto", offset: torch.Tensor | None = None
+    ) -> "CompressedKV":
         batch, heads, window_len, dim = window.shape
         shape = (batch, heads, codes.packed.shape[2] + window_len, dim)
         return torch.Tensor._make_wrapper_subclass(cls, shape, dtype=window.dtype, device=window.device)
 
-    def __init__(self, codec: TurboQuantCodec, codes: Codes, window: torch.Tensor, backend: str = "auto"):
-        self.codec, self.codes, self.window, self.backend = codec, codes, window, backend
+    def __init__(
+        self, codec: TurboQuantCodec, codes: Codes, window: torch.Tensor, backend: str = "auto", offset: torch.Tensor | None = None
+    ):
+        self.codec, self.codes, self.window, self.backend, self.offset = codec, codes, window, backend, offset
 
     @property
     def encoded_len(self) -> int:
@@ -55,7 +62,8 @@ class CompressedKV(torch.Tensor):
         packed, factors = self.codes.packed, self.codes.factors
         batch, heads, tokens, code_bytes = packed.shape
         flat = Codes(packed.reshape(-1, code_bytes), factors.reshape(-1, factors.shape[-1]).float())
-        return self.codec.decode(flat).view(batch, heads, tokens, -1).to(self.window.dtype)
+        decoded = self.codec.decode(flat).view(batch, heads, tokens, -1)
+        return (decoded if self.offset is None else decoded + self.offset.float()).to(self.window.dtype)
 
     def dense(self) -> torch.Tensor:
         """The whole tensor as a plain dense ``(B, H, Tc + Tw, d)`` tensor."""

@@ -1,0 +1,85 @@
+"""One-byte logarithmic factors and key centring in the KV cache: accuracy, memory, exactness."""
+
+import math
+
+import pytest
+import torch
+
+from tqindex.kv import TurboQuantCache
+from tqindex.kv.factors import STEPS_PER_OCTAVE, LogByteFactors
+
+HALF_STEP = 2 ** (0.5 / STEPS_PER_OCTAVE) - 1  # the largest relative error inside the range
+
+
+def test_log_bytes_hold_factors_within_half_a_step_over_sixteen_octaves():
+    factors = torch.exp2(torch.linspace(-6, 9.8, 5000)) * 3.7
+    codec = LogByteFactors.fit(factors)
+    codes = codec.encode(factors)
+    assert codes.dtype == torch.uint8 and int(codes.min()) >= 1
+    relative = (codec.decode(codes) / factors - 1).abs()
+    assert float(relative.max()) <= HALF_STEP + 1e-6
+    assert float(relative.max()) > 0.5 * HALF_STEP  # a real rounding, not a lossless copy
+    assert codec.decode(codec.encode(torch.zeros(3))).eq(0).all()
+
+
+def test_log_bytes_clamp_factors_beyond_the_range_to_its_ends():
+    codec = LogByteFactors.fit(torch.ones(10))  # centred on 2 ** 0
+    far = torch.tensor([2.0**-30, 2.0**30])
+    assert codec.encode(far).tolist() == [1, 255]
+    assert codec.decode(torch.tensor([1, 255], dtype=torch.uint8)).log2().tolist() == pytest.approx([codec.low, codec.low + 254 / 16])
+    assert codec.low == pytest.approx(-254 / 32)
+
+
+def keys_with_a_large_mean(tokens=400, dim=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    mean = 4 * torch.randn(dim, generator=g)
+    return mean + torch.randn(1, 2, tokens, dim, generator=g), torch.randn(1, 2, tokens, dim, generator=g)
+
+
+def test_centred_keys_decode_closer_and_logits_shift_by_a_constant_per_query():
+    keys, values = keys_with_a_large_mean()
+    plain, _ = TurboQuantCache(3, 3, window=0, chunk=1, center_keys=False).update(keys, values, 0)
+    centred, _ = TurboQuantCache(3, 3, window=0, chunk=1, center_keys=True).update(keys, values, 0)
+    assert centred.offset.shape == (1, 2, 1, 32) and centred.offset.dtype == torch.bfloat16
+    error = {name: float((k.dense() - keys).norm() / keys.norm()) for name, k in (("plain", plain), ("centred", centred))}
+    assert error["centred"] < 0.5 * error["plain"]  # the mean no longer spends the code bits
+    query = torch.randn(1, 2, 5, 32)
+    logits = query @ centred.dense().transpose(-1, -2)
+    residual_logits = query @ (centred.dense() - centred.offset.float()).transpose(-1, -2)
+    shift = logits - residual_logits
+    torch.testing.assert_close(shift, shift[..., :1].expand_as(shift), atol=1e-4, rtol=1e-5)
+
+
+def test_centring_uses_the_keys_present_at_the_first_flush_and_keeps_it():
+    keys, values = keys_with_a_large_mean(tokens=64)
+    cache = TurboQuantCache(4, 4, window=8, chunk=8, center_keys=True)
+    cache.update(keys[:, :, :40], values[:, :, :40], 0)
+    layer = cache.layers[0]
+    torch.testing.assert_close(layer.key_offset.float(), keys[:, :, :40].mean(dim=2, keepdim=True), atol=0.05, rtol=0.01)
+    first = layer.key_offset.clone()
+    cache.update(keys[:, :, 40:], values[:, :, 40:], 0)
+    assert layer.encoded_len == 56 and torch.equal(layer.key_offset, first)  # never refitted
+    cache.reorder_cache(torch.tensor([0, 0]))
+    assert layer.key_offset.shape[0] == 2
+
+
+def test_log8_factors_store_one_byte_per_vector_and_stay_close_to_float16():
+    keys, values = keys_with_a_large_mean(tokens=256)
+    caches = {dtype: TurboQuantCache(3, 3, window=0, chunk=1, factor_dtype=dtype) for dtype in ("log8", torch.float16)}
+    outs = {dtype: cache.update(keys, values, 0) for dtype, cache in caches.items()}
+    layer = caches["log8"].layers[0]
+    assert layer.key_codes.factors.dtype == torch.uint8
+    report = {dtype: cache.memory_report() for dtype, cache in caches.items()}
+    offsets = 2 * 32 * 2  # bfloat16 key mean per head
+    assert (report["log8"].factor_bytes - offsets) * 2 == report[torch.float16].factor_bytes - offsets == 2 * 2 * 256 * 2
+    for a, b in zip(outs["log8"], outs[torch.float16]):
+        relative = (a.dense() - b.dense()).norm(dim=-1) / b.dense().norm(dim=-1)
+        assert float(relative.max()) <= HALF_STEP + 1e-3
+
+
+def test_bad_factor_and_centring_options_are_refused():
+    with pytest.raises(TypeError, match="log8"):
+        TurboQuantCache(4, 4, factor_dtype="log4")
+    with pytest.raises(TypeError, match="center_keys"):
+        TurboQuantCache(4, 4, center_keys="yes")
+    assert math.isfinite(HALF_STEP)
