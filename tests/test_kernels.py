@@ -13,14 +13,17 @@ from tqindex.kernels.lut import LutScanner, supports
 
 @pytest.mark.parametrize(
     "bits,variant",
-    [(1, "mse"), (2, "mse"), (2.5, "mse"), (3, "mse"), (4, "mse"), (4.5, "mse"), (5, "mse"), (6, "mse"), (8, "mse"),
-     (1, "prod"), (2, "prod"), (3, "prod"), (4, "prod"), (5, "prod")],
+    [(1, "mse"), (2, "mse"), (2.5, "mse"), (3, "mse"), (4, "mse"), (4.5, "mse"), (5, "mse"), (5.5, "mse"), (6, "mse"),
+     (8, "mse"), (1, "prod"), (2, "prod"), (3, "prod"), (4, "prod"), (5, "prod")],
 )
 def test_lut_scores_equal_the_codec_estimator(bits, variant):
     codec = TurboQuantCodec(100, bits, variant=variant)
     codes = codec.encode(torch.randn(300, 100, generator=torch.Generator().manual_seed(int(bits * 10))))
     rotated = codec.rotate_queries(torch.randn(3, 100, generator=torch.Generator().manual_seed(99)))
     scanner = LutScanner(codec)
+    kernel = "bytes" if scanner._per_byte else "byte_and_bits" if scanner._byte_and_bits else "groups"
+    expected_kernel = {(2.5, "mse"): "byte_and_bits", (3, "mse"): "byte_and_bits", (4, "prod"): "byte_and_bits", (5.5, "mse"): "groups"}
+    assert kernel == expected_kernel.get((bits, variant), kernel)  # each of the three kernels runs here
     scores, rows = scanner.chunk_topk(scanner.prepare(rotated), codes.packed, codes.factors, None, 300)
     expected = codec.score(rotated, codes.packed, codes.factors)
     np.testing.assert_allclose(scores, expected.gather(1, rows), rtol=1e-5, atol=1e-4)

