@@ -570,3 +570,16 @@ def test_refresh_refuses_a_replaced_store(store_path):
     with pytest.raises(StorageError, match="replaced"):
         reader.refresh()
     reader.close()
+
+
+def test_refresh_that_finds_damage_keeps_the_old_snapshot_whole(store_path):
+    reader = ColumnStore.open(store_path, format_name=FMT)
+    with ColumnStore.open(store_path, format_name=FMT, mode="a") as writer:
+        writer.append("codes", codes(3, start=5))
+        writer.append("norms", np.ones(3, np.float32))
+    cut_file(store_path / "norms.col", 4)  # the second column's new rows are damaged
+    with pytest.raises(CorruptIndexError, match="norms.col"):
+        reader.refresh()
+    assert (reader.rows("codes"), reader.rows("norms")) == (5, 5)  # neither column moved
+    assert np.array_equal(reader.read_rows("codes", 0, 5), codes(5))
+    reader.close()

@@ -32,7 +32,7 @@ import math
 import os
 import re
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -314,24 +314,18 @@ class ColumnStore:
         if manifest["fixed"] != self._manifest["fixed"] or set(manifest["columns"]) != set(self._columns):
             raise StorageError(f"{self.path}: the store was replaced since it was opened; open it again")
         parsed = {name: _parse_column(self.path, name, entry) for name, entry in manifest["columns"].items()}
-        for name, new in parsed.items():
+        for name, new in parsed.items():  # every check before any change: a refusal keeps the old snapshot
             col = self._columns[name]
             if (new.dtype, new.row_shape) != (col.dtype, col.row_shape):
                 raise StorageError(f"{self.path}: the store was replaced since it was opened; open it again")
             if new.rows < col.rows:
                 raise CorruptIndexError(f"{col.file}: committed rows went from {col.rows} down to {new.rows}")
-        grown = False
+            _check_sizes(replace(col, rows=new.rows), name)
+        grown = any(new.rows != self._columns[name].rows for name, new in parsed.items())
         for name, new in parsed.items():
             col = self._columns[name]
-            previous = (col.rows, col.tail_crc)
-            col.rows, col.tail_crc = new.rows, new.tail_crc
-            try:
-                _check_sizes(col, name)
-            except BaseException:
-                col.rows, col.tail_crc = previous
-                raise
-            col.pending, col.pending_tail_crc = col.rows, col.tail_crc
-            grown |= col.rows != previous[0]
+            col.rows = col.pending = new.rows
+            col.tail_crc = col.pending_tail_crc = new.tail_crc
         self._manifest = manifest
         return grown
 
