@@ -28,16 +28,19 @@ def test_the_check_notices_a_lost_batch_a_partial_batch_and_a_flipped_code(tmp_p
         for batch in range(3):
             index.add_with_ids(*stress_crash.batch_vectors(0, batch), progress=False)
         expected = stress_crash.ExpectedCodes(index.codec, 0)
-    assert stress_crash.check(path, expected, {0, 1, 2}, set())["batches"] == 3
+    assert stress_crash.check(path, expected, {0, 1, 2}, set(), set())["batches"] == 3
+    assert stress_crash.check(path, expected, {0}, set(), {1, 2})["batches"] == 3  # two killed writers' batches
+    with pytest.raises(stress_crash.CrashCheckError, match="neither flushed nor in flight"):
+        stress_crash.check(path, expected, {0}, set(), {1})
     with pytest.raises(stress_crash.CrashCheckError, match="lost"):
-        stress_crash.check(path, expected, {0, 1, 2, 3}, set())
+        stress_crash.check(path, expected, {0, 1, 2, 3}, set(), set())
     with pytest.raises(stress_crash.CrashCheckError, match="removal"):
-        stress_crash.check(path, expected, {0, 1, 2}, {1})
+        stress_crash.check(path, expected, {0, 1, 2}, {1}, set())
     with tqindex.open(path, "a") as index:  # half a batch, committed as if it were whole
         vectors, ids = stress_crash.batch_vectors(0, 3)
         index.add_with_ids(vectors[: len(ids) // 2 + 1], ids[: len(ids) // 2 + 1], progress=False)
-    with pytest.raises(stress_crash.CrashCheckError, match="partial"):
-        stress_crash.check(path, expected, {0, 1, 2}, set())
+    with pytest.raises(stress_crash.CrashCheckError, match="partial"):  # even for the batch in flight at a kill
+        stress_crash.check(path, expected, {0, 1, 2}, set(), {3})
 
 
 def test_the_check_notices_codes_that_differ(tmp_path):
@@ -47,4 +50,4 @@ def test_the_check_notices_codes_that_differ(tmp_path):
         index.add_with_ids(vectors + np.float32(0.5), ids, progress=False)  # not the batch's vectors
         expected = stress_crash.ExpectedCodes(index.codec, 0)
     with pytest.raises(stress_crash.CrashCheckError, match="codes or factors differ"):
-        stress_crash.check(path, expected, {0}, set())
+        stress_crash.check(path, expected, {0}, set(), set())
