@@ -162,6 +162,18 @@ def _scan_bytes(codes, tables, factors, index_bytes, out):  # pragma: no cover -
             out[i, r] = score
 
 
+@njit(inline="always", fastmath=True)
+def _finish_row(index_sum, sign_tables, i, codes, r, sign_offset, factors):  # pragma: no cover - compiled
+    """Row ``r``'s score for query ``i``: ``f0 * index_sum`` plus ``f1 *`` its QJL sign bytes' table entries."""
+    score = index_sum * factors[r, 0]
+    if sign_tables.shape[1]:
+        sign_sum = np.float32(0.0)
+        for j in range(sign_tables.shape[1]):
+            sign_sum += sign_tables[i, j, codes[r, sign_offset + j]]
+        score += sign_sum * factors[r, 1]
+    return score
+
+
 @njit(parallel=True, fastmath=True, cache=True)
 def _scan_groups(codes, index_tables, sign_tables, factors, group, fields, sign_offset, out):  # pragma: no cover - compiled
     """out[i, r] = f0[r] * sum_g T[i, g, key(r, g)] + f1[r] * sum_j S[i, j, codes[r, sign_offset + j]].
@@ -170,7 +182,6 @@ def _scan_groups(codes, index_tables, sign_tables, factors, group, fields, sign_
     """
     rows = codes.shape[0]
     queries, groups = index_tables.shape[0], index_tables.shape[1]
-    sign_bytes = sign_tables.shape[1]
     for r in prange(rows):
         for i in range(queries):
             index_sum = np.float32(0.0)
@@ -182,13 +193,7 @@ def _scan_groups(codes, index_tables, sign_tables, factors, group, fields, sign_
                         part = (codes[r, fields[f, 0] + (bit >> 3)] >> (bit & 7)) & ((1 << (group * fields[f, 1])) - 1)
                         key |= part << fields[f, 3]
                 index_sum += index_tables[i, g, key]
-            score = index_sum * factors[r, 0]
-            if sign_bytes:
-                sign_sum = np.float32(0.0)
-                for j in range(sign_bytes):
-                    sign_sum += sign_tables[i, j, codes[r, sign_offset + j]]
-                score += sign_sum * factors[r, 1]
-            out[i, r] = score
+            out[i, r] = _finish_row(index_sum, sign_tables, i, codes, r, sign_offset, factors)
 
 
 @njit(parallel=True, fastmath=True, cache=True)
@@ -201,7 +206,6 @@ def _scan_byte_and_bits(codes, index_tables, sign_tables, factors, second_offset
     """
     rows = codes.shape[0]
     queries, groups = index_tables.shape[0], index_tables.shape[1]
-    sign_bytes = sign_tables.shape[1]
     per_byte = 8 // second_bits
     mask = (1 << second_bits) - 1
     for r in prange(rows):
@@ -212,10 +216,4 @@ def _scan_byte_and_bits(codes, index_tables, sign_tables, factors, second_offset
                 index_sum += index_tables[i, g, codes[r, g] | (high << 8)]
             for g in range(covered, groups):
                 index_sum += index_tables[i, g, codes[r, g]]
-            score = index_sum * factors[r, 0]
-            if sign_bytes:
-                sign_sum = np.float32(0.0)
-                for j in range(sign_bytes):
-                    sign_sum += sign_tables[i, j, codes[r, sign_offset + j]]
-                score += sign_sum * factors[r, 1]
-            out[i, r] = score
+            out[i, r] = _finish_row(index_sum, sign_tables, i, codes, r, sign_offset, factors)
