@@ -199,6 +199,21 @@ def test_attention_on_codes_equals_sdpa_on_the_same_codes(model):
     torch.testing.assert_close(logits["turboquant"][:, 6:], logits["sdpa"][:, 6:], atol=1e-5, rtol=1e-5)
 
 
+def test_trellis_codes_attend_alike_on_codes_and_decoded(model):
+    ids = prompt(40, batch=2)
+    logits = {}
+    for attention in ("sdpa", "turboquant"):
+        model.set_attn_implementation(attention)
+        cache = TurboQuantCache(3, 3.5, quantizer="trellis", window=4, chunk=4)
+        with torch.no_grad():
+            logits[attention] = model(ids, past_key_values=cache).logits
+        assert all(c.trellis is not None for c in cache._codec_cache.values())
+    torch.testing.assert_close(logits["turboquant"], logits["sdpa"], atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="Triton backend reads scalar codes"):
+        with torch.no_grad():
+            model(ids, past_key_values=TurboQuantCache(3, 3, quantizer="trellis", window=4, chunk=4, backend="triton"))
+
+
 def test_skip_layers_and_config_layer_types(model):
     cache = TurboQuantCache(skip_layers=[0], window=0)
     with torch.no_grad():
@@ -233,6 +248,8 @@ def test_skip_layers_and_config_layer_types(model):
         (dict(chunk=0), ValueError),
         (dict(backend="cuda"), ValueError),
         (dict(factor_dtype=torch.int8), TypeError),
+        (dict(quantizer="vq"), ValueError),
+        (dict(quantizer="trellis", key_variant="prod"), ValueError),
     ],
 )
 def test_bad_arguments_are_refused(kwargs, error):

@@ -110,7 +110,10 @@ class TurboQuantIndex:
         _check_scan_args(backend, chunk_rows)
         store = ColumnStore.open(path, format_name=FORMAT_NAME, mode=mode)
         try:
-            codec = TurboQuantCodec.from_config(CodecConfig.from_dict(store.meta["codec"]), store.fixed)
+            config = CodecConfig.from_dict(store.meta["codec"])
+            if config.quantizer != "scalar":
+                raise ValueError(f"its codec writes {config.quantizer} codes, which the index's scanners do not read")
+            codec = TurboQuantCodec.from_config(config, store.fixed)
             metric = store.meta["metric"]
             if metric not in METRICS:
                 raise ValueError(f"unknown metric {metric!r}")

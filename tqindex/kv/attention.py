@@ -170,16 +170,19 @@ def _partial_torch(
 def _partial_backend(backend: str, device: torch.device, key_codec: TurboQuantCodec, value_codec: TurboQuantCodec) -> PartialFn:
     """The partial-attention function for ``backend``.
 
-    "auto" is Triton on CUDA when triton is installed and keys and values share a rotated dim
-    (what the kernel supports), torch otherwise.
+    "auto" is Triton on CUDA when triton is installed, keys and values share a rotated dim and
+    both are scalar codes (what the kernel supports), torch otherwise.
     """
+    scalar = key_codec.trellis is None and value_codec.trellis is None
     if backend == "auto":
-        kernel_fits = key_codec.rotated_dim == value_codec.rotated_dim
+        kernel_fits = key_codec.rotated_dim == value_codec.rotated_dim and scalar
         backend = "triton" if device.type == "cuda" and kernel_fits and _triton_installed() else "torch"
     if backend == "torch":
         return _partial_torch
     if backend != "triton":
         raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")
+    if not scalar:
+        raise ValueError("the Triton backend reads scalar codes only: use backend='torch' (or 'auto') with quantizer='trellis'")
     if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise RuntimeError("the Triton backend needs a CUDA device, or TRITON_INTERPRET=1 set before triton is imported")
     from tqindex.kv.triton_attention import partial_triton

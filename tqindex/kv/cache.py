@@ -278,7 +278,10 @@ class TurboQuantCache(Cache):
             ``q . mean`` is the same for every token, and it leaves less for the codes to carry.
             Costs ``2 * head_dim`` bytes per batch row, head and layer.
         backend: attention over codes: "auto" (Triton on CUDA, else torch), "torch" or "triton".
-        search: the codecs' code search (see `TurboQuantCodec`): True, False or "auto".
+        search: the codecs' code search (see `TurboQuantCodec`): True, False or "auto"; scalar codes only.
+        quantizer: the codecs' quantizer (see `TurboQuantCodec`): "scalar" or "trellis" (lower error at
+            the same bits, ~100x the encode work, encoded on the CPU; mse only; attention over
+            trellis codes runs on the torch backend).
     """
 
     def __init__(
@@ -297,11 +300,13 @@ class TurboQuantCache(Cache):
         center_keys: bool = True,
         backend: str = "auto",
         search: bool | str = True,
+        quantizer: str = "scalar",
     ):
         if not isinstance(search, bool) and search != "auto":
             raise ValueError(f"search must be True, False or 'auto', got {search!r}")
         for bits, variant in ((key_bits, key_variant), (value_bits, value_variant)):
-            CodecConfig(dim=2, bits=bits, variant=variant, rotation="dense", scale="norm", seed=seed)  # validates
+            scale = "norm" if variant == "prod" else "unbiased"
+            CodecConfig(dim=2, bits=bits, variant=variant, rotation="dense", scale=scale, seed=seed, quantizer=quantizer)  # validates
         if isinstance(window, bool) or not isinstance(window, int) or window < 0:
             raise ValueError(f"window must be an integer >= 0, got {window!r}")
         if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
@@ -318,7 +323,8 @@ class TurboQuantCache(Cache):
             for role, (bits, _) in self._specs.items()
         }
         self._codec_cache: dict[tuple[str, int], TurboQuantCodec] = {}
-        self._seed, self._search, self._layer_args = seed, search, dict(
+        self._codec_args = dict(seed=seed, quantizer=quantizer, search=search if quantizer == "scalar" else False)
+        self._layer_args = dict(
             window=window, chunk=chunk, factor_dtypes=factor_dtypes, center_keys=center_keys, backend=backend
         )
 
@@ -346,7 +352,7 @@ class TurboQuantCache(Cache):
         """The codec for ``role`` ("key" or "value") vectors of ``dim``, made once and shared by all layers."""
         if (role, dim) not in self._codec_cache:
             bits, variant = self._specs[role]
-            self._codec_cache[role, dim] = TurboQuantCodec(dim, bits, variant=variant, seed=self._seed, search=self._search)
+            self._codec_cache[role, dim] = TurboQuantCodec(dim, bits, variant=variant, **self._codec_args)
         return self._codec_cache[role, dim]
 
     def _new_layer(self, layer_idx: int) -> DynamicLayer:
