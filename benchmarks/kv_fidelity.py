@@ -28,6 +28,7 @@ import itertools
 import json
 import os
 import random
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -43,6 +44,7 @@ from tqindex.kv import TurboQuantCache, codes_attention
 from tqindex.kv.cache import LOG8_BELOW_BITS
 
 BUDGETS = (2, 2.5, 3, 3.5, 4, 5, 8)
+TRELLIS_BUDGETS = (2, 2.5, 3, 3.5, 4)  # trellis codes and the bound: the budgets where they matter (--trellis-budgets)
 TOP_K_ATTENTION = 8
 TOP_K_RETRIEVAL = 10
 FP8 = torch.float8_e4m3fn
@@ -60,18 +62,25 @@ class Method:
 
 
 def turboquant(
-    bits: float, head_dim: int, key_variant: str, *, search: bool = False, log8: bool = False, center_keys: bool = False
+    bits: float,
+    head_dim: int,
+    key_variant: str,
+    *,
+    search: bool = False,
+    log8: bool = False,
+    center_keys: bool = False,
+    quantizer: str = "scalar",
 ) -> Method:
     """TurboQuantCache at ``bits`` stored bits: code bits = bits - factor bits / head_dim.
 
     ``search``: the codecs' code search; ``log8``: one-byte log factors instead of float16;
     ``center_keys``: keys minus their mean (its bfloat16 vector per head is counted by the
-    end-to-end memory ratio, not in ``bits``).
+    end-to-end memory ratio, not in ``bits``); ``quantizer``: "scalar" or "trellis" codes.
     """
     factor_bits = 8 if log8 else 16
     key_bits = bits - factor_bits * (2 if key_variant == "prod" else 1) / head_dim
     value_bits = bits - factor_bits / head_dim
-    options = dict(search=search, factor_dtype="log8" if log8 else torch.float16, center_keys=center_keys)
+    options = dict(search=search, factor_dtype="log8" if log8 else torch.float16, center_keys=center_keys, quantizer=quantizer)
 
     def cache() -> TurboQuantCache:
         return TurboQuantCache(key_bits, value_bits, key_variant=key_variant, window=0, chunk=1, **options)
@@ -80,7 +89,9 @@ def turboquant(
         k, v = cache().update(keys, values, 0)
         return k.dense(), v.dense()
 
-    extras = "".join((", search" if search else "", ", log8 factors" if log8 else "", ", centred keys" if center_keys else ""))
+    extras = "".join(
+        (", trellis" if quantizer == "trellis" else "", ", search" if search else "", ", log8 factors" if log8 else "", ", centred keys" if center_keys else "")
+    )
     return Method(f"turboquant {key_variant} keys ({key_bits:g}/{value_bits:g} code bits{extras})", bits, roundtrip, cache)
 
 
@@ -90,6 +101,18 @@ def group_int(x: torch.Tensor, bits: int, group: int) -> torch.Tensor:
     low = grouped.amin(-1, keepdim=True).half().float()
     step = ((grouped.amax(-1, keepdim=True) - low) / (2**bits - 1)).clamp_min(1e-8).half().float()
     return ((grouped - low) / step).round().clamp(0, 2**bits - 1).mul(step).add(low).flatten(-2).to(x.dtype)
+
+
+_NOISE = torch.Generator().manual_seed(0)  # one stream: keys and values get independent noise
+
+
+def bound_noise(x: torch.Tensor, code_bits: float) -> torch.Tensor:
+    """``x`` plus isotropic noise of squared norm ``2^(-2 code_bits) |x|^2`` per vector: the error any
+    code of ``code_bits`` bits per coordinate must at least make on Gaussian vectors (the
+    rate-distortion bound), without its structure. A reference, not a method: it stores nothing."""
+    noise = torch.randn(x.shape, generator=_NOISE).to(x.device)
+    noise *= x.float().norm(dim=-1, keepdim=True) / noise.norm(dim=-1, keepdim=True) * 2 ** -code_bits
+    return (x.float() + noise).to(x.dtype)
 
 
 def fp8(x: torch.Tensor) -> torch.Tensor:
@@ -115,15 +138,20 @@ def baseline(name: str, bits: float, quantize: Callable[[torch.Tensor], torch.Te
     )
 
 
-def methods(head_dim: int) -> list[Method]:
+def methods(head_dim: int, trellis_budgets: tuple[float, ...] = TRELLIS_BUDGETS) -> list[Method]:
     found = [turboquant(b, head_dim, variant) for b in BUDGETS for variant in ("mse", "prod") if b - 32 / head_dim >= 1 or variant == "mse"]
     # TurboQuantCache's defaults: code search, centred keys, one-byte log factors below 6 code bits
     found += [turboquant(b, head_dim, "mse", search=True, center_keys=True, log8=b - 8 / head_dim < LOG8_BELOW_BITS) for b in BUDGETS]
     found += [turboquant(3.5, head_dim, "mse", **{option: True}) for option in ("search", "log8", "center_keys")]  # each alone
+    # trellis codes with the cache's other defaults (centred keys, log8 factors below 6 code bits)
+    found += [turboquant(b, head_dim, "mse", quantizer="trellis", center_keys=True, log8=True) for b in trellis_budgets]
     for bits, group in ((2, 32), (2, 16), (3, 32), (4, 32), (4, 16)):
         group = min(group, head_dim)
         found.append(baseline(f"KIVI-style int{bits} per-token g{group}", bits + 32 / group, lambda x, b=bits, g=group: group_int(x, b, g)))
     found.append(baseline("fp8 e4m3 per-tensor", 8, fp8))
+    for bits in trellis_budgets:  # the bound for codes with a one-byte factor per vector
+        code_bits = bits - 8 / head_dim
+        found.append(baseline(f"bound: noise at rate-distortion, {code_bits:g} code bits", bits, lambda x, c=code_bits: bound_noise(x, c)))
     return sorted(found, key=lambda m: (m.bits, m.name))
 
 
@@ -213,6 +241,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--model", choices=("minilm", "mpnet"), default="minilm")
     parser.add_argument("--json", help="write the raw results here")
+    parser.add_argument("--trellis-budgets", type=float, nargs="+", default=list(TRELLIS_BUDGETS), help="stored bits of the trellis and bound rows (trellis encoding is slow)")
+    parser.add_argument("--only", help="run only the methods whose name matches this regular expression")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -228,7 +258,9 @@ def main() -> None:
     tokens = [layers[0].key.shape[2] for layers in captured]
     exact = (model.embed(docs, None, False)[0], model.embed(queries, None, False)[0])
     results = []
-    for method in methods(head_dim):
+    for method in methods(head_dim, tuple(args.trellis_budgets)):
+        if args.only and not re.search(args.only, method.name):
+            continue
         row = {"method": method.name, "bits": method.bits, "x fp16": round(16 / method.bits, 2)}
         row.update(attention_fidelity(method, captured))
         row.update(end_to_end(model, method, docs, queries, exact))
