@@ -11,7 +11,7 @@ Lloyd-Max codes, the same with code search (``search=True``), and trellis codes
 * encode throughput (vectors/s, median of ``--repeats`` runs after a warm-up).
 
 The default bits include the code bits of 3.5 *stored* bits with a one-byte factor
-(3.5 - 8 / head_dim: 3.25, 3.375, 3.4375), the KV cache's budget of interest.
+(3.5 - 8 / head_dim in steps of 1/8: 3.25, 3.375, 3.375), the KV cache's budget of interest.
 
 Usage: python benchmarks/bench_trellis.py [--n N] [--dims ...] [--bits ...] [--out DIR] [--no-progress]
 """
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import math
 
 import numba
 import numpy as np
@@ -35,8 +36,9 @@ CODECS = {"scalar": {}, "scalar + search": {"search": True}, "trellis": {"quanti
 
 
 def code_bits(bits: float | str, dim: int) -> float:
-    """Bits per coordinate for the codes; "3.5 stored" = 3.5 minus a one-byte factor per vector."""
-    return 3.5 - 8 / dim if bits == "3.5 stored" else float(bits)
+    """Bits per coordinate for the codes; "3.5 stored" = 3.5 minus a one-byte factor per vector,
+    rounded down to the codec's steps of 1/8."""
+    return math.floor((3.5 - 8 / dim) * 8) / 8 if bits == "3.5 stored" else float(bits)
 
 
 def measure(dim: int, bits: float, options: dict, x: np.ndarray, repeats: int, seed: int) -> dict:

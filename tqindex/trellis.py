@@ -13,11 +13,11 @@ Each coordinate still decodes on its own, from its window: random access, no seq
 This is the bitshift trellis of QTIP (Tseng et al., 2024) with a fixed table of Gaussian
 quantiles in a seeded random order (no training: Lloyd updates of the table on Gaussian data
 gained 1%). At 3.25-3.375 bits it cuts the mean squared error of a rotated unit vector by
-35-46% against the Lloyd-Max scalar codes with code search (20-30% at 2 and 4 bits;
-``benchmarks/bench_trellis.py``), for ~100x the encode work: it suits the KV cache, which
-encodes each token once. The encoder also searches the vector's scale (``SCALES``): the trellis's reconstruction
-levels are fixed, and one of several gains fits each vector better (the per-vector factor
-absorbs it).
+36-50% against the Lloyd-Max scalar codes with code search (21-41% at 2 and 4 bits;
+``benchmarks/bench_trellis.py``), for ~1000x the encode work: it suits codes written once and
+read often, where memory counts more than encode time. The encoder also searches the vector's
+scale (``SCALES``): the trellis's levels are fixed, and one of several gains fits each vector
+better (the per-vector factor absorbs it).
 """
 
 from __future__ import annotations

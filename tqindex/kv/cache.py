@@ -280,7 +280,7 @@ class TurboQuantCache(Cache):
         backend: attention over codes: "auto" (Triton on CUDA, else torch), "torch" or "triton".
         search: the codecs' code search (see `TurboQuantCodec`): True, False or "auto"; scalar codes only.
         quantizer: the codecs' quantizer (see `TurboQuantCodec`): "scalar" or "trellis" (lower error at
-            the same bits, ~100x the encode work, encoded on the CPU; mse only; attention over
+            the same bits, ~1000x the encode work, encoded on the CPU; mse only; attention over
             trellis codes runs on the torch backend).
     """
 
