@@ -70,7 +70,7 @@ def test_trellis_codes_beat_searched_scalar_codes(dim, bits):
         errors[name] = ((decoded - x).pow(2).sum(1) / x.pow(2).sum(1)).mean().item()
         # the unbiased scale: each vector's estimate of its own squared norm is exact
         torch.testing.assert_close(codec.inner_products(x[:20], codec.encode(x[:20])).diagonal(), x[:20].pow(2).sum(1), rtol=1e-4, atol=1e-4)
-    # measured: 35-45% lower (tests/test_trellis.py figures are in docs/kv-cache.md)
+    # measured 36-46% lower at these shapes (benchmarks/bench_trellis.py, docs/kv-cache.md)
     assert errors["trellis"] < 0.75 * errors["scalar"], errors
 
 

@@ -233,7 +233,7 @@ class TrellisDecoder:
 
     def levels(self, indices: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Codes uint8 ``(n, D)`` -> decoded levels ``table[window]``, ``dtype`` ``(n, D)``."""
-        table = self._on(indices.device)[4]
+        *_, table = self._on(indices.device)
         return table.to(dtype)[self.windows(indices)]
 
     def _on(self, device: torch.device) -> tuple[torch.Tensor, ...]:
