@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from tqindex._arrays import as_float_rows, as_id_array, is_torch, like
 from tqindex.codec import CodecConfig, Codes, TurboQuantCodec
 from tqindex.kernels import BACKENDS, Chunk, get_scanner, scan_topk
+from tqindex.kernels.fastscan import FastScanner, KeyColumns
 from tqindex.memstore import MemoryStore
 from tqindex.errors import CorruptIndexError
 from tqindex.storage import ColumnSpec, ColumnStore
@@ -66,7 +67,7 @@ class TurboQuantIndex:
         metric: "ip" (inner product) or "cosine" (vectors and queries normalised on the way in).
         variant, rotation, scale, seed, search: passed to `TurboQuantCodec`.
         path: None for an index in RAM, or a new directory for an on-disk index.
-        backend: scan backend ("auto", "torch", "lut", "triton"), see `tqindex.kernels.get_scanner`.
+        backend: scan backend ("auto", "torch", "lut", "fastscan", "triton"), see `tqindex.kernels.get_scanner`.
         chunk_rows: rows scanned per step; bounds the memory a search holds.
         device: where codes are scanned; other than "cpu", the same as calling ``.to(device)``.
 
@@ -133,6 +134,8 @@ class TurboQuantIndex:
         self.device = torch.device("cpu")
         #: codes and factors as tensors on ``self.device`` after ``to()``; None: read from the store
         self._resident: tuple[torch.Tensor, torch.Tensor] | None = None
+        #: the fast-scan's key columns of codes in RAM (``_key_columns``), made at the first such search
+        self._columns: KeyColumns | None = None
         self._rows = 0
         self._deleted_mask = np.zeros(0, dtype=bool)  # capacity grows by doubling; see _deleted
         self._closed = False
@@ -197,6 +200,8 @@ class TurboQuantIndex:
             held += sum(a.nbytes for a in self._id_lookup)
         if self._resident is not None and self.device.type == "cpu":
             held += sum(t.numel() * t.element_size() for t in self._resident)
+        if self._columns is not None:
+            held += self._columns.nbytes
         return held
 
     def to(self, device: str | torch.device) -> "TurboQuantIndex":
@@ -293,7 +298,7 @@ class TurboQuantIndex:
         allowed = None if filter is None else np.unique(as_id_array(filter, "filter"))
         rotated = self.codec.rotate_queries(rows.to(self.device))
         scanner = get_scanner(self.codec, self.backend, self.device, queries=rows.shape[0])
-        scores, found = scan_topk(self.codec, scanner, rotated, self._chunks(allowed), int(k), self._fetch)
+        scores, found = scan_topk(self.codec, scanner, rotated, self._chunks(allowed, scanner), int(k), self._fetch)
         found = found.cpu().numpy()
         ids = self._store.read_at("ids", np.maximum(found, 0).ravel()).reshape(found.shape)
         ids[found < 0] = -1
@@ -310,9 +315,11 @@ class TurboQuantIndex:
         vectors = self.codec.decode(Codes(packed.cpu().numpy(), factors.cpu().numpy()))
         return vectors[0] if np.ndim(ids) == 0 else vectors
 
-    def _chunks(self, allowed: np.ndarray | None) -> Iterator[Chunk]:
+    def _chunks(self, allowed: np.ndarray | None, scanner: Any) -> Iterator[Chunk]:
         """The rows to scan, chunk by chunk: from the resident tensors, or read from the store."""
         step = self.chunk_rows if self.device.type == "cpu" else max(self.chunk_rows, _RESIDENT_CHUNK_ROWS)
+        step = max(step, getattr(scanner, "rows_per_call", 0))
+        columns = self._key_columns(scanner)
         for start in range(0, self._rows, step):
             stop = min(start + step, self._rows)
             valid = ~self._deleted[start:stop]
@@ -324,7 +331,24 @@ class TurboQuantIndex:
                 packed, factors = (t[start:stop] for t in self._resident)
             else:
                 packed, factors = (torch.from_numpy(self._store.read_rows(n, start, stop)) for n in ("codes", "factors"))
-            yield Chunk(start, packed, factors, None if valid.all() else torch.from_numpy(valid).to(self.device))
+            valid = None if valid.all() else torch.from_numpy(valid).to(self.device)
+            yield Chunk(start, packed, factors, valid, None if columns is None else columns.rows(start, stop))
+
+    def _key_columns(self, scanner: Any) -> KeyColumns | None:
+        """The fast-scan's key columns of codes held in RAM, brought up to date; None for other
+        scanners and for codes read from disk (a search then holds only a chunk of rows)."""
+        if not isinstance(scanner, FastScanner):
+            return None
+        if self._resident is not None:
+            codes = self._resident[0].numpy()
+        elif isinstance(self._store, MemoryStore):
+            codes = self._store.column("codes")
+        else:
+            return None
+        if self._columns is None or self._columns.scanner is not scanner:
+            self._columns = KeyColumns(scanner)
+        self._columns.update(codes)
+        return self._columns
 
     def _fetch(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Codes and factors of ``rows`` (int64 ``(u,)``), on ``self.device``."""

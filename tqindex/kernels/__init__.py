@@ -8,11 +8,11 @@ import weakref
 import torch
 
 from tqindex.codec import TurboQuantCodec
-from tqindex.kernels import lut
+from tqindex.kernels import fastscan, lut
 from tqindex.kernels.gemm import GemmScanner
 from tqindex.kernels.scan import Chunk, Scanner, candidate_count, scan_topk
 
-BACKENDS = ("auto", "torch", "lut", "triton")
+BACKENDS = ("auto", "torch", "lut", "fastscan", "triton")
 
 #: "auto" on the CPU scans with look-up tables (where the layout allows) while queries x bits
 #: <= this, else decodes + GEMMs. Table work grows with the code bytes per query, decode work
@@ -35,10 +35,11 @@ def get_scanner(
     """The scanner for ``backend`` on ``device`` for a batch of ``queries``.
 
     "torch": decode + GEMM in torch (any device). "lut": per-byte look-up tables (CPU, numba;
-    layouts of 1, 2, 4 or 8 index bits). "triton": the fused Triton kernel (CUDA tensors, or CPU
+    layouts of 1, 2, 4 or 8 index bits). "fastscan": the compiled SIMD fast-scan (CPU, every
+    scalar layout; ``kernels.fastscan``). "triton": the fused Triton kernel (CUDA tensors, or CPU
     tensors under ``TRITON_INTERPRET=1``). "auto": triton on a CUDA device where triton is
-    installed; on the CPU, lut while ``queries * bits <= LUT_MAX_QUERY_BITS`` where the layout
-    allows, else torch.
+    installed; on the CPU, fastscan where the extension is built, else (with a warning) lut while
+    ``queries * bits <= LUT_MAX_QUERY_BITS`` where the layout allows, else torch.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -46,11 +47,14 @@ def get_scanner(
     if backend == "auto":
         if on_cuda:
             backend = "triton" if _triton_available() else "torch"
+        elif fastscan.supports(codec):
+            backend = "fastscan"
         else:
+            fastscan.warn_if_missing()
             few = queries * float(codec.config.bits) <= LUT_MAX_QUERY_BITS
             backend = "lut" if few and lut.supports(codec.layout) else "torch"
-    if backend == "lut" and on_cuda:
-        raise ValueError("backend='lut' runs on the CPU only")
+    if backend in ("lut", "fastscan") and on_cuda:
+        raise ValueError(f"backend={backend!r} runs on the CPU only")
     made = _SCANNERS.setdefault(codec, {})
     if backend not in made:
         made[backend] = _make_scanner(codec, backend)
@@ -64,6 +68,8 @@ def _make_scanner(codec: TurboQuantCodec, backend: str) -> Scanner:
         return TritonScanner(codec)
     if backend == "lut":
         return lut.LutScanner(codec)
+    if backend == "fastscan":
+        return fastscan.FastScanner(codec)
     return GemmScanner(codec)
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Iterable, Protocol
 
+import numpy as np
 import torch
 
 from tqindex.codec import TurboQuantCodec
@@ -22,12 +23,17 @@ _RESCORE_QUERY_BLOCK = 256
 
 @dataclass(frozen=True)
 class Chunk:
-    """Rows ``[start, start + n)``: packed uint8 ``(n, B)``, factors float32 ``(n, F)``, optional bool ``valid`` ``(n,)``."""
+    """Rows ``[start, start + n)``: packed uint8 ``(n, B)``, factors float32 ``(n, F)``, optional bool ``valid`` ``(n,)``.
+
+    ``key_columns``: optional, the fast-scan's layout of the same rows (``FastScanner.key_columns``),
+    where the caller keeps one; ``start`` is then a multiple of 32. Other scanners ignore it.
+    """
 
     start: int
     packed: torch.Tensor
     factors: torch.Tensor
     valid: torch.Tensor | None = None
+    key_columns: np.ndarray | None = None
 
 
 class Scanner(Protocol):
@@ -60,6 +66,9 @@ def scan_topk(
     Returns:
         scores float32 ``(m, k)`` best first (``-inf`` past the rows that qualified) and rows int64 ``(m, k)`` (``-1`` there).
     """
+    search = getattr(scanner, "search", None)
+    if search is not None:  # the scanner keeps its own exact top-k (the compiled fast-scan)
+        return search(rotated_queries, chunks, k)
     m = rotated_queries.shape[0]
     wanted = candidate_count(k)
     running = RunningTopK(m, wanted, device=rotated_queries.device)
