@@ -438,7 +438,11 @@ class TurboQuantCodec:
     # ---- inner products ----------------------------------------------------------------
     def rotate_queries(self, q: Any) -> torch.Tensor:
         """Queries ``(m, d)`` (or ``(d,)``) -> rotated float32 ``(m, D)``; with prod, ``(m, 2D)``: ``[P q, S P q]``."""
-        rotated = self.rotation.forward(as_float_rows(q, self.dim, "queries"))
+        return self.rotate_rows(as_float_rows(q, self.dim, "queries"))
+
+    def rotate_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """``rotate_queries`` of rows already checked: float32 torch ``(m, d)``, finite."""
+        rotated = self.rotation.forward(rows)
         if self.qjl is None:
             return rotated
         return torch.cat([rotated, rotated @ self._on(self.qjl, rotated.device).t()], dim=1)

@@ -296,7 +296,7 @@ class TurboQuantIndex:
         if k > self.ntotal:
             raise ValueError(f"k={k} exceeds the {self.ntotal} vectors in the index")
         allowed = None if filter is None else np.unique(as_id_array(filter, "filter"))
-        rotated = self.codec.rotate_queries(rows.to(self.device))
+        rotated = self.codec.rotate_rows(rows.to(self.device))  # rows are checked: no second pass over them
         scanner = get_scanner(self.codec, self.backend, self.device, queries=rows.shape[0])
         scores, found = scan_topk(self.codec, scanner, rotated, self._chunks(allowed, scanner), int(k), self._fetch)
         found = found.cpu().numpy()
