@@ -13,29 +13,17 @@ import math
 import pytest
 import torch
 
-triton = pytest.importorskip("triton")
-tl = triton.language
+pytest.importorskip("triton")
 
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM  # noqa: E402
 
-from tqindex.codec import TurboQuantCodec  # noqa: E402
 from tqindex.kv import TurboQuantCache, codes_attention  # noqa: E402
 from tqindex.kv import attention as torch_attention  # noqa: E402
-from tqindex.kv.triton_attention import (  # noqa: E402
-    DEFAULT_SMS,
-    INTERPRETED,
-    KernelOptions,
-    kernel_layout,
-    plan,
-    triton_codes_attention,
-    unpack_indices,
-)
+from tqindex.kv.triton_attention import DEFAULT_SMS, KernelOptions, plan, triton_codes_attention  # noqa: E402
+from triton_device import DEVICE  # noqa: E402
 
 pytestmark = pytest.mark.triton
-ON_GPU = torch.cuda.is_available() and not INTERPRETED
-DEVICE = "cuda" if ON_GPU else "cpu"
-if not ON_GPU and not INTERPRETED:
-    pytest.skip("compiled Triton needs a CUDA GPU: set TRITON_INTERPRET=1 to run these on the CPU", allow_module_level=True)
+ON_GPU = DEVICE.type == "cuda"
 
 
 def layer_states(batch=2, heads=2, tokens=40, dim=32, bits=(3, 3), variants=("mse", "mse"), window=4, chunk=4, seed=0, **options):
@@ -52,41 +40,6 @@ def padding_mask(batch: int, q_len: int, tokens: int) -> torch.Tensor:
     mask[0, :, :, :3] = False  # left padding in the codes
     mask[-1, :, :, -2:] = False  # and some window tokens
     return mask.to(DEVICE)
-
-
-@triton.jit
-def _unpack_kernel(P, OUT, n, stride, FIELDS: tl.constexpr, R: tl.constexpr, D_PAD: tl.constexpr, ROWS: tl.constexpr):
-    rows = tl.arange(0, ROWS)
-    idx = unpack_indices(P + rows * stride, rows < n, FIELDS, R, D_PAD)
-    tl.store(OUT + rows[:, None] * D_PAD + tl.arange(0, D_PAD)[None, :], idx)
-
-
-@pytest.mark.parametrize(
-    "dim, bits, variant",
-    [(32, 1, "mse"), (32, 2, "mse"), (32, 3, "mse"), (32, 4, "mse"), (32, 5, "mse"), (32, 6, "mse"), (32, 7, "mse"),
-     (32, 8, "mse"), (48, 2.5, "mse"), (32, 3.125, "mse"), (32, 7.5, "mse"), (24, 3, "prod")],
-)  # fmt: skip
-def test_unpack_indices_read_every_layout_as_the_codec_packs_it(dim, bits, variant):
-    codec = TurboQuantCodec(dim, bits, variant=variant)
-    layout = codec.layout
-    rows = 5
-    indices = torch.randint(0, 1 << layout.base_bits, (rows, layout.dim))
-    extra = layout.extra_coords  # these coordinates have one more bit
-    indices[:, :extra] = torch.randint(0, 2 << layout.base_bits, (rows, extra))
-    indices = indices.to(torch.uint8)
-    signs = torch.rand(rows, layout.dim) > 0.5 if layout.sign_field else None
-    packed = layout.pack(indices, signs).to(DEVICE)
-    assert torch.equal(layout.unpack_indices(packed.cpu()), indices)
-    d_pad = max(16, triton.next_power_of_2(layout.dim))
-    fields, per_byte, sign_offset = kernel_layout(layout)
-    plans = [(fields, per_byte, indices.int())]
-    if signs is not None:
-        plans.append((((layout.dim, 1, 0, sign_offset),), 8, signs.int()))
-    for fields, per_byte, expected in plans:
-        out = torch.full((8, d_pad), -1, dtype=torch.int32, device=DEVICE)
-        _unpack_kernel[(1,)](packed, out, rows, packed.stride(0), FIELDS=fields, R=per_byte, D_PAD=d_pad, ROWS=8)
-        assert torch.equal(out[:rows, : layout.dim].cpu(), expected)
-        assert out[rows:].eq(0).all() and out[:, layout.dim :].eq(0).all()  # masked rows and padding read nothing
 
 
 CASES = {

@@ -27,6 +27,7 @@ from transformers.cache_utils import DYNAMIC_LAYER_TYPE_MAPPING, Cache, DynamicL
 from transformers.configuration_utils import PreTrainedConfig
 
 from tqindex.codec import CodecConfig, Codes, TurboQuantCodec
+from tqindex.kernels import encode
 from tqindex.kv.compressed import CompressedKV, map_codes
 from tqindex.kv.factors import LogByteFactors
 
@@ -136,7 +137,7 @@ class TurboQuantLayer(DynamicLayer):
     def _encode(self, codec: TurboQuantCodec, states: torch.Tensor, role: str) -> Codes:
         """Encode ``(B, H, t, d)`` states -> ``Codes`` ``(B, H, t, C)`` and ``(B, H, t, F)`` as stored."""
         batch, heads, tokens, dim = states.shape
-        codes = codec.encode(states.reshape(-1, dim))
+        codes = encode(codec, states.reshape(-1, dim))  # on a GPU: the fused Triton encoder
         if self.factor_dtypes[role] == LOG8:
             log_factors = self._log_factors.setdefault(role, LogByteFactors.fit(codes.factors))
             factors = log_factors.encode(codes.factors)

@@ -6,8 +6,9 @@ the query positions: ``M = g * L``) and ``Tc`` encoded tokens, then ``Tw`` dense
 1. `_split_kernel`, grid ``(N, S, row blocks)``: program ``(n, s, .)`` owns a contiguous range of
    ``SPLIT_BLOCKS * BLOCK_T`` tokens. Per block of ``BLOCK_T`` tokens it loads the packed key and
    value rows once for all ``BLOCK_M`` rows (the GQA group shares each code read), unpacks them in
-   registers (`unpack_indices`: whole bytes loaded contiguously, shift and mask per bit field of
-   `tqindex.packing.BitLayout`), looks the levels up, decodes one-byte log factors in place, and
+   registers with the shared helper `tqindex.kernels.triton_unpack` (whole byte tiles, shift, mask
+   and interleave per bit field, levels by select tree or an L1 gather), decodes one-byte log
+   factors in place, and
    keeps an online softmax: running max, sum of exponentials and the value sum in rotated space
    (DESIGN.md section 5: rotated back once, after the merge). It writes one partial per split.
 2. `_merge_kernel`, grid ``(N, row blocks)``: merges the ``S`` partials, adds the key centring's
@@ -36,9 +37,9 @@ import triton
 import triton.language as tl
 
 from tqindex.codec import TurboQuantCodec
+from tqindex.kernels.triton_unpack import levels_table, unpack_constants, unpack_levels, unpack_signs
 from tqindex.kv.compressed import CompressedKV
 from tqindex.kv.factors import STEPS_PER_OCTAVE
-from tqindex.packing import BitLayout
 
 DEFAULT_SMS = 132  # an H200's SM count: the split plan when no GPU is at hand (the interpreter)
 PROGRAMS_PER_SM = 4  # split-kernel programs the grid aims at per SM
@@ -49,81 +50,22 @@ _NONE, _BOOL, _FLOAT = 0, 1, 2  # mask modes
 _LOG_STEPS = tl.constexpr(STEPS_PER_OCTAVE)
 
 
-# ---- unpacking ----------------------------------------------------------------------------
-
-
-@triton.jit
-def _field_slot(
-    row_ptrs, row_ok, j,
-    R: tl.constexpr, SLOT: tl.constexpr, STOP: tl.constexpr, WIDTH: tl.constexpr, SHIFT: tl.constexpr, OFFSET: tl.constexpr,
-):  # fmt: skip
-    """One field's bits of coordinates ``R * j + SLOT`` of rows ``row_ptrs`` ``(BT,)``, in place: int32 ``(BT, JB)``."""
-    PER: tl.constexpr = 8 // WIDTH  # coordinates per byte
-    STRIDE: tl.constexpr = R // PER  # bytes between coordinates R * j + SLOT and R * (j + 1) + SLOT
-    ok = row_ok[:, None] & (R * j + SLOT < STOP)[None, :]
-    byte = tl.load(row_ptrs[:, None] + (OFFSET + SLOT // PER + STRIDE * j)[None, :], mask=ok, other=0).to(tl.int32)
-    return ((byte >> ((SLOT % PER) * WIDTH)) & ((1 << WIDTH) - 1)) << SHIFT
-
-
-@triton.jit
-def _slot(row_ptrs, row_ok, FIELDS: tl.constexpr, R: tl.constexpr, SLOT: tl.constexpr, JB: tl.constexpr):
-    """Code indices of coordinates ``R * j + SLOT``, ``j < JB``: int32 ``(BT, JB)``, 0 where masked."""
-    j = tl.arange(0, JB)
-    idx = _field_slot(row_ptrs, row_ok, j, R, SLOT, FIELDS[0][0], FIELDS[0][1], FIELDS[0][2], FIELDS[0][3])
-    for f in tl.static_range(1, len(FIELDS)):
-        idx |= _field_slot(row_ptrs, row_ok, j, R, SLOT, FIELDS[f][0], FIELDS[f][1], FIELDS[f][2], FIELDS[f][3])
-    return idx
-
-
-@triton.jit
-def _interleave(a, b):
-    """``(X, W)`` and ``(X, W)`` -> ``(X, 2W)``: ``a``'s columns at even positions, ``b``'s at odd."""
-    return tl.reshape(tl.join(a, b), (a.shape[0], 2 * a.shape[1]))
-
-
-@triton.jit
-def unpack_indices(row_ptrs, row_ok, FIELDS: tl.constexpr, R: tl.constexpr, D_PAD: tl.constexpr):
-    """Code indices of packed rows ``row_ptrs`` ``(BT,)``: int32 ``(BT, D_PAD)`` in coordinate order.
-
-    ``FIELDS``: ``(stop, width, shift, offset)`` per field (`BitLayout`); ``R``: the most
-    coordinates any field packs per byte. Slot ``r`` (coordinates ``R * j + r``) reads whole bytes
-    (contiguous when a field packs ``R`` per byte), and the slots are interleaved back into
-    coordinate order in registers.
-    """
-    JB: tl.constexpr = D_PAD // R
-    if R == 1:
-        idx = _slot(row_ptrs, row_ok, FIELDS, R, 0, JB)
-    elif R == 2:
-        idx = _interleave(_slot(row_ptrs, row_ok, FIELDS, R, 0, JB), _slot(row_ptrs, row_ok, FIELDS, R, 1, JB))
-    elif R == 4:
-        even = _interleave(_slot(row_ptrs, row_ok, FIELDS, R, 0, JB), _slot(row_ptrs, row_ok, FIELDS, R, 2, JB))
-        odd = _interleave(_slot(row_ptrs, row_ok, FIELDS, R, 1, JB), _slot(row_ptrs, row_ok, FIELDS, R, 3, JB))
-        idx = _interleave(even, odd)
-    else:
-        s0 = _interleave(_slot(row_ptrs, row_ok, FIELDS, R, 0, JB), _slot(row_ptrs, row_ok, FIELDS, R, 4, JB))
-        s2 = _interleave(_slot(row_ptrs, row_ok, FIELDS, R, 2, JB), _slot(row_ptrs, row_ok, FIELDS, R, 6, JB))
-        s1 = _interleave(_slot(row_ptrs, row_ok, FIELDS, R, 1, JB), _slot(row_ptrs, row_ok, FIELDS, R, 5, JB))
-        s3 = _interleave(_slot(row_ptrs, row_ok, FIELDS, R, 3, JB), _slot(row_ptrs, row_ok, FIELDS, R, 7, JB))
-        idx = _interleave(_interleave(s0, s2), _interleave(s1, s3))
-    return idx
+# ---- reading codes -----------------------------------------------------------------------
 
 
 @triton.jit
 def _rows(
-    P, row_base, offs_t, tmask, s_t, F, f_base, s_ft, levels, low, d,
-    D: tl.constexpr, FIELDS: tl.constexpr, R: tl.constexpr, EXTRA: tl.constexpr, N_LO: tl.constexpr,
-    SIGN_OFFSET: tl.constexpr, LOG: tl.constexpr, D_PAD: tl.constexpr,
+    P, row_base, offs_t, tmask, s_t, F, f_base, s_ft, table, low,
+    FIELDS: tl.constexpr, LEVELS: tl.constexpr, N_LO: tl.constexpr, EXTRA: tl.constexpr, SIGN_OFFSET: tl.constexpr,
+    LOG: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
 ):  # fmt: skip
-    """Levels ``(BT, D_PAD)``, first factor ``(BT,)``, and for prod QJL signs (+-1) and second factor."""
-    row_ptrs = P + row_base + offs_t.to(tl.int64) * s_t
-    ok = tmask[:, None] & (d < D)[None, :]
-    idx = unpack_indices(row_ptrs, tmask, FIELDS, R, D_PAD) + tl.where(d < EXTRA, N_LO, 0)[None, :]
-    lev = tl.load(levels + idx, mask=ok, other=0.0)
+    """Tokens ``offs_t``: levels ``(BT, D_PAD)`` and first factor ``(BT,)``; for prod QJL signs (+-1) and second factor."""
+    row_ptrs = P + row_base + offs_t.to(tl.int64)[:, None] * s_t
+    lev = unpack_levels(row_ptrs, tmask[:, None], 0, table, FIELDS, LEVELS, N_LO, EXTRA, D, D_PAD)
     factor_ptrs = F + f_base + offs_t.to(tl.int64) * s_ft
     scale = _factor(factor_ptrs, tmask, LOG, low)
     if SIGN_OFFSET >= 0:
-        signs = unpack_indices(row_ptrs, tmask, ((D, 1, 0, SIGN_OFFSET),), 8, D_PAD)
-        signs = tl.where(ok, signs.to(tl.float32) * 2.0 - 1.0, 0.0)
+        signs = unpack_signs(row_ptrs, tmask[:, None], 0, SIGN_OFFSET, D, D_PAD)
         qjl = _factor(factor_ptrs + 1, tmask, LOG, low)
     else:
         signs = lev
@@ -210,13 +152,13 @@ def _online(top, s):
 
 @triton.jit
 def _split_kernel(
-    Q, KP, KF, VP, VF, MASK, ACC, TOP, TOTAL, K_LEVELS, V_LEVELS,
+    Q, KP, KF, VP, VF, MASK, ACC, TOP, TOTAL, K_TABLE, V_TABLE,
     k_low, v_low, scaling, tokens, rows, q_len, heads, causal_shift,
     s_qn, s_qm, s_kpb, s_kph, s_kpt, s_kfb, s_kfh, s_kft, s_vpb, s_vph, s_vpt, s_vfb, s_vfh, s_vft,
     s_mb, s_ml, s_mt, s_an, s_as, s_am,
     D: tl.constexpr, D_PAD: tl.constexpr,
-    K_FIELDS: tl.constexpr, K_R: tl.constexpr, K_EXTRA: tl.constexpr, K_N_LO: tl.constexpr, K_SIGN_OFFSET: tl.constexpr, K_LOG: tl.constexpr,
-    V_FIELDS: tl.constexpr, V_R: tl.constexpr, V_EXTRA: tl.constexpr, V_N_LO: tl.constexpr, V_SIGN_OFFSET: tl.constexpr, V_LOG: tl.constexpr,
+    K_FIELDS: tl.constexpr, K_LEVELS: tl.constexpr, K_N_LO: tl.constexpr, K_EXTRA: tl.constexpr, K_SIGN_OFFSET: tl.constexpr, K_LOG: tl.constexpr,
+    V_FIELDS: tl.constexpr, V_LEVELS: tl.constexpr, V_N_LO: tl.constexpr, V_EXTRA: tl.constexpr, V_SIGN_OFFSET: tl.constexpr, V_LOG: tl.constexpr,
     MASK_MODE: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr, SPLIT_BLOCKS: tl.constexpr, DOT: tl.constexpr,
 ):  # fmt: skip
     """Partial attention of rows ``(n, row block)`` over split ``s``'s tokens -> ACC, TOP, TOTAL ``[n, s, rows]``."""
@@ -242,8 +184,8 @@ def _split_kernel(
         offs_t = (split * SPLIT_BLOCKS + i) * BLOCK_T + tl.arange(0, BLOCK_T)
         tmask = offs_t < tokens
         lev, scale, signs, qjl = _rows(
-            KP, b * s_kpb + h * s_kph, offs_t, tmask, s_kpt, KF, b * s_kfb + h * s_kfh, s_kft, K_LEVELS, k_low, d,
-            D, K_FIELDS, K_R, K_EXTRA, K_N_LO, K_SIGN_OFFSET, K_LOG, D_PAD,
+            KP, b * s_kpb + h * s_kph, offs_t, tmask, s_kpt, KF, b * s_kfb + h * s_kfh, s_kft, K_TABLE, k_low,
+            K_FIELDS, K_LEVELS, K_N_LO, K_EXTRA, K_SIGN_OFFSET, K_LOG, D, D_PAD,
         )  # fmt: skip
         s = _scores(q, lev, BLOCK_M, DOT) * scale[None, :]
         if K_SIGN_OFFSET >= 0:
@@ -253,8 +195,8 @@ def _split_kernel(
         total = total * alpha + tl.sum(p, axis=1)
 
         lev, scale, signs, qjl = _rows(
-            VP, b * s_vpb + h * s_vph, offs_t, tmask, s_vpt, VF, b * s_vfb + h * s_vfh, s_vft, V_LEVELS, v_low, d,
-            D, V_FIELDS, V_R, V_EXTRA, V_N_LO, V_SIGN_OFFSET, V_LOG, D_PAD,
+            VP, b * s_vpb + h * s_vph, offs_t, tmask, s_vpt, VF, b * s_vfb + h * s_vfh, s_vft, V_TABLE, v_low,
+            V_FIELDS, V_LEVELS, V_N_LO, V_EXTRA, V_SIGN_OFFSET, V_LOG, D, D_PAD,
         )  # fmt: skip
         acc = acc * alpha[:, None] + _scaled_weighted(p, scale, lev, BLOCK_M, DOT)
         if V_SIGN_OFFSET >= 0:
@@ -393,22 +335,11 @@ def plan(pairs: int, rows: int, tokens: int, dim_pad: int, sms: int, options: Ke
     return Plan(block_m, dot, block_t, split_blocks, triton.cdiv(max(tokens, 1), split_blocks * block_t))
 
 
-@lru_cache(maxsize=64)
-def kernel_layout(layout: BitLayout) -> tuple[tuple[tuple[int, int, int, int], ...], int, int]:
-    """``FIELDS`` (stop, width, shift, offset per index field), ``R`` and the sign field's offset (-1: none)."""
-    fields = tuple((f.stop, f.width, f.shift, f.offset) for f in layout.index_fields)
-    if not fields:
-        raise ValueError("the Triton kernel needs at least one index bit per coordinate")
-    per_byte = max([f.per_byte for f in layout.index_fields] + ([8] if layout.sign_field else []))
-    return fields, per_byte, layout.sign_field.offset if layout.sign_field is not None else -1
-
-
-def _codes_args(codec: TurboQuantCodec, kv: CompressedKV) -> dict:
-    fields, per_byte, sign_offset = kernel_layout(codec.layout)
-    return dict(
-        FIELDS=fields, R=per_byte, EXTRA=codec.layout.extra_coords, N_LO=1 << codec.layout.base_bits,
-        SIGN_OFFSET=sign_offset, LOG=kv.log_factors is not None,
-    )  # fmt: skip
+def _codes_args(prefix: str, codec: TurboQuantCodec, kv: CompressedKV) -> dict:
+    """The split kernel's constexpr arguments for keys (``prefix`` "K") or values ("V")."""
+    layout = unpack_constants(codec)
+    names = ("FIELDS", "LEVELS", "N_LO", "EXTRA", "SIGN_OFFSET")
+    return {f"{prefix}_{name}": layout[name] for name in names} | {f"{prefix}_LOG": kv.log_factors is not None}
 
 
 def _mask_args(mask: torch.Tensor | None, device: torch.device) -> tuple[torch.Tensor, int, tuple[int, int, int]]:
@@ -460,18 +391,13 @@ def triton_codes_attention(
     causal = causal and mask is None and q_len > 1
     causal_shift = tokens - q_len
     kc, vc = key.codes, value.codes
-    k_args, v_args = _codes_args(key_codec, key), _codes_args(value_codec, value)
     _split_kernel[(pairs, launch.splits, triton.cdiv(rows, launch.block_m))](
         rotated, kc.packed, kc.factors, vc.packed, vc.factors, mask_tensor, partial_acc, partial_top, partial_total,
-        *_levels(key_codec, device), *_levels(value_codec, device),
+        levels_table(key_codec, device), levels_table(value_codec, device),
         _low(key), _low(value), scaling, encoded, rows, q_len, heads, causal_shift,
         rotated.stride(0), rotated.stride(1), *kc.packed.stride()[:3], *kc.factors.stride()[:3],
         *vc.packed.stride()[:3], *vc.factors.stride()[:3], *mask_strides, *partial_acc.stride()[:3],
-        D=dim, D_PAD=d_pad,
-        K_FIELDS=k_args["FIELDS"], K_R=k_args["R"], K_EXTRA=k_args["EXTRA"], K_N_LO=k_args["N_LO"],
-        K_SIGN_OFFSET=k_args["SIGN_OFFSET"], K_LOG=k_args["LOG"],
-        V_FIELDS=v_args["FIELDS"], V_R=v_args["R"], V_EXTRA=v_args["EXTRA"], V_N_LO=v_args["N_LO"],
-        V_SIGN_OFFSET=v_args["SIGN_OFFSET"], V_LOG=v_args["LOG"],
+        D=dim, D_PAD=d_pad, **_codes_args("K", key_codec, key), **_codes_args("V", value_codec, value),
         MASK_MODE=mask_mode, CAUSAL=causal, BLOCK_M=launch.block_m, BLOCK_T=launch.block_t,
         SPLIT_BLOCKS=launch.split_blocks, DOT=launch.dot, num_warps=options.num_warps,
     )  # fmt: skip
@@ -511,10 +437,4 @@ def _low(kv: CompressedKV) -> float:
     return kv.log_factors.low if kv.log_factors is not None else 0.0
 
 
-@lru_cache(maxsize=64)
-def _levels(codec: TurboQuantCodec, device: torch.device) -> tuple[torch.Tensor]:
-    """The codec's levels (float32) on ``device``, copied once."""
-    return (codec.levels.to(device),)
-
-
-__all__ = ["DEFAULT_SMS", "INTERPRETED", "KernelOptions", "Plan", "kernel_layout", "plan", "sm_count", "triton_codes_attention", "unpack_indices"]
+__all__ = ["DEFAULT_SMS", "INTERPRETED", "KernelOptions", "Plan", "plan", "sm_count", "triton_codes_attention"]
