@@ -299,3 +299,22 @@ def test_compressed_kv_behaves_as_its_dense_tensor():
     torch.testing.assert_close(keys[:, :, 5:], dense[:, :, 5:])
     assert torch.equal(dense[:, :, 20:], layer.keys)  # the window is kept exactly
     assert "encoded=20" in repr(keys)
+
+
+def test_decode_runs_under_torch_compile_with_the_cache_as_an_opaque_call(model):
+    # dynamo traces the model around the cache's update and the codes attention (torch.compiler.disable)
+    model.set_attn_implementation("turboquant")
+    ids = prompt(24)
+
+    def run(forward) -> torch.Tensor:
+        cache = TurboQuantCache(4, 4, window=4, chunk=4)
+        logits = [forward(input_ids=ids, past_key_values=cache).logits[:, -1]]
+        for _ in range(4):  # every step reads codes; the fourth flushes a chunk
+            logits.append(forward(input_ids=logits[-1].argmax(-1, keepdim=True), past_key_values=cache).logits[:, -1])
+        assert cache.layers[0].encoded_len == 24
+        return torch.stack(logits)
+
+    with torch.no_grad():
+        eager = run(model.forward)
+        compiled = run(torch.compile(model.forward, backend="eager"))
+    torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-5)

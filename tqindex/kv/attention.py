@@ -38,6 +38,7 @@ _QUERY_BLOCK = 256  # query positions per step of the torch backend: memory line
 _UNSUPPORTED_KWARGS = ("softcap", "s_aux", "position_bias")
 
 
+@torch.compiler.disable  # under torch.compile: one opaque call between compiled regions (see docs/kv-cache.md)
 def turboquant_attention(
     module: torch.nn.Module,
     query: torch.Tensor,

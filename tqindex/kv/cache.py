@@ -90,6 +90,7 @@ class TurboQuantLayer(DynamicLayer):
         factors = torch.empty((batch, heads, 0, codec.n_factors), dtype=dtype, device=states.device)
         return Codes(packed, factors)
 
+    @torch.compiler.disable  # Python control flow, host syncs at a flush, a tensor subclass: runs eagerly under torch.compile
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
         """Append ``(B, H, t, d)`` keys and values; return all of them (`CompressedKV` once any are encoded).
 
