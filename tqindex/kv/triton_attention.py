@@ -17,9 +17,9 @@ the query positions: ``M = g * L``) and ``Tc`` encoded tokens, then ``Tw`` dense
    and the window part (model space) of every row.
 3. ``codec.finish`` rotates the code part back (one matrix product) and the window part is added.
 
-Products: with at most 16 rows per (batch, KV head) (decode: ``g`` rows per position), one row at
-a time on CUDA cores in float32, exact; with more rows (extend, prefill with old codes), blocks of
-64 rows on tensor cores (``tl.dot``, float16 operands, float32 sums). The number of splits ``S``
+Products: with at most 8 rows per (batch, KV head) (decode: ``g`` rows per position), one row at
+a time on CUDA cores in float32, exact; with more rows (speculative decode, extend, prefill after
+earlier codes), blocks of up to 64 rows on tensor cores (``tl.dot``, float16 operands, float32 sums). The number of splits ``S``
 aims the grid at a few programs per SM (`plan`): flash-decoding (Dao et al. 2023).
 
 Loop counts are compile-time constants (powers of two of blocks, masked at the ends), so no loop
@@ -43,7 +43,9 @@ from tqindex.kv.factors import STEPS_PER_OCTAVE
 
 DEFAULT_SMS = 132  # an H200's SM count: the split plan when no GPU is at hand (the interpreter)
 PROGRAMS_PER_SM = 4  # split-kernel programs the grid aims at per SM
-FMA_MAX_ROWS = 16  # up to this many rows per (batch, KV head): CUDA-core products; beyond: tensor cores
+FMA_MAX_ROWS = 8  # up to this many rows per (batch, KV head): CUDA-core products; beyond: tensor cores
+SPLIT_WARPS = 8  # ptxas for sm_90 (benchmarks/kv_kernel_resources.py): 4 rows x 64 tokens x 128 coordinates fit
+# in 127 registers with 8 warps and spill with 4; 8 rows take 255 without spilling
 _DOT_BLOCK_M = 64
 _MERGE_TILE = 8192  # elements of one (splits, rows, coordinates) tile in the merge
 _NONE, _BOOL, _FLOAT = 0, 1, 2  # mask modes
@@ -297,7 +299,7 @@ class KernelOptions:
     splits: int | None = None
     block_t: int | None = None
     dot: bool | None = None
-    num_warps: int = 4
+    num_warps: int = SPLIT_WARPS
     merge_warps: int = 4
 
 
@@ -405,7 +407,7 @@ def triton_codes_attention(
     value_dim = value_codec.dim
     codes_part = torch.empty((pairs, rows, acc_dim), dtype=torch.float32, device=device)
     window_part = torch.empty((pairs, rows, value_dim), dtype=torch.float32, device=device)
-    merge_m = launch.block_m if launch.dot else min(launch.block_m, FMA_MAX_ROWS)
+    merge_m = launch.block_m
     acc_pad, dk_pad, dv_pad = triton.next_power_of_2(acc_dim), triton.next_power_of_2(head_dim), triton.next_power_of_2(value_dim)
     block_s = max(1, min(triton.next_power_of_2(launch.splits), _MERGE_TILE // (merge_m * acc_pad)))
     block_w = 32 if launch.dot or merge_m * dk_pad <= 2048 else 16
