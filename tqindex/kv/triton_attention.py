@@ -8,9 +8,9 @@ the query positions: ``M = g * L``) and ``Tc`` encoded tokens, then ``Tw`` dense
    value rows once for all ``BLOCK_M`` rows (the GQA group shares each code read), unpacks them in
    registers with the shared helper `tqindex.kernels.triton_unpack` (whole byte tiles, shift, mask
    and interleave per bit field, levels by select tree or an L1 gather), decodes one-byte log
-   factors in place, and
-   keeps an online softmax: running max, sum of exponentials and the value sum in rotated space
-   (DESIGN.md section 5: rotated back once, after the merge). It writes one partial per split.
+   factors in place, and keeps an online softmax: running max, sum of exponentials and the value
+   sum in rotated space (DESIGN.md section 5: rotated back once, after the merge). It writes one
+   partial per split.
 2. `_merge_kernel`, grid ``(N, row blocks)``: merges the ``S`` partials, adds the key centring's
    ``q . offset`` to the code logits, attends the dense window exactly (online softmax over
    blocks, so memory stays linear in the window), and writes the normalised code part (rotated)
@@ -19,8 +19,9 @@ the query positions: ``M = g * L``) and ``Tc`` encoded tokens, then ``Tw`` dense
 
 Products: with at most 8 rows per (batch, KV head) (decode: ``g`` rows per position), one row at
 a time on CUDA cores in float32, exact; with more rows (speculative decode, extend, prefill after
-earlier codes), blocks of up to 64 rows on tensor cores (``tl.dot``, float16 operands, float32 sums). The number of splits ``S``
-aims the grid at a few programs per SM (`plan`): flash-decoding (Dao et al. 2023).
+earlier codes), blocks of up to 64 rows on tensor cores (``tl.dot``, float16 operands, float32
+sums). The number of splits ``S`` aims the grid at a few programs per SM (`plan`): flash-decoding
+(Dao et al. 2023).
 
 Loop counts are compile-time constants (powers of two of blocks, masked at the ends), so no loop
 bound is a runtime tensor: Triton's interpreter on numpy >= 2.5 cannot turn one into an int.
