@@ -37,7 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
-from tqindex.codec import TurboQuantCodec
+from tqindex.codec import Codes, TurboQuantCodec
 from tqindex.kernels.triton_unpack import levels_table, unpack_constants, unpack_levels, unpack_signs
 from tqindex.kv.compressed import CompressedKV
 from tqindex.kv.factors import STEPS_PER_OCTAVE
@@ -382,7 +382,7 @@ def triton_codes_attention(
     group, pairs = q_heads // heads, batch * heads
     rows, window = group * q_len, tokens - encoded
     device = query.device
-    queries = query.reshape(pairs, rows, head_dim)  # (N, M, d): rows are (query head of the group, position)
+    queries = _unit_last(query.reshape(pairs, rows, head_dim))  # (N, M, d): rows are (query head of the group, position)
     rotated = key_codec.rotate_queries(queries.reshape(-1, head_dim).float()).view(pairs, rows, -1)
     d_pad = max(16, triton.next_power_of_2(dim))
     launch = plan(pairs, rows, encoded, d_pad, sm_count(device), options)
@@ -393,7 +393,7 @@ def triton_codes_attention(
     mask_tensor, mask_mode, mask_strides = _mask_args(mask, device)
     causal = causal and mask is None and q_len > 1
     causal_shift = tokens - q_len
-    kc, vc = key.codes, value.codes
+    kc, vc = (Codes(_unit_last(kv.codes.packed), _unit_last(kv.codes.factors)) for kv in (key, value))
     _split_kernel[(pairs, launch.splits, triton.cdiv(rows, launch.block_m))](
         rotated, kc.packed, kc.factors, vc.packed, vc.factors, mask_tensor, partial_acc, partial_top, partial_total,
         levels_table(key_codec, device), levels_table(value_codec, device),
@@ -412,8 +412,8 @@ def triton_codes_attention(
     acc_pad, dk_pad, dv_pad = triton.next_power_of_2(acc_dim), triton.next_power_of_2(head_dim), triton.next_power_of_2(value_dim)
     block_s = max(1, min(triton.next_power_of_2(launch.splits), _MERGE_TILE // (merge_m * acc_pad)))
     block_w = 32 if launch.dot or merge_m * dk_pad <= 2048 else 16
-    offset = key.offset if key.offset is not None else query.new_empty((1, 1, 1, 1))
-    kw, vw = key.window, value.window
+    offset = _unit_last(key.offset) if key.offset is not None else query.new_empty((1, 1, 1, 1))
+    kw, vw = _unit_last(key.window), _unit_last(value.window)
     _merge_kernel[(pairs, triton.cdiv(rows, merge_m))](
         partial_acc, partial_top, partial_total, queries, offset, kw, vw, mask_tensor, codes_part, window_part,
         launch.splits, rows, q_len, heads, window, encoded, causal_shift, scaling,
@@ -427,6 +427,11 @@ def triton_codes_attention(
     )  # fmt: skip
     out = value_codec.finish(codes_part) + window_part
     return out.view(batch, q_heads, q_len, value_dim).to(query.dtype)
+
+
+def _unit_last(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` with a unit stride along its last dim (the kernels index it so); copied only if needed."""
+    return tensor if tensor.stride(-1) == 1 else tensor.contiguous()
 
 
 def _loops(count: int, block: int) -> int:
