@@ -422,7 +422,8 @@ def triton_codes_attention(
         window_part.stride(0), window_part.stride(1),
         DACC=acc_dim, DACC_PAD=acc_pad, DK=head_dim, DK_PAD=dk_pad, DV=value_dim, DV_PAD=dv_pad,
         HAS_OFFSET=key.offset is not None, MASK_MODE=mask_mode, CAUSAL=causal, BLOCK_M=merge_m,
-        BLOCK_S=block_s, SPLIT_LOOPS=_loops(launch.splits, block_s), BLOCK_W=block_w, WINDOW_LOOPS=_loops(window, block_w),
+        BLOCK_S=block_s, SPLIT_LOOPS=triton.next_power_of_2(launch.splits) // block_s, BLOCK_W=block_w,
+        WINDOW_LOOPS=_loops(window, block_w),
         DOT=launch.dot, num_warps=options.merge_warps,
     )  # fmt: skip
     out = value_codec.finish(codes_part) + window_part
@@ -435,7 +436,8 @@ def _unit_last(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def _loops(count: int, block: int) -> int:
-    """Blocks to cover ``count``, rounded up to a power of two past 8 (few compiled variants as ``count`` grows)."""
+    """Blocks to cover ``count``, rounded up to a power of two past 8 (few compiled variants as ``count`` grows:
+    a decode window cycles through ``chunk`` sizes, so it takes at most two)."""
     loops = triton.cdiv(count, block)
     return loops if loops <= 8 else triton.next_power_of_2(loops)
 
