@@ -10,9 +10,8 @@ merged with the code part by the usual max/sum-of-exponentials rescaling.
 Two backends compute the same function: torch (here: queries in blocks of positions, an online
 softmax over blocks of tokens, so memory is linear in both) and the Triton kernels of
 `tqindex.kv.triton_attention` (split-K decode over the codes, then a merge with the window).
-Anything this path does not support (dropout,
-softcapping, sinks, attention weights, masks per head, dense inputs) goes to transformers' sdpa
-on dense tensors.
+Anything this path does not support (dropout, softcapping, sinks, attention weights, masks per
+head, dense inputs) goes to transformers' sdpa on dense tensors.
 
 Shapes: ``B`` batch, ``Hq`` query heads, ``H`` KV heads, ``g = Hq / H``, ``L`` query length,
 ``T = Tc + Tw`` keys (codes, then window), ``d`` head dim, ``N = B * H``, ``M = g * L``.

@@ -101,7 +101,7 @@ class TurboQuantLayer(DynamicLayer):
             self.lazy_initialization(key_states, value_states)
         keys = torch.cat([self.keys, key_states], dim=-2)
         values = torch.cat([self.values, value_states], dim=-2)
-        attended = self._view(keys, values)  # codes encoded before this call: never written again
+        attended = self._view(keys, values) if self.dense_prefill else None  # the codes written before this call
         flush = self._flush_len(keys.shape[-2])
         if flush:
             if self.center_keys and self.key_offset is None:  # exact: softmax ignores q . offset
@@ -114,7 +114,7 @@ class TurboQuantLayer(DynamicLayer):
             self.key_codes, self.value_codes = _concat(self.key_codes, new_keys), _concat(self.value_codes, new_values)
             keys, values = keys[..., flush:, :].clone(), values[..., flush:, :].clone()
         self.keys, self.values = keys, values
-        return attended if self.dense_prefill else self.states()
+        return attended if attended is not None else self.states()
 
     def states(self) -> tuple[torch.Tensor, torch.Tensor]:
         """What the cache holds: `CompressedKV` ``(B, H, Tc + Tw, d)``, or the window while ``Tc == 0``."""
