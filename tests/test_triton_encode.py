@@ -63,3 +63,18 @@ def test_bad_input_is_refused():
         triton_encode.encode(codec, torch.full((2, 16), float("nan"), device=DEVICE))
     with pytest.raises(ValueError, match="overflows float32"):
         triton_encode.encode(codec, torch.full((1, 16), 3e38, device=DEVICE))
+
+
+@pytest.mark.skipif(DEVICE.type != "cuda", reason="kernels.encode takes the fused path on CUDA tensors only")
+def test_kernels_encode_takes_the_fused_path_on_cuda(monkeypatch):
+    from tqindex import kernels
+
+    codec = TurboQuantCodec(96, 4)
+    x = torch.from_numpy(np.random.default_rng(1).standard_normal((300, 96)).astype(np.float32))
+    calls = []
+    monkeypatch.setattr(triton_encode, "quantize", lambda *a, **kw: calls.append(1) or _quantize(*a, **kw))
+    got = kernels.encode(codec, x.to(DEVICE))
+    assert calls and torch.equal(got.packed.cpu(), codec.encode(x).packed)
+
+
+_quantize = triton_encode.quantize

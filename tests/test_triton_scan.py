@@ -219,7 +219,7 @@ from tqindex.codec import TurboQuantCodec
 from tqindex.kernels.triton_scan import FMA, MMA, _scan_kernel
 from tqindex.kernels.triton_unpack import unpack_constants
 
-for bits, variant, config in [(4, "mse", MMA), (2, "mse", FMA), (3.5, "prod", MMA)]:
+for bits, variant, config in [(3.5, "prod", MMA), (2, "mse", FMA)]:  # several index fields and signs; the FMA form
     constants = unpack_constants(TurboQuantCodec(768, bits, variant=variant))
     signature = {
         "queries_ptr": "*fp16", "packed_ptr": "*u8", "factors_ptr": "*fp32", "valid_ptr": "*u8", "levels_ptr": "*fp32",
@@ -237,12 +237,27 @@ for bits, variant, config in [(4, "mse", MMA), (2, "mse", FMA), (3.5, "prod", MM
     assert kernel.asm["cubin"], "no cubin"
     assert ("mma" in ptx) == config.mma, "tensor-core instructions where none were asked for, or none where they were"
     assert re.search(r"ld\\.global(\\.[a-z]+)*\\.v[24]\\.b32|ld\\.global(\\.[a-z]+)*\\.b32", ptx), "no wide loads of code bytes"
+
+from tqindex.kernels.triton_encode import _BLOCK_D, _BLOCK_R, _quantize_kernel
+for bits, variant, search in [(2.5, "prod", True)]:  # two codebooks, residual, code search
+    layout = TurboQuantCodec(768, bits, variant=variant).layout
+    signature = {name: "*fp32" for name in ("rotated_ptr", "inverse_ptr", "bounds_ptr", "levels_ptr", "grid_ptr")}
+    signature.update(packed_ptr="*u8", alignment_ptr="*fp32", energy_ptr="*fp32", residual_ptr="*fp32", n_rows="i32", n_grid="i32", grid_start="i32")
+    constants = dict(
+        D=layout.dim, CODE_BYTES=layout.code_bytes, FIELDS=tuple((f.stop, f.width, f.shift, f.offset) for f in layout.index_fields),
+        BASE_BITS=layout.base_bits, EXTRA=layout.extra_coords, SEARCH=search, RESIDUAL=variant == "prod", BLOCK_R=_BLOCK_R, BLOCK_D=_BLOCK_D,
+    )
+    signature.update({name: "constexpr" for name in constants})
+    names = list(signature)
+    source = ASTSource(_quantize_kernel, signature, constexprs={(names.index(k),): v for k, v in constants.items()})
+    assert triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4}).asm["cubin"]
 print("compiled")
 """
 
 
-def test_kernel_compiles_for_a_real_gpu(tmp_path):
-    """The interpreter accepts code the compiler rejects: compile both forms for sm_90 (no GPU needed)."""
+def test_kernels_compile_for_a_real_gpu(tmp_path):
+    """The interpreter accepts code the compiler rejects: compile both scan forms and the fused
+    encoder for sm_90 (no GPU needed)."""
     pytest.importorskip("triton.backends.nvidia")
     env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_DEFAULT_FP_FUSION": "1", "TRITON_CACHE_DIR": str(tmp_path)}
     done = subprocess.run([sys.executable, "-c", _COMPILE], env=env, capture_output=True, text=True, timeout=300)

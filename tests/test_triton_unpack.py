@@ -15,7 +15,7 @@ import triton.language as tl
 
 from triton_device import DEVICE
 from tqindex.codec import TurboQuantCodec
-from tqindex.kernels.triton_unpack import SELECT_LEVELS, levels_table, unpack_constants, unpack_levels, unpack_signs
+from tqindex.kernels.triton_unpack import levels_table, unpack_constants, unpack_levels, unpack_signs
 
 pytestmark = pytest.mark.triton
 
@@ -37,13 +37,13 @@ def _unpack_kernel(
             tl.store(out_signs_ptr + rows * OUT_D + cols, unpack_signs(row_ptrs, row_mask, d0, SIGN_OFFSET, DIM, BLOCK_D), mask=row_mask)
 
 
-def unpacked(codec: TurboQuantCodec, packed: torch.Tensor, block_d: int) -> tuple[torch.Tensor, torch.Tensor]:
+def unpacked(codec: TurboQuantCodec, packed: torch.Tensor, block_d: int, select: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """The helper's level and sign tiles of every row, float32 ``(n, D)`` each (past D: must be 0)."""
     n, dim = packed.shape[0], codec.rotated_dim
     out_d = triton.cdiv(dim, block_d) * block_d
     levels = torch.full((n, out_d), float("nan"), device=DEVICE)  # poisoned: every entry must be written
     signs = torch.full((n, out_d), float("nan"), device=DEVICE)
-    constants = unpack_constants(codec)
+    constants = unpack_constants(codec, select)
     _unpack_kernel[(triton.cdiv(n, 8),)](
         packed, levels_table(codec, DEVICE), levels, signs, n, packed.stride(0),
         **{name: constants[name] for name in ("FIELDS", "LEVELS", "N_LO", "EXTRA", "SIGN_OFFSET", "DIM")},
@@ -87,16 +87,16 @@ def test_unpack_equals_the_codec(bits, variant, dim, block_d):
         assert (signs[:, dim:out_d] == 0).all()
 
 
-def test_every_index_value_is_looked_up():
+@pytest.mark.parametrize("select", [True, False])
+def test_every_index_value_is_looked_up(select):
     """Rows holding each index value in turn: both lookups (select tree, gather) over every entry,
     both codebooks of a fractional layout."""
-    for bits in (1.5, 2, 3.5):  # 2/4 levels: select tree; 8/16: gather
+    for bits in (1.5, 2, 3.5):  # 2/4 levels: select tree (unless select=False); 8/16: gather
         codec = TurboQuantCodec(32, bits)
         layout = codec.layout
         high = 1 << (layout.base_bits + 1)
         indices = (torch.arange(high)[:, None] + torch.arange(32)[None, :]) % high
         indices[:, layout.extra_coords :] %= 1 << layout.base_bits
         packed = layout.pack(indices.to(torch.uint8)).to(DEVICE)
-        levels, _ = unpacked(codec, packed, 16)
+        levels, _ = unpacked(codec, packed, 16, select)
         assert torch.equal(levels.cpu(), codec.dequantize(packed.cpu()))
-    assert SELECT_LEVELS == 4  # the docstring's cost argument is about this threshold

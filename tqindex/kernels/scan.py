@@ -127,13 +127,13 @@ def _rescore(
         block = slice(start, start + _RESCORE_QUERY_BLOCK)
         at = inverse[block]
         exact[block] = codec.score(rotated_queries[block, None, :], packed[at], factors[at])[:, 0]
-    exact[rows < 0] = float("-inf")
+    exact.masked_fill_(rows < 0, float("-inf"))  # not exact[mask] = ...: that waits for the device
     # best first; among equal scores the lower row first, so results are deterministic
     by_row = torch.argsort(rows.clamp_min(0), dim=1, stable=True)
     exact, rows = exact.gather(1, by_row), rows.gather(1, by_row)
     best = torch.argsort(exact, dim=1, descending=True, stable=True)[:, :k]
     scores, best_rows = exact.gather(1, best), rows.gather(1, best)
-    best_rows[scores == float("-inf")] = -1
+    best_rows.masked_fill_(scores == float("-inf"), -1)
     return scores, best_rows
 
 

@@ -95,6 +95,19 @@ def _cosine_key(rotated_ptr, inverse, rows, row_ok, t, bounds_ptr, levels_ptr,
 
 
 @triton.jit
+def _store_field(row_ptrs, row_mask, index, cols, d0, STOP: tl.constexpr, WIDTH: tl.constexpr, SHIFT: tl.constexpr,
+                 OFFSET: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):  # fmt: skip
+    """Pack bits ``SHIFT ..`` of the indices ``[BLOCK_R, BLOCK_D]`` of coordinates ``d0 ..`` into one field's bytes (``packing.py``)."""
+    PER_BYTE: tl.constexpr = 8 // WIDTH
+    NB: tl.constexpr = BLOCK_D // PER_BYTE
+    values = tl.where(cols < STOP, (index >> SHIFT) & ((1 << WIDTH) - 1), 0)
+    slots = (tl.arange(0, PER_BYTE) * WIDTH)[None, None, :]
+    byte = tl.sum(tl.reshape(values, (BLOCK_R, NB, PER_BYTE)) << slots, axis=2)
+    at = d0 // PER_BYTE + tl.arange(0, NB)[None, :]
+    tl.store(row_ptrs + OFFSET + at, byte.to(tl.uint8), mask=row_mask & (at < (STOP + PER_BYTE - 1) // PER_BYTE))
+
+
+@triton.jit
 def _quantize_kernel(
     rotated_ptr, inverse_ptr, bounds_ptr, levels_ptr, grid_ptr, packed_ptr, alignment_ptr, energy_ptr, residual_ptr,
     n_rows, n_grid, grid_start,
@@ -110,12 +123,14 @@ def _quantize_kernel(
     if SEARCH:  # the first scaling of largest cosine; the plain codes (t = 1) on a tie
         best = tl.full((BLOCK_R,), float("-inf"), dtype=tl.float64)
         best_t = tl.zeros((BLOCK_R,), dtype=tl.float32)
-        for g in range(0, n_grid):
+        g = 0
+        while g < n_grid:  # not range(): Triton 3.6's interpreter cannot take tensor bounds under NumPy >= 2.5
             scale = tl.load(grid_ptr + g)
             key = _cosine_key(rotated_ptr, inverse, rows, row_ok, scale, bounds_ptr, levels_ptr, D, BASE_BITS, EXTRA, BLOCK_R, BLOCK_D)
             better = key > best
             best = tl.where(better, key, best)
             best_t = tl.where(better, scale, best_t)
+            g += 1
         plain = _cosine_key(rotated_ptr, inverse, rows, row_ok, tl.load(grid_ptr + grid_start), bounds_ptr, levels_ptr,
                             D, BASE_BITS, EXTRA, BLOCK_R, BLOCK_D)  # fmt: skip
         t = tl.where(plain == best, tl.load(grid_ptr + grid_start), best_t)
@@ -133,14 +148,8 @@ def _quantize_kernel(
         alignment += tl.sum(unit * level, axis=1)
         energy += tl.sum(level * level, axis=1)
         for f in tl.static_range(len(FIELDS)):  # FIELDS[f] = (stop, width, shift, offset)
-            PER_BYTE: tl.constexpr = 8 // FIELDS[f][1]
-            NB: tl.constexpr = BLOCK_D // PER_BYTE
-            values = tl.where(cols < FIELDS[f][0], (index >> FIELDS[f][2]) & ((1 << FIELDS[f][1]) - 1), 0)
-            slots = (tl.arange(0, PER_BYTE) * FIELDS[f][1])[None, None, :]
-            byte = tl.sum(tl.reshape(values, (BLOCK_R, NB, PER_BYTE)) << slots, axis=2)
-            at = d0 // PER_BYTE + tl.arange(0, NB)[None, :]
-            byte_mask = row_ok[:, None] & (at < (FIELDS[f][0] + PER_BYTE - 1) // PER_BYTE)
-            tl.store(packed_ptr + rows[:, None] * CODE_BYTES + FIELDS[f][3] + at, byte.to(tl.uint8), mask=byte_mask)
+            _store_field(packed_ptr + rows[:, None] * CODE_BYTES, row_ok[:, None], index, cols, d0,
+                         FIELDS[f][0], FIELDS[f][1], FIELDS[f][2], FIELDS[f][3], BLOCK_R, BLOCK_D)  # fmt: skip
         if RESIDUAL and not SEARCH:
             tl.store(residual_ptr + rows[:, None] * D + cols, unit - level, mask=mask)
     tl.store(alignment_ptr + rows, alignment, mask=row_ok)

@@ -157,8 +157,9 @@ def _scan_kernel(
     dropped = tl.full((BLOCK_N, BLOCK_M), float("-inf"), dtype=tl.float32)
     row1 = tl.full((BLOCK_N, BLOCK_M), -1, dtype=tl.int32)
     row2 = tl.full((BLOCK_N, BLOCK_M), -1, dtype=tl.int32)
-    first = group * tiles_per_program
-    for tile in range(first, first + tiles_per_program):
+    tile = group * tiles_per_program
+    end = tile + tiles_per_program
+    while tile < end:  # not range(): Triton 3.6's interpreter cannot take tensor bounds under NumPy >= 2.5 (issue 17)
         rows = tile * BLOCK_N + lanes
         scores = _tile_scores(
             queries_ptr, packed_ptr, factors_ptr, valid_ptr, levels_ptr,
@@ -173,6 +174,7 @@ def _scan_kernel(
         row2 = tl.where(above1, row1, tl.where(above2, row, row2))
         best1 = tl.where(above1, scores, best1)
         row1 = tl.where(above1, row, row1)
+        tile += 1
     out = (q_rows.to(tl.int64)[None, :] * tl.num_programs(1) + group) * (2 * BLOCK_N) + lanes[:, None]
     tl.store(out_scores_ptr + out, best1, mask=q_ok[None, :])
     tl.store(out_rows_ptr + out, row1, mask=q_ok[None, :])
@@ -205,17 +207,25 @@ class TritonScanner:
             the candidates exactly.
         tiles_per_program: row tiles per program; None: enough programs for 4 per SM and enough
             buckets for the candidates (``_BUCKETS_PER_CANDIDATE``).
+        select: look codebooks of up to 4 levels up by a select tree in registers (True) or by a
+            gather like larger ones (False); see ``triton_unpack``.
     """
 
     def __init__(
-        self, codec: TurboQuantCodec, config: ScanConfig = MMA, dtype: torch.dtype = torch.float16, *, tiles_per_program: int | None = None
+        self,
+        codec: TurboQuantCodec,
+        config: ScanConfig = MMA,
+        dtype: torch.dtype = torch.float16,
+        *,
+        tiles_per_program: int | None = None,
+        select: bool = True,
     ):
         if dtype not in (torch.float16, torch.bfloat16, torch.float32):
             raise ValueError(f"dtype must be float16, bfloat16 or float32, got {dtype}")
         if tiles_per_program is not None and tiles_per_program < 1:
             raise ValueError(f"tiles_per_program must be >= 1, got {tiles_per_program}")
         self.codec, self.config, self.dtype, self.tiles_per_program = codec, config, dtype, tiles_per_program
-        self._constants = unpack_constants(codec)
+        self._constants = unpack_constants(codec, select)
         del self._constants["SIGN_OFFSET"], self._constants["DIM"]  # passed by name below
         layout = codec.layout
         self._dim = layout.dim

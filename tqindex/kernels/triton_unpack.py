@@ -29,7 +29,8 @@ and at 4 bits the 16 entries share one 64-byte line, so a warp's 32 gathers are 
 A select tree for 16 levels costs 15 selects per value, about 4x the ALU work of the gather's
 address arithmetic, and the memory-bound scan at 4 bits has only ~4 ALU operations per value to
 spend (H200: 3.8 GB at 4.2 TB/s is 0.9 ms for 7.7 G values against ~17 T integer op/s); so the
-gather is used from 8 levels up. Not measured (no GPU here): benchmarks/bench_gpu.py times both.
+gather is used from 8 levels up. Not measured (no GPU here): benchmarks/bench_gpu.py times the
+2-bit scan both ways (``select=False``).
 """
 
 from __future__ import annotations
@@ -41,21 +42,22 @@ import triton.language as tl
 from tqindex.codec import TurboQuantCodec
 
 #: codebooks of at most this many levels are looked up by a constexpr select tree, larger ones by a gather
-SELECT_LEVELS = 4
+SELECT_LEVELS = tl.constexpr(4)
 
 
-def unpack_constants(codec: TurboQuantCodec) -> dict[str, object]:
+def unpack_constants(codec: TurboQuantCodec, select: bool = True) -> dict[str, object]:
     """The constexpr keyword arguments of ``unpack_levels``/``unpack_signs`` for ``codec``'s layout.
 
     ``FIELDS``: ``((stop, width, shift, offset), ...)`` of the index fields; ``LEVELS``: every level
-    (base codebook, then the extra-bit one) as Python floats, exactly the float32 values; ``N_LO``:
+    (base codebook, then the extra-bit one) as Python floats, exactly the float32 values, or ``()``
+    with ``select=False``, which makes every lookup a gather (for measuring the two); ``N_LO``:
     base levels; ``EXTRA``: coordinates with one more bit; ``SIGN_OFFSET``: first byte of the QJL
     sign field, -1 without one; ``DIM``: rotated coordinates.
     """
     layout = codec.layout
     return {
         "FIELDS": tuple((f.stop, f.width, f.shift, f.offset) for f in layout.index_fields),
-        "LEVELS": tuple(float(v) for v in codec.levels.tolist()),
+        "LEVELS": tuple(float(v) for v in codec.levels.tolist()) if select else (),
         "N_LO": 1 << layout.base_bits,
         "EXTRA": layout.extra_coords,
         "SIGN_OFFSET": layout.sign_field.offset if layout.sign_field is not None else -1,
@@ -114,8 +116,11 @@ def unpack_indices(row_ptrs, row_mask, d0, FIELDS: tl.constexpr, DIM: tl.constex
 
 @triton.jit
 def _lookup(index, levels_ptr, LEVELS: tl.constexpr, START: tl.constexpr, COUNT: tl.constexpr):
-    """``LEVELS[START + index]`` for indices below ``COUNT``: float32, in registers up to ``SELECT_LEVELS``."""
-    if COUNT == 1:
+    """``levels[START + index]`` for indices below ``COUNT``: float32, in registers up to ``SELECT_LEVELS``
+    (when ``LEVELS`` holds them), else a gather from ``levels_ptr``."""
+    if len(LEVELS) == 0 or COUNT > SELECT_LEVELS:
+        return tl.load(levels_ptr + START + index)
+    elif COUNT == 1:
         return tl.zeros(index.shape, dtype=tl.float32) + LEVELS[START]
     elif COUNT == 2:
         return tl.where(index != 0, LEVELS[START + 1], LEVELS[START])
@@ -124,8 +129,6 @@ def _lookup(index, levels_ptr, LEVELS: tl.constexpr, START: tl.constexpr, COUNT:
         low = tl.where(odd, LEVELS[START + 1], LEVELS[START])
         high = tl.where(odd, LEVELS[START + 3], LEVELS[START + 2])
         return tl.where(index >= 2, high, low)
-    else:
-        return tl.load(levels_ptr + START + index)
 
 
 @triton.jit
