@@ -6,7 +6,7 @@ Triton compiles ahead of time for a target (default sm_90, the H100/H200) with i
 choose warps and block sizes where no GPU is at hand (a spill or 255 registers halves the
 programs an SM holds); timing still needs the GPU (benchmarks/bench_kv_gpu.py).
 
-Usage: python benchmarks/kv_kernel_resources.py [--arch 90]   (TRITON_INTERPRET must be unset)
+Usage: python benchmarks/kv_kernel_resources.py [--arch 90] [--cases NAME ...]   (TRITON_INTERPRET must be 0 or unset)
 """
 
 from __future__ import annotations
@@ -107,11 +107,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", type=int, default=90, help="compute capability x 10 (default 90: H100/H200)")
     parser.add_argument("--scratch", default="/tmp", help="where the cubins are written")
+    parser.add_argument("--cases", nargs="+", choices=list(CASES), default=list(CASES), help="which cases (default all)")
     args = parser.parse_args()
     if kernels.INTERPRETED:
         raise SystemExit("unset TRITON_INTERPRET: the interpreter compiles nothing")
     rows = []
-    for case, (cache_options, q_heads, q_len, tokens, options) in CASES.items():
+    for case in args.cases:
+        cache_options, q_heads, q_len, tokens, options = CASES[case]
         for name, (kernel, grid, call_args, call_kwargs) in recorded_launches(cache_options, q_heads, q_len, tokens, options).items():
             compiled, warps = compile_for(kernel, call_args, call_kwargs, args.arch)
             usage = resource_usage(compiled, os.path.join(args.scratch, f"kv_{name}.cubin"))

@@ -9,6 +9,9 @@ import os
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton (transformers does)
 
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -105,6 +108,19 @@ def test_torch_path_in_blocks_of_query_positions_equals_one_block(monkeypatch):
     monkeypatch.setattr(torch_attention, "_QUERY_BLOCK", 3)
     monkeypatch.setattr(torch_attention, "_TOKEN_BLOCK", 5)
     torch.testing.assert_close(codes_attention(query, keys, values, scaling=0.2, causal=True, backend="torch"), whole, atol=1e-5, rtol=1e-5)
+
+
+def test_kernels_compile_for_a_real_gpu(tmp_path):
+    """The interpreter accepts code the compiler rejects: compile both kernels for sm_90 (no GPU needed)
+    on CUDA-core decode with log factors, prod codes, and a tensor-core extend with a causal mask."""
+    pytest.importorskip("triton.backends.nvidia")
+    root = Path(__file__).resolve().parents[1]
+    cases = ["decode 4/4 bits (defaults)", "decode prod 3/3 bits", "extend 64 positions"]
+    env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_CACHE_DIR": str(tmp_path), "PYTHONPATH": f"{root}{os.pathsep}{root / 'benchmarks'}"}
+    script = [sys.executable, str(root / "benchmarks" / "kv_kernel_resources.py"), "--scratch", str(tmp_path), "--cases", *cases]
+    done = subprocess.run(script, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("| split |") == done.stdout.count("| merge |") == len(cases), done.stdout[-2000:]
 
 
 @pytest.fixture(scope="module")
