@@ -338,17 +338,19 @@ def plan(pairs: int, rows: int, tokens: int, dim_pad: int, sms: int, options: Ke
     return Plan(block_m, dot, block_t, split_blocks, triton.cdiv(max(tokens, 1), split_blocks * block_t))
 
 
-def _codes_args(prefix: str, codec: TurboQuantCodec, kv: CompressedKV) -> dict:
-    """The split kernel's constexpr arguments for keys (``prefix`` "K") or values ("V")."""
+@lru_cache(maxsize=64)
+def _codes_args(prefix: str, codec: TurboQuantCodec, log_factors: bool) -> dict:
+    """The split kernel's constexpr arguments for keys (``prefix`` "K") or values ("V"), made once per codec."""
     layout = unpack_constants(codec)
     names = ("FIELDS", "LEVELS", "N_LO", "EXTRA", "SIGN_OFFSET")
-    return {f"{prefix}_{name}": layout[name] for name in names} | {f"{prefix}_LOG": kv.log_factors is not None}
+    return {f"{prefix}_{name}": layout[name] for name in names} | {f"{prefix}_LOG": log_factors}
 
 
-def _mask_args(mask: torch.Tensor | None, device: torch.device) -> tuple[torch.Tensor, int, tuple[int, int, int]]:
-    """The mask as the kernels read it: tensor, mode, strides (batch, query position, key); batch stride 0 if shared."""
+def _mask_args(mask: torch.Tensor | None, placeholder: torch.Tensor) -> tuple[torch.Tensor, int, tuple[int, int, int]]:
+    """The mask as the kernels read it: tensor (``placeholder``, never read, without one), mode, strides
+    (batch, query position, key); batch stride 0 if shared."""
     if mask is None:
-        return torch.empty(1, dtype=torch.uint8, device=device), _NONE, (0, 0, 0)
+        return placeholder, _NONE, (0, 0, 0)
     mask = mask[:, 0]
     mode = _BOOL if mask.dtype == torch.bool else _FLOAT
     if mode == _BOOL:
@@ -390,7 +392,7 @@ def triton_codes_attention(
     partial_acc = torch.empty((pairs, launch.splits, rows, acc_dim), dtype=torch.float32, device=device)
     partial_top = torch.empty((pairs, launch.splits, rows), dtype=torch.float32, device=device)
     partial_total = torch.empty_like(partial_top)
-    mask_tensor, mask_mode, mask_strides = _mask_args(mask, device)
+    mask_tensor, mask_mode, mask_strides = _mask_args(mask, partial_top)
     causal = causal and mask is None and q_len > 1
     causal_shift = tokens - q_len
     kc, vc = (Codes(_unit_last(kv.codes.packed), _unit_last(kv.codes.factors)) for kv in (key, value))
@@ -400,7 +402,8 @@ def triton_codes_attention(
         _low(key), _low(value), scaling, encoded, rows, q_len, heads, causal_shift,
         rotated.stride(0), rotated.stride(1), *kc.packed.stride()[:3], *kc.factors.stride()[:3],
         *vc.packed.stride()[:3], *vc.factors.stride()[:3], *mask_strides, *partial_acc.stride()[:3],
-        D=dim, D_PAD=d_pad, **_codes_args("K", key_codec, key), **_codes_args("V", value_codec, value),
+        D=dim, D_PAD=d_pad, **_codes_args("K", key_codec, key.log_factors is not None),
+        **_codes_args("V", value_codec, value.log_factors is not None),
         MASK_MODE=mask_mode, CAUSAL=causal, BLOCK_M=launch.block_m, BLOCK_T=launch.block_t,
         SPLIT_BLOCKS=launch.split_blocks, DOT=launch.dot, num_warps=options.num_warps,
     )  # fmt: skip
@@ -412,7 +415,7 @@ def triton_codes_attention(
     acc_pad, dk_pad, dv_pad = triton.next_power_of_2(acc_dim), triton.next_power_of_2(head_dim), triton.next_power_of_2(value_dim)
     block_s = max(1, min(triton.next_power_of_2(launch.splits), _MERGE_TILE // (merge_m * acc_pad)))
     block_w = 32 if launch.dot or merge_m * dk_pad <= 2048 else 16
-    offset = _unit_last(key.offset) if key.offset is not None else query.new_empty((1, 1, 1, 1))
+    offset = _unit_last(key.offset) if key.offset is not None else partial_top[:, :, None]  # a placeholder, never read
     kw, vw = _unit_last(key.window), _unit_last(value.window)
     _merge_kernel[(pairs, triton.cdiv(rows, merge_m))](
         partial_acc, partial_top, partial_total, queries, offset, kw, vw, mask_tensor, codes_part, window_part,
