@@ -38,8 +38,8 @@ def keys_with_a_large_mean(tokens=400, dim=32, seed=0):
 
 def test_centred_keys_decode_closer_and_logits_shift_by_a_constant_per_query():
     keys, values = keys_with_a_large_mean()
-    plain, _ = TurboQuantCache(3, 3, window=0, chunk=1, center_keys=False).update(keys, values, 0)
-    centred, _ = TurboQuantCache(3, 3, window=0, chunk=1, center_keys=True).update(keys, values, 0)
+    plain, _ = TurboQuantCache(3, 3, window=0, chunk=1, center_keys=False, dense_prefill=False).update(keys, values, 0)
+    centred, _ = TurboQuantCache(3, 3, window=0, chunk=1, center_keys=True, dense_prefill=False).update(keys, values, 0)
     assert centred.offset.shape == (1, 2, 1, 32) and centred.offset.dtype == torch.bfloat16
     error = {name: float((k.dense() - keys).norm() / keys.norm()) for name, k in (("plain", plain), ("centred", centred))}
     assert error["centred"] < 0.5 * error["plain"]  # the mean no longer spends the code bits
@@ -65,7 +65,7 @@ def test_centring_uses_the_keys_present_at_the_first_flush_and_keeps_it():
 
 def test_log8_factors_store_one_byte_per_vector_and_stay_close_to_float16():
     keys, values = keys_with_a_large_mean(tokens=256)
-    caches = {dtype: TurboQuantCache(3, 3, window=0, chunk=1, factor_dtype=dtype) for dtype in ("log8", torch.float16)}
+    caches = {dtype: TurboQuantCache(3, 3, window=0, chunk=1, factor_dtype=dtype, dense_prefill=False) for dtype in ("log8", torch.float16)}
     outs = {dtype: cache.update(keys, values, 0) for dtype, cache in caches.items()}
     layer = caches["log8"].layers[0]
     assert layer.key_codes.factors.dtype == torch.uint8

@@ -289,17 +289,32 @@ class TurboQuantCodec:
         norms = torch.linalg.vector_norm(rows, dim=1)
         prod = self.config.variant == "prod"
         indices, alignment, residual, energy = self._quantize(self.rotation.forward(rows), norms, keep_residual=prod)
-        if not prod:
+        signs = self.qjl_signs(residual) if prod else None
+        return self.layout.pack(indices, signs), self.factors(norms, alignment, residual, energy)
+
+    def qjl_signs(self, residual: torch.Tensor) -> torch.Tensor:
+        """QJL signs of residuals ``(n, D)`` (prod): bool ``(n, D)``, True where ``S r >= 0``."""
+        return residual @ self._on(self.qjl, residual.device).t() >= 0
+
+    def factors(
+        self, norms: torch.Tensor, alignment: torch.Tensor, residual: torch.Tensor | None, energy: torch.Tensor | None
+    ) -> torch.Tensor:
+        """The stored per-vector factors, float32 ``(n, F)``, from the pieces of ``_quantize``.
+
+        ``norms`` ``(n,)``, ``alignment`` ``<u, c[idx]>`` ``(n,)``, the residual ``(n, D)`` (prod), and
+        ``energy`` ``|c[idx]|^2`` ``(n,)`` (searched codes; None otherwise). Shared with the fused GPU
+        encoder (``kernels.triton_encode``), which computes the same pieces in one kernel.
+        """
+        if self.config.variant != "prod":
             if self.config.scale == "unbiased":
                 scale = torch.where(norms > 0, norms / alignment.clamp_min(1e-30), torch.zeros_like(norms))
             else:
                 scale = norms
-            return self.layout.pack(indices), scale[:, None]
-        signs = residual @ self._on(self.qjl, rows.device).t() >= 0
+            return scale[:, None]
         coefficient = norms * torch.linalg.vector_norm(residual, dim=1) * math.sqrt(math.pi / 2) / self.rotated_dim
         if energy is not None:  # searched codes: the levels scaled by least squares, u ~ a c + residual
             norms = norms * alignment / energy.clamp_min(1e-30)
-        return self.layout.pack(indices, signs), torch.stack([norms, coefficient], dim=1)
+        return torch.stack([norms, coefficient], dim=1)
 
     def _quantize(
         self, rotated: torch.Tensor, norms: torch.Tensor, keep_residual: bool

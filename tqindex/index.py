@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from tqindex._arrays import as_float_rows, as_id_array, is_torch, like
 from tqindex.codec import CodecConfig, Codes, TurboQuantCodec
-from tqindex.kernels import BACKENDS, Chunk, get_scanner, scan_topk
+from tqindex.kernels import BACKENDS, Chunk, encode, get_scanner, scan_topk, search_resident
 from tqindex.kernels.fastscan import FastScanner, KeyColumns
 from tqindex.memstore import MemoryStore
 from tqindex.errors import CorruptIndexError
@@ -134,9 +134,12 @@ class TurboQuantIndex:
         self.device = torch.device("cpu")
         #: codes and factors as tensors on ``self.device`` after ``to()``; None: read from the store
         self._resident: tuple[torch.Tensor, torch.Tensor] | None = None
+        #: with ``_resident``: bool ``(rows,)`` on ``self.device``, False for deleted rows (the scan's valid mask)
+        self._live: torch.Tensor | None = None
         #: the fast-scan's key columns of codes in RAM (``_key_columns``), made at the first such search
         self._columns: KeyColumns | None = None
         self._rows = 0
+        self._n_deleted = 0
         self._deleted_mask = np.zeros(0, dtype=bool)  # capacity grows by doubling; see _deleted
         self._closed = False
         try:
@@ -156,6 +159,7 @@ class TurboQuantIndex:
             raise CorruptIndexError(f"{store.path}: deletion log names rows outside 0..{counts['ids'] - 1}")
         self._grow_rows(counts["ids"] - self._rows)
         self._deleted[deleted_rows] = True
+        self._n_deleted = int(self._deleted.sum())
         self._id_lookup: tuple[np.ndarray, np.ndarray] | None = None
         self._next_id: int | None = None
 
@@ -181,7 +185,7 @@ class TurboQuantIndex:
     @property
     def ntotal(self) -> int:
         """Vectors in the index (removed ones excluded)."""
-        return self._rows - int(self._deleted.sum())
+        return self._rows - self._n_deleted
 
     def __len__(self) -> int:
         return self.ntotal
@@ -214,6 +218,7 @@ class TurboQuantIndex:
         device = _usable_device(device)
         codes, factors = (torch.from_numpy(np.array(self._store.column(name))).to(device) for name in ("codes", "factors"))
         self.device, self._resident = device, (codes, factors)
+        self._live = torch.from_numpy(~self._deleted).to(device)
         return self
 
     # ---- adding and removing -----------------------------------------------------------
@@ -248,7 +253,7 @@ class TurboQuantIndex:
     def _append(self, vectors: torch.Tensor, ids: np.ndarray, progress: bool | None) -> None:
         batches = range(0, vectors.shape[0], _ENCODE_BATCH)
         encoded = [
-            self.codec.encode(vectors[i : i + _ENCODE_BATCH].to(self.device))
+            encode(self.codec, vectors[i : i + _ENCODE_BATCH].to(self.device))
             for i in tqdm(batches, desc="encode", unit="batch", disable=None if progress is None else not progress)
         ]
         if not encoded:
@@ -260,6 +265,7 @@ class TurboQuantIndex:
         self._store.commit()
         if self._resident is not None:
             self._resident = (torch.cat([self._resident[0], packed]), torch.cat([self._resident[1], factors]))
+            self._live = torch.cat([self._live, torch.ones(len(ids), dtype=torch.bool, device=self.device)])
         self._grow_rows(len(ids))
         self._id_lookup = None
         self._next_id = max(self._next_free_id(), int(ids.max()) + 1)
@@ -275,6 +281,9 @@ class TurboQuantIndex:
             self._store.append("deleted", rows)
             self._store.commit()
             self._deleted[rows] = True
+            self._n_deleted += len(rows)
+            if self._live is not None:
+                self._live[torch.from_numpy(rows).to(self.device)] = False
             self._id_lookup = None
         return len(rows)
 
@@ -298,7 +307,11 @@ class TurboQuantIndex:
         allowed = None if filter is None else np.unique(as_id_array(filter, "filter"))
         rotated = self.codec.rotate_rows(rows.to(self.device))  # rows are checked: no second pass over them
         scanner = get_scanner(self.codec, self.backend, self.device, queries=rows.shape[0])
-        scores, found = scan_topk(self.codec, scanner, rotated, self._chunks(allowed, scanner), int(k), self._fetch)
+        if self._resident is not None and hasattr(scanner, "candidates"):  # one kernel over every row, no chunk loop
+            packed, factors = self._resident
+            scores, found = search_resident(self.codec, scanner, rotated, packed, factors, self._valid_rows(allowed), int(k))
+        else:
+            scores, found = scan_topk(self.codec, scanner, rotated, self._chunks(allowed, scanner), int(k), self._fetch)
         found = found.cpu().numpy()
         ids = self._store.read_at("ids", np.maximum(found, 0).ravel()).reshape(found.shape)
         ids[found < 0] = -1
@@ -349,6 +362,17 @@ class TurboQuantIndex:
             self._columns = KeyColumns(scanner)
         self._columns.update(codes)
         return self._columns
+
+    def _valid_rows(self, allowed: np.ndarray | None) -> torch.Tensor | None:
+        """Resident rows a search may return: bool ``(rows,)`` on ``self.device``, or None for all of them.
+
+        A filter costs a look-up per allowed id (``_find_rows``), not a pass over every row."""
+        if allowed is None:
+            return self._live if self._n_deleted else None
+        valid = torch.zeros(self._rows, dtype=torch.bool, device=self.device)
+        rows = self._find_rows(allowed)
+        valid[torch.from_numpy(rows[rows >= 0]).to(self.device)] = True  # live rows only
+        return valid
 
     def _fetch(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Codes and factors of ``rows`` (int64 ``(u,)``), on ``self.device``."""
@@ -420,6 +444,7 @@ class TurboQuantIndex:
         if self._resident is not None:
             new = [torch.from_numpy(self._store.read_rows(n, rows_before, self._rows)).to(self.device) for n in ("codes", "factors")]
             self._resident = (torch.cat([self._resident[0], new[0]]), torch.cat([self._resident[1], new[1]]))
+            self._live = torch.from_numpy(~self._deleted).to(self.device)
         return True
 
     def flush(self) -> None:

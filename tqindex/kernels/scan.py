@@ -10,15 +10,17 @@ Kernels know nothing of ids or files: rows are positions, chunks come from the c
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Iterable, Protocol
+from typing import Any, Callable, Iterable, Protocol
 
 import numpy as np
 import torch
 
 from tqindex.codec import TurboQuantCodec
+from tqindex.kernels.gemm import GemmScanner
 from tqindex.kernels.topk import RunningTopK
 
 _RESCORE_QUERY_BLOCK = 256
+_EXACT_CHUNK_ROWS = 1 << 16  # rows per step of exact_topk (it decodes them to float32)
 
 
 @dataclass(frozen=True)
@@ -37,6 +39,9 @@ class Chunk:
 
 
 class Scanner(Protocol):
+    """``prepare`` once per search, ``chunk_topk`` per chunk. A scanner that also has
+    ``candidates`` (``TritonScanner``) scans resident rows in one call (``search_resident``)."""
+
     def prepare(self, rotated_queries: torch.Tensor) -> torch.Tensor: ...
     def chunk_topk(
         self, queries: torch.Tensor, packed: torch.Tensor, factors: torch.Tensor, valid: torch.Tensor | None, k: int
@@ -79,27 +84,81 @@ def scan_topk(
     return _rescore(codec, rotated_queries, running.rows, fetch, k)
 
 
+def search_resident(
+    codec: TurboQuantCodec,
+    scanner: Any,
+    rotated_queries: torch.Tensor,
+    packed: torch.Tensor,
+    factors: torch.Tensor,
+    valid: torch.Tensor | None,
+    k: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``scan_topk`` over rows resident on one device, for a scanner with ``candidates``: one kernel
+    over all rows, the merge and the exact rescoring on the device, and one synchronisation at the
+    end (to learn whether any query needs the exact rescan, and whether the queries overflowed the
+    scanner's precision). Same arguments and results as ``scan_topk``; ``valid`` bool ``(n,)`` or None.
+    """
+    queries = scanner.cast(rotated_queries)
+    finite = torch.isfinite(queries).all()
+    _, rows, overflow = scanner.candidates(queries, packed, factors, valid, candidate_count(k))
+    scores, found = _rescore(codec, rotated_queries, rows, lambda at: (packed[at], factors[at]), k, dedupe=False)
+    flags = torch.cat([overflow, finite[None]]).cpu()  # the one synchronisation
+    if not bool(flags[-1]):
+        raise scanner.overflow_error()
+    redo = flags[:-1].nonzero().flatten().to(rows.device)
+    if redo.numel():
+        _, exact_rows = exact_topk(codec, rotated_queries[redo], packed, factors, valid, candidate_count(k))
+        scores[redo], found[redo] = _rescore(codec, rotated_queries[redo], exact_rows, lambda at: (packed[at], factors[at]), k)
+    return scores, found
+
+
 def _rescore(
     codec: TurboQuantCodec,
     rotated_queries: torch.Tensor,
     rows: torch.Tensor,
     fetch: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
     k: int,
+    dedupe: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact float32 scores of each query's candidate ``rows`` ``(m, c)``; best ``k`` kept."""
+    """Exact float32 scores of each query's candidate ``rows`` ``(m, c)``; best ``k`` kept.
+
+    ``dedupe``: fetch each distinct row once (``torch.unique``, which waits for the device);
+    without it every (query, candidate) is fetched, with no synchronisation.
+    """
     m = rows.shape[0]
-    unique, inverse = torch.unique(rows.clamp_min(0), return_inverse=True)
+    if dedupe:
+        unique, inverse = torch.unique(rows.clamp_min(0), return_inverse=True)
+    else:
+        unique, inverse = rows.clamp_min(0).flatten(), torch.arange(rows.numel(), device=rows.device).view(rows.shape)
     packed, factors = fetch(unique)
     exact = torch.empty(rows.shape, dtype=torch.float32, device=rows.device)
     for start in range(0, m, _RESCORE_QUERY_BLOCK):
         block = slice(start, start + _RESCORE_QUERY_BLOCK)
         at = inverse[block]
         exact[block] = codec.score(rotated_queries[block, None, :], packed[at], factors[at])[:, 0]
-    exact[rows < 0] = float("-inf")
+    exact.masked_fill_(rows < 0, float("-inf"))  # not exact[mask] = ...: that waits for the device
     # best first; among equal scores the lower row first, so results are deterministic
     by_row = torch.argsort(rows.clamp_min(0), dim=1, stable=True)
     exact, rows = exact.gather(1, by_row), rows.gather(1, by_row)
     best = torch.argsort(exact, dim=1, descending=True, stable=True)[:, :k]
     scores, best_rows = exact.gather(1, best), rows.gather(1, best)
-    best_rows[scores == float("-inf")] = -1
+    best_rows.masked_fill_(scores == float("-inf"), -1)
     return scores, best_rows
+
+
+def exact_topk(
+    codec: TurboQuantCodec, queries: torch.Tensor, packed: torch.Tensor, factors: torch.Tensor, valid: torch.Tensor | None, k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Best ``k`` rows per query by full float32 scores (decode + GEMM, ``_EXACT_CHUNK_ROWS`` at a time).
+
+    The fallback for queries whose buckets overflowed: queries float32 ``(m, W)`` -> scores float32
+    ``(m, k)`` best first and rows int64 ``(m, k)``, ``(-inf, -1)`` past the valid rows.
+    """
+    scanner = GemmScanner(codec, dtype=torch.float32)
+    running = RunningTopK(queries.shape[0], k, device=queries.device)
+    for start in range(0, packed.shape[0], _EXACT_CHUNK_ROWS):
+        stop = start + _EXACT_CHUNK_ROWS
+        chunk_valid = None if valid is None else valid[start:stop]
+        scores, rows = scanner.chunk_topk(queries, packed[start:stop], factors[start:stop], chunk_valid, k)
+        running.push(scores, rows + start)
+    return running.scores, running.rows

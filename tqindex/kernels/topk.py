@@ -29,4 +29,4 @@ class RunningTopK:
         merged_rows = torch.cat([self.rows, rows], dim=1)
         self.scores, at = merged_scores.topk(self.k, dim=1)
         self.rows = merged_rows.gather(1, at)
-        self.rows[self.scores == float("-inf")] = -1
+        self.rows.masked_fill_(self.scores == float("-inf"), -1)  # no boolean indexing: it waits for the device

@@ -4,11 +4,15 @@ Per layer and KV head, keys and values are vectors of ``head_dim``. The newest t
 full precision (the window); once the dense tokens reach ``window + chunk``, the oldest whole
 chunks are encoded with `TurboQuantCodec`, once, and never touched again (crop and beam
 reordering slice or gather codes, they do not re-encode). ``update`` returns `CompressedKV`
-tensors (codes, then the window) that any attention implementation can consume; the
+tensors (codes, then dense tokens) that any attention implementation can consume; the
 "turboquant" attention (`tqindex.kv.attention`) computes on the codes directly.
 
-Attention always sees exactly what the cache stores, prefill included: tokens that leave the
-window during a forward are attended through their codes in that same forward.
+What a forward attends (``dense_prefill``): by default the codes of the tokens encoded before
+it, and every token it holds in full precision (the window and the new tokens), even those it
+encodes: a prefill runs as with an uncompressed cache (sdpa or flash attention on the states at
+hand) and writes the codes once. With ``dense_prefill=False`` attention sees exactly what the
+cache stores after the update: tokens that leave the window during a forward are attended
+through their codes in that same forward (what `benchmarks/kv_fidelity.py` measures).
 
 Shapes: ``B`` batch, ``H`` KV heads, ``Tc`` encoded tokens, ``Tw`` window tokens, ``d`` head dim.
 """
@@ -23,6 +27,7 @@ from transformers.cache_utils import DYNAMIC_LAYER_TYPE_MAPPING, Cache, DynamicL
 from transformers.configuration_utils import PreTrainedConfig
 
 from tqindex.codec import CodecConfig, Codes, TurboQuantCodec
+from tqindex.kernels import encode
 from tqindex.kv.compressed import CompressedKV, map_codes
 from tqindex.kv.factors import LogByteFactors
 
@@ -58,10 +63,11 @@ class TurboQuantLayer(DynamicLayer):
         factor_dtypes: dict[str, torch.dtype | str],
         center_keys: bool,
         backend: str,
+        dense_prefill: bool,
     ):
         super().__init__()
         self._codecs, self.window, self.chunk = codecs, window, chunk
-        self.factor_dtypes, self.center_keys, self.backend = factor_dtypes, center_keys, backend
+        self.factor_dtypes, self.center_keys, self.backend, self.dense_prefill = factor_dtypes, center_keys, backend, dense_prefill
         self.key_codes: Codes | None = None
         self.value_codes: Codes | None = None
         self.key_offset: torch.Tensor | None = None
@@ -84,12 +90,18 @@ class TurboQuantLayer(DynamicLayer):
         factors = torch.empty((batch, heads, 0, codec.n_factors), dtype=dtype, device=states.device)
         return Codes(packed, factors)
 
+    @torch.compiler.disable  # Python control flow, host syncs at a flush, a tensor subclass: runs eagerly under torch.compile
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
-        """Append ``(B, H, t, d)`` keys and values; return all of them (`CompressedKV` once any are encoded)."""
+        """Append ``(B, H, t, d)`` keys and values; return all of them (`CompressedKV` once any are encoded).
+
+        With ``dense_prefill``: the codes as they were before this call, then every dense token
+        (window and new); otherwise what the cache holds after it (`states`).
+        """
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         keys = torch.cat([self.keys, key_states], dim=-2)
         values = torch.cat([self.values, value_states], dim=-2)
+        attended = self._view(keys, values) if self.dense_prefill else None  # the codes written before this call
         flush = self._flush_len(keys.shape[-2])
         if flush:
             if self.center_keys and self.key_offset is None:  # exact: softmax ignores q . offset
@@ -102,22 +114,20 @@ class TurboQuantLayer(DynamicLayer):
             self.key_codes, self.value_codes = _concat(self.key_codes, new_keys), _concat(self.value_codes, new_values)
             keys, values = keys[..., flush:, :].clone(), values[..., flush:, :].clone()
         self.keys, self.values = keys, values
-        return self.states()
+        return attended if attended is not None else self.states()
 
     def states(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values as attention sees them: `CompressedKV` ``(B, H, Tc + Tw, d)``, or the window while ``Tc == 0``."""
-        if self.encoded_len == 0:
-            return self.keys, self.values
-        return (
-            CompressedKV(self.key_codec, self._readable(self.key_codes, "key"), self.keys, self.backend, self.key_offset),
-            CompressedKV(self.value_codec, self._readable(self.value_codes, "value"), self.values, self.backend),
-        )
+        """What the cache holds: `CompressedKV` ``(B, H, Tc + Tw, d)``, or the window while ``Tc == 0``."""
+        return self._view(self.keys, self.values)
 
-    def _readable(self, codes: Codes, role: str) -> Codes:
-        """``codes`` with float factors (log codes decoded) for the codec and the attention."""
-        if self.factor_dtypes[role] != LOG8:
-            return codes
-        return Codes(codes.packed, self._log_factors[role].decode(codes.factors))
+    def _view(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The codes held now, then dense ``keys`` / ``values`` ``(B, H, t, d)``: `CompressedKV`, or the dense tensors while ``Tc == 0``."""
+        if self.encoded_len == 0:
+            return keys, values
+        return (
+            CompressedKV(self.key_codec, self.key_codes, keys, self.backend, self.key_offset, self._log_factors.get("key")),
+            CompressedKV(self.value_codec, self.value_codes, values, self.backend, None, self._log_factors.get("value")),
+        )
 
     def _flush_len(self, dense_len: int) -> int:
         """How many of the oldest dense tokens to encode now: whole chunks, leaving at least ``window``."""
@@ -128,7 +138,7 @@ class TurboQuantLayer(DynamicLayer):
     def _encode(self, codec: TurboQuantCodec, states: torch.Tensor, role: str) -> Codes:
         """Encode ``(B, H, t, d)`` states -> ``Codes`` ``(B, H, t, C)`` and ``(B, H, t, F)`` as stored."""
         batch, heads, tokens, dim = states.shape
-        codes = codec.encode(states.reshape(-1, dim))
+        codes = encode(codec, states.reshape(-1, dim))  # on a GPU: the fused Triton encoder
         if self.factor_dtypes[role] == LOG8:
             log_factors = self._log_factors.setdefault(role, LogByteFactors.fit(codes.factors))
             factors = log_factors.encode(codes.factors)
@@ -278,6 +288,10 @@ class TurboQuantCache(Cache):
             ``q . mean`` is the same for every token, and it leaves less for the codes to carry.
             Costs ``2 * head_dim`` bytes per batch row, head and layer.
         backend: attention over codes: "auto" (Triton on CUDA, else torch), "torch" or "triton".
+        dense_prefill: True: a forward attends the tokens it holds in full precision (window and new
+            tokens) as they are, and codes only for tokens encoded before it, so a prefill costs
+            what it costs without the cache plus one encode. False: attention sees exactly what
+            the cache stores after the update, new tokens that leave the window included.
         search: the codecs' code search (see `TurboQuantCodec`): True, False or "auto"; scalar codes only.
         quantizer: the codecs' quantizer (see `TurboQuantCodec`): "scalar" or "trellis" (lower error at
             the same bits, ~1000x the encode work, encoded on the CPU; mse only; attention over
@@ -301,6 +315,7 @@ class TurboQuantCache(Cache):
         backend: str = "auto",
         search: bool | str = True,
         quantizer: str = "scalar",
+        dense_prefill: bool = True,
     ):
         if not isinstance(search, bool) and search != "auto":
             raise ValueError(f"search must be True, False or 'auto', got {search!r}")
@@ -317,6 +332,8 @@ class TurboQuantCache(Cache):
             raise TypeError(f"factor_dtype must be a floating torch dtype, {LOG8!r} or 'auto', got {factor_dtype!r}")
         if not isinstance(center_keys, bool):
             raise TypeError(f"center_keys must be True or False, got {center_keys!r}")
+        if not isinstance(dense_prefill, bool):
+            raise TypeError(f"dense_prefill must be True or False, got {dense_prefill!r}")
         self._specs = {"key": (key_bits, key_variant), "value": (value_bits, value_variant)}
         factor_dtypes = {
             role: (LOG8 if bits < LOG8_BELOW_BITS else torch.float16) if factor_dtype == "auto" else factor_dtype
@@ -325,8 +342,9 @@ class TurboQuantCache(Cache):
         self._codec_cache: dict[tuple[str, int], TurboQuantCodec] = {}
         self._codec_args = dict(seed=seed, quantizer=quantizer, search=search if quantizer == "scalar" else False)
         self._layer_args = dict(
-            window=window, chunk=chunk, factor_dtypes=factor_dtypes, center_keys=center_keys, backend=backend
-        )
+            window=window, chunk=chunk, factor_dtypes=factor_dtypes, center_keys=center_keys, backend=backend,
+            dense_prefill=dense_prefill,
+        )  # fmt: skip
 
         skip = list(skip_layers)
         if not all(isinstance(i, int) and not isinstance(i, bool) for i in skip):
