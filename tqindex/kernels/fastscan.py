@@ -15,7 +15,8 @@ Exactness: a row's table sum is within a per-query margin of its float estimate 
 quantization error, and for 5-8 bits the open low bits). Rows whose upper bound cannot reach
 the k-th best exact score so far are skipped; the others are rescored exactly (float64) in the
 kernel. With ``z <= 0`` the margin is the worst case and the result is the codec's own top-k
-over every row; with ``z > 0`` it is ``min(worst case, z`` standard deviations of the error).
+over every row, provably; with ``z > 0`` (the default, ``DEFAULT_Z``) it is ``min(worst case,
+z`` standard deviations of the error), which rescores several times fewer rows.
 """
 
 from __future__ import annotations
@@ -33,8 +34,10 @@ from tqindex.codec import TurboQuantCodec
 from tqindex.kernels.scan import Chunk
 from tqindex.packing import BitLayout
 
-#: margin in standard deviations of the table rounding error (<= 0: worst case); see module docstring
-DEFAULT_Z = 0.0
+#: the pruning margin, in standard deviations of a row's table rounding error (<= 0: the worst
+#: case). At 5, no query of 6,000 (100k x 384, clustered and anisotropic synthetic sets, 2/3/4 bits,
+#: k = 10) returned other rows than with the worst case, which rescored 1.5-16x more rows
+DEFAULT_Z = 5.0
 #: rows per block of the key-column layout
 BLOCK_ROWS = 32
 _KEY_BITS = 4
@@ -226,8 +229,9 @@ def supports(codec: TurboQuantCodec) -> bool:
 class FastScanner:
     """Search over packed rows with the compiled fast-scan; the index's exact top-k, rescored in the kernel.
 
-    ``z``: the pruning margin (module docstring; ``DEFAULT_Z``: the worst case, so results are
-    exact). Threads: ``torch.get_num_threads()`` at each search.
+    ``z``: the pruning margin (module docstring): ``0`` for the worst case, which makes the result
+    the codec's own top-k over every row; ``DEFAULT_Z`` standard deviations otherwise. Threads:
+    ``torch.get_num_threads()`` at each search.
     """
 
     #: rows per chunk the scanner asks for: one kernel call per this many rows (a copy of this

@@ -8,7 +8,10 @@
 #include <cstddef>
 #include <cstdint>
 
-#if defined(TQ_ISA_AVX2) || defined(TQ_ISA_AVX512)
+#if defined(TQ_SIMDE)  // AVX-512 emulated with SIMDe, to test that path on CPUs without it (scripts/check_avx512.sh)
+#define SIMDE_ENABLE_NATIVE_ALIASES
+#include <simde/x86/avx512.h>
+#elif defined(TQ_ISA_AVX2) || defined(TQ_ISA_AVX512)
 #include <immintrin.h>
 #endif
 
@@ -85,7 +88,7 @@ struct Simd {
     _mm512_storeu_si512(reinterpret_cast<void*>(out + 32), _mm512_permutex2var_epi64(lo, second, hi));
   }
   static V load_lanes(const uint8_t* p, size_t lane_stride) {
-    V v = _mm512_zextsi128_si512(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    V v = _mm512_inserti32x4(_mm512_setzero_si512(), _mm_loadu_si128(reinterpret_cast<const __m128i*>(p)), 0);
     v = _mm512_inserti32x4(v, _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + lane_stride)), 1);
     v = _mm512_inserti32x4(v, _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 2 * lane_stride)), 2);
     return _mm512_inserti32x4(v, _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 3 * lane_stride)), 3);
