@@ -46,22 +46,24 @@ def as_float_rows(x: Any, dim: int, name: str, *, allow_1d: bool = True) -> torc
     return converted
 
 
-def as_float32(array: Any, name: str, first_row: int = 0) -> np.ndarray:
+def as_float32(array: Any, name: str, first_row: int = 0, *, finite: bool = True) -> np.ndarray:
     """Rows ``(n, d)`` of real numbers (numpy, memmap, h5py slice) as a float32 numpy array.
 
     ValueError naming row ``first_row + i`` (its place in the file or dataset) for the first row
-    holding NaN, inf, or a finite value beyond the float32 range (which a plain cast would turn
-    into inf): the same message as `as_float_rows`.
+    holding a finite value beyond the float32 range (which a plain cast would turn into inf)
+    or, with ``finite``, NaN or inf: the same messages as `as_float_rows`.
     """
     array = np.asarray(array)
     with np.errstate(over="ignore", invalid="ignore"):
         converted = array.astype(np.float32)
     if converted.size and not np.isfinite(converted.sum(dtype=np.float64)):
-        bad = ~np.isfinite(converted.reshape(len(converted), -1)).all(axis=1)
+        rows = converted.reshape(converted.shape[0] if converted.ndim else 1, -1)
+        source = array.reshape(rows.shape)
+        overflowed = np.isinf(rows) & np.isfinite(source) if array.dtype.kind == "f" else np.isinf(rows)
+        bad = overflowed.any(axis=1) | (~np.isfinite(rows).all(axis=1) if finite else False)
         if bad.any():
             row = int(np.flatnonzero(bad)[0])
-            finite = array.dtype.kind in "iub" or bool(np.isfinite(array[row]).all())
-            _refuse_row(name, first_row + row, finite=finite)
+            _refuse_row(name, first_row + row, finite=bool(overflowed[row].any()))
     return converted
 
 
