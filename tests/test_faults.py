@@ -14,10 +14,8 @@ import errno
 import shutil
 from pathlib import Path
 
-import numba
 import numpy as np
 import pytest
-import torch
 
 import tqindex
 from conftest import unit_rows
@@ -35,16 +33,10 @@ ERRORS = (*ERRNOS, KeyboardInterrupt)  # cycled over the fault positions
 
 
 @pytest.fixture(autouse=True)
-def fast():
-    """Hundreds of tiny writes and searches: fsyncs counted but not made (no power is lost here),
-    and one thread, so that a busy machine does not make each search wait on a pool."""
-    threads, numba_threads = torch.get_num_threads(), numba.get_num_threads()
-    torch.set_num_threads(1)
-    numba.set_num_threads(1)
+def fast(one_thread):
+    """Hundreds of tiny writes and searches: fsyncs counted but not made (no power is lost here)."""
     with FaultInjector(sync=False):
         yield
-    torch.set_num_threads(threads)
-    numba.set_num_threads(numba_threads)
 
 
 @pytest.fixture(scope="module")
