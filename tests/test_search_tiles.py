@@ -42,7 +42,7 @@ def test_tiles_of_queries_give_the_results_of_one_search(where, tmp_path, monkey
     allowed = np.arange(5000, 5900, 3)
     tiles = recorded_tiles(monkeypatch)
     whole = [index.search(Q, 8), index.search(torch.from_numpy(Q), 8), index.search(Q, 8, filter=allowed)]
-    assert tiles == [130, 130, 130]  # 2^23 scores over 100 rows: one tile
+    assert tiles == [130, 130, 130]  # 2^25 scores over 100 rows: one tile
     monkeypatch.setitem(index_module._SCORE_ELEMENTS, "cpu", 100 * 16)  # 16 queries x 100 rows per step
     tiled = [index.search(Q, 8), index.search(torch.from_numpy(Q), 8), index.search(Q, 8, filter=allowed)]
     assert tiles[3:] == 3 * ([16] * 8 + [2])
@@ -54,7 +54,7 @@ def test_tiles_of_queries_give_the_results_of_one_search(where, tmp_path, monkey
 
 
 def test_a_tile_is_never_empty_and_no_queries_still_give_empty_results(monkeypatch):
-    index = TurboQuantIndex(D, 2, chunk_rows=1 << 24)  # more rows per step than the score budget
+    index = TurboQuantIndex(D, 2, chunk_rows=1 << 26)  # more rows per step than the score budget
     index.add(X[:50])
     tiles = recorded_tiles(monkeypatch)
     scores, ids = index.search(Q[:3], 4)
@@ -63,6 +63,6 @@ def test_a_tile_is_never_empty_and_no_queries_still_give_empty_results(monkeypat
     assert scores.shape == ids.shape == (0, 4)
 
 
-def test_the_default_tile_is_the_clis_batch():
+def test_the_default_tile_is_4096_queries():
     index = tqindex.TurboQuantIndex(D, 2)
-    assert index_module._SCORE_ELEMENTS["cpu"] // index._scan_step() == 1024
+    assert index_module._SCORE_ELEMENTS["cpu"] // index._scan_step() == 4096

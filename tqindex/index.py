@@ -35,9 +35,11 @@ METRICS = ("ip", "cosine")
 _ENCODE_BATCH = 1 << 16
 _RESIDENT_CHUNK_ROWS = 1 << 20  # rows per scan step over codes resident on an accelerator
 #: scores (queries x rows) one scan step may hold: the query tile is this over the step's rows.
-#: CPU: 32 MiB of float32, 1,024 queries at the default chunk_rows (the CLI's batch); an
-#: accelerator: 1 GiB, 256 queries per step of resident rows (a memory bound, not tuned for speed)
-_SCORE_ELEMENTS = {"cpu": 1 << 23, "accelerator": 1 << 28}
+#: CPU: 128 MiB of float32, 4,096 queries at the default chunk_rows: measured as fast as one
+#: untiled scan at 10k queries over 100k rows, where tiles of 1,024 took twice as long
+#: (docs/reliability.md). An accelerator: 1 GiB, 256 queries per step of resident rows (a memory
+#: bound, not timed here)
+_SCORE_ELEMENTS = {"cpu": 1 << 25, "accelerator": 1 << 28}
 
 
 def _column_specs(codec: TurboQuantCodec) -> dict[str, ColumnSpec]:
@@ -79,8 +81,9 @@ class TurboQuantIndex:
         path: None for an index in RAM, or a new directory for an on-disk index.
         backend: scan backend ("auto", "torch", "lut", "triton"), see `tqindex.kernels.get_scanner`.
         chunk_rows: rows scanned per step. With the query tile it bounds the memory a search
-            holds whatever the number of queries: ~``_SCORE_ELEMENTS`` scores per step (32 MiB
-            on the CPU; tiles of ``2**23 // chunk_rows`` queries, at least one), plus the results.
+            holds whatever the number of queries: queries are scanned in tiles of
+            ``2**25 // chunk_rows`` (at least one), so a step holds at most 2^25 scores (128 MiB
+            of float32) on the CPU; the results ``(m, k)`` come on top.
         device: where codes are scanned; other than "cpu", the same as calling ``.to(device)``.
 
     `add` returns int64 ids; `search` returns ``(D, I)``: float32 ``(m, k)`` scores best first
@@ -334,9 +337,11 @@ class TurboQuantIndex:
         scanner = get_scanner(self.codec, self.backend, self.device, queries=rows.shape[0])
         budget = _SCORE_ELEMENTS["cpu" if self.device.type == "cpu" else "accelerator"]
         tile = max(1, budget // self._scan_step())
-        parts = [self._search_tile(scanner, rows[i : i + tile], int(k), allowed) for i in range(0, max(len(rows), 1), tile)]
-        scores, ids = torch.cat([part[0] for part in parts]), np.concatenate([part[1] for part in parts])
-        scores = times_power_of_two(scores, exponents.cpu())
+        scores, ids = torch.empty((len(rows), int(k))), np.empty((len(rows), int(k)), np.int64)
+        for i in range(0, len(rows), tile):
+            scores[i : i + tile], ids[i : i + tile] = self._search_tile(scanner, rows[i : i + tile], int(k), allowed)
+        if bool(exponents.any()):
+            scores = times_power_of_two(scores, exponents.cpu())
         overflow = ~torch.isfinite(scores) & torch.from_numpy(ids >= 0)
         if bool(overflow.any()):
             row = int(torch.nonzero(overflow.any(dim=1))[0, 0])
