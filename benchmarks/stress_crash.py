@@ -271,6 +271,9 @@ def run_io_errors(path: Path, faults: int, *, seed: int = 0, progress: bool = Tr
     saves = [path.parent / "saved-a", path.parent / "saved-b"]
     saved_rows: dict[Path, int] = {}
     start = time.perf_counter()
+    threads = torch.get_num_threads()
+    expected.codec.encode(np.zeros((1, DIM), np.float32))  # numba's first parallel launch resets torch's threads:
+    torch.set_num_threads(1)  # let it happen first, then encode as ExpectedCodes does (bit-identical factors)
     index = tqindex.open(path, "a")
     with FaultInjector(sync=False), tqdm(total=faults, desc="I/O errors", unit="fault", disable=not progress) as bar:
         while counts["faults_injected"] < faults:
@@ -329,6 +332,7 @@ def run_io_errors(path: Path, faults: int, *, seed: int = 0, progress: bool = Tr
             counts["checks"] += 1
             bar.update(1)
     index.close()
+    torch.set_num_threads(threads)
     seen = check(path, expected, added, removed, in_flight)
     return {
         **counts,

@@ -143,7 +143,8 @@ class ColumnStore:
 
         An existing non-empty directory is refused unless `overwrite` is set and it is itself a
         store of `format_name`; then only the files its manifest names are removed. Overwriting
-        is not atomic: a crash during it leaves a directory that is not a store.
+        is not atomic: a crash during it leaves a directory that is not a store (`staged` is).
+        A create that raises removes what it wrote (and the directory, if it made it).
         """
         path = Path(path)
         if not isinstance(format_name, str) or not format_name:
