@@ -120,7 +120,7 @@ def test_failed_build_leaves_nothing_behind(files, capsys):
     x[450, 3] = np.nan  # found in the 4th batch of 128, after three were committed
     np.save(tmp / "nan.npy", x)
     assert main(["build", str(tmp / "nan.npy"), "--out", str(tmp / "idx"), "--batch", "128"]) == 1
-    _one_error_line(capsys, "nan.npy", "vectors 384..511", "NaN")
+    _one_error_line(capsys, "nan.npy", "row 450", "NaN")
     assert not (tmp / "idx").exists()
     (tmp / "empty").mkdir()
     assert main(["build", str(tmp / "nan.npy"), "--out", str(tmp / "empty"), "--batch", "128"]) == 1
@@ -217,3 +217,21 @@ def test_installed_entry_point_exit_codes(files):
     failed = subprocess.run(command + ["info", str(tmp / "nowhere")], capture_output=True, text=True)
     assert failed.returncode == 1 and failed.stdout == ""
     assert failed.stderr.count("\n") == 1 and failed.stderr.startswith("tqindex: error: ") and "nowhere" in failed.stderr
+
+
+@pytest.mark.parametrize("command", ["build", "search"])
+def test_float64_values_beyond_float32_are_refused_naming_the_row(files, capsys, command):
+    """A plain cast would make them inf; the file's row is named, as add/search name theirs."""
+    tmp, x, q = files
+    big = (x if command == "build" else q).astype(np.float64)
+    big[7, 3] = -1e39
+    np.save(tmp / "big.npy", big)
+    if command == "build":
+        argv = ["build", str(tmp / "big.npy"), "--out", str(tmp / "idx"), "--batch", "4"]
+    else:
+        assert main(["build", str(tmp / "x.npy"), "--out", str(tmp / "idx"), "--quiet"]) == 0
+        argv = ["search", str(tmp / "idx"), "--queries", str(tmp / "big.npy")]
+    capsys.readouterr()
+    assert main(argv) == 1
+    _one_error_line(capsys, "big.npy", "beyond the float32 range in row 7")
+    assert command == "search" or not (tmp / "idx").exists()

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_SAFE = 2.0**48  # rows with a largest |x| in [1/_SAFE, _SAFE] have norms (d < 2^31) and products well inside float32
 
 
 def is_torch(x: Any) -> bool:
@@ -19,7 +20,7 @@ def as_float_rows(x: Any, dim: int, name: str, *, allow_1d: bool = True) -> torc
 
     Accepts numpy arrays and torch tensors of float16, bfloat16, float32 or float64 (a 1-D
     vector of length ``dim`` is one row when ``allow_1d``). Raises TypeError for other kinds
-    and dtypes, ValueError for a wrong shape or non-finite values.
+    and dtypes, ValueError for a wrong shape or non-finite values (naming the first such row).
     """
     if isinstance(x, np.ndarray):
         if x.dtype.kind != "f":
@@ -40,10 +41,68 @@ def as_float_rows(x: Any, dim: int, name: str, *, allow_1d: bool = True) -> torc
     # one reduction instead of a full boolean mask: NaN and inf propagate into the sum; a finite
     # sum that overflowed is told apart by the exact check
     if not bool(torch.isfinite(converted.sum())) and not bool(torch.isfinite(converted).all()):
-        if bool(torch.isfinite(tensor).all()):  # finite float64 values beyond float32's range
-            raise ValueError(f"{name} holds values beyond the float32 range (|x| > {torch.finfo(torch.float32).max:.3g})")
-        raise ValueError(f"{name} contains NaN or inf")
+        row = int(torch.nonzero(~torch.isfinite(converted).all(dim=1))[0, 0])
+        _refuse_row(name, row, finite=bool(torch.isfinite(tensor[row]).all()))
     return converted
+
+
+def as_float32(array: Any, name: str, first_row: int = 0, *, finite: bool = True) -> np.ndarray:
+    """Rows ``(n, d)`` of real numbers (numpy, memmap, h5py slice) as a float32 numpy array.
+
+    ValueError naming row ``first_row + i`` (its place in the file or dataset) for the first row
+    holding a finite value beyond the float32 range (which a plain cast would turn into inf)
+    or, with ``finite``, NaN or inf: the same messages as `as_float_rows`.
+    """
+    array = np.asarray(array)
+    with np.errstate(over="ignore", invalid="ignore"):
+        converted = array.astype(np.float32)
+    if converted.size and not np.isfinite(converted.sum(dtype=np.float64)):
+        rows = converted.reshape(converted.shape[0] if converted.ndim else 1, -1)
+        source = array.reshape(rows.shape)
+        overflowed = np.isinf(rows) & np.isfinite(source) if array.dtype.kind == "f" else np.isinf(rows)
+        bad = overflowed.any(axis=1) | (~np.isfinite(rows).all(axis=1) if finite else False)
+        if bad.any():
+            row = int(np.flatnonzero(bad)[0])
+            _refuse_row(name, first_row + row, finite=bool(overflowed[row].any()))
+    return converted
+
+
+def _refuse_row(name: str, row: int, finite: bool) -> None:
+    """ValueError for row ``row`` of ``name``: NaN or inf, or (``finite``) values beyond the float32 range."""
+    if finite:
+        raise ValueError(f"{name} holds values beyond the float32 range in row {row} (|x| > {torch.finfo(torch.float32).max:.3g})")
+    raise ValueError(f"{name} contains NaN or inf in row {row}")
+
+
+def power_of_two_scaled(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows ``(n, d)`` divided each by a power of two, and those exponents int32 ``(n,)``.
+
+    ``rows == ldexp(scaled, exponents)`` exactly. A row whose largest ``|x|`` is outside
+    [2^-48, 2^48] (near the ends of the float32 range) is brought to a largest ``|x|`` in [0.5, 1), so its
+    norm and its products neither overflow nor underflow; other rows are kept as they are
+    (exponent 0), so ordinary input gives bit-identical results. Zero rows stay zero.
+    """
+    largest = rows.abs().amax(dim=1) if rows.numel() else rows.new_zeros(rows.shape[0])
+    extreme = (largest > _SAFE) | ((largest < 1 / _SAFE) & (largest > 0))
+    if not bool(extreme.any()):
+        return rows, torch.zeros(rows.shape[0], dtype=torch.int32, device=rows.device)
+    exponents = torch.where(extreme, torch.frexp(largest)[1], 0)
+    return times_power_of_two(rows, -exponents), exponents
+
+
+def times_power_of_two(values: torch.Tensor, exponents: torch.Tensor) -> torch.Tensor:
+    """``values`` ``(n, ...)`` times ``2 ** exponents`` (int ``(n,)``), exactly where the result is a
+    normal float; in two steps, so that no factor overflows float32 itself."""
+    exponents = exponents.view(-1, *([1] * (values.ndim - 1)))
+    half = torch.div(exponents, 2, rounding_mode="floor")
+    return torch.ldexp(torch.ldexp(values, half), exponents - half)
+
+
+def unit_rows(rows: torch.Tensor) -> torch.Tensor:
+    """Rows ``(n, d)`` divided by their norms (zero rows stay zero), exact near the ends of the
+    float32 range too: the norm is taken after `power_of_two_scaled`."""
+    rows = power_of_two_scaled(rows)[0]
+    return rows / torch.linalg.vector_norm(rows, dim=1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
 
 
 def as_id_array(ids: Any, name: str = "ids") -> np.ndarray:

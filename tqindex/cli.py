@@ -41,6 +41,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from tqindex import __version__
+from tqindex._arrays import as_float32
 from tqindex.datasets._optional import require
 from tqindex.datasets.vecs import VECS_DTYPES, read_vecs
 from tqindex.errors import TQIndexError
@@ -100,7 +101,7 @@ def _build(args: argparse.Namespace) -> None:
         try:
             with index, tqdm(total=n, desc="build", unit="vec", unit_scale=True, disable=not _show_progress(args)) as bar:
                 for i in range(0, n, args.batch):
-                    batch = np.asarray(vectors[i : i + args.batch], dtype=np.float32)
+                    batch = as_float32(vectors[i : i + args.batch], str(args.input), first_row=i)
                     try:
                         index.add(batch, progress=False)
                     except ValueError as error:
@@ -129,7 +130,7 @@ def _text(value: Any) -> str | None:
 def _search(args: argparse.Namespace) -> None:
     with ExitStack() as files:
         array, h5 = _open_vectors(args.queries, "test", files)
-        queries = np.asarray(array[:], dtype=np.float32)
+        queries = as_float32(array[:], str(args.queries))
         truth_file = args.truth or (args.queries if h5 is not None and "neighbors" in h5 else None)
         truth = np.asarray(_open_vectors(truth_file, "neighbors", files)[0][:]) if truth_file else None
     if len(queries) == 0:

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from tqindex._arrays import as_float_rows, is_torch, like
+from tqindex._arrays import as_float_rows, is_torch, like, power_of_two_scaled, times_power_of_two
 from tqindex.codebook import lloyd_max_codebook
 from tqindex.packing import BitLayout
 from tqindex.quantize import quantize_rows, quantize_rows_search, search_grid
@@ -281,16 +281,19 @@ class TurboQuantCodec:
             packed, factors = (torch.cat(parts) for parts in zip(*chunks))
         else:
             packed, factors = self._encode_rows(rows)
-        if not bool(torch.isfinite(factors).all()):
-            raise ValueError("x has a vector whose norm overflows float32: scale the vectors down")
+        finite = torch.isfinite(factors).all(dim=1)
+        if not bool(finite.all()):
+            row = int(torch.nonzero(~finite)[0, 0])
+            raise ValueError(f"x row {row}: its norm overflows float32 (> {torch.finfo(torch.float32).max:.3g}): scale the vectors down")
         return Codes(like(packed, is_torch(x)), like(factors, is_torch(x)))
 
     def _encode_rows(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        rows, exponents = power_of_two_scaled(rows)  # exact; keeps the norm finite and nonzero near the ends of float32
         norms = torch.linalg.vector_norm(rows, dim=1)
         prod = self.config.variant == "prod"
         indices, alignment, residual, energy = self._quantize(self.rotation.forward(rows), norms, keep_residual=prod)
         signs = self.qjl_signs(residual) if prod else None
-        return self.layout.pack(indices, signs), self.factors(norms, alignment, residual, energy)
+        return self.layout.pack(indices, signs), self.factors(times_power_of_two(norms, exponents), alignment, residual, energy)
 
     def qjl_signs(self, residual: torch.Tensor) -> torch.Tensor:
         """QJL signs of residuals ``(n, D)`` (prod): bool ``(n, D)``, True where ``S r >= 0``."""
@@ -497,6 +500,10 @@ class TurboQuantCodec:
         if key not in cache:
             cache[key] = tensor.to(device)
         return cache[key]
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled and copied without the device cache: its keys are ids of this object's tensors."""
+        return {key: value for key, value in self.__dict__.items() if key != "_device_cache"}
 
     def __repr__(self) -> str:
         c = self.config

@@ -5,10 +5,17 @@ directory of memory-mapped column files (`path=...`, `tqindex.open`). Deletions 
 appended log of row numbers (tombstones); the scan skips them, and the rows of ids outside a
 search's allow-list, inside the chunk loop. The ranking equals the codec's own estimator,
 `TurboQuantCodec.inner_products` (see `kernels.scan`).
+
+A write that fails or is interrupted (an OSError such as ENOSPC or EFBIG, a KeyboardInterrupt)
+changes nothing stored: the store drops its uncommitted rows and the index takes the committed
+state again (`_writing`). An on-disk index holds open files and a lock, so it refuses to be
+pickled or copied; an in-memory one copies whole.
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import os
 from typing import Any, Iterator
 
@@ -16,7 +23,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from tqindex._arrays import as_float_rows, as_id_array, is_torch, like
+from tqindex._arrays import as_float_rows, as_id_array, is_torch, like, power_of_two_scaled, times_power_of_two, unit_rows
 from tqindex.codec import CodecConfig, Codes, TurboQuantCodec
 from tqindex.kernels import BACKENDS, Chunk, encode, get_scanner, scan_topk, search_resident
 from tqindex.kernels.fastscan import FastScanner, KeyColumns
@@ -28,6 +35,12 @@ FORMAT_NAME = "tqindex"
 METRICS = ("ip", "cosine")
 _ENCODE_BATCH = 1 << 16
 _RESIDENT_CHUNK_ROWS = 1 << 20  # rows per scan step over codes resident on an accelerator
+#: scores (queries x rows) one scan step may hold: the query tile is this over the step's rows.
+#: CPU: 128 MiB of float32, 4,096 queries at the default chunk_rows: measured as fast as one
+#: untiled scan at 10k queries over 100k rows, where tiles of 1,024 took twice as long
+#: (docs/reliability.md). An accelerator: 1 GiB, 256 queries per step of resident rows (a memory
+#: bound, not timed here)
+_SCORE_ELEMENTS = {"cpu": 1 << 25, "accelerator": 1 << 28}
 
 
 def _column_specs(codec: TurboQuantCodec) -> dict[str, ColumnSpec]:
@@ -68,7 +81,11 @@ class TurboQuantIndex:
         variant, rotation, scale, seed, search: passed to `TurboQuantCodec`.
         path: None for an index in RAM, or a new directory for an on-disk index.
         backend: scan backend ("auto", "torch", "lut", "fastscan", "triton"), see `tqindex.kernels.get_scanner`.
-        chunk_rows: rows scanned per step; bounds the memory a search holds.
+        chunk_rows: rows scanned per step. With the query tile it bounds the memory a search
+            holds whatever the number of queries: queries are scanned in tiles of
+            ``2**25 // chunk_rows`` (at least one), so a step holds at most 2^25 scores (128 MiB
+            of float32) on the CPU; the results ``(m, k)`` come on top. The fast-scan holds no
+            scores: it reads at least ``FastScanner.rows_per_call`` rows a step.
         device: where codes are scanned; other than "cpu", the same as calling ``.to(device)``.
 
     `add` returns int64 ids; `search` returns ``(D, I)``: float32 ``(m, k)`` scores best first
@@ -158,6 +175,7 @@ class TurboQuantIndex:
         if len(deleted_rows) and (deleted_rows.min() < 0 or deleted_rows.max() >= counts["ids"]):
             raise CorruptIndexError(f"{store.path}: deletion log names rows outside 0..{counts['ids'] - 1}")
         self._grow_rows(counts["ids"] - self._rows)
+        self._deleted[:] = False
         self._deleted[deleted_rows] = True
         self._n_deleted = int(self._deleted.sum())
         self._id_lookup: tuple[np.ndarray, np.ndarray] | None = None
@@ -259,16 +277,17 @@ class TurboQuantIndex:
         if not encoded:
             return
         packed, factors = torch.cat([c.packed for c in encoded]), torch.cat([c.factors for c in encoded])
-        self._store.append("codes", packed.cpu().numpy())
-        self._store.append("factors", factors.cpu().numpy())
-        self._store.append("ids", ids)
-        self._store.commit()
-        if self._resident is not None:
-            self._resident = (torch.cat([self._resident[0], packed]), torch.cat([self._resident[1], factors]))
-            self._live = torch.cat([self._live, torch.ones(len(ids), dtype=torch.bool, device=self.device)])
-        self._grow_rows(len(ids))
-        self._id_lookup = None
-        self._next_id = max(self._next_free_id(), int(ids.max()) + 1)
+        with self._writing():
+            self._store.append("codes", packed.cpu().numpy())
+            self._store.append("factors", factors.cpu().numpy())
+            self._store.append("ids", ids)
+            self._store.commit()
+            if self._resident is not None:
+                self._resident = (torch.cat([self._resident[0], packed]), torch.cat([self._resident[1], factors]))
+                self._live = torch.cat([self._live, torch.ones(len(ids), dtype=torch.bool, device=self.device)])
+            self._grow_rows(len(ids))
+            self._id_lookup = None
+            self._next_id = max(self._next_free_id(), int(ids.max()) + 1)
 
     def remove_ids(self, ids: Any) -> int:
         """Remove vectors by id; returns how many were removed. Unknown ids: KeyError, nothing removed."""
@@ -278,14 +297,39 @@ class TurboQuantIndex:
         if np.any(rows < 0):
             raise KeyError(f"ids not in the index: {ids[rows < 0][:5].tolist()}")
         if len(rows):
-            self._store.append("deleted", rows)
-            self._store.commit()
-            self._deleted[rows] = True
-            self._n_deleted += len(rows)
-            if self._live is not None:
-                self._live[torch.from_numpy(rows).to(self.device)] = False
-            self._id_lookup = None
+            with self._writing():
+                self._store.append("deleted", rows)
+                self._store.commit()
+                self._deleted[rows] = True
+                self._n_deleted += len(rows)
+                if self._live is not None:
+                    self._live[torch.from_numpy(rows).to(self.device)] = False
+                self._id_lookup = None
         return len(rows)
+
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[None]:
+        """One write: on any exception (OSError, KeyboardInterrupt...) the store drops what was
+        not committed and the index takes the committed rows again, so the call changed nothing
+        stored (or, interrupted after its commit, is wholly there)."""
+        try:
+            yield
+        except BaseException:
+            self._store.rollback()
+            self._sync()
+            raise
+
+    def _sync(self) -> None:
+        """Take the store's committed rows, deletions and (if resident) codes: after `refresh`, and after a failed write."""
+        self._load_rows()
+        if self._resident is not None:
+            have = self._resident[0].shape[0]
+            if have > self._rows:
+                self._resident = tuple(t[: self._rows] for t in self._resident)
+            elif have < self._rows:
+                new = [torch.from_numpy(self._store.read_rows(n, have, self._rows)).to(self.device) for n in ("codes", "factors")]
+                self._resident = (torch.cat([self._resident[0], new[0]]), torch.cat([self._resident[1], new[1]]))
+            self._live = torch.from_numpy(~self._deleted).to(self.device)
 
     # ---- reading -----------------------------------------------------------------------
     def search(self, queries: Any, k: int, *, filter: Any = None) -> tuple[Any, Any]:
@@ -305,17 +349,37 @@ class TurboQuantIndex:
         if k > self.ntotal:
             raise ValueError(f"k={k} exceeds the {self.ntotal} vectors in the index")
         allowed = None if filter is None else np.unique(as_id_array(filter, "filter"))
-        rotated = self.codec.rotate_rows(rows.to(self.device))  # rows are checked: no second pass over them
+        rows, exponents = power_of_two_scaled(rows)  # exact; the ranking of a query ignores its scale
         scanner = get_scanner(self.codec, self.backend, self.device, queries=rows.shape[0])
+        budget = _SCORE_ELEMENTS["cpu" if self.device.type == "cpu" else "accelerator"]
+        tile = max(1, budget // self._scan_step())
+        scores, ids = torch.empty((len(rows), int(k))), np.empty((len(rows), int(k)), np.int64)
+        for i in range(0, len(rows), tile):
+            scores[i : i + tile], ids[i : i + tile] = self._search_tile(scanner, rows[i : i + tile], int(k), allowed)
+        if bool(exponents.any()):
+            scores = times_power_of_two(scores, exponents.cpu())
+        overflow = ~torch.isfinite(scores) & torch.from_numpy(ids >= 0)
+        if bool(overflow.any()):
+            row = int(torch.nonzero(overflow.any(dim=1))[0, 0])
+            raise ValueError(f"queries row {row}: its inner products overflow float32 (> {torch.finfo(torch.float32).max:.3g}): scale the queries down")
+        return like(scores, is_torch(queries)), like(torch.from_numpy(ids), is_torch(queries))
+
+    def _search_tile(self, scanner: Any, rows: torch.Tensor, k: int, allowed: np.ndarray | None) -> tuple[torch.Tensor, np.ndarray]:
+        """`search` of one tile of queries ``(t, dim)``: scores float32 ``(t, k)`` on the CPU, ids int64 ``(t, k)``."""
+        rotated = self.codec.rotate_rows(rows.to(self.device))  # rows are checked: no second pass over them
         if self._resident is not None and hasattr(scanner, "candidates"):  # one kernel over every row, no chunk loop
             packed, factors = self._resident
-            scores, found = search_resident(self.codec, scanner, rotated, packed, factors, self._valid_rows(allowed), int(k))
+            scores, found = search_resident(self.codec, scanner, rotated, packed, factors, self._valid_rows(allowed), k)
         else:
-            scores, found = scan_topk(self.codec, scanner, rotated, self._chunks(allowed, scanner), int(k), self._fetch)
+            scores, found = scan_topk(self.codec, scanner, rotated, self._chunks(allowed, scanner), k, self._fetch)
         found = found.cpu().numpy()
         ids = self._store.read_at("ids", np.maximum(found, 0).ravel()).reshape(found.shape)
         ids[found < 0] = -1
-        return like(scores.cpu(), is_torch(queries)), like(torch.from_numpy(ids), is_torch(queries))
+        return scores.cpu(), ids
+
+    def _scan_step(self) -> int:
+        """Rows per scan step: ``chunk_rows``, or at least ``_RESIDENT_CHUNK_ROWS`` on an accelerator."""
+        return self.chunk_rows if self.device.type == "cpu" else max(self.chunk_rows, _RESIDENT_CHUNK_ROWS)
 
     def reconstruct(self, ids: Any) -> np.ndarray:
         """Decoded vectors of ``ids``: float32 ``(n, dim)``, or ``(dim,)`` for one scalar id."""
@@ -330,8 +394,7 @@ class TurboQuantIndex:
 
     def _chunks(self, allowed: np.ndarray | None, scanner: Any) -> Iterator[Chunk]:
         """The rows to scan, chunk by chunk: from the resident tensors, or read from the store."""
-        step = self.chunk_rows if self.device.type == "cpu" else max(self.chunk_rows, _RESIDENT_CHUNK_ROWS)
-        step = max(step, getattr(scanner, "rows_per_call", 0))
+        step = max(self._scan_step(), getattr(scanner, "rows_per_call", 0))
         columns = self._key_columns(scanner)
         for start in range(0, self._rows, step):
             stop = min(start + step, self._rows)
@@ -384,7 +447,7 @@ class TurboQuantIndex:
     def _vectors(self, x: Any, name: str) -> torch.Tensor:
         rows = as_float_rows(x, self.dim, name)
         if self.metric == "cosine":
-            rows = rows / torch.linalg.vector_norm(rows, dim=1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+            rows = unit_rows(rows)
         return rows
 
     def _find_rows(self, ids: np.ndarray) -> np.ndarray:
@@ -407,17 +470,22 @@ class TurboQuantIndex:
         return self._next_id
 
     # ---- persistence -------------------------------------------------------------------
-    def save(self, path: str | os.PathLike) -> None:
-        """Write the index to a new directory ``path`` (open it again with ``tqindex.open``)."""
+    def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> None:
+        """Write the index to directory ``path`` (open it again with ``tqindex.open``).
+
+        ``path`` must be missing or empty; ``overwrite=True`` replaces an index there (one no
+        writer holds), atomically where the OS can swap directories (Linux). The index is
+        written beside ``path`` and renamed into place once complete, so a save that fails
+        leaves ``path`` as it was (`ColumnStore.staged`).
+        """
         self._check_open()
-        target = ColumnStore.create(
-            path, format_name=FORMAT_NAME, meta=self._store.meta, fixed=self.codec.state(), columns=_column_specs(self.codec)
-        )
-        with target:
+        if self._store.path is not None and os.path.exists(path) and os.path.samefile(path, self._store.path):
+            raise ValueError(f"{path}: this index is open from there; save it to another directory")
+        spec = dict(format_name=FORMAT_NAME, meta=self._store.meta, fixed=self.codec.state(), columns=_column_specs(self.codec))
+        with ColumnStore.staged(path, overwrite=overwrite, **spec) as target:
             for name in ("codes", "factors", "ids", "deleted"):
                 for start in range(0, self._store.rows(name), _ENCODE_BATCH):
                     target.append(name, self._store.read_rows(name, start, min(start + _ENCODE_BATCH, self._store.rows(name))))
-            target.commit()
 
     def verify(self) -> dict[str, int]:
         """Re-read every byte of an on-disk index and check its checksums (and, cheaply, its row
@@ -437,27 +505,39 @@ class TurboQuantIndex:
         self._check_open()
         if self._store.path is None or self._store.mode != "r":
             raise ValueError("refresh is for an index opened read-only (tqindex.open(path, 'r'))")
-        rows_before = self._rows
         if not self._store.refresh():
             return False
-        self._load_rows()
-        if self._resident is not None:
-            new = [torch.from_numpy(self._store.read_rows(n, rows_before, self._rows)).to(self.device) for n in ("codes", "factors")]
-            self._resident = (torch.cat([self._resident[0], new[0]]), torch.cat([self._resident[1], new[1]]))
-            self._live = torch.from_numpy(~self._deleted).to(self.device)
+        self._sync()
         return True
 
     def flush(self) -> None:
         """Make everything added so far durable (``add`` and ``remove_ids`` already commit)."""
         self._check_open()
         if self._store.mode == "a":
-            self._store.commit()
+            with self._writing():
+                self._store.commit()
 
     def close(self) -> None:
-        """Flush and release the files; idempotent."""
+        """Flush and release the files (and the writer lock, even if the flush raises); idempotent."""
         if not self._closed:
-            self._store.close()
-            self._closed = True
+            try:
+                self._store.close()
+            finally:
+                self._closed = True
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        """Pickling and copying: an in-memory index copies whole; an on-disk one is refused
+        (TypeError) since a copy would share its files and writer lock: open the path again."""
+        if self._store.path is not None:
+            raise TypeError(
+                f"an on-disk index holds open files (and, writing, the directory's lock), so it cannot be pickled or "
+                f"copied: open it again with tqindex.open({str(self._store.path)!r}) where it is needed (in each worker)"
+            )
+        return super().__reduce_ex__(protocol)
+
+    def __copy__(self) -> "TurboQuantIndex":
+        """A deep copy: a shallow one would share the rows and could not add to them safely."""
+        return copy.deepcopy(self)
 
     def __enter__(self) -> "TurboQuantIndex":
         return self

@@ -19,6 +19,7 @@ Shapes: ``B`` batch, ``H`` KV heads, ``Tc`` encoded tokens, ``Tw`` window tokens
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -49,7 +50,8 @@ class TurboQuantLayer(DynamicLayer):
 
     ``self.keys`` / ``self.values`` hold the window, ``self.key_codes`` / ``self.value_codes`` the
     codes (``Codes`` with packed ``(B, H, Tc, C)`` uint8 and factors ``(B, H, Tc, F)`` in
-    ``factor_dtypes[role]``, or uint8 log codes for "log8"). With ``center_keys`` the codes hold keys
+    ``factor_dtypes[role]``, or uint8 log codes for "log8"; float32 once a role's log codes would
+    saturate, see `_float_factors`). With ``center_keys`` the codes hold keys
     minus ``self.key_offset`` ``(B, H, 1, d)`` bfloat16: the mean of the keys present at the first
     flush (any offset is exact, so its rounding costs nothing).
     """
@@ -72,6 +74,7 @@ class TurboQuantLayer(DynamicLayer):
         self.value_codes: Codes | None = None
         self.key_offset: torch.Tensor | None = None
         self._log_factors: dict[str, LogByteFactors] = {}  # per role, fitted at the first flush
+        self._float_factors: set[str] = set()  # log8 roles whose factors left the fitted range: float32 since
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
@@ -86,7 +89,7 @@ class TurboQuantLayer(DynamicLayer):
     def _empty_codes(self, codec: TurboQuantCodec, states: torch.Tensor, role: str) -> Codes:
         batch, heads = states.shape[:2]
         packed = torch.empty((batch, heads, 0, codec.code_bytes), dtype=torch.uint8, device=states.device)
-        dtype = torch.uint8 if self.factor_dtypes[role] == LOG8 else self.factor_dtypes[role]
+        dtype = torch.uint8 if self._factor_dtype(role) == LOG8 else self._factor_dtype(role)
         factors = torch.empty((batch, heads, 0, codec.n_factors), dtype=dtype, device=states.device)
         return Codes(packed, factors)
 
@@ -125,9 +128,19 @@ class TurboQuantLayer(DynamicLayer):
         if self.encoded_len == 0:
             return keys, values
         return (
-            CompressedKV(self.key_codec, self.key_codes, keys, self.backend, self.key_offset, self._log_factors.get("key")),
-            CompressedKV(self.value_codec, self.value_codes, values, self.backend, None, self._log_factors.get("value")),
+            CompressedKV(self.key_codec, self.key_codes, keys, self.backend, self.key_offset, self._log_codes("key")),
+            CompressedKV(self.value_codec, self.value_codes, values, self.backend, None, self._log_codes("value")),
         )
+
+    def _log_codes(self, role: str) -> LogByteFactors | None:
+        """How ``role``'s stored factors decode: its one-byte log code, or None where they are floats."""
+        return self._log_factors[role] if self._factor_dtype(role) == LOG8 else None
+
+    def _readable(self, codes: Codes, role: str) -> Codes:
+        """``codes`` with float factors (log codes decoded)."""
+        if self._factor_dtype(role) != LOG8:
+            return codes
+        return Codes(codes.packed, self._log_factors[role].decode(codes.factors))
 
     def _flush_len(self, dense_len: int) -> int:
         """How many of the oldest dense tokens to encode now: whole chunks, leaving at least ``window``."""
@@ -139,16 +152,43 @@ class TurboQuantLayer(DynamicLayer):
         """Encode ``(B, H, t, d)`` states -> ``Codes`` ``(B, H, t, C)`` and ``(B, H, t, F)`` as stored."""
         batch, heads, tokens, dim = states.shape
         codes = encode(codec, states.reshape(-1, dim))  # on a GPU: the fused Triton encoder
-        if self.factor_dtypes[role] == LOG8:
+        if self._factor_dtype(role) == LOG8:
             log_factors = self._log_factors.setdefault(role, LogByteFactors.fit(codes.factors))
-            factors = log_factors.encode(codes.factors)
-            return Codes(codes.packed.view(batch, heads, tokens, -1), factors.view(batch, heads, tokens, -1))
-        factors = codes.factors.to(self.factor_dtypes[role])
+            if log_factors.fits(codes.factors):
+                factors = log_factors.encode(codes.factors)
+                return Codes(codes.packed.view(batch, heads, tokens, -1), factors.view(batch, heads, tokens, -1))
+            self._keep_float_factors(role)
+        factors = codes.factors.to(self._factor_dtype(role))
         if not bool(torch.isfinite(factors).all()):
             raise OverflowError(
-                f"a per-vector scale does not fit {self.factor_dtypes[role]}: pass factor_dtype=torch.float32 or 'log8' to TurboQuantCache"
+                f"a per-vector scale does not fit {self._factor_dtype(role)}: pass factor_dtype=torch.float32 or 'log8' to TurboQuantCache"
             )
         return Codes(codes.packed.view(batch, heads, tokens, -1), factors.view(batch, heads, tokens, -1))
+
+    def _factor_dtype(self, role: str) -> torch.dtype | str:
+        """How ``role``'s factors are stored now: as configured, or float32 after `_keep_float_factors`."""
+        return torch.float32 if role in self._float_factors else self.factor_dtypes[role]
+
+    def _keep_float_factors(self, role: str) -> None:
+        """Store ``role``'s factors in float32 from now on, those stored so far decoded from their log bytes.
+
+        Called when new factors fall outside the one-byte range fitted at the first flush (more
+        than ~8 octaves from its median): clamped, they would decode with errors up to 100%.
+        The stored tokens keep their values exactly; the new ones get the float32 path's error.
+        """
+        readable = self._readable(self.key_codes if role == "key" else self.value_codes, role)
+        self._float_factors.add(role)
+        if role == "key":
+            self.key_codes = readable
+        else:
+            self.value_codes = readable
+        low = self._log_factors[role].low
+        warnings.warn(
+            f"{role} scales outside the one-byte range fitted at this layer's first flush (2^{low:.1f}..2^{low + 254 / 16:.1f}): "
+            "this layer keeps them in float32 from now on (4 bytes each)",
+            RuntimeWarning,
+            stacklevel=2,
+        )
 
     @property
     def encoded_len(self) -> int:
@@ -202,6 +242,7 @@ class TurboQuantLayer(DynamicLayer):
         super().reset()
         self.key_codes = self.value_codes = self.key_offset = None
         self._log_factors = {}
+        self._float_factors = set()
 
     def memory(self) -> tuple[int, int, int]:
         """Stored bytes: ``(codes, factors and key offsets, window)``."""
