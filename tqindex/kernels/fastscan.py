@@ -1,15 +1,18 @@
 """The SIMD fast-scan (compiled C++, ``csrc/``): 4-bit look-up tables in registers, exact top-k.
 
 As in FAISS's fast-scan and turbovec, a query's score of a row is a sum of entries of 16-entry
-tables, one per 4-bit *key* of the row, quantized to uint8 with one scale and bias per query, and
-looked up 32 (AVX2) or 64 (AVX-512) rows at a time with byte shuffles. Here the keys are read
-from the stored packed rows themselves (``packing.py``), a block of rows transposed in registers:
-no second copy of the codes, on disk or in RAM, and the memory-mapped path reads each row once.
+tables, one per 4-bit *key* of the row, quantized to 7 bits (0..127, so a key pair's entries add
+in one byte) with one scale and bias per query, and looked up 32 (AVX2) or 64 (AVX-512) rows at a
+time with byte shuffles. The keys are read from the stored packed rows themselves
+(``packing.py``), a block of rows transposed in registers, so the on-disk path streams each row
+once; an index in RAM also keeps them as *key columns* (``KeyColumns``), the rows pre-transposed,
+which halves single-query time for ``n_keys / 2`` more bytes a row (docs/format.md).
 
-Keys (``_index_keys``, ``_sign_keys``): coordinates of at most 4 bits are grouped into 4-bit keys (4 coordinates at
-1 bit, 2 at 2 bits, one at 3 or 4 bits, mixed for fractional widths); a coordinate of 5-8 bits
-keys on its top 4 bits, the table holding the midpoint of the levels those bits leave open; QJL
-sign bits of prod codes form keys of 4 signs. Each key costs one shuffle per block of rows.
+Keys (``_index_keys``, ``_sign_keys``): coordinates of at most 4 bits are grouped into 4-bit keys
+(4 coordinates at 1 bit, 2 at 2 bits, one at 3 or 4 bits, mixed for fractional widths); a
+coordinate of 5-8 bits keys on its top 4 bits, the table holding the midpoint of the levels
+those bits leave open; QJL sign bits of prod codes form keys of 4 signs. Each key costs one
+shuffle per block of rows.
 
 Exactness: a row's table sum is within a per-query margin of its float estimate (the
 quantization error, and for 5-8 bits the open low bits). Rows whose upper bound cannot reach

@@ -29,7 +29,10 @@ struct Field {
   int32_t offset, width, stop, shift;  // as in tqindex/packing.py
 };
 
-// One query's quantized tables: lut[g * 16 + v] in 0..255; score of a key sum S in segment s
+// Largest table entry: the two entries of a key pair add in 8 bits (scan.h, accumulate).
+constexpr int kTableMax = 127;
+
+// One query's quantized tables: lut[g * 16 + v] in 0..kTableMax; score of a key sum S in segment s
 // is S * scale[s] + bias[s], off the float table sum by at most margin[s].
 struct QueryTables {
   double scale[2] = {0, 0}, bias[2] = {0, 0}, margin[2] = {0, 0};
@@ -83,8 +86,8 @@ struct Plan {
     }
     double a[2];
     for (int s = 0; s < 2; ++s) {
-      // entries in 0..255 and every key sum of a segment within 16 bits
-      a[s] = max_range[s] > 0 ? std::min(255.0 / max_range[s], 65535.0 / sum_range[s]) : 0.0;
+      // entries in 0..kTableMax and every key sum of a segment within 16 bits
+      a[s] = max_range[s] > 0 ? std::min(kTableMax / max_range[s], 65535.0 / sum_range[s]) : 0.0;
       out.scale[s] = a[s] > 0 ? 1.0 / a[s] : 0.0;
     }
     double worst[2] = {0, 0}, var[2] = {0, 0};
@@ -97,7 +100,7 @@ struct Plan {
           continue;
         }
         const double t = table[g * 16 + v];
-        const int level = std::min(255, static_cast<int>((t - lo[g]) * a[s] + 0.5));  // t >= lo: rounds to nearest
+        const int level = std::min(kTableMax, static_cast<int>((t - lo[g]) * a[s] + 0.5));  // t >= lo: rounds to nearest
         lut[g * 16 + v] = static_cast<uint8_t>(level);
         const double err = t - (level * out.scale[s] + lo[g]);
         err_max = std::max(err_max, std::fabs(err));

@@ -171,34 +171,32 @@ inline void step_keys(const Plan& plan, Columns cols, uint8_t* keys) {
   }
 }
 
-// Table sums of kQ queries (tables lut + i * lut_stride) over keys [first, last) of one step,
-// into sums[i][s][row]. Direct plans read key 2c / 2c + 1 as the low / high nibble of column c;
-// others read extracted keys, one register each.
+// Table sums of kQ queries (tables lut + i * lut_stride) over keys [first, last) of one step (an
+// even count): 16-bit lanes, the low byte of each the running sum of an even row, the high byte's
+// sum kept apart in acc_high. Entries are at most kTableMax = 127 (plan.h), so the look-ups of a
+// key pair add in 8 bits before they are widened: a fifth fewer operations than widening each.
+// Direct plans read key 2c / 2c + 1 as the low / high nibble of column c; others read extracted
+// keys, one register each.
 template <bool kDirect, int kQ>
 inline void accumulate(const uint8_t* lut, size_t lut_stride, Columns cols, const uint8_t* keys, int first, int last,
                        Simd::V* acc, Simd::V* acc_high) {
   const Simd::V low_nibble = Simd::set1(0x0F);
   for (int i = 0; i < kQ; ++i) acc[i] = Simd::zero(), acc_high[i] = Simd::zero();
-  if (kDirect) {
-    for (int g = first; g < last; g += 2) {
+  for (int g = first; g < last; g += 2) {
+    Simd::V k0, k1;
+    if (kDirect) {
       const Simd::V col = Simd::load_column(cols.base + (g / 2) * kBlock, cols.stride);
-      const Simd::V lo = Simd::bit_and(col, low_nibble), hi = Simd::bit_and(Simd::srl16(col, 4), low_nibble);
-      for (int i = 0; i < kQ; ++i) {
-        const uint8_t* table = lut + i * lut_stride + g * 16;
-        const Simd::V r0 = Simd::lookup(Simd::broadcast_table(table), lo);
-        const Simd::V r1 = Simd::lookup(Simd::broadcast_table(table + 16), hi);
-        acc[i] = Simd::add16(Simd::add16(acc[i], r0), r1);
-        acc_high[i] = Simd::add16(Simd::add16(acc_high[i], Simd::high_bytes(r0)), Simd::high_bytes(r1));
-      }
+      k0 = Simd::bit_and(col, low_nibble);
+      k1 = Simd::bit_and(Simd::srl16(col, 4), low_nibble);
+    } else {
+      k0 = Simd::load(keys + g * Simd::kBytes);
+      k1 = Simd::load(keys + (g + 1) * Simd::kBytes);
     }
-  } else {
-    for (int g = first; g < last; ++g) {
-      const Simd::V key = Simd::load(keys + g * Simd::kBytes);
-      for (int i = 0; i < kQ; ++i) {
-        const Simd::V r = Simd::lookup(Simd::broadcast_table(lut + i * lut_stride + g * 16), key);
-        acc[i] = Simd::add16(acc[i], r);
-        acc_high[i] = Simd::add16(acc_high[i], Simd::high_bytes(r));
-      }
+    for (int i = 0; i < kQ; ++i) {
+      const uint8_t* table = lut + i * lut_stride + g * 16;
+      const Simd::V r = Simd::add8(Simd::lookup(Simd::broadcast_table(table), k0), Simd::lookup(Simd::broadcast_table(table + 16), k1));
+      acc[i] = Simd::add16(acc[i], r);
+      acc_high[i] = Simd::add16(acc_high[i], Simd::high_bytes(r));
     }
   }
 }

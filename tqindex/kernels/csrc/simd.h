@@ -52,6 +52,7 @@ struct Simd {
   static V sll16(V a, int n) { return _mm256_sll_epi16(a, _mm_cvtsi32_si128(n)); }
   static V high_bytes(V a) { return _mm256_srli_epi16(a, 8); }
   static V low_to_high(V a) { return _mm256_slli_epi16(a, 8); }
+  static V add8(V a, V b) { return _mm256_add_epi8(a, b); }
   static V add16(V a, V b) { return _mm256_add_epi16(a, b); }
   static V sub16(V a, V b) { return _mm256_sub_epi16(a, b); }
   static V unpacklo8(V a, V b) { return _mm256_unpacklo_epi8(a, b); }
@@ -104,6 +105,7 @@ struct Simd {
   static V sll16(V a, int n) { return _mm512_sll_epi16(a, _mm_cvtsi32_si128(n)); }
   static V high_bytes(V a) { return _mm512_srli_epi16(a, 8); }
   static V low_to_high(V a) { return _mm512_slli_epi16(a, 8); }
+  static V add8(V a, V b) { return _mm512_add_epi8(a, b); }
   static V add16(V a, V b) { return _mm512_add_epi16(a, b); }
   static V sub16(V a, V b) { return _mm512_sub_epi16(a, b); }
   static V unpacklo8(V a, V b) { return _mm512_unpacklo_epi8(a, b); }
