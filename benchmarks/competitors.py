@@ -121,21 +121,24 @@ class Method(ABC):
 
 
 class TqindexMethod(Method):
-    """``tqindex.TurboQuantIndex`` with a given variant and scale."""
+    """``tqindex.TurboQuantIndex`` with a given variant, scale and scan backend."""
 
     family = "tqindex"
 
-    def __init__(self, name: str, dim: int, bits: float, metric: str, seed: int, *, variant: str, scale: str):
+    def __init__(self, name: str, dim: int, bits: float, metric: str, seed: int, *, variant: str, scale: str, backend: str = "auto"):
         super().__init__(name, dim, bits, metric, seed)
         import tqindex
+        from tqindex.kernels import fastscan
 
         try:
-            self.index = tqindex.TurboQuantIndex(dim, bits, metric=metric, variant=variant, scale=scale, seed=seed)
+            self.index = tqindex.TurboQuantIndex(dim, bits, metric=metric, variant=variant, scale=scale, seed=seed, backend=backend)
         except ValueError as error:
             raise Unsupported(str(error)) from error
         config = self.index.codec.config
         self.seeded = "rotation and QJL matrix" if config.variant == "prod" else "rotation"
-        self.params = {"variant": config.variant, "scale": config.scale, "rotation": config.rotation, "seed": seed}
+        self.params = {"variant": config.variant, "scale": config.scale, "rotation": config.rotation, "seed": seed, "backend": backend}
+        if backend in ("auto", "fastscan") and fastscan.supports(self.index.codec):
+            self.params["fastscan_isa"] = fastscan.isa()
 
     def _build(self, train: np.ndarray) -> None:
         self.index.add(train, progress=False)
@@ -300,6 +303,9 @@ METHODS: dict[str, Factory] = {
     "tqindex": functools.partial(TqindexMethod, variant="mse", scale="auto"),  # the library default
     "tqindex-norm": functools.partial(TqindexMethod, variant="mse", scale="norm"),
     "tqindex-prod": functools.partial(TqindexMethod, variant="prod", scale="norm"),
+    # the scan backends the fast-scan replaced on the CPU: numba look-up tables, decode + GEMM
+    "tqindex-lut": functools.partial(TqindexMethod, variant="mse", scale="auto", backend="lut"),
+    "tqindex-gemm": functools.partial(TqindexMethod, variant="mse", scale="auto", backend="torch"),
     # FAISS's SQ/EDEN/RaBitQ codecs do not rotate by themselves: the RR pre-transform does.
     "faiss-tqmse": _faiss("RR,SQtqmse{b}", (1, 2, 3, 4, 8), unit_norm_only=True),
     "faiss-tq": _faiss("RR,SQtq{b}", (2, 3, 4, 5)),

@@ -92,16 +92,19 @@ class PySearch {
     search_ = std::make_unique<tq::Search>(plan, queries.data(), m_, k, z);
   }
 
-  // packed rows (n, code_bytes); key_columns: None or their key columns (key_columns() of the plan)
+  // packed rows (n, code_bytes); key_columns: None or their key columns (key_columns() of the
+  // plan); bias: None or float32 (n,), added to every query's score of the row
   void scan(const Array<uint8_t>& packed, const Array<float>& factors, const py::object& valid, int64_t row0, int threads,
-            const py::object& key_columns) {
+            const py::object& key_columns, const py::object& bias) {
     if (packed.ndim() != 2 || packed.shape(1) != plan_->code_bytes)
       throw std::invalid_argument("packed: expected (n, " + std::to_string(plan_->code_bytes) + ") uint8");
     const int64_t n = packed.shape(0);
     if (factors.ndim() != 2 || factors.shape(0) != n || factors.shape(1) != plan_->n_factors) throw std::invalid_argument("factors: expected (n, n_factors) float32");
     Array<uint8_t> mask, columns;
+    Array<float> row_bias;
     const uint8_t* valid_ptr = nullptr;
     const uint8_t* columns_ptr = nullptr;
+    const float* bias_ptr = nullptr;
     if (!valid.is_none()) {
       mask = valid.cast<Array<uint8_t>>();
       valid_ptr = data_of(mask, n, "valid");
@@ -110,8 +113,12 @@ class PySearch {
       columns = key_columns.cast<Array<uint8_t>>();
       columns_ptr = data_of(columns, (n + tq::kBlock - 1) / tq::kBlock * (plan_->n_keys / 2) * tq::kBlock, "key_columns");
     }
+    if (!bias.is_none()) {
+      row_bias = bias.cast<Array<float>>();
+      bias_ptr = data_of(row_bias, n, "bias");
+    }
     py::gil_scoped_release release;
-    search_->scan(tq::Codes{packed.data(), n, columns_ptr}, factors.data(), valid_ptr, row0, threads);
+    search_->scan(tq::Codes{packed.data(), n, columns_ptr}, factors.data(), valid_ptr, bias_ptr, row0, threads);
   }
 
   py::tuple result() const {
@@ -181,7 +188,7 @@ PYBIND11_MODULE(TQ_MODULE_NAME, m) {
   py::class_<PySearch>(m, "Search", py::module_local())
       .def(py::init<std::shared_ptr<tq::Plan>, const Array<float>&, int, double>(), py::arg("plan"), py::arg("queries"), py::arg("k"), py::arg("z"))
       .def("scan", &PySearch::scan, py::arg("packed"), py::arg("factors"), py::arg("valid"), py::arg("row0"), py::arg("threads"),
-           py::arg("key_columns"))
+           py::arg("key_columns") = py::none(), py::arg("bias") = py::none())
       .def("result", &PySearch::result)
       .def("tables", &PySearch::tables)
       .def("rescored", &PySearch::rescored);

@@ -250,9 +250,10 @@ inline void step_sums(const Plan& plan, const uint8_t* lut, size_t lut_stride, C
 #endif
 
 // Bit r set where row r of a step may enter the top-k: f0 (S0 scale0 + bias0) + |f0| margin0
-// (+ the same for segment 1) >= tau, evaluated in float (plan.h's margins cover its rounding).
-inline uint64_t may_enter(const uint16_t (*sums)[kRows], const float* f0, const float* f1, const QueryTables& t, float tau,
-                          int n_factors) {
+// (+ the same for segment 1) + the row's bias >= tau, evaluated in float (plan.h's margins cover
+// its rounding).
+inline uint64_t may_enter(const uint16_t (*sums)[kRows], const float* f0, const float* f1, const float* row_bias,
+                          const QueryTables& t, float tau, int n_factors) {
   uint64_t bits = 0;
 #if defined(TQ_ISA_AVX2) || defined(TQ_ISA_AVX512)
   const __m256 scale0 = _mm256_set1_ps(static_cast<float>(t.scale[0])), bias0 = _mm256_set1_ps(static_cast<float>(t.bias[0]));
@@ -263,7 +264,7 @@ inline uint64_t may_enter(const uint16_t (*sums)[kRows], const float* f0, const 
   for (int r = 0; r < kRows; r += 8) {
     const __m256 s0 = _mm256_cvtepi32_ps(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sums[0] + r))));
     const __m256 a0 = _mm256_loadu_ps(f0 + r);
-    __m256 upper = _mm256_mul_ps(a0, _mm256_fmadd_ps(s0, scale0, bias0));
+    __m256 upper = _mm256_fmadd_ps(a0, _mm256_fmadd_ps(s0, scale0, bias0), _mm256_loadu_ps(row_bias + r));
     upper = _mm256_fmadd_ps(_mm256_andnot_ps(sign, a0), margin0, upper);
     if (n_factors > 1) {
       const __m256 s1 = _mm256_cvtepi32_ps(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sums[1] + r))));
@@ -276,7 +277,7 @@ inline uint64_t may_enter(const uint16_t (*sums)[kRows], const float* f0, const 
 #else
   for (int r = 0; r < kRows; ++r) {
     float upper = f0[r] * (sums[0][r] * static_cast<float>(t.scale[0]) + static_cast<float>(t.bias[0])) +
-                  std::fabs(f0[r]) * static_cast<float>(t.margin[0]);
+                  std::fabs(f0[r]) * static_cast<float>(t.margin[0]) + row_bias[r];
     if (n_factors > 1)
       upper += f1[r] * (sums[1][r] * static_cast<float>(t.scale[1]) + static_cast<float>(t.bias[1])) +
                std::fabs(f1[r]) * static_cast<float>(t.margin[1]);
@@ -345,9 +346,10 @@ class Search {
     for (int64_t i = 0; i < m; ++i) best_.emplace_back(k), lower_.emplace_back(k);
   }
 
-  // Scan n rows numbered row0.. (packed, code_bytes each, or in the blocked layout), with factors
-  // (n, n_factors) and an optional validity mask (n,); `threads` workers at most.
-  void scan(Codes codes, const float* factors, const uint8_t* valid, int64_t row0, int threads) {
+  // Scan n rows numbered row0.. (packed, code_bytes each, and optionally their key columns), with
+  // factors (n, n_factors), an optional validity mask (n,) and an optional bias (n,) added to every
+  // query's score of the row; `threads` workers at most.
+  void scan(Codes codes, const float* factors, const uint8_t* valid, const float* bias, int64_t row0, int threads) {
     const int64_t steps = (codes.n + kRows - 1) / kRows;
     if (steps == 0) return;
     const double lookups = static_cast<double>(codes.n) * plan_->n_keys * static_cast<double>(m_);
@@ -357,7 +359,7 @@ class Search {
     for (int64_t i = 0; i < m_; ++i) floor[i] = std::max(best_[i].threshold(), lower_[i].threshold());
     std::vector<std::vector<Found>> found(tasks);
     Pool::get().run(tasks, [&](int task) {
-      found[task] = scan_steps(codes, factors, valid, row0, steps * task / tasks, steps * (task + 1) / tasks, floor);
+      found[task] = scan_steps(codes, factors, valid, bias, row0, steps * task / tasks, steps * (task + 1) / tasks, floor);
     });
     for (auto& part : found)
       for (int64_t i = 0; i < m_; ++i) {
@@ -395,8 +397,8 @@ class Search {
   // best lower bounds so far prune the rest), then rescored best upper bound first, stopping
   // where the upper bound falls below the k-th exact score: the rows rescored are few even
   // where the first rows of a scan would all pass a threshold that is still low.
-  std::vector<Found> scan_steps(Codes codes, const float* factors, const uint8_t* valid, int64_t row0, int64_t first,
-                                int64_t last, const std::vector<float>& floor) {
+  std::vector<Found> scan_steps(Codes codes, const float* factors, const uint8_t* valid, const float* bias, int64_t row0,
+                                int64_t first, int64_t last, const std::vector<float>& floor) {
     const Plan& plan = *plan_;
     const int nf = plan.n_factors;
     const size_t padded_block = static_cast<size_t>((plan.code_bytes + 15) & ~15) * kBlock;  // a transposed block
@@ -414,7 +416,7 @@ class Search {
     for (int64_t i = 0; i < m_; ++i) found.emplace_back(k_);
     std::vector<std::vector<Candidate>> candidates(m_);
     std::vector<Columns> where(tile);
-    std::vector<float> f0(tile * kRows), f1(tile * kRows);
+    std::vector<float> f0(tile * kRows), f1(tile * kRows), row_bias(tile * kRows);
     std::vector<uint64_t> live(tile);
     alignas(64) uint16_t sums[kQueriesPerPass][2][kRows];
     const int64_t n = codes.n;
@@ -431,6 +433,7 @@ class Search {
           const bool in = r < stop && (valid == nullptr || valid[r]);
           f0[j] = r < stop ? factors[r * nf] : 0.0f;
           f1[j] = r < stop && nf > 1 ? factors[r * nf + 1] : 0.0f;
+          row_bias[j] = r < stop && bias != nullptr ? bias[r] : 0.0f;
           bits |= static_cast<uint64_t>(in) << (r - start);
         }
         live[slot] = bits;
@@ -446,12 +449,12 @@ class Search {
             const QueryTables& t = tables_[i];
             LowerK& lower = found[i].lower;
             const float tau = slack(std::max(floor[i], lower.threshold()));
-            uint64_t bits = may_enter(sums[qi], &f0[slot * kRows], &f1[slot * kRows], t, tau, nf) & live[slot];
+            uint64_t bits = may_enter(sums[qi], &f0[slot * kRows], &f1[slot * kRows], &row_bias[slot * kRows], t, tau, nf) & live[slot];
             while (bits) {
               const int r = __builtin_ctzll(bits);
               bits &= bits - 1;
               const int64_t j = slot * kRows + r;
-              double approx = f0[j] * (sums[qi][0][r] * t.scale[0] + t.bias[0]), margin = std::fabs(f0[j]) * t.margin[0];
+              double approx = f0[j] * (sums[qi][0][r] * t.scale[0] + t.bias[0]) + row_bias[j], margin = std::fabs(f0[j]) * t.margin[0];
               if (nf > 1) {
                 approx += f1[j] * (sums[qi][1][r] * t.scale[1] + t.bias[1]);
                 margin += std::fabs(f1[j]) * t.margin[1];
@@ -474,7 +477,8 @@ class Search {
       for (const Candidate& c : list) {
         if (c.upper < slack(std::max({floor[i], found[i].lower.threshold(), exact.threshold()}))) break;
         const uint8_t* bytes = codes.packed + c.row * plan.code_bytes;
-        exact.push(Hit{static_cast<float>(plan.exact_score(query, bytes, factors + c.row * nf, idx.data())), row0 + c.row});
+        const double score = plan.exact_score(query, bytes, factors + c.row * nf, idx.data()) + (bias != nullptr ? bias[c.row] : 0.0);
+        exact.push(Hit{static_cast<float>(score), row0 + c.row});
         ++rescored;
       }
     }
