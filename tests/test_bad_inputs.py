@@ -101,7 +101,7 @@ INDEX_INIT = {
     "TurboQuantIndex-dim-1": (dict(dim=1), ValueError, "dim must be an integer >= 2"),
     "TurboQuantIndex-bits-0": (dict(bits=0), ValueError, "bits must be in"),
     "TurboQuantIndex-bits-8.5": (dict(bits=8.5), ValueError, "bits must be in"),
-    "TurboQuantIndex-metric": (dict(metric="l2"), ValueError, "metric must be one of"),
+    "TurboQuantIndex-metric": (dict(metric="euclidean"), ValueError, "metric must be one of"),
     "TurboQuantIndex-variant": (dict(variant="x"), ValueError, "variant must be one of"),
     "TurboQuantIndex-backend": (dict(backend="cuda-magic"), ValueError, "backend must be one of"),
     "TurboQuantIndex-chunk_rows-0": (dict(chunk_rows=0), ValueError, "chunk_rows must be a positive integer"),

@@ -1,10 +1,12 @@
-"""TurboQuantIndex: a FAISS-like exhaustive inner-product index over TurboQuant codes.
+"""TurboQuantIndex: a FAISS-like exhaustive index over TurboQuant codes (inner product, cosine, L2).
 
-Rows (codes, per-vector factors, user ids) live in a store: in RAM (`path=None`) or a
+Rows (codes, per-vector factors, user ids; for L2 also each vector's exact norm) live in a store: in RAM (`path=None`) or a
 directory of memory-mapped column files (`path=...`, `tqindex.open`). Deletions are an
 appended log of row numbers (tombstones); the scan skips them, and the rows of ids outside a
 search's allow-list, inside the chunk loop. The ranking equals the codec's own estimator,
-`TurboQuantCodec.inner_products` (see `kernels.scan`).
+`TurboQuantCodec.inner_products` (see `kernels.scan`); for L2 it is the estimate
+``||q||^2 + ||x||^2 - 2 <q, x_hat>`` with the stored exact ``||x||``, ranked through the scan's
+per-row bias ``-||x||^2 / 2``.
 """
 
 from __future__ import annotations
@@ -24,18 +26,26 @@ from tqindex.errors import CorruptIndexError
 from tqindex.storage import ColumnSpec, ColumnStore
 
 FORMAT_NAME = "tqindex"
-METRICS = ("ip", "cosine")
+METRICS = ("ip", "cosine", "l2")
 _ENCODE_BATCH = 1 << 16
 _RESIDENT_CHUNK_ROWS = 1 << 20  # rows per scan step over codes resident on an accelerator
 
 
-def _column_specs(codec: TurboQuantCodec) -> dict[str, ColumnSpec]:
-    return {
+def _column_specs(codec: TurboQuantCodec, metric: str) -> dict[str, ColumnSpec]:
+    specs = {
         "codes": ColumnSpec("uint8", (codec.code_bytes,)),
         "factors": ColumnSpec("float32", (codec.n_factors,)),
         "ids": ColumnSpec("int64", ()),
         "deleted": ColumnSpec("int64", ()),  # log of deleted row numbers
     }
+    if metric == "l2":
+        specs["norms"] = ColumnSpec("float32", ())  # exact ||x|| of each row
+    return specs
+
+
+def _scanned_columns(metric: str) -> tuple[str, ...]:
+    """The columns a scan reads per row (and ``to()`` keeps resident)."""
+    return ("codes", "factors", "norms") if metric == "l2" else ("codes", "factors")
 
 
 def _check_scan_args(backend: str, chunk_rows: int) -> None:
@@ -58,20 +68,23 @@ def _usable_device(device: str | torch.device) -> torch.device:
 
 
 class TurboQuantIndex:
-    """Exhaustive top-k inner-product search over b-bit TurboQuant codes.
+    """Exhaustive top-k search over b-bit TurboQuant codes: inner product, cosine or L2.
 
     Args:
         dim: vector dimension.
         bits: bits per coordinate (1..8, steps of 1/8); see `TurboQuantCodec`.
-        metric: "ip" (inner product) or "cosine" (vectors and queries normalised on the way in).
+        metric: "ip" (inner product), "cosine" (vectors and queries normalised on the way in) or
+            "l2" (squared Euclidean distance, FAISS's ``METRIC_L2``; stores each vector's exact
+            norm, 4 more bytes per vector).
         variant, rotation, scale, seed, search: passed to `TurboQuantCodec`.
         path: None for an index in RAM, or a new directory for an on-disk index.
         backend: scan backend ("auto", "torch", "lut", "triton"), see `tqindex.kernels.get_scanner`.
         chunk_rows: rows scanned per step; bounds the memory a search holds.
         device: where codes are scanned; other than "cpu", the same as calling ``.to(device)``.
 
-    `add` returns int64 ids; `search` returns ``(D, I)``: float32 ``(m, k)`` scores best first
-    and int64 ``(m, k)`` ids, padded with ``-inf`` / ``-1`` when fewer than k rows qualify.
+    `add` returns int64 ids; `search` returns ``(D, I)``: float32 ``(m, k)`` and int64 ``(m, k)``
+    ids, best first: inner products descending ("ip", "cosine"; padded with ``-inf`` / ``-1``
+    when fewer than k rows qualify) or squared distances ascending ("l2"; padded with ``+inf`` / ``-1``).
     """
 
     def __init__(
@@ -97,9 +110,10 @@ class TurboQuantIndex:
         codec = TurboQuantCodec(dim, bits, variant=variant, rotation=rotation, scale=scale, seed=seed, search=search)
         meta = {"codec": codec.config.to_dict(), "metric": metric}
         if path is None:
-            store = MemoryStore(meta=meta, fixed=codec.state(), columns=_column_specs(codec))
+            store = MemoryStore(meta=meta, fixed=codec.state(), columns=_column_specs(codec, metric))
         else:
-            store = ColumnStore.create(path, format_name=FORMAT_NAME, meta=meta, fixed=codec.state(), columns=_column_specs(codec))
+            columns = _column_specs(codec, metric)
+            store = ColumnStore.create(path, format_name=FORMAT_NAME, meta=meta, fixed=codec.state(), columns=columns)
         self._attach(codec, metric, store, backend, chunk_rows)
         if device.type != "cpu":
             self.to(device)
@@ -117,7 +131,7 @@ class TurboQuantIndex:
             metric = store.meta["metric"]
             if metric not in METRICS:
                 raise ValueError(f"unknown metric {metric!r}")
-            expected = {n: (np.dtype(s.dtype), tuple(s.row_shape)) for n, s in _column_specs(codec).items()}
+            expected = {n: (np.dtype(s.dtype), tuple(s.row_shape)) for n, s in _column_specs(codec, metric).items()}
             found = {n: (np.dtype(s.dtype), tuple(s.row_shape)) for n, s in store.columns.items()}
             if found != expected:
                 raise ValueError(f"columns {found} do not match the codec's {expected}")
@@ -131,8 +145,8 @@ class TurboQuantIndex:
     def _attach(self, codec: TurboQuantCodec, metric: str, store: Any, backend: str, chunk_rows: int) -> None:
         self.codec, self.metric, self._store, self.chunk_rows, self.backend = codec, metric, store, chunk_rows, backend
         self.device = torch.device("cpu")
-        #: codes and factors as tensors on ``self.device`` after ``to()``; None: read from the store
-        self._resident: tuple[torch.Tensor, torch.Tensor] | None = None
+        #: the scanned columns (`_scanned_columns`) as tensors on ``self.device`` after ``to()``; None: read from the store
+        self._resident: tuple[torch.Tensor, ...] | None = None
         self._rows = 0
         self._deleted_mask = np.zeros(0, dtype=bool)  # capacity grows by doubling; see _deleted
         self._closed = False
@@ -145,7 +159,7 @@ class TurboQuantIndex:
     def _load_rows(self) -> None:
         """Take the store's committed row count and deletion log (on open and on `refresh`)."""
         store = self._store
-        counts = {name: store.rows(name) for name in ("codes", "factors", "ids")}
+        counts = {name: store.rows(name) for name in (*_scanned_columns(self.metric), "ids")}
         if len(set(counts.values())) != 1:
             raise CorruptIndexError(f"{store.path}: columns hold different row counts {counts}")
         deleted_rows = store.column("deleted")
@@ -185,8 +199,8 @@ class TurboQuantIndex:
 
     @property
     def bytes_per_vector(self) -> int:
-        """Bytes of codes and per-vector factors per vector (ids add 8 more)."""
-        return self.codec.bytes_per_vector
+        """Bytes of codes and per-vector factors per vector, the L2 norm included (ids add 8 more)."""
+        return self.codec.bytes_per_vector + (4 if self.metric == "l2" else 0)
 
     def memory_usage(self) -> int:
         """Bytes this index holds in RAM (an on-disk index keeps its rows on disk)."""
@@ -207,8 +221,8 @@ class TurboQuantIndex:
         """
         self._check_open()
         device = _usable_device(device)
-        codes, factors = (torch.from_numpy(np.array(self._store.column(name))).to(device) for name in ("codes", "factors"))
-        self.device, self._resident = device, (codes, factors)
+        resident = tuple(torch.from_numpy(np.array(self._store.column(name))).to(device) for name in _scanned_columns(self.metric))
+        self.device, self._resident = device, resident
         return self
 
     # ---- adding and removing -----------------------------------------------------------
@@ -248,13 +262,16 @@ class TurboQuantIndex:
         ]
         if not encoded:
             return
-        packed, factors = torch.cat([c.packed for c in encoded]), torch.cat([c.factors for c in encoded])
-        self._store.append("codes", packed.cpu().numpy())
-        self._store.append("factors", factors.cpu().numpy())
+        columns = {"codes": torch.cat([c.packed for c in encoded]), "factors": torch.cat([c.factors for c in encoded])}
+        if self.metric == "l2":
+            columns["norms"] = torch.linalg.vector_norm(vectors.double(), dim=1).float().to(self.device)
+        for name, values in columns.items():
+            self._store.append(name, values.cpu().numpy())
         self._store.append("ids", ids)
         self._store.commit()
         if self._resident is not None:
-            self._resident = (torch.cat([self._resident[0], packed]), torch.cat([self._resident[1], factors]))
+            new = [columns[name] for name in _scanned_columns(self.metric)]
+            self._resident = tuple(torch.cat([held, added]) for held, added in zip(self._resident, new))
         self._grow_rows(len(ids))
         self._id_lookup = None
         self._next_id = max(self._next_free_id(), int(ids.max()) + 1)
@@ -275,12 +292,14 @@ class TurboQuantIndex:
 
     # ---- reading -----------------------------------------------------------------------
     def search(self, queries: Any, k: int, *, filter: Any = None) -> tuple[Any, Any]:
-        """Top-``k`` inner products for each query ``(m, dim)`` (or one ``(dim,)``).
+        """Top-``k`` neighbours of each query ``(m, dim)`` (or one ``(dim,)``).
 
         ``filter``: ids allowed in the result (array-like of int64); others are skipped in the scan.
         Returns ``(D, I)``: float32 ``(m, k)`` best first, int64 ``(m, k)`` ids; numpy, or torch
-        for torch queries; ``-inf`` / ``-1`` past the rows that qualify. ``(0, dim)`` queries
-        give ``(0, k)`` results; ``k`` must be in ``1..ntotal`` all the same.
+        for torch queries. D holds inner products, descending, with ``-inf`` / ``-1`` past the rows
+        that qualify ("ip", "cosine"); or squared L2 distances ``||q||^2 + ||x||^2 - 2 <q, x_hat>``
+        (clamped at 0), ascending, with ``+inf`` / ``-1`` there ("l2", as FAISS's ``METRIC_L2``).
+        ``(0, dim)`` queries give ``(0, k)`` results; ``k`` must be in ``1..ntotal`` all the same.
         """
         self._check_open()
         rows = self._vectors(queries, "queries")
@@ -293,7 +312,11 @@ class TurboQuantIndex:
         allowed = None if filter is None else np.unique(as_id_array(filter, "filter"))
         rotated = self.codec.rotate_queries(rows.to(self.device))
         scanner = get_scanner(self.codec, self.backend, self.device, queries=rows.shape[0])
-        scores, found = scan_topk(self.codec, scanner, rotated, self._chunks(allowed), int(k), self._fetch)
+        fetch_bias = self._fetch_bias if self.metric == "l2" else None
+        scores, found = scan_topk(self.codec, scanner, rotated, self._chunks(allowed), int(k), self._fetch, fetch_bias)
+        if self.metric == "l2":  # score = <q, x> - ||x||^2 / 2 = (||q||^2 - ||q - x||^2) / 2
+            query_norms = torch.linalg.vector_norm(rows, dim=1, keepdim=True).to(scores.device)
+            scores = (query_norms.square() - 2 * scores).clamp_min(0)  # -inf padding becomes +inf
         found = found.cpu().numpy()
         ids = self._store.read_at("ids", np.maximum(found, 0).ravel()).reshape(found.shape)
         ids[found < 0] = -1
@@ -321,10 +344,12 @@ class TurboQuantIndex:
             if not valid.any():
                 continue
             if self._resident is not None:
-                packed, factors = (t[start:stop] for t in self._resident)
+                columns = [t[start:stop] for t in self._resident]
             else:
-                packed, factors = (torch.from_numpy(self._store.read_rows(n, start, stop)) for n in ("codes", "factors"))
-            yield Chunk(start, packed, factors, None if valid.all() else torch.from_numpy(valid).to(self.device))
+                columns = [torch.from_numpy(self._store.read_rows(n, start, stop)) for n in _scanned_columns(self.metric)]
+            valid_rows = None if valid.all() else torch.from_numpy(valid).to(self.device)
+            bias = _l2_bias(columns[2]) if self.metric == "l2" else None
+            yield Chunk(start, columns[0], columns[1], valid_rows, bias)
 
     def _fetch(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Codes and factors of ``rows`` (int64 ``(u,)``), on ``self.device``."""
@@ -333,10 +358,24 @@ class TurboQuantIndex:
         at = rows.cpu().numpy()
         return torch.from_numpy(self._store.read_at("codes", at)), torch.from_numpy(self._store.read_at("factors", at))
 
+    def _fetch_bias(self, rows: torch.Tensor) -> torch.Tensor:
+        """The L2 scan bias ``-||x||^2 / 2`` of ``rows`` (int64 ``(u,)``): float32 ``(u,)`` on ``self.device``."""
+        if self._resident is not None:
+            return _l2_bias(self._resident[2][rows])
+        return _l2_bias(torch.from_numpy(self._store.read_at("norms", rows.cpu().numpy())))
+
     def _vectors(self, x: Any, name: str) -> torch.Tensor:
         rows = as_float_rows(x, self.dim, name)
         if self.metric == "cosine":
             rows = rows / torch.linalg.vector_norm(rows, dim=1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+        elif self.metric == "l2":
+            squares = torch.linalg.vector_norm(rows.double(), dim=1).square()
+            too_long = torch.nonzero(squares > torch.finfo(torch.float32).max).flatten()
+            if len(too_long):
+                raise ValueError(
+                    f"{name} row {int(too_long[0])}: squared norm {float(squares[too_long[0]]):.3g} exceeds the float32 "
+                    f"range, which metric 'l2' needs for ||q - x||^2"
+                )
         return rows
 
     def _find_rows(self, ids: np.ndarray) -> np.ndarray:
@@ -362,11 +401,10 @@ class TurboQuantIndex:
     def save(self, path: str | os.PathLike) -> None:
         """Write the index to a new directory ``path`` (open it again with ``tqindex.open``)."""
         self._check_open()
-        target = ColumnStore.create(
-            path, format_name=FORMAT_NAME, meta=self._store.meta, fixed=self.codec.state(), columns=_column_specs(self.codec)
-        )
+        columns = _column_specs(self.codec, self.metric)
+        target = ColumnStore.create(path, format_name=FORMAT_NAME, meta=self._store.meta, fixed=self.codec.state(), columns=columns)
         with target:
-            for name in ("codes", "factors", "ids", "deleted"):
+            for name in columns:
                 for start in range(0, self._store.rows(name), _ENCODE_BATCH):
                     target.append(name, self._store.read_rows(name, start, min(start + _ENCODE_BATCH, self._store.rows(name))))
             target.commit()
@@ -394,8 +432,8 @@ class TurboQuantIndex:
             return False
         self._load_rows()
         if self._resident is not None:
-            new = [torch.from_numpy(self._store.read_rows(n, rows_before, self._rows)).to(self.device) for n in ("codes", "factors")]
-            self._resident = (torch.cat([self._resident[0], new[0]]), torch.cat([self._resident[1], new[1]]))
+            new = [torch.from_numpy(self._store.read_rows(n, rows_before, self._rows)).to(self.device) for n in _scanned_columns(self.metric)]
+            self._resident = tuple(torch.cat([held, added]) for held, added in zip(self._resident, new))
         return True
 
     def flush(self) -> None:
@@ -429,6 +467,11 @@ class TurboQuantIndex:
         c = self.codec.config
         where = "memory" if self._store.path is None else str(self._store.path)
         return f"TurboQuantIndex(dim={c.dim}, bits={c.bits}, metric={self.metric!r}, variant={c.variant!r}, ntotal={self.ntotal}, in {where})"
+
+
+def _l2_bias(norms: torch.Tensor) -> torch.Tensor:
+    """The scan's per-row bias for L2, ``-||x||^2 / 2``, from norms float32 ``(n,)``."""
+    return norms.square().mul_(-0.5)
 
 
 open = TurboQuantIndex.open

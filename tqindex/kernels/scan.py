@@ -5,6 +5,11 @@ precision; the running top-k keeps the best across chunks; the survivors are res
 codec's float32 estimator and the best ``k`` returned. The ranking is therefore the codec's
 own (``TurboQuantCodec.inner_products``), ties aside, at the speed of the reduced-precision scan.
 Kernels know nothing of ids or files: rows are positions, chunks come from the caller.
+
+A per-row ``bias`` (float32, one value per stored row, the same for every query) turns the
+score into ``<q, x_hat> + bias``, in the scan and in the rescoring alike; kernels stay
+metric-agnostic. The index uses it for L2: ``bias = -||x||^2 / 2`` ranks rows by
+``<q, x> - ||x||^2 / 2 = (||q||^2 - ||q - x||^2) / 2``.
 """
 
 from __future__ import annotations
@@ -22,18 +27,30 @@ _RESCORE_QUERY_BLOCK = 256
 
 @dataclass(frozen=True)
 class Chunk:
-    """Rows ``[start, start + n)``: packed uint8 ``(n, B)``, factors float32 ``(n, F)``, optional bool ``valid`` ``(n,)``."""
+    """Rows ``[start, start + n)``: packed uint8 ``(n, B)``, factors float32 ``(n, F)``, optional bool
+    ``valid`` ``(n,)`` and optional float32 ``bias`` ``(n,)`` added to every query's score of the row."""
 
     start: int
     packed: torch.Tensor
     factors: torch.Tensor
     valid: torch.Tensor | None = None
+    bias: torch.Tensor | None = None
 
 
 class Scanner(Protocol):
+    """``chunk_topk`` returns the best ``k`` rows per query of ``score + bias`` (bias float32 ``(n,)``
+    or None, added before the selection; -inf where not ``valid``): scores float32 ``(m, <=k)`` and
+    chunk-local rows int64, best first."""
+
     def prepare(self, rotated_queries: torch.Tensor) -> torch.Tensor: ...
     def chunk_topk(
-        self, queries: torch.Tensor, packed: torch.Tensor, factors: torch.Tensor, valid: torch.Tensor | None, k: int
+        self,
+        queries: torch.Tensor,
+        packed: torch.Tensor,
+        factors: torch.Tensor,
+        valid: torch.Tensor | None,
+        k: int,
+        bias: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
@@ -49,13 +66,15 @@ def scan_topk(
     chunks: Iterable[Chunk],
     k: int,
     fetch: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+    fetch_bias: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-``k`` rows per query over all chunks.
 
     Args:
         rotated_queries: float32 ``(m, W)`` from ``codec.rotate_queries``.
-        chunks: the rows to scan, in any order.
+        chunks: the rows to scan, in any order; with ``fetch_bias``, each carries its ``bias``.
         fetch: rows int64 ``(u,)`` -> their (packed, factors), for rescoring.
+        fetch_bias: rows int64 ``(u,)`` -> their float32 bias ``(u,)``; None: no bias.
 
     Returns:
         scores float32 ``(m, k)`` best first (``-inf`` past the rows that qualified) and rows int64 ``(m, k)`` (``-1`` there).
@@ -65,9 +84,9 @@ def scan_topk(
     running = RunningTopK(m, wanted, device=rotated_queries.device)
     queries = scanner.prepare(rotated_queries)
     for chunk in chunks:
-        scores, local = scanner.chunk_topk(queries, chunk.packed, chunk.factors, chunk.valid, wanted)
+        scores, local = scanner.chunk_topk(queries, chunk.packed, chunk.factors, chunk.valid, wanted, bias=chunk.bias)
         running.push(scores, local + chunk.start)
-    return _rescore(codec, rotated_queries, running.rows, fetch, k)
+    return _rescore(codec, rotated_queries, running.rows, fetch, fetch_bias, k)
 
 
 def _rescore(
@@ -75,17 +94,21 @@ def _rescore(
     rotated_queries: torch.Tensor,
     rows: torch.Tensor,
     fetch: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+    fetch_bias: Callable[[torch.Tensor], torch.Tensor] | None,
     k: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact float32 scores of each query's candidate ``rows`` ``(m, c)``; best ``k`` kept."""
+    """Exact float32 scores (plus bias) of each query's candidate ``rows`` ``(m, c)``; best ``k`` kept."""
     m = rows.shape[0]
     unique, inverse = torch.unique(rows.clamp_min(0), return_inverse=True)
     packed, factors = fetch(unique)
+    bias = None if fetch_bias is None else fetch_bias(unique).to(rows.device)
     exact = torch.empty(rows.shape, dtype=torch.float32, device=rows.device)
     for start in range(0, m, _RESCORE_QUERY_BLOCK):
         block = slice(start, start + _RESCORE_QUERY_BLOCK)
         at = inverse[block]
         exact[block] = codec.score(rotated_queries[block, None, :], packed[at], factors[at])[:, 0]
+        if bias is not None:
+            exact[block] += bias[at]
     exact[rows < 0] = float("-inf")
     # best first; among equal scores the lower row first, so results are deterministic
     by_row = torch.argsort(rows.clamp_min(0), dim=1, stable=True)

@@ -8,7 +8,8 @@ the packed bytes, unpacks every field of the layout by shift and mask (``packing
 indices to levels through ``codec.levels`` + ``codec.level_offsets``, and multiplies with the
 query block on the tensor cores (``tl.dot``, fp32 accumulation); ``prod`` adds a second
 product of the QJL queries with the sign bits as +-1. Decoded values never leave registers.
-The per-vector factors scale the two sums; rows past the chunk or not ``valid`` score -inf.
+The per-vector factors scale the two sums, a per-row ``bias`` (where given) is added; rows past
+the chunk or not ``valid`` score -inf.
 
 Top-k in the kernel: each query keeps ``KP`` (score, row) slots, ``KP`` the power of two at or
 above the wanted count. After a tile is scored, its best score replaces the weakest slot while
@@ -42,9 +43,9 @@ def _field_values(row_ptrs, row_ok, cols, STOP: tl.constexpr, WIDTH: tl.constexp
 
 @triton.jit
 def _tile_scores(
-    queries_ptr, packed_ptr, factors_ptr, valid_ptr, levels_ptr, level_offsets_ptr,
+    queries_ptr, packed_ptr, factors_ptr, valid_ptr, bias_ptr, levels_ptr, level_offsets_ptr,
     rows, q_rows, q_ok, n_rows, stride_q, stride_p, stride_f,
-    DIM: tl.constexpr, FIELDS: tl.constexpr, SIGN_OFFSET: tl.constexpr, HAS_VALID: tl.constexpr,
+    DIM: tl.constexpr, FIELDS: tl.constexpr, SIGN_OFFSET: tl.constexpr, HAS_VALID: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     """Scores of the query tile against rows ``(BLOCK_N,)``: float32 ``(BLOCK_M, BLOCK_N)``, -inf where excluded."""
@@ -71,6 +72,8 @@ def _tile_scores(
     scores = acc * tl.load(factors_ptr + rows * stride_f, mask=row_ok, other=0.0)[None, :]
     if SIGN_OFFSET >= 0:
         scores += acc_signs * tl.load(factors_ptr + rows * stride_f + 1, mask=row_ok, other=0.0)[None, :]
+    if HAS_BIAS:
+        scores += tl.load(bias_ptr + rows, mask=row_ok, other=0.0)[None, :]
     keep = row_ok
     if HAS_VALID:
         keep = keep & (tl.load(valid_ptr + rows, mask=row_ok, other=0) != 0)
@@ -79,9 +82,10 @@ def _tile_scores(
 
 @triton.jit
 def _scan_kernel(
-    queries_ptr, packed_ptr, factors_ptr, valid_ptr, levels_ptr, level_offsets_ptr, out_scores_ptr, out_rows_ptr,
+    queries_ptr, packed_ptr, factors_ptr, valid_ptr, bias_ptr, levels_ptr, level_offsets_ptr, out_scores_ptr, out_rows_ptr,
     n_rows, n_queries, tiles_per_program, stride_q, stride_p, stride_f,
-    DIM: tl.constexpr, FIELDS: tl.constexpr, SIGN_OFFSET: tl.constexpr, HAS_VALID: tl.constexpr, KP: tl.constexpr,
+    DIM: tl.constexpr, FIELDS: tl.constexpr, SIGN_OFFSET: tl.constexpr, HAS_VALID: tl.constexpr, HAS_BIAS: tl.constexpr,
+    KP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     """Best ``KP`` (score, row) per query of the program's row group -> ``out[q, group, :]``, unordered."""
@@ -95,9 +99,9 @@ def _scan_kernel(
     for tile in range(group * tiles_per_program, (group + 1) * tiles_per_program):
         rows = tile * BLOCK_N + lanes
         scores = _tile_scores(
-            queries_ptr, packed_ptr, factors_ptr, valid_ptr, levels_ptr, level_offsets_ptr,
+            queries_ptr, packed_ptr, factors_ptr, valid_ptr, bias_ptr, levels_ptr, level_offsets_ptr,
             rows, q_rows, q_ok, n_rows, stride_q, stride_p, stride_f,
-            DIM, FIELDS, SIGN_OFFSET, HAS_VALID, BLOCK_M, BLOCK_N, BLOCK_D, PRECISION,
+            DIM, FIELDS, SIGN_OFFSET, HAS_VALID, HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_D, PRECISION,
         )  # fmt: skip
         # while some query's best remaining score in the tile beats its weakest slot, move it there
         floor, weakest = tl.min(best, axis=1, return_indices=True)
@@ -177,13 +181,20 @@ class TritonScanner:
         return queries
 
     def chunk_topk(
-        self, queries: torch.Tensor, packed: torch.Tensor, factors: torch.Tensor, valid: torch.Tensor | None, k: int
+        self,
+        queries: torch.Tensor,
+        packed: torch.Tensor,
+        factors: torch.Tensor,
+        valid: torch.Tensor | None,
+        k: int,
+        bias: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Best ``k`` rows of the chunk per query: scores float32 ``(m, min(k, n))``, chunk-local rows int64, best first.
+        """Best ``k`` rows of the chunk per query by score + ``bias``: scores float32 ``(m, min(k, n))``,
+        chunk-local rows int64, best first.
 
-        ``queries`` from ``prepare``; ``packed`` uint8 ``(n, B)``, ``factors`` float32 ``(n, F)``
-        and ``valid`` bool ``(n,)`` or None, all on one device. Where fewer rows are valid, the
-        remaining entries are ``(-inf, -1)``.
+        ``queries`` from ``prepare``; ``packed`` uint8 ``(n, B)``, ``factors`` float32 ``(n, F)``,
+        ``valid`` bool ``(n,)`` or None and ``bias`` float32 ``(n,)`` or None, all on one device.
+        Where fewer rows are valid, the remaining entries are ``(-inf, -1)``.
         """
         m, n, device = queries.shape[0], packed.shape[0], packed.device
         if device.type != "cuda" and not _INTERPRETED:
@@ -204,9 +215,11 @@ class TritonScanner:
         levels, level_offsets = self._tables_on(device)
         factors = factors.to(torch.float32).contiguous()
         _scan_kernel[(query_tiles, groups)](
-            queries, packed.contiguous(), factors, None if valid is None else valid.contiguous(), levels, level_offsets,
+            queries, packed.contiguous(), factors, None if valid is None else valid.contiguous(),
+            None if bias is None else bias.to(torch.float32).contiguous(), levels, level_offsets,
             out_scores, out_rows, n, m, per_program, queries.stride(0), packed.shape[1], factors.shape[1],
-            DIM=self._dim, FIELDS=self._fields, SIGN_OFFSET=self._sign_offset, HAS_VALID=valid is not None, KP=kp,
+            DIM=self._dim, FIELDS=self._fields, SIGN_OFFSET=self._sign_offset, HAS_VALID=valid is not None,
+            HAS_BIAS=bias is not None, KP=kp,
             BLOCK_M=block_m, BLOCK_N=self.block_n, BLOCK_D=self.block_d,
             PRECISION="ieee" if self.dtype == torch.float32 else "tf32", num_warps=self.num_warps,
         )  # fmt: skip
