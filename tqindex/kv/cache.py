@@ -349,6 +349,8 @@ class TurboQuantCache(Cache):
             super().__init__(layers=[])
             return
         layer_types, layer_kwargs = get_layer_types_and_kwargs(config.get_text_config(decoder=True))
+        if isinstance(layer_kwargs, dict):  # 5.14-5.18 at least: one kwargs dict for every layer; later, one per layer
+            layer_kwargs = [layer_kwargs] * len(layer_types)
         n_layers = len(layer_types)
         if any(not -n_layers <= i < n_layers for i in skip):
             raise ValueError(f"skip_layers {skip} out of range for {n_layers} layers")
