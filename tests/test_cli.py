@@ -234,6 +234,7 @@ def test_version_and_help_exit_0(capsys):
 
 
 def test_bench_prints_a_table_with_faiss_rows(capsys):
+    pytest.importorskip("faiss")
     assert main(["-q", "bench", "synthetic-gaussian-32-angular-n2000-q50", "--bits", "2", "4", "--faiss"]) == 0
     rows = [line.split("|")[1:-1] for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
     table = {(cells[0].strip(), float(cells[1])): cells for cells in rows[1:]}
@@ -243,13 +244,17 @@ def test_bench_prints_a_table_with_faiss_rows(capsys):
     assert int(table[("tqindex", 4)][2]) == 32 * 4 // 8 + 4  # codes + one float32 factor
 
 
-def test_bench_runs_euclidean_data_with_l2_and_skips_faiss_on_raw_vectors(tmp_path, capsys):
+def test_bench_runs_euclidean_data_with_l2(tmp_path, capsys):
     rng = np.random.default_rng(5)
     x, q = (rng.standard_normal((300, 16)) + 2).astype(np.float32), (rng.standard_normal((10, 16)) + 2).astype(np.float32)
     write_hdf5(tmp_path / "e.hdf5", x, q, distance="euclidean", k=10, progress=False)
     assert main(["-q", "bench", str(tmp_path / "e.hdf5"), "--bits", "8"]) == 0
     out = capsys.readouterr().out
     assert "distance euclidean" in out and float(out.split("| tqindex | 8 |")[1].split("|")[3]) >= 0.9
+
+
+def test_bench_skips_faiss_tqmse_on_raw_vectors(capsys):
+    pytest.importorskip("faiss")
     assert main(["-q", "bench", "synthetic-gaussian-16-ip-raw-n500-q10", "--bits", "3", "--faiss"]) == 0
     out = capsys.readouterr().out
     assert "| tqindex | 3 |" in out and "| faiss" not in out and "not unit length" in out
