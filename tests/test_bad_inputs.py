@@ -108,7 +108,7 @@ INDEX_INIT = {
     "TurboQuantIndex-dim-1": (dict(dim=1), ValueError, "dim must be an integer >= 2"),
     "TurboQuantIndex-bits-0": (dict(bits=0), ValueError, "bits must be in"),
     "TurboQuantIndex-bits-8.5": (dict(bits=8.5), ValueError, "bits must be in"),
-    "TurboQuantIndex-metric": (dict(metric="l2"), ValueError, "metric must be one of"),
+    "TurboQuantIndex-metric": (dict(metric="euclidean"), ValueError, "metric must be one of"),
     "TurboQuantIndex-variant": (dict(variant="x"), ValueError, "variant must be one of"),
     "TurboQuantIndex-backend": (dict(backend="cuda-magic"), ValueError, "backend must be one of"),
     "TurboQuantIndex-chunk_rows-0": (dict(chunk_rows=0), ValueError, "chunk_rows must be a positive integer"),
@@ -145,7 +145,7 @@ def _a_file(tmp_path: Path) -> Path:
 INDEX_PATH = {
     "TurboQuantIndex-path-nonempty-dir": (_nonempty_dir, StorageError, "directory is not empty"),
     "TurboQuantIndex-path-is-a-file": (_a_file, StorageError, "exists and is not a directory"),
-    "TurboQuantIndex-path-not-a-path": (lambda tmp_path: 5, TypeError, "str, bytes or os.PathLike"),
+    "TurboQuantIndex-path-not-a-path": (lambda tmp_path: 5, TypeError, "path must be a str or os.PathLike, got int"),
 }
 
 
@@ -421,7 +421,7 @@ OPEN = {
     "open-mode-None": (lambda t: (_saved(t), {"mode": None}), StorageError, "mode must be 'r' or 'a'"),
     "open-chunk_rows-0": (lambda t: (_saved(t), {"mode": "a", "chunk_rows": 0}), ValueError, "chunk_rows must be a positive integer"),
     "open-backend": (lambda t: (_saved(t), {"mode": "a", "backend": "gpu"}), ValueError, "backend must be one of"),
-    "open-path-None": (lambda t: (None, {}), TypeError, "str, bytes or os.PathLike"),
+    "open-path-None": (lambda t: (None, {}), TypeError, "path must be a str or os.PathLike, got NoneType"),
 }
 
 

@@ -70,7 +70,7 @@ def _chunks(codes, size, valid=None, columns=None):
             torch.from_numpy(codes.packed[start:stop]),
             torch.from_numpy(codes.factors[start:stop]),
             None if valid is None else torch.from_numpy(valid[start:stop]),
-            None if columns is None else columns[start // BLOCK_ROWS : -(-stop // BLOCK_ROWS)],
+            key_columns=None if columns is None else columns[start // BLOCK_ROWS : -(-stop // BLOCK_ROWS)],
         )
 
 
@@ -167,6 +167,27 @@ def test_threads_and_query_batches_do_not_change_results():
     for scores, rows in results:
         np.testing.assert_array_equal(rows, results[0][1])
         np.testing.assert_array_equal(rows, stacked)
+
+
+def test_a_row_bias_is_added_before_selecting():
+    """The L2 index's per-row bias: results are the exact top-k of ``codec.score + bias``."""
+    codec = TurboQuantCodec(48, 3)
+    rng = np.random.default_rng(9)
+    codes = codec.encode(rng.standard_normal((500, 48)).astype(np.float32))
+    rotated = codec.rotate_queries(torch.from_numpy(rng.standard_normal((4, 48)).astype(np.float32)))
+    bias = np.linspace(-60, 60, 500, dtype=np.float32)  # large against the scores (std ~7): the ranking follows it
+    exact = codec.score(rotated, torch.from_numpy(codes.packed), torch.from_numpy(codes.factors)) + torch.from_numpy(bias)
+    want = torch.argsort(exact, dim=1, descending=True, stable=True)[:, :8]
+    scanner = FastScanner(codec)
+    for columns in (None, scanner.key_columns(codes.packed)):
+        search = scanner.begin(rotated, 8)
+        search.scan(codes.packed, codes.factors, None, 0, 2, columns, bias)
+        scores, rows = search.result()
+        np.testing.assert_array_equal(rows, want.numpy())
+        np.testing.assert_allclose(scores, exact.gather(1, want).numpy(), rtol=1e-5, atol=1e-5)
+    assert (want >= 250).all()  # the bias decided it
+    with pytest.raises(ValueError, match="bias: expected"):
+        scanner.begin(rotated, 8).scan(codes.packed, codes.factors, None, 0, 1, None, bias[:10])
 
 
 def test_fewer_valid_rows_than_k_pad_with_minus_one():

@@ -1,6 +1,7 @@
 """TurboQuantCache inside a tiny random-weight Llama with GQA (4 query heads, 2 KV heads, head_dim 64)."""
 
 import os
+import warnings
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton (transformers does)
 
@@ -10,7 +11,7 @@ from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, Qwen2Confi
 from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
 from tqindex.codec import TurboQuantCodec
-from tqindex.kv import CompressedKV, TurboQuantCache, TurboQuantLayer
+from tqindex.kv import CompressedKV, TurboQuantCache, TurboQuantLayer, cache_keyword
 from tqindex.kv.compressed import as_dense
 
 VOCAB = 32
@@ -35,13 +36,18 @@ def model() -> LlamaForCausalLM:
     return LlamaForCausalLM(config).eval()
 
 
+def with_cache(model, cache) -> dict:
+    """``cache=`` or ``past_key_values=``: the keyword the installed transformers' model takes (`cache_keyword`)."""
+    return {cache_keyword(model): cache}
+
+
 def prompt(length: int, batch: int = 1, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
 
 
 def greedy(model: LlamaForCausalLM, ids: torch.Tensor, cache, tokens: int = 64) -> torch.Tensor:
     return model.generate(
-        ids, attention_mask=torch.ones_like(ids), past_key_values=cache, max_new_tokens=tokens,
+        ids, attention_mask=torch.ones_like(ids), **with_cache(model, cache), max_new_tokens=tokens,
         min_new_tokens=tokens, do_sample=False, pad_token_id=0,
     )  # fmt: skip
 
@@ -75,16 +81,30 @@ def test_8bit_greedy_tokens_match_dynamic_cache(model, exact_greedy, attention):
     assert torch.equal(out, exact_greedy)
 
 
+def test_both_cache_keywords_give_the_same_tokens(model):
+    """``cache=`` (current transformers) and ``past_key_values=`` (older ones; a FutureWarning on current ones) both work."""
+    model.set_attn_implementation("turboquant")
+    ids = prompt(12)
+    by_keyword = greedy(model, ids, TurboQuantCache(4, 4, window=4, chunk=4), tokens=6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        cache = TurboQuantCache(4, 4, window=4, chunk=4)
+        old = model.generate(
+            ids, attention_mask=torch.ones_like(ids), past_key_values=cache, max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0
+        )
+    assert torch.equal(old, by_keyword) and cache.layers[0].key_codes.packed.shape[2] > 0
+
+
 def test_4bit_logits_close_and_memory_ratio(model):
     model.set_attn_implementation("turboquant")
     ids = prompt(1001)
     with torch.no_grad():
-        exact = model(ids, past_key_values=DynamicCache()).logits[0]
+        exact = model(ids, **with_cache(model, DynamicCache())).logits[0]
         relative, kl = {}, {}
         for dense_prefill in (False, True):
             cache = TurboQuantCache(4, 4, window=8, chunk=8, dense_prefill=dense_prefill)
-            logits = [model(ids[:, :1000], past_key_values=cache).logits[0]]
-            logits.append(model(ids[:, 1000:], past_key_values=cache).logits[0])  # one decode step
+            logits = [model(ids[:, :1000], **with_cache(model, cache)).logits[0]]
+            logits.append(model(ids[:, 1000:], **with_cache(model, cache)).logits[0])  # one decode step
             logits = torch.cat(logits)
             centred = exact - exact.mean(dim=-1, keepdim=True)
             relative[dense_prefill] = (logits - exact).norm(dim=-1) / centred.norm(dim=-1)
@@ -186,7 +206,7 @@ def test_beam_search_and_padded_batch_run(model):
     mask = torch.ones_like(ids)
     mask[1, :5] = 0  # left padding
     cache = TurboQuantCache(4, 4, window=4, chunk=4)
-    out = model.generate(ids, attention_mask=mask, past_key_values=cache, num_beams=3, max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0)
+    out = model.generate(ids, attention_mask=mask, **with_cache(model, cache), num_beams=3, max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0)
     assert out.shape == (2, 18)
     assert all(layer.key_codes.packed.shape[0] == 6 and layer.keys.shape[0] == 6 for layer in cache.layers)
 
@@ -200,7 +220,7 @@ def test_attention_on_codes_equals_sdpa_on_the_same_codes(model):
         model.set_attn_implementation(attention)
         cache = TurboQuantCache(3, 2.5, key_variant="prod", window=4, chunk=4, dense_prefill=False)
         with torch.no_grad():
-            logits[attention] = model(ids, attention_mask=mask, past_key_values=cache).logits
+            logits[attention] = model(ids, attention_mask=mask, **with_cache(model, cache)).logits
     torch.testing.assert_close(logits["turboquant"][:, 6:], logits["sdpa"][:, 6:], atol=1e-5, rtol=1e-5)
 
 
@@ -211,19 +231,19 @@ def test_trellis_codes_attend_alike_on_codes_and_decoded(model):
         model.set_attn_implementation(attention)
         cache = TurboQuantCache(3, 3.5, quantizer="trellis", window=4, chunk=4, dense_prefill=False)
         with torch.no_grad():
-            logits[attention] = model(ids, past_key_values=cache).logits
+            logits[attention] = model(ids, **with_cache(model, cache)).logits
         assert all(c.trellis is not None for c in cache._codec_cache.values())
     torch.testing.assert_close(logits["turboquant"], logits["sdpa"], atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="Triton backend reads scalar codes"):
         with torch.no_grad():
             trellis = TurboQuantCache(3, 3, quantizer="trellis", window=4, chunk=4, backend="triton", dense_prefill=False)
-            model(ids, past_key_values=trellis)
+            model(ids, **with_cache(model, trellis))
 
 
 def test_skip_layers_and_config_layer_types(model):
     cache = TurboQuantCache(skip_layers=[0], window=0)
     with torch.no_grad():
-        model(prompt(10), past_key_values=cache)
+        model(prompt(10), **with_cache(model, cache))
     assert type(cache.layers[0]) is DynamicLayer and isinstance(cache.layers[1], TurboQuantLayer)
     report = cache.memory_report()
     assert report.uncompressed_bytes == 2 * 1 * 2 * 10 * 64 * 4  # layer 0 keys and values, float32

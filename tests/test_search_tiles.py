@@ -26,9 +26,9 @@ def recorded_tiles(monkeypatch) -> list[int]:
     """Queries per scan, recorded from every call of the index's scan."""
     tiles, scan = [], index_module.scan_topk
 
-    def recording(codec, scanner, rotated, chunks, k, fetch):
+    def recording(codec, scanner, rotated, chunks, k, fetch, fetch_bias=None):
         tiles.append(rotated.shape[0])
-        return scan(codec, scanner, rotated, chunks, k, fetch)
+        return scan(codec, scanner, rotated, chunks, k, fetch, fetch_bias)
 
     monkeypatch.setattr(index_module, "scan_topk", recording)
     return tiles

@@ -221,12 +221,12 @@ from tqindex.kernels.triton_unpack import unpack_constants
 for bits, variant, config in [(3.5, "prod", MMA), (2, "mse", FMA)]:  # several index fields and signs; the FMA form
     constants = unpack_constants(TurboQuantCodec(768, bits, variant=variant))
     signature = {
-        "queries_ptr": "*fp16", "packed_ptr": "*u8", "factors_ptr": "*fp32", "valid_ptr": "*u8", "levels_ptr": "*fp32",
+        "queries_ptr": "*fp16", "packed_ptr": "*u8", "factors_ptr": "*fp32", "valid_ptr": "*u8", "bias_ptr": "*fp32", "levels_ptr": "*fp32",
         "out_scores_ptr": "*fp32", "out_rows_ptr": "*i32", "out_dropped_ptr": "*fp32",
         **{name: "i32" for name in ("n_rows", "n_queries", "tiles_per_program", "stride_q", "stride_p", "stride_f")},
     }
     block_m = 64 if config.mma else 1
-    constants.update(HAS_VALID=True, MMA=config.mma, BLOCK_M=block_m, BLOCK_N=config.block_rows(block_m), BLOCK_D=config.block_d, PRECISION="tf32")
+    constants.update(HAS_VALID=True, HAS_BIAS=True, MMA=config.mma, BLOCK_M=block_m, BLOCK_N=config.block_rows(block_m), BLOCK_D=config.block_d, PRECISION="tf32")
     signature.update({name: "constexpr" for name in constants})
     names = list(signature)
     aligned = {(names.index(name),): [["tt.divisibility", 16]] for name in ("queries_ptr", "packed_ptr", "stride_q", "stride_p")}
@@ -279,3 +279,28 @@ def test_index_search_through_the_triton_backend_equals_the_torch_backend():
     for kwargs in ({}, {"filter": np.arange(100, 300)}):
         for got, want in zip(indexes["triton"].search(q, 12, **kwargs), indexes["torch"].search(q, 12, **kwargs)):
             np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+def test_kernel_adds_the_row_bias_before_selecting():
+    """The L2 index's per-row bias: scores are ``codec.score + bias``, and the top-k is taken on them."""
+    n = 70
+    codec, packed, factors, queries = encoded(3, "mse", 48, n, m=2, seed=7)
+    bias = torch.linspace(-2, 2, n).to(DEVICE)
+    scanner = TritonScanner(codec, torch.float32, block_n=32, block_d=32, tiles_per_program=2)
+    scores, rows = scanner.chunk_topk(scanner.prepare(queries), packed, factors, None, 9, bias=bias)
+    expected, expected_rows = (codec.score(queries, packed, factors) + bias).topk(9, dim=1)
+    torch.testing.assert_close(scores, expected, rtol=1e-5, atol=1e-5)
+    assert torch.equal(rows, expected_rows)
+
+
+def test_l2_index_search_through_the_triton_backend_equals_the_torch_backend():
+    from tqindex import TurboQuantIndex
+
+    rng = np.random.default_rng(6)
+    x = (rng.standard_normal((300, 48)) + 2).astype(np.float32)
+    q = (rng.standard_normal((3, 48)) + 2).astype(np.float32)
+    indexes = {b: TurboQuantIndex(48, 4, metric="l2", backend=b, chunk_rows=120) for b in ("triton", "torch")}
+    for index in indexes.values():
+        index.add(x)
+    for got, want in zip(indexes["triton"].search(q, 8), indexes["torch"].search(q, 8)):
+        np.testing.assert_allclose(got, want, rtol=1e-5)

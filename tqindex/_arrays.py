@@ -116,7 +116,7 @@ def as_id_array(ids: Any, name: str = "ids") -> np.ndarray:
         raise ValueError(f"{name} must be one-dimensional, got shape {array.shape}")
     if array.size and array.dtype.kind not in "iu":
         raise TypeError(f"{name} must be integers, got dtype {array.dtype}")
-    if array.dtype.kind == "u" and array.size and array.max() > np.iinfo(np.int64).max:
+    if array.dtype.kind == "u" and array.size and int(array.max()) > np.iinfo(np.int64).max:  # exact with numpy 1.x too
         raise ValueError(f"{name} must fit int64, got {int(array.max())}")
     return array.astype(np.int64, copy=False)
 

@@ -1,10 +1,12 @@
-"""TurboQuantIndex: a FAISS-like exhaustive inner-product index over TurboQuant codes.
+"""TurboQuantIndex: a FAISS-like exhaustive index over TurboQuant codes (inner product, cosine, L2).
 
-Rows (codes, per-vector factors, user ids) live in a store: in RAM (`path=None`) or a
+Rows (codes, per-vector factors, user ids; for L2 also each vector's exact norm) live in a store: in RAM (`path=None`) or a
 directory of memory-mapped column files (`path=...`, `tqindex.open`). Deletions are an
 appended log of row numbers (tombstones); the scan skips them, and the rows of ids outside a
 search's allow-list, inside the chunk loop. The ranking equals the codec's own estimator,
-`TurboQuantCodec.inner_products` (see `kernels.scan`).
+`TurboQuantCodec.inner_products` (see `kernels.scan`); for L2 it is the estimate
+``||q||^2 + ||x||^2 - 2 <q, x_hat>`` with the stored exact ``||x||``, ranked through the scan's
+per-row bias ``-||x||^2 / 2``.
 
 A write that fails or is interrupted (an OSError such as ENOSPC or EFBIG, a KeyboardInterrupt)
 changes nothing stored: the store drops its uncommitted rows and the index takes the committed
@@ -32,7 +34,7 @@ from tqindex.errors import CorruptIndexError
 from tqindex.storage import ColumnSpec, ColumnStore
 
 FORMAT_NAME = "tqindex"
-METRICS = ("ip", "cosine")
+METRICS = ("ip", "cosine", "l2")
 _ENCODE_BATCH = 1 << 16
 _RESIDENT_CHUNK_ROWS = 1 << 20  # rows per scan step over codes resident on an accelerator
 #: scores (queries x rows) one scan step may hold: the query tile is this over the step's rows.
@@ -43,13 +45,21 @@ _RESIDENT_CHUNK_ROWS = 1 << 20  # rows per scan step over codes resident on an a
 _SCORE_ELEMENTS = {"cpu": 1 << 25, "accelerator": 1 << 28}
 
 
-def _column_specs(codec: TurboQuantCodec) -> dict[str, ColumnSpec]:
-    return {
+def _column_specs(codec: TurboQuantCodec, metric: str) -> dict[str, ColumnSpec]:
+    specs = {
         "codes": ColumnSpec("uint8", (codec.code_bytes,)),
         "factors": ColumnSpec("float32", (codec.n_factors,)),
         "ids": ColumnSpec("int64", ()),
         "deleted": ColumnSpec("int64", ()),  # log of deleted row numbers
     }
+    if metric == "l2":
+        specs["norms"] = ColumnSpec("float32", ())  # exact ||x|| of each row
+    return specs
+
+
+def _scanned_columns(metric: str) -> tuple[str, ...]:
+    """The columns a scan reads per row (and ``to()`` keeps resident)."""
+    return ("codes", "factors", "norms") if metric == "l2" else ("codes", "factors")
 
 
 def _check_scan_args(backend: str, chunk_rows: int) -> None:
@@ -72,12 +82,14 @@ def _usable_device(device: str | torch.device) -> torch.device:
 
 
 class TurboQuantIndex:
-    """Exhaustive top-k inner-product search over b-bit TurboQuant codes.
+    """Exhaustive top-k search over b-bit TurboQuant codes: inner product, cosine or L2.
 
     Args:
         dim: vector dimension.
         bits: bits per coordinate (1..8, steps of 1/8); see `TurboQuantCodec`.
-        metric: "ip" (inner product) or "cosine" (vectors and queries normalised on the way in).
+        metric: "ip" (inner product), "cosine" (vectors and queries normalised on the way in) or
+            "l2" (squared Euclidean distance, FAISS's ``METRIC_L2``; stores each vector's exact
+            norm, 4 more bytes per vector).
         variant, rotation, scale, seed, search: passed to `TurboQuantCodec`.
         path: None for an index in RAM, or a new directory for an on-disk index.
         backend: scan backend ("auto", "torch", "lut", "fastscan", "triton"), see `tqindex.kernels.get_scanner`.
@@ -88,8 +100,9 @@ class TurboQuantIndex:
             scores: it reads at least ``FastScanner.rows_per_call`` rows a step.
         device: where codes are scanned; other than "cpu", the same as calling ``.to(device)``.
 
-    `add` returns int64 ids; `search` returns ``(D, I)``: float32 ``(m, k)`` scores best first
-    and int64 ``(m, k)`` ids, padded with ``-inf`` / ``-1`` when fewer than k rows qualify.
+    `add` returns int64 ids; `search` returns ``(D, I)``: float32 ``(m, k)`` and int64 ``(m, k)``
+    ids, best first: inner products descending ("ip", "cosine"; padded with ``-inf`` / ``-1``
+    when fewer than k rows qualify) or squared distances ascending ("l2"; padded with ``+inf`` / ``-1``).
     """
 
     def __init__(
@@ -115,9 +128,10 @@ class TurboQuantIndex:
         codec = TurboQuantCodec(dim, bits, variant=variant, rotation=rotation, scale=scale, seed=seed, search=search)
         meta = {"codec": codec.config.to_dict(), "metric": metric}
         if path is None:
-            store = MemoryStore(meta=meta, fixed=codec.state(), columns=_column_specs(codec))
+            store = MemoryStore(meta=meta, fixed=codec.state(), columns=_column_specs(codec, metric))
         else:
-            store = ColumnStore.create(path, format_name=FORMAT_NAME, meta=meta, fixed=codec.state(), columns=_column_specs(codec))
+            columns = _column_specs(codec, metric)
+            store = ColumnStore.create(path, format_name=FORMAT_NAME, meta=meta, fixed=codec.state(), columns=columns)
         self._attach(codec, metric, store, backend, chunk_rows)
         if device.type != "cpu":
             self.to(device)
@@ -135,7 +149,7 @@ class TurboQuantIndex:
             metric = store.meta["metric"]
             if metric not in METRICS:
                 raise ValueError(f"unknown metric {metric!r}")
-            expected = {n: (np.dtype(s.dtype), tuple(s.row_shape)) for n, s in _column_specs(codec).items()}
+            expected = {n: (np.dtype(s.dtype), tuple(s.row_shape)) for n, s in _column_specs(codec, metric).items()}
             found = {n: (np.dtype(s.dtype), tuple(s.row_shape)) for n, s in store.columns.items()}
             if found != expected:
                 raise ValueError(f"columns {found} do not match the codec's {expected}")
@@ -149,8 +163,8 @@ class TurboQuantIndex:
     def _attach(self, codec: TurboQuantCodec, metric: str, store: Any, backend: str, chunk_rows: int) -> None:
         self.codec, self.metric, self._store, self.chunk_rows, self.backend = codec, metric, store, chunk_rows, backend
         self.device = torch.device("cpu")
-        #: codes and factors as tensors on ``self.device`` after ``to()``; None: read from the store
-        self._resident: tuple[torch.Tensor, torch.Tensor] | None = None
+        #: the scanned columns (`_scanned_columns`) as tensors on ``self.device`` after ``to()``; None: read from the store
+        self._resident: tuple[torch.Tensor, ...] | None = None
         #: with ``_resident``: bool ``(rows,)`` on ``self.device``, False for deleted rows (the scan's valid mask)
         self._live: torch.Tensor | None = None
         #: the fast-scan's key columns of codes in RAM (``_key_columns``), made at the first such search
@@ -168,7 +182,7 @@ class TurboQuantIndex:
     def _load_rows(self) -> None:
         """Take the store's committed row count and deletion log (on open and on `refresh`)."""
         store = self._store
-        counts = {name: store.rows(name) for name in ("codes", "factors", "ids")}
+        counts = {name: store.rows(name) for name in (*_scanned_columns(self.metric), "ids")}
         if len(set(counts.values())) != 1:
             raise CorruptIndexError(f"{store.path}: columns hold different row counts {counts}")
         deleted_rows = store.column("deleted")
@@ -210,8 +224,8 @@ class TurboQuantIndex:
 
     @property
     def bytes_per_vector(self) -> int:
-        """Bytes of codes and per-vector factors per vector (ids add 8 more)."""
-        return self.codec.bytes_per_vector
+        """Bytes of codes and per-vector factors per vector, the L2 norm included (ids add 8 more)."""
+        return self.codec.bytes_per_vector + (4 if self.metric == "l2" else 0)
 
     def memory_usage(self) -> int:
         """Bytes this index holds in RAM (an on-disk index keeps its rows on disk)."""
@@ -234,8 +248,8 @@ class TurboQuantIndex:
         """
         self._check_open()
         device = _usable_device(device)
-        codes, factors = (torch.from_numpy(np.array(self._store.column(name))).to(device) for name in ("codes", "factors"))
-        self.device, self._resident = device, (codes, factors)
+        resident = tuple(torch.from_numpy(np.array(self._store.column(name))).to(device) for name in _scanned_columns(self.metric))
+        self.device, self._resident = device, resident
         self._live = torch.from_numpy(~self._deleted).to(device)
         return self
 
@@ -276,14 +290,17 @@ class TurboQuantIndex:
         ]
         if not encoded:
             return
-        packed, factors = torch.cat([c.packed for c in encoded]), torch.cat([c.factors for c in encoded])
+        columns = {"codes": torch.cat([c.packed for c in encoded]), "factors": torch.cat([c.factors for c in encoded])}
+        if self.metric == "l2":
+            columns["norms"] = torch.linalg.vector_norm(vectors.double(), dim=1).float().to(self.device)
         with self._writing():
-            self._store.append("codes", packed.cpu().numpy())
-            self._store.append("factors", factors.cpu().numpy())
+            for name, values in columns.items():
+                self._store.append(name, values.cpu().numpy())
             self._store.append("ids", ids)
             self._store.commit()
             if self._resident is not None:
-                self._resident = (torch.cat([self._resident[0], packed]), torch.cat([self._resident[1], factors]))
+                new = [columns[name] for name in _scanned_columns(self.metric)]
+                self._resident = tuple(torch.cat([held, added]) for held, added in zip(self._resident, new))
                 self._live = torch.cat([self._live, torch.ones(len(ids), dtype=torch.bool, device=self.device)])
             self._grow_rows(len(ids))
             self._id_lookup = None
@@ -327,18 +344,20 @@ class TurboQuantIndex:
             if have > self._rows:
                 self._resident = tuple(t[: self._rows] for t in self._resident)
             elif have < self._rows:
-                new = [torch.from_numpy(self._store.read_rows(n, have, self._rows)).to(self.device) for n in ("codes", "factors")]
-                self._resident = (torch.cat([self._resident[0], new[0]]), torch.cat([self._resident[1], new[1]]))
+                new = [torch.from_numpy(self._store.read_rows(n, have, self._rows)).to(self.device) for n in _scanned_columns(self.metric)]
+                self._resident = tuple(torch.cat([held, added]) for held, added in zip(self._resident, new))
             self._live = torch.from_numpy(~self._deleted).to(self.device)
 
     # ---- reading -----------------------------------------------------------------------
     def search(self, queries: Any, k: int, *, filter: Any = None) -> tuple[Any, Any]:
-        """Top-``k`` inner products for each query ``(m, dim)`` (or one ``(dim,)``).
+        """Top-``k`` neighbours of each query ``(m, dim)`` (or one ``(dim,)``).
 
         ``filter``: ids allowed in the result (array-like of int64); others are skipped in the scan.
         Returns ``(D, I)``: float32 ``(m, k)`` best first, int64 ``(m, k)`` ids; numpy, or torch
-        for torch queries; ``-inf`` / ``-1`` past the rows that qualify. ``(0, dim)`` queries
-        give ``(0, k)`` results; ``k`` must be in ``1..ntotal`` all the same.
+        for torch queries. D holds inner products, descending, with ``-inf`` / ``-1`` past the rows
+        that qualify ("ip", "cosine"); or squared L2 distances ``||q||^2 + ||x||^2 - 2 <q, x_hat>``
+        (clamped at 0), ascending, with ``+inf`` / ``-1`` there ("l2", as FAISS's ``METRIC_L2``).
+        ``(0, dim)`` queries give ``(0, k)`` results; ``k`` must be in ``1..ntotal`` all the same.
         """
         self._check_open()
         rows = self._vectors(queries, "queries")
@@ -349,29 +368,36 @@ class TurboQuantIndex:
         if k > self.ntotal:
             raise ValueError(f"k={k} exceeds the {self.ntotal} vectors in the index")
         allowed = None if filter is None else np.unique(as_id_array(filter, "filter"))
-        rows, exponents = power_of_two_scaled(rows)  # exact; the ranking of a query ignores its scale
+        exponents = None  # l2 distances depend on the query's scale: no rescaling there
+        if self.metric != "l2":
+            rows, exponents = power_of_two_scaled(rows)  # exact; the ranking of a query ignores its scale
         scanner = get_scanner(self.codec, self.backend, self.device, queries=rows.shape[0])
         budget = _SCORE_ELEMENTS["cpu" if self.device.type == "cpu" else "accelerator"]
         tile = max(1, budget // self._scan_step())
         scores, ids = torch.empty((len(rows), int(k))), np.empty((len(rows), int(k)), np.int64)
         for i in range(0, len(rows), tile):
             scores[i : i + tile], ids[i : i + tile] = self._search_tile(scanner, rows[i : i + tile], int(k), allowed)
-        if bool(exponents.any()):
+        if exponents is not None and bool(exponents.any()):
             scores = times_power_of_two(scores, exponents.cpu())
         overflow = ~torch.isfinite(scores) & torch.from_numpy(ids >= 0)
         if bool(overflow.any()):
             row = int(torch.nonzero(overflow.any(dim=1))[0, 0])
-            raise ValueError(f"queries row {row}: its inner products overflow float32 (> {torch.finfo(torch.float32).max:.3g}): scale the queries down")
+            raise ValueError(f"queries row {row}: its scores overflow float32 (> {torch.finfo(torch.float32).max:.3g}): scale the queries down")
         return like(scores, is_torch(queries)), like(torch.from_numpy(ids), is_torch(queries))
 
     def _search_tile(self, scanner: Any, rows: torch.Tensor, k: int, allowed: np.ndarray | None) -> tuple[torch.Tensor, np.ndarray]:
         """`search` of one tile of queries ``(t, dim)``: scores float32 ``(t, k)`` on the CPU, ids int64 ``(t, k)``."""
         rotated = self.codec.rotate_rows(rows.to(self.device))  # rows are checked: no second pass over them
         if self._resident is not None and hasattr(scanner, "candidates"):  # one kernel over every row, no chunk loop
-            packed, factors = self._resident
-            scores, found = search_resident(self.codec, scanner, rotated, packed, factors, self._valid_rows(allowed), k)
+            packed, factors = self._resident[:2]
+            bias = _l2_bias(self._resident[2]) if self.metric == "l2" else None
+            scores, found = search_resident(self.codec, scanner, rotated, packed, factors, self._valid_rows(allowed), k, bias)
         else:
-            scores, found = scan_topk(self.codec, scanner, rotated, self._chunks(allowed, scanner), k, self._fetch)
+            fetch_bias = self._fetch_bias if self.metric == "l2" else None
+            scores, found = scan_topk(self.codec, scanner, rotated, self._chunks(allowed, scanner), k, self._fetch, fetch_bias)
+        if self.metric == "l2":  # score = <q, x> - ||x||^2 / 2 = (||q||^2 - ||q - x||^2) / 2
+            query_norms = torch.linalg.vector_norm(rows, dim=1, keepdim=True).to(scores.device)
+            scores = (query_norms.square() - 2 * scores).clamp_min(0)  # -inf padding becomes +inf
         found = found.cpu().numpy()
         ids = self._store.read_at("ids", np.maximum(found, 0).ravel()).reshape(found.shape)
         ids[found < 0] = -1
@@ -395,7 +421,7 @@ class TurboQuantIndex:
     def _chunks(self, allowed: np.ndarray | None, scanner: Any) -> Iterator[Chunk]:
         """The rows to scan, chunk by chunk: from the resident tensors, or read from the store."""
         step = max(self._scan_step(), getattr(scanner, "rows_per_call", 0))
-        columns = self._key_columns(scanner)
+        key_columns = self._key_columns(scanner)
         for start in range(0, self._rows, step):
             stop = min(start + step, self._rows)
             valid = ~self._deleted[start:stop]
@@ -404,11 +430,12 @@ class TurboQuantIndex:
             if not valid.any():
                 continue
             if self._resident is not None:
-                packed, factors = (t[start:stop] for t in self._resident)
+                columns = [t[start:stop] for t in self._resident]
             else:
-                packed, factors = (torch.from_numpy(self._store.read_rows(n, start, stop)) for n in ("codes", "factors"))
-            valid = None if valid.all() else torch.from_numpy(valid).to(self.device)
-            yield Chunk(start, packed, factors, valid, None if columns is None else columns.rows(start, stop))
+                columns = [torch.from_numpy(self._store.read_rows(n, start, stop)) for n in _scanned_columns(self.metric)]
+            valid_rows = None if valid.all() else torch.from_numpy(valid).to(self.device)
+            bias = _l2_bias(columns[2]) if self.metric == "l2" else None
+            yield Chunk(start, columns[0], columns[1], valid_rows, bias, None if key_columns is None else key_columns.rows(start, stop))
 
     def _key_columns(self, scanner: Any) -> KeyColumns | None:
         """The fast-scan's key columns of codes held in RAM, brought up to date; None for other
@@ -444,10 +471,24 @@ class TurboQuantIndex:
         at = rows.cpu().numpy()
         return torch.from_numpy(self._store.read_at("codes", at)), torch.from_numpy(self._store.read_at("factors", at))
 
+    def _fetch_bias(self, rows: torch.Tensor) -> torch.Tensor:
+        """The L2 scan bias ``-||x||^2 / 2`` of ``rows`` (int64 ``(u,)``): float32 ``(u,)`` on ``self.device``."""
+        if self._resident is not None:
+            return _l2_bias(self._resident[2][rows])
+        return _l2_bias(torch.from_numpy(self._store.read_at("norms", rows.cpu().numpy())))
+
     def _vectors(self, x: Any, name: str) -> torch.Tensor:
         rows = as_float_rows(x, self.dim, name)
         if self.metric == "cosine":
             rows = unit_rows(rows)
+        elif self.metric == "l2":
+            squares = torch.linalg.vector_norm(rows.double(), dim=1).square()
+            too_long = torch.nonzero(squares > torch.finfo(torch.float32).max).flatten()
+            if len(too_long):
+                raise ValueError(
+                    f"{name} row {int(too_long[0])}: squared norm {float(squares[too_long[0]]):.3g} exceeds the float32 "
+                    f"range, which metric 'l2' needs for ||q - x||^2"
+                )
         return rows
 
     def _find_rows(self, ids: np.ndarray) -> np.ndarray:
@@ -481,9 +522,10 @@ class TurboQuantIndex:
         self._check_open()
         if self._store.path is not None and os.path.exists(path) and os.path.samefile(path, self._store.path):
             raise ValueError(f"{path}: this index is open from there; save it to another directory")
-        spec = dict(format_name=FORMAT_NAME, meta=self._store.meta, fixed=self.codec.state(), columns=_column_specs(self.codec))
+        columns = _column_specs(self.codec, self.metric)
+        spec = dict(format_name=FORMAT_NAME, meta=self._store.meta, fixed=self.codec.state(), columns=columns)
         with ColumnStore.staged(path, overwrite=overwrite, **spec) as target:
-            for name in ("codes", "factors", "ids", "deleted"):
+            for name in columns:
                 for start in range(0, self._store.rows(name), _ENCODE_BATCH):
                     target.append(name, self._store.read_rows(name, start, min(start + _ENCODE_BATCH, self._store.rows(name))))
 
@@ -558,6 +600,11 @@ class TurboQuantIndex:
         c = self.codec.config
         where = "memory" if self._store.path is None else str(self._store.path)
         return f"TurboQuantIndex(dim={c.dim}, bits={c.bits}, metric={self.metric!r}, variant={c.variant!r}, ntotal={self.ntotal}, in {where})"
+
+
+def _l2_bias(norms: torch.Tensor) -> torch.Tensor:
+    """The scan's per-row bias for L2, ``-||x||^2 / 2``, from norms float32 ``(n,)``."""
+    return norms.square().mul_(-0.5)
 
 
 open = TurboQuantIndex.open

@@ -146,7 +146,7 @@ class ColumnStore:
         is not atomic: a crash during it leaves a directory that is not a store (`staged` is).
         A create that raises removes what it wrote (and the directory, if it made it).
         """
-        path = Path(path)
+        path = _as_path(path)
         if not isinstance(format_name, str) or not format_name:
             raise StorageError(f"{path}: format_name must be a non-empty string")
         meta = _check_meta(path, meta)
@@ -248,7 +248,7 @@ class ColumnStore:
     @classmethod
     def open(cls, path: str | os.PathLike, *, format_name: str, mode: str = "r") -> ColumnStore:
         """Open the store at `path`: mode "r" reads, "a" also appends (one writer at a time)."""
-        path = Path(path)
+        path = _as_path(path)
         if mode not in ("r", "a"):
             raise StorageError(f"{path}: mode must be 'r' or 'a', not {mode!r}")
         _check_dir(path)
@@ -537,6 +537,13 @@ class ColumnStore:
 
 
 # ---- helpers: validation ----
+
+
+def _as_path(path: Any) -> Path:
+    """``path`` as a Path; TypeError naming the type for anything but a str or os.PathLike."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
+    return Path(path)
 
 
 def _pread_into(col: _Column, name: str, view: memoryview, offset: int) -> None:

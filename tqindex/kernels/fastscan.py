@@ -289,7 +289,8 @@ class FastScanner:
         threads = torch.get_num_threads()
         for chunk in chunks:
             valid = None if chunk.valid is None else chunk.valid.cpu().numpy().view(np.uint8)
-            search.scan(_as_numpy(chunk.packed), _as_numpy(chunk.factors), valid, chunk.start, threads, chunk.key_columns)
+            bias = None if chunk.bias is None else _as_numpy(chunk.bias)
+            search.scan(_as_numpy(chunk.packed), _as_numpy(chunk.factors), valid, chunk.start, threads, chunk.key_columns, bias)
         scores, rows = search.result()
         return torch.from_numpy(scores), torch.from_numpy(rows)
 

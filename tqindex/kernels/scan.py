@@ -5,6 +5,11 @@ precision; the running top-k keeps the best across chunks; the survivors are res
 codec's float32 estimator and the best ``k`` returned. The ranking is therefore the codec's
 own (``TurboQuantCodec.inner_products``), ties aside, at the speed of the reduced-precision scan.
 Kernels know nothing of ids or files: rows are positions, chunks come from the caller.
+
+A per-row ``bias`` (float32, one value per stored row, the same for every query) turns the
+score into ``<q, x_hat> + bias``, in the scan and in the rescoring alike; kernels stay
+metric-agnostic. The index uses it for L2: ``bias = -||x||^2 / 2`` ranks rows by
+``<q, x> - ||x||^2 / 2 = (||q||^2 - ||q - x||^2) / 2``.
 """
 
 from __future__ import annotations
@@ -25,7 +30,8 @@ _EXACT_CHUNK_ROWS = 1 << 16  # rows per step of exact_topk (it decodes them to f
 
 @dataclass(frozen=True)
 class Chunk:
-    """Rows ``[start, start + n)``: packed uint8 ``(n, B)``, factors float32 ``(n, F)``, optional bool ``valid`` ``(n,)``.
+    """Rows ``[start, start + n)``: packed uint8 ``(n, B)``, factors float32 ``(n, F)``, optional bool
+    ``valid`` ``(n,)`` and optional float32 ``bias`` ``(n,)`` added to every query's score of the row.
 
     ``key_columns``: optional, the fast-scan's layout of the same rows (``FastScanner.key_columns``),
     where the caller keeps one; ``start`` is then a multiple of 32. Other scanners ignore it.
@@ -35,16 +41,26 @@ class Chunk:
     packed: torch.Tensor
     factors: torch.Tensor
     valid: torch.Tensor | None = None
+    bias: torch.Tensor | None = None
     key_columns: np.ndarray | None = None
 
 
 class Scanner(Protocol):
-    """``prepare`` once per search, ``chunk_topk`` per chunk. A scanner that also has
-    ``candidates`` (``TritonScanner``) scans resident rows in one call (``search_resident``)."""
+    """``prepare`` once per search, ``chunk_topk`` per chunk: the best ``k`` rows per query of
+    ``score + bias`` (bias float32 ``(n,)`` or None, added before the selection; -inf where not
+    ``valid``): scores float32 ``(m, <=k)`` and chunk-local rows int64, best first. A scanner that
+    also has ``candidates`` (``TritonScanner``) scans resident rows in one call (``search_resident``);
+    one with ``search`` (``FastScanner``) keeps its own exact top-k over the chunks."""
 
     def prepare(self, rotated_queries: torch.Tensor) -> torch.Tensor: ...
     def chunk_topk(
-        self, queries: torch.Tensor, packed: torch.Tensor, factors: torch.Tensor, valid: torch.Tensor | None, k: int
+        self,
+        queries: torch.Tensor,
+        packed: torch.Tensor,
+        factors: torch.Tensor,
+        valid: torch.Tensor | None,
+        k: int,
+        bias: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
@@ -60,13 +76,15 @@ def scan_topk(
     chunks: Iterable[Chunk],
     k: int,
     fetch: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+    fetch_bias: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-``k`` rows per query over all chunks.
 
     Args:
         rotated_queries: float32 ``(m, W)`` from ``codec.rotate_queries``.
-        chunks: the rows to scan, in any order.
+        chunks: the rows to scan, in any order; with ``fetch_bias``, each carries its ``bias``.
         fetch: rows int64 ``(u,)`` -> their (packed, factors), for rescoring.
+        fetch_bias: rows int64 ``(u,)`` -> their float32 bias ``(u,)``; None: no bias.
 
     Returns:
         scores float32 ``(m, k)`` best first (``-inf`` past the rows that qualified) and rows int64 ``(m, k)`` (``-1`` there).
@@ -79,9 +97,9 @@ def scan_topk(
     running = RunningTopK(m, wanted, device=rotated_queries.device)
     queries = scanner.prepare(rotated_queries)
     for chunk in chunks:
-        scores, local = scanner.chunk_topk(queries, chunk.packed, chunk.factors, chunk.valid, wanted)
+        scores, local = scanner.chunk_topk(queries, chunk.packed, chunk.factors, chunk.valid, wanted, bias=chunk.bias)
         running.push(scores, local + chunk.start)
-    return _rescore(codec, rotated_queries, running.rows, fetch, k)
+    return _rescore(codec, rotated_queries, running.rows, fetch, fetch_bias, k)
 
 
 def search_resident(
@@ -92,23 +110,26 @@ def search_resident(
     factors: torch.Tensor,
     valid: torch.Tensor | None,
     k: int,
+    bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``scan_topk`` over rows resident on one device, for a scanner with ``candidates``: one kernel
     over all rows, the merge and the exact rescoring on the device, and one synchronisation at the
     end (to learn whether any query needs the exact rescan, and whether the queries overflowed the
-    scanner's precision). Same arguments and results as ``scan_topk``; ``valid`` bool ``(n,)`` or None.
+    scanner's precision). Same arguments and results as ``scan_topk``; ``valid`` bool ``(n,)`` or
+    None, ``bias`` float32 ``(n,)`` or None.
     """
     queries = scanner.cast(rotated_queries)
     finite = torch.isfinite(queries).all()
-    _, rows, overflow = scanner.candidates(queries, packed, factors, valid, candidate_count(k))
-    scores, found = _rescore(codec, rotated_queries, rows, lambda at: (packed[at], factors[at]), k, dedupe=False)
+    fetch, fetch_bias = (lambda at: (packed[at], factors[at])), (None if bias is None else lambda at: bias[at])
+    _, rows, overflow = scanner.candidates(queries, packed, factors, valid, candidate_count(k), bias)
+    scores, found = _rescore(codec, rotated_queries, rows, fetch, fetch_bias, k, dedupe=False)
     flags = torch.cat([overflow, finite[None]]).cpu()  # the one synchronisation
     if not bool(flags[-1]):
         raise scanner.overflow_error()
     redo = flags[:-1].nonzero().flatten().to(rows.device)
     if redo.numel():
-        _, exact_rows = exact_topk(codec, rotated_queries[redo], packed, factors, valid, candidate_count(k))
-        scores[redo], found[redo] = _rescore(codec, rotated_queries[redo], exact_rows, lambda at: (packed[at], factors[at]), k)
+        _, exact_rows = exact_topk(codec, rotated_queries[redo], packed, factors, valid, candidate_count(k), bias)
+        scores[redo], found[redo] = _rescore(codec, rotated_queries[redo], exact_rows, fetch, fetch_bias, k)
     return scores, found
 
 
@@ -117,10 +138,11 @@ def _rescore(
     rotated_queries: torch.Tensor,
     rows: torch.Tensor,
     fetch: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+    fetch_bias: Callable[[torch.Tensor], torch.Tensor] | None,
     k: int,
     dedupe: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact float32 scores of each query's candidate ``rows`` ``(m, c)``; best ``k`` kept.
+    """Exact float32 scores (plus bias) of each query's candidate ``rows`` ``(m, c)``; best ``k`` kept.
 
     ``dedupe``: fetch each distinct row once (``torch.unique``, which waits for the device);
     without it every (query, candidate) is fetched, with no synchronisation.
@@ -131,11 +153,14 @@ def _rescore(
     else:
         unique, inverse = rows.clamp_min(0).flatten(), torch.arange(rows.numel(), device=rows.device).view(rows.shape)
     packed, factors = fetch(unique)
+    bias = None if fetch_bias is None else fetch_bias(unique).to(rows.device)
     exact = torch.empty(rows.shape, dtype=torch.float32, device=rows.device)
     for start in range(0, m, _RESCORE_QUERY_BLOCK):
         block = slice(start, start + _RESCORE_QUERY_BLOCK)
         at = inverse[block]
         exact[block] = codec.score(rotated_queries[block, None, :], packed[at], factors[at])[:, 0]
+        if bias is not None:
+            exact[block] += bias[at]
     exact.masked_fill_(rows < 0, float("-inf"))  # not exact[mask] = ...: that waits for the device
     # best first; among equal scores the lower row first, so results are deterministic
     by_row = torch.argsort(rows.clamp_min(0), dim=1, stable=True)
@@ -147,9 +172,15 @@ def _rescore(
 
 
 def exact_topk(
-    codec: TurboQuantCodec, queries: torch.Tensor, packed: torch.Tensor, factors: torch.Tensor, valid: torch.Tensor | None, k: int
+    codec: TurboQuantCodec,
+    queries: torch.Tensor,
+    packed: torch.Tensor,
+    factors: torch.Tensor,
+    valid: torch.Tensor | None,
+    k: int,
+    bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Best ``k`` rows per query by full float32 scores (decode + GEMM, ``_EXACT_CHUNK_ROWS`` at a time).
+    """Best ``k`` rows per query by full float32 scores (+ ``bias``; decode + GEMM, ``_EXACT_CHUNK_ROWS`` at a time).
 
     The fallback for queries whose buckets overflowed: queries float32 ``(m, W)`` -> scores float32
     ``(m, k)`` best first and rows int64 ``(m, k)``, ``(-inf, -1)`` past the valid rows.
@@ -159,6 +190,7 @@ def exact_topk(
     for start in range(0, packed.shape[0], _EXACT_CHUNK_ROWS):
         stop = start + _EXACT_CHUNK_ROWS
         chunk_valid = None if valid is None else valid[start:stop]
-        scores, rows = scanner.chunk_topk(queries, packed[start:stop], factors[start:stop], chunk_valid, k)
+        chunk_bias = None if bias is None else bias[start:stop]
+        scores, rows = scanner.chunk_topk(queries, packed[start:stop], factors[start:stop], chunk_valid, k, bias=chunk_bias)
         running.push(scores, rows + start)
     return running.scores, running.rows

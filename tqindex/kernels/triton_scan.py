@@ -12,7 +12,7 @@ helper (``triton_unpack``) turns the packed bytes into levels in registers, and
   operand of ``tl.dot`` against the transposed query tile, fp32 accumulation on the tensor cores.
 
 ``prod`` adds the same product of the QJL queries with the sign bits as +-1. The per-vector factors
-scale the sums; rows past the chunk or not ``valid`` score -inf.
+scale the sums, a per-row ``bias`` (where given) is added; rows past the chunk or not ``valid`` score -inf.
 
 Top-k without a score array: each program keeps, per query, two slots per *bucket*, a bucket being
 one lane of the row tile (the rows ``r`` of its group with the same ``r mod BLOCK_N``). A tile's
@@ -89,10 +89,10 @@ MMA = ScanConfig(mma=True, max_block_m=64, block_n=64, block_d=64, num_warps=8)
 
 @triton.jit
 def _tile_scores(
-    queries_ptr, packed_ptr, factors_ptr, valid_ptr, levels_ptr,
+    queries_ptr, packed_ptr, factors_ptr, valid_ptr, bias_ptr, levels_ptr,
     rows, q_rows, q_ok, n_rows, stride_q, stride_p, stride_f,
     FIELDS: tl.constexpr, LEVELS: tl.constexpr, N_LO: tl.constexpr, EXTRA: tl.constexpr, SIGN_OFFSET: tl.constexpr,
-    DIM: tl.constexpr, HAS_VALID: tl.constexpr, MMA: tl.constexpr,
+    DIM: tl.constexpr, HAS_VALID: tl.constexpr, HAS_BIAS: tl.constexpr, MMA: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     """Scores of rows ``(BLOCK_N,)`` against the query tile: float32 ``[BLOCK_N, BLOCK_M]``, -inf where excluded."""
@@ -133,6 +133,8 @@ def _tile_scores(
     if SIGN_OFFSET >= 0:
         scores += acc_signs * tl.load(factors_ptr + rows * stride_f + 1, mask=row_ok, other=0.0)[:, None]
     keep = row_ok
+    if HAS_BIAS:
+        scores += tl.load(bias_ptr + rows, mask=row_ok, other=0.0)[:, None]
     if HAS_VALID:
         keep = keep & (tl.load(valid_ptr + rows, mask=row_ok, other=0) != 0)
     return tl.where(keep[:, None] & q_ok[None, :], scores, float("-inf"))
@@ -140,10 +142,10 @@ def _tile_scores(
 
 @triton.jit
 def _scan_kernel(
-    queries_ptr, packed_ptr, factors_ptr, valid_ptr, levels_ptr, out_scores_ptr, out_rows_ptr, out_dropped_ptr,
+    queries_ptr, packed_ptr, factors_ptr, valid_ptr, bias_ptr, levels_ptr, out_scores_ptr, out_rows_ptr, out_dropped_ptr,
     n_rows, n_queries, tiles_per_program, stride_q, stride_p, stride_f,
     FIELDS: tl.constexpr, LEVELS: tl.constexpr, N_LO: tl.constexpr, EXTRA: tl.constexpr, SIGN_OFFSET: tl.constexpr,
-    DIM: tl.constexpr, HAS_VALID: tl.constexpr, MMA: tl.constexpr,
+    DIM: tl.constexpr, HAS_VALID: tl.constexpr, HAS_BIAS: tl.constexpr, MMA: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     """Per query of the tile and bucket of the row group: the two best (score, row), unordered, in
@@ -162,9 +164,9 @@ def _scan_kernel(
     while tile < end:  # not range(): Triton 3.6's interpreter cannot take tensor bounds under NumPy >= 2.5 (issue 17)
         rows = tile * BLOCK_N + lanes
         scores = _tile_scores(
-            queries_ptr, packed_ptr, factors_ptr, valid_ptr, levels_ptr,
+            queries_ptr, packed_ptr, factors_ptr, valid_ptr, bias_ptr, levels_ptr,
             rows, q_rows, q_ok, n_rows, stride_q, stride_p, stride_f,
-            FIELDS, LEVELS, N_LO, EXTRA, SIGN_OFFSET, DIM, HAS_VALID, MMA, BLOCK_M, BLOCK_N, BLOCK_D, PRECISION,
+            FIELDS, LEVELS, N_LO, EXTRA, SIGN_OFFSET, DIM, HAS_VALID, HAS_BIAS, MMA, BLOCK_M, BLOCK_N, BLOCK_D, PRECISION,
         )  # fmt: skip
         row = rows[:, None] + tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.int32)
         above1 = scores > best1
@@ -248,12 +250,18 @@ class TritonScanner:
         return ValueError(f"rotated queries overflow {self.dtype}: make the TritonScanner with dtype=torch.float32")
 
     def candidates(
-        self, queries: torch.Tensor, packed: torch.Tensor, factors: torch.Tensor, valid: torch.Tensor | None, count: int
+        self,
+        queries: torch.Tensor,
+        packed: torch.Tensor,
+        factors: torch.Tensor,
+        valid: torch.Tensor | None,
+        count: int,
+        bias: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The best ``count`` rows per query by the kernel's scores, without synchronising with the device.
+        """The best ``count`` rows per query by the kernel's scores (+ ``bias``), without synchronising with the device.
 
         ``queries`` from ``prepare``; ``packed`` uint8 ``(n, B)``, ``factors`` float32 ``(n, F)``,
-        ``valid`` bool ``(n,)`` or None, on one device. Returns scores float32 ``(m, c)`` best first,
+        ``valid`` bool ``(n,)`` or None, ``bias`` float32 ``(n,)`` or None, on one device. Returns scores float32 ``(m, c)`` best first,
         rows int64 ``(m, c)`` (``-1`` with ``-inf`` past the valid rows), ``c = min(count, candidates
         kept)``, and ``overflow`` bool ``(m,)``: True where a row the buckets dropped might belong
         among the ``count`` best (those queries need ``exact_topk``).
@@ -282,9 +290,11 @@ class TritonScanner:
         factors = factors.to(torch.float32).contiguous()
         _scan_kernel[(query_tiles, groups)](
             queries, packed.contiguous(), factors, None if valid is None else valid.contiguous().view(torch.uint8),
+            None if bias is None else bias.to(torch.float32).contiguous(),
             levels_table(self.codec, device), out_scores, out_rows, out_dropped,
             n, m, per_program, queries.stride(0), packed.shape[1], factors.shape[1],
-            **self._constants, SIGN_OFFSET=self._sign_offset, DIM=self._dim, HAS_VALID=valid is not None, MMA=config.mma,
+            **self._constants, SIGN_OFFSET=self._sign_offset, DIM=self._dim, HAS_VALID=valid is not None,
+            HAS_BIAS=bias is not None, MMA=config.mma,
             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=config.block_d,
             PRECISION="ieee" if self.dtype == torch.float32 else "tf32", num_warps=config.num_warps,
         )  # fmt: skip
@@ -296,9 +306,16 @@ class TritonScanner:
         return scores, rows, (dropped > float("-inf")) & (dropped >= floor)
 
     def chunk_topk(
-        self, queries: torch.Tensor, packed: torch.Tensor, factors: torch.Tensor, valid: torch.Tensor | None, k: int
+        self,
+        queries: torch.Tensor,
+        packed: torch.Tensor,
+        factors: torch.Tensor,
+        valid: torch.Tensor | None,
+        k: int,
+        bias: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Best ``k`` rows of the chunk per query: scores float32 ``(m, min(k, n))``, chunk-local rows int64, best first.
+        """Best ``k`` rows of the chunk per query by score + ``bias`` (float32 ``(n,)`` or None):
+        scores float32 ``(m, min(k, n))``, chunk-local rows int64, best first.
 
         ``candidates``, then the exact rescan for the queries whose buckets overflowed (one
         synchronisation). Where fewer rows are valid, the remaining entries are ``(-inf, -1)``.
@@ -307,11 +324,11 @@ class TritonScanner:
         k = min(k, n)
         if m == 0 or k <= 0:
             return torch.empty((m, max(k, 0)), device=device), torch.empty((m, max(k, 0)), dtype=torch.int64, device=device)
-        scores, rows, overflow = self.candidates(queries, packed, factors, valid, k)
+        scores, rows, overflow = self.candidates(queries, packed, factors, valid, k, bias)
         scores, rows = _padded(scores, rows, k)
         redo = overflow.nonzero().flatten()
         if redo.numel():
-            scores[redo], rows[redo] = exact_topk(self.codec, queries[redo].to(torch.float32), packed, factors, valid, k)
+            scores[redo], rows[redo] = exact_topk(self.codec, queries[redo].to(torch.float32), packed, factors, valid, k, bias)
         return scores, rows
 
 

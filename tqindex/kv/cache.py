@@ -19,9 +19,11 @@ Shapes: ``B`` batch, ``H`` KV heads, ``Tc`` encoded tokens, ``Tw`` window tokens
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from transformers.cache_utils import DYNAMIC_LAYER_TYPE_MAPPING, Cache, DynamicLayer, get_layer_types_and_kwargs
@@ -303,10 +305,19 @@ class MemoryReport:
         )
 
 
+def cache_keyword(model: Any) -> str:
+    """The keyword ``model.generate`` and ``model(...)`` take a cache by in the installed transformers:
+    "cache" where the model's ``forward`` has it (current releases; ``past_key_values=`` still
+    works there but prints a FutureWarning), else "past_key_values". Use it as
+    ``model.generate(..., **{cache_keyword(model): TurboQuantCache(4, 4)})`` in code that runs on both."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 class TurboQuantCache(Cache):
     """A transformers cache that stores keys and values as TurboQuant codes beyond a full-precision window.
 
-    Use it as ``model.generate(..., past_key_values=TurboQuantCache(key_bits=4, value_bits=4))`` or
+    Use it as ``model.generate(..., cache=TurboQuantCache(key_bits=4, value_bits=4))`` (transformers
+    releases whose models take ``past_key_values=`` instead: that keyword; `cache_keyword` tells which) or
     in a plain forward loop. Layers initialise lazily from the first tensors they see, like
     ``DynamicCache()``. With ``model.set_attn_implementation("turboquant")`` attention runs on
     the codes; with any other implementation the codes are decoded for it.
@@ -397,6 +408,8 @@ class TurboQuantCache(Cache):
             super().__init__(layers=[])
             return
         layer_types, layer_kwargs = get_layer_types_and_kwargs(config.get_text_config(decoder=True))
+        if isinstance(layer_kwargs, dict):  # 5.14-5.18 at least: one kwargs dict for every layer; later, one per layer
+            layer_kwargs = [layer_kwargs] * len(layer_types)
         n_layers = len(layer_types)
         if any(not -n_layers <= i < n_layers for i in skip):
             raise ValueError(f"skip_layers {skip} out of range for {n_layers} layers")
