@@ -281,12 +281,13 @@ def test_index_search_through_the_triton_backend_equals_the_torch_backend():
             np.testing.assert_allclose(got, want, rtol=1e-5)
 
 
-def test_kernel_adds_the_row_bias_before_selecting():
+@pytest.mark.parametrize("config", [SMALL_FMA, SMALL_MMA], ids=["fma", "mma"])
+def test_kernel_adds_the_row_bias_before_selecting(config):
     """The L2 index's per-row bias: scores are ``codec.score + bias``, and the top-k is taken on them."""
     n = 70
     codec, packed, factors, queries = encoded(3, "mse", 48, n, m=2, seed=7)
     bias = torch.linspace(-2, 2, n).to(DEVICE)
-    scanner = TritonScanner(codec, torch.float32, block_n=32, block_d=32, tiles_per_program=2)
+    scanner = TritonScanner(codec, config, torch.float32, tiles_per_program=2)
     scores, rows = scanner.chunk_topk(scanner.prepare(queries), packed, factors, None, 9, bias=bias)
     expected, expected_rows = (codec.score(queries, packed, factors) + bias).topk(9, dim=1)
     torch.testing.assert_close(scores, expected, rtol=1e-5, atol=1e-5)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -38,9 +39,10 @@ def as_float_rows(x: Any, dim: int, name: str, *, allow_1d: bool = True) -> torc
         expected = f"(n, {dim})" + (f" or ({dim},)" if allow_1d else "")
         raise ValueError(f"{name} must have shape {expected}, got {tuple(tensor.shape)}")
     converted = tensor.to(torch.float32)
-    # one reduction instead of a full boolean mask: NaN and inf propagate into the sum; a finite
-    # sum that overflowed is told apart by the exact check
-    if not bool(torch.isfinite(converted.sum())) and not bool(torch.isfinite(converted).all()):
+    # one float64 reduction instead of a full boolean mask: NaN and inf propagate into it, and
+    # float32 values cannot overflow it (numpy's on the CPU: a few microseconds less a call)
+    total = converted.numpy().sum(dtype=np.float64) if converted.device.type == "cpu" else converted.sum(dtype=torch.float64)
+    if not math.isfinite(float(total)):
         row = int(torch.nonzero(~torch.isfinite(converted).all(dim=1))[0, 0])
         _refuse_row(name, row, finite=bool(torch.isfinite(tensor[row]).all()))
     return converted
@@ -82,7 +84,11 @@ def power_of_two_scaled(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     norm and its products neither overflow nor underflow; other rows are kept as they are
     (exponent 0), so ordinary input gives bit-identical results. Zero rows stay zero.
     """
-    largest = rows.abs().amax(dim=1) if rows.numel() else rows.new_zeros(rows.shape[0])
+    if rows.device.type == "cpu" and rows.numel():  # numpy: a few microseconds less a call
+        values = rows.numpy()
+        largest = torch.from_numpy(np.maximum(values.max(axis=1), -values.min(axis=1)))
+    else:
+        largest = rows.abs().amax(dim=1) if rows.numel() else rows.new_zeros(rows.shape[0])
     extreme = (largest > _SAFE) | ((largest < 1 / _SAFE) & (largest > 0))
     if not bool(extreme.any()):
         return rows, torch.zeros(rows.shape[0], dtype=torch.int32, device=rows.device)

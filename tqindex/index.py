@@ -379,10 +379,11 @@ class TurboQuantIndex:
             scores[i : i + tile], ids[i : i + tile] = self._search_tile(scanner, rows[i : i + tile], int(k), allowed)
         if exponents is not None and bool(exponents.any()):
             scores = times_power_of_two(scores, exponents.cpu())
-        overflow = ~torch.isfinite(scores) & torch.from_numpy(ids >= 0)
-        if bool(overflow.any()):
-            row = int(torch.nonzero(overflow.any(dim=1))[0, 0])
-            raise ValueError(f"queries row {row}: its scores overflow float32 (> {torch.finfo(torch.float32).max:.3g}): scale the queries down")
+        overflow = ~np.isfinite(scores.numpy()) & (ids >= 0)
+        if overflow.any():
+            row = int(np.flatnonzero(overflow.any(axis=1))[0])
+            what = "distances" if self.metric == "l2" else "inner products"
+            raise ValueError(f"queries row {row}: its {what} overflow float32 (> {torch.finfo(torch.float32).max:.3g}): scale the queries down")
         return like(scores, is_torch(queries)), like(torch.from_numpy(ids), is_torch(queries))
 
     def _search_tile(self, scanner: Any, rows: torch.Tensor, k: int, allowed: np.ndarray | None) -> tuple[torch.Tensor, np.ndarray]:
@@ -424,16 +425,18 @@ class TurboQuantIndex:
         key_columns = self._key_columns(scanner)
         for start in range(0, self._rows, step):
             stop = min(start + step, self._rows)
-            valid = ~self._deleted[start:stop]
-            if allowed is not None:
-                valid &= np.isin(self._store.read_rows("ids", start, stop), allowed)
-            if not valid.any():
-                continue
+            valid_rows = None
+            if allowed is not None or self._n_deleted:  # else every row of the chunk is live: no mask to make
+                valid = ~self._deleted[start:stop]
+                if allowed is not None:
+                    valid &= np.isin(self._store.read_rows("ids", start, stop), allowed)
+                if not valid.any():
+                    continue
+                valid_rows = None if valid.all() else torch.from_numpy(valid).to(self.device)
             if self._resident is not None:
                 columns = [t[start:stop] for t in self._resident]
             else:
                 columns = [torch.from_numpy(self._store.read_rows(n, start, stop)) for n in _scanned_columns(self.metric)]
-            valid_rows = None if valid.all() else torch.from_numpy(valid).to(self.device)
             bias = _l2_bias(columns[2]) if self.metric == "l2" else None
             yield Chunk(start, columns[0], columns[1], valid_rows, bias, None if key_columns is None else key_columns.rows(start, stop))
 
