@@ -20,7 +20,7 @@ if [ ! -x .venv-oldest/bin/python ] || ! cmp -s "$constraints" .venv-oldest/cons
   rm -rf .venv-oldest
   "$python" -m venv .venv-oldest
   # (the sed drops pip's notes on this machine's local package folders; pipefail keeps pip's status)
-  .venv-oldest/bin/python -m pip install --disable-pip-version-check -q -c "$constraints" -e ".[datasets,corpus,kv,triton]" pytest 2>&1 |
+  .venv-oldest/bin/python -m pip install --disable-pip-version-check -q -c "$constraints" -e ".[datasets,corpus,kv]" pytest 2>&1 |
     sed '/is ignored: it is neither a file nor a directory/d'
   cp "$constraints" .venv-oldest/constraints.txt
 fi

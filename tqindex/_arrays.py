@@ -26,7 +26,11 @@ def as_float_rows(x: Any, dim: int, name: str, *, allow_1d: bool = True) -> torc
     if isinstance(x, np.ndarray):
         if x.dtype.kind != "f":
             raise TypeError(f"{name} must hold floats, got numpy dtype {x.dtype}")
-        tensor = torch.from_numpy(np.require(x, requirements=["C", "W"]))  # copies read-only (memmapped) input only
+        if x.ndim == 1 and allow_1d:
+            x = x.reshape(1, -1)
+        if not (x.flags.c_contiguous and x.flags.writeable):  # copies read-only (memmapped) input only
+            x = np.array(x, order="C")
+        tensor = torch.from_numpy(x)
     elif isinstance(x, torch.Tensor):
         if x.dtype not in _FLOAT_DTYPES:
             raise TypeError(f"{name} must hold floats, got torch dtype {x.dtype}")
@@ -38,11 +42,16 @@ def as_float_rows(x: Any, dim: int, name: str, *, allow_1d: bool = True) -> torc
     if tensor.ndim != 2 or tensor.shape[1] != dim:
         expected = f"(n, {dim})" + (f" or ({dim},)" if allow_1d else "")
         raise ValueError(f"{name} must have shape {expected}, got {tuple(tensor.shape)}")
-    converted = tensor.to(torch.float32)
-    # one float64 reduction instead of a full boolean mask: NaN and inf propagate into it, and
-    # float32 values cannot overflow it (numpy's on the CPU: a few microseconds less a call)
-    total = converted.numpy().sum(dtype=np.float64) if converted.device.type == "cpu" else converted.sum(dtype=torch.float64)
-    if not math.isfinite(float(total)):
+    converted = tensor if tensor.dtype == torch.float32 else tensor.to(torch.float32)
+    # a reduction instead of a full boolean mask: NaN and inf propagate into it (numpy's on the
+    # CPU: each torch call on a small tensor costs microseconds)
+    if converted.device.type == "cpu":
+        # a finite float32 sum proves every value finite; an overflowed one is checked in full
+        values = converted.numpy()
+        finite = math.isfinite(values.sum()) or bool(np.isfinite(values).all())
+    else:
+        finite = bool(torch.isfinite(converted.sum(dtype=torch.float64)))
+    if not finite:
         row = int(torch.nonzero(~torch.isfinite(converted).all(dim=1))[0, 0])
         _refuse_row(name, row, finite=bool(torch.isfinite(tensor[row]).all()))
     return converted
@@ -76,29 +85,40 @@ def _refuse_row(name: str, row: int, finite: bool) -> None:
     raise ValueError(f"{name} contains NaN or inf in row {row}")
 
 
-def power_of_two_scaled(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rows ``(n, d)`` divided each by a power of two, and those exponents int32 ``(n,)``.
+def power_of_two_scaled(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Rows ``(n, d)`` divided each by a power of two, and those exponents int32 ``(n,)``, or None
+    where no row needed it.
 
     ``rows == ldexp(scaled, exponents)`` exactly. A row whose largest ``|x|`` is outside
     [2^-48, 2^48] (near the ends of the float32 range) is brought to a largest ``|x|`` in [0.5, 1), so its
     norm and its products neither overflow nor underflow; other rows are kept as they are
     (exponent 0), so ordinary input gives bit-identical results. Zero rows stay zero.
     """
-    if rows.device.type == "cpu" and rows.numel():  # numpy: a few microseconds less a call
+    if rows.device.type == "cpu":  # numpy: each torch call on a small tensor costs microseconds
         values = rows.numpy()
-        largest = torch.from_numpy(np.maximum(values.max(axis=1), -values.min(axis=1)))
+        if len(values) == 1 and values.size:  # one query: one reduction
+            top = float(np.abs(values).max())
+            if top <= _SAFE and not 0 < top < 1 / _SAFE:
+                return rows, None
+        largest = np.maximum(values.max(axis=1), -values.min(axis=1)) if values.size else np.zeros(len(values), values.dtype)
+        extreme = (largest > _SAFE) | ((largest < 1 / _SAFE) & (largest > 0))
+        if not extreme.any():
+            return rows, None
+        exponents = torch.from_numpy(np.where(extreme, np.frexp(largest)[1], 0).astype(np.int32))
     else:
         largest = rows.abs().amax(dim=1) if rows.numel() else rows.new_zeros(rows.shape[0])
-    extreme = (largest > _SAFE) | ((largest < 1 / _SAFE) & (largest > 0))
-    if not bool(extreme.any()):
-        return rows, torch.zeros(rows.shape[0], dtype=torch.int32, device=rows.device)
-    exponents = torch.where(extreme, torch.frexp(largest)[1], 0)
+        extreme = (largest > _SAFE) | ((largest < 1 / _SAFE) & (largest > 0))
+        if not bool(extreme.any()):
+            return rows, None
+        exponents = torch.where(extreme, torch.frexp(largest)[1], 0)
     return times_power_of_two(rows, -exponents), exponents
 
 
-def times_power_of_two(values: torch.Tensor, exponents: torch.Tensor) -> torch.Tensor:
-    """``values`` ``(n, ...)`` times ``2 ** exponents`` (int ``(n,)``), exactly where the result is a
-    normal float; in two steps, so that no factor overflows float32 itself."""
+def times_power_of_two(values: torch.Tensor, exponents: torch.Tensor | None) -> torch.Tensor:
+    """``values`` ``(n, ...)`` times ``2 ** exponents`` (int ``(n,)``, or None: all 0), exactly where the
+    result is a normal float; in two steps, so that no factor overflows float32 itself."""
+    if exponents is None:
+        return values
     exponents = exponents.view(-1, *([1] * (values.ndim - 1)))
     half = torch.div(exponents, 2, rounding_mode="floor")
     return torch.ldexp(torch.ldexp(values, half), exponents - half)

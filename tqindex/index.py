@@ -374,17 +374,21 @@ class TurboQuantIndex:
         scanner = get_scanner(self.codec, self.backend, self.device, queries=rows.shape[0])
         budget = _SCORE_ELEMENTS["cpu" if self.device.type == "cpu" else "accelerator"]
         tile = max(1, budget // self._scan_step())
-        scores, ids = torch.empty((len(rows), int(k))), np.empty((len(rows), int(k)), np.int64)
-        for i in range(0, len(rows), tile):
-            scores[i : i + tile], ids[i : i + tile] = self._search_tile(scanner, rows[i : i + tile], int(k), allowed)
-        if exponents is not None and bool(exponents.any()):
+        if len(rows) <= tile:
+            scores, ids = self._search_tile(scanner, rows, int(k), allowed)
+        else:
+            scores, ids = torch.empty((len(rows), int(k))), np.empty((len(rows), int(k)), np.int64)
+            for i in range(0, len(rows), tile):
+                scores[i : i + tile], ids[i : i + tile] = self._search_tile(scanner, rows[i : i + tile], int(k), allowed)
+        if exponents is not None:
             scores = times_power_of_two(scores, exponents.cpu())
-        overflow = ~np.isfinite(scores.numpy()) & (ids >= 0)
-        if overflow.any():
+        values = scores.numpy()
+        overflow = None if np.isfinite(values).all() else ~np.isfinite(values) & (ids >= 0)  # -inf pads rows past those that qualify
+        if overflow is not None and overflow.any():
             row = int(np.flatnonzero(overflow.any(axis=1))[0])
             what = "distances" if self.metric == "l2" else "inner products"
             raise ValueError(f"queries row {row}: its {what} overflow float32 (> {torch.finfo(torch.float32).max:.3g}): scale the queries down")
-        return like(scores, is_torch(queries)), like(torch.from_numpy(ids), is_torch(queries))
+        return (scores, torch.from_numpy(ids)) if is_torch(queries) else (scores.numpy(), ids)
 
     def _search_tile(self, scanner: Any, rows: torch.Tensor, k: int, allowed: np.ndarray | None) -> tuple[torch.Tensor, np.ndarray]:
         """`search` of one tile of queries ``(t, dim)``: scores float32 ``(t, k)`` on the CPU, ids int64 ``(t, k)``."""
