@@ -46,9 +46,8 @@ def as_float_rows(x: Any, dim: int, name: str, *, allow_1d: bool = True) -> torc
     # a reduction instead of a full boolean mask: NaN and inf propagate into it (numpy's on the
     # CPU: each torch call on a small tensor costs microseconds)
     if converted.device.type == "cpu":
-        # a finite float32 sum proves every value finite; an overflowed one is checked in full
-        values = converted.numpy()
-        finite = math.isfinite(values.sum()) or bool(np.isfinite(values).all())
+        # float32 values cannot overflow a float64 sum: it is finite if and only if they all are
+        finite = math.isfinite(converted.numpy().sum(dtype=np.float64))
     else:
         finite = bool(torch.isfinite(converted.sum(dtype=torch.float64)))
     if not finite:
