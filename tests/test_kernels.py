@@ -1,5 +1,8 @@
 """Scan kernels on the CPU: the look-up-table scan, the GEMM scan, dispatch, resident codes."""
 
+import importlib
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -9,6 +12,15 @@ from tqindex import TurboQuantCodec, TurboQuantIndex
 from tqindex.kernels import LUT_MAX_QUERY_BITS, fastscan, get_scanner
 from tqindex.kernels.gemm import GemmScanner
 from tqindex.kernels.lut import LutScanner, supports
+
+
+def test_the_fast_scan_is_built_wherever_a_compiler_is():
+    """The installs behind the test commands build the extension (the fast-scan tests skip only
+    on a machine with no C++ compiler, where the package falls back with a warning)."""
+    compiler = shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
+    assert fastscan.available() or compiler is None, f"a compiler is here ({compiler}) but: {fastscan._LOAD_ERROR}"
+    if fastscan.available() and importlib.import_module("tqindex.kernels._fastscan_generic").cpu_supports("avx2"):
+        assert fastscan.isa() in ("avx2", "avx512")  # the SIMD builds were built and chosen
 
 
 @pytest.fixture
