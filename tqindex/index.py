@@ -425,8 +425,9 @@ class TurboQuantIndex:
 
     def _chunks(self, allowed: np.ndarray | None, scanner: Any) -> Iterator[Chunk]:
         """The rows to scan, chunk by chunk: from the resident tensors, or read from the store."""
-        step = max(self._scan_step(), getattr(scanner, "rows_per_call", 0))
         key_columns = self._key_columns(scanner)
+        # the fast-scan over codes in RAM reads views, copies nothing: one kernel call for all rows
+        step = self._rows if key_columns is not None else max(self._scan_step(), getattr(scanner, "rows_per_call", 0))
         for start in range(0, self._rows, step):
             stop = min(start + step, self._rows)
             valid_rows = None
