@@ -326,6 +326,10 @@ def test_compressed_kv_behaves_as_its_dense_tensor():
     assert "encoded=20" in repr(keys)
 
 
+@pytest.mark.skipif(
+    torch.__version__.startswith("2.5."),
+    reason="torch 2.5's dynamo returns last_hidden_state=None from transformers 5.x models, DynamicCache too (checked with 2.5.1)",
+)
 def test_decode_runs_under_torch_compile_with_the_cache_as_an_opaque_call(model):
     # dynamo traces the model around the cache's update and the codes attention (torch.compiler.disable)
     model.set_attn_implementation("turboquant")

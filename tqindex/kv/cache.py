@@ -242,6 +242,9 @@ class TurboQuantLayer(DynamicLayer):
 
     def reset(self) -> None:
         super().reset()
+        # empty, as before the first update (transformers 5.14 zeroes the window in place and
+        # keeps the layer initialized): the next update initializes it afresh
+        self.is_initialized = False
         self.key_codes = self.value_codes = self.key_offset = None
         self._log_factors = {}
         self._float_factors = set()
