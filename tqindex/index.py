@@ -240,7 +240,11 @@ class TurboQuantIndex:
             raise ValueError(f"ids already in the index: {taken[:5].tolist()}")
         self._append(vectors, ids, progress)
 
-    def _append(self, vectors: torch.Tensor, ids: np.ndarray, progress: bool | None) -> None:
+    def _append(
+        self, vectors: torch.Tensor, ids: np.ndarray, progress: bool | None, columns: dict[str, np.ndarray] | None = None
+    ) -> None:
+        """Encode and commit ``vectors`` under ``ids``; ``columns``: a subclass's own columns' rows
+        (one per vector), committed with them."""
         batches = range(0, vectors.shape[0], _ENCODE_BATCH)
         encoded = [
             self.codec.encode(vectors[i : i + _ENCODE_BATCH].to(self.device))
@@ -252,6 +256,8 @@ class TurboQuantIndex:
         self._store.append("codes", packed.cpu().numpy())
         self._store.append("factors", factors.cpu().numpy())
         self._store.append("ids", ids)
+        for name, values in (columns or {}).items():
+            self._store.append(name, values)
         self._store.commit()
         if self._resident is not None:
             self._resident = (torch.cat([self._resident[0], packed]), torch.cat([self._resident[1], factors]))

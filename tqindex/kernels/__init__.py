@@ -10,7 +10,7 @@ import torch
 from tqindex.codec import TurboQuantCodec
 from tqindex.kernels import lut
 from tqindex.kernels.gemm import GemmScanner
-from tqindex.kernels.scan import Chunk, Scanner, candidate_count, scan_topk
+from tqindex.kernels.scan import Chunk, QueryChunk, Scanner, candidate_count, scan_groups_topk, scan_topk
 
 BACKENDS = ("auto", "torch", "lut", "triton")
 
@@ -67,4 +67,14 @@ def _make_scanner(codec: TurboQuantCodec, backend: str) -> Scanner:
     return GemmScanner(codec)
 
 
-__all__ = ["BACKENDS", "LUT_MAX_QUERY_BITS", "Chunk", "Scanner", "candidate_count", "get_scanner", "scan_topk"]
+__all__ = [
+    "BACKENDS",
+    "LUT_MAX_QUERY_BITS",
+    "Chunk",
+    "QueryChunk",
+    "Scanner",
+    "candidate_count",
+    "get_scanner",
+    "scan_groups_topk",
+    "scan_topk",
+]

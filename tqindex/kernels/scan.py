@@ -5,13 +5,18 @@ precision; the running top-k keeps the best across chunks; the survivors are res
 codec's float32 estimator and the best ``k`` returned. The ranking is therefore the codec's
 own (``TurboQuantCodec.inner_products``), ties aside, at the speed of the reduced-precision scan.
 Kernels know nothing of ids or files: rows are positions, chunks come from the caller.
+
+``scan_groups_topk`` is the same scan where each chunk is scanned for some of the queries only,
+with a per-query constant added to their scores: an inverted-file index's lists, each probed by
+the queries whose nearest centroids include it (``tqindex.ivf``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Iterable, Protocol
+from typing import Any, Callable, Iterable, Protocol
 
+import numpy as np
 import torch
 
 from tqindex.codec import TurboQuantCodec
@@ -30,11 +35,51 @@ class Chunk:
     valid: torch.Tensor | None = None
 
 
+@dataclass(frozen=True)
+class QueryChunk:
+    """A `Chunk` scanned for the queries ``queries`` only (int64 ``(q,)``, distinct positions in
+    the batch), with ``bias`` float32 ``(q,)`` added to each query's scores of its rows (None: 0)."""
+
+    queries: torch.Tensor
+    chunk: Chunk
+    bias: torch.Tensor | None = None
+
+
 class Scanner(Protocol):
     def prepare(self, rotated_queries: torch.Tensor) -> torch.Tensor: ...
     def chunk_topk(
         self, queries: torch.Tensor, packed: torch.Tensor, factors: torch.Tensor, valid: torch.Tensor | None, k: int
     ) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+def take_queries(scanner: Scanner, prepared: Any, queries: torch.Tensor) -> Any:
+    """The prepared form of the queries at positions ``queries`` (int64 ``(q,)``), cut from
+    ``prepared`` = ``scanner.prepare`` of the whole batch: by the scanner's own ``take_queries``
+    where it has one, else row by row from a tensor, an array or a tuple of them (None kept),
+    whose first axis is the query. All queries in order: ``prepared`` itself, no copy.
+    """
+    if queries.shape[0] == _batch_size(prepared) and bool((queries == torch.arange(queries.shape[0])).all()):
+        return prepared
+    own = getattr(scanner, "take_queries", None)
+    return own(prepared, queries) if own is not None else _take_rows(prepared, queries)
+
+
+def _batch_size(prepared: Any) -> int | None:
+    if isinstance(prepared, tuple):
+        return next((size for size in map(_batch_size, prepared) if size is not None), None)
+    return None if prepared is None else int(prepared.shape[0])
+
+
+def _take_rows(prepared: Any, queries: torch.Tensor) -> Any:
+    if prepared is None:
+        return None
+    if isinstance(prepared, tuple):
+        return tuple(_take_rows(part, queries) for part in prepared)
+    if isinstance(prepared, torch.Tensor):
+        return prepared.index_select(0, queries.to(prepared.device))
+    if isinstance(prepared, np.ndarray):
+        return np.ascontiguousarray(prepared[queries.cpu().numpy()])
+    raise TypeError(f"cannot take query rows from a prepared {type(prepared).__name__}: give the scanner a take_queries method")
 
 
 def candidate_count(k: int) -> int:
@@ -70,14 +115,49 @@ def scan_topk(
     return _rescore(codec, rotated_queries, running.rows, fetch, k)
 
 
+def scan_groups_topk(
+    codec: TurboQuantCodec,
+    scanner: Scanner,
+    rotated_queries: torch.Tensor,
+    groups: Iterable[QueryChunk],
+    k: int,
+    fetch: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+    bias_of: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`scan_topk` where each chunk is scanned for some queries only, with a per-query bias.
+
+    Args:
+        groups: the chunks and the queries (and biases) each is scanned for, in any order; a query
+            may meet the same rows in one group only.
+        bias_of: candidate rows int64 ``(m, c)`` -> the bias of each, float32 ``(m, c)`` (the one
+            its group added; ``-1`` rows are padding), for exact rescoring. None: no bias.
+
+    Returns ``(scores, rows)`` as `scan_topk`, scores including the bias.
+    """
+    m = rotated_queries.shape[0]
+    wanted = candidate_count(k)
+    running = RunningTopK(m, wanted, device=rotated_queries.device)
+    prepared = scanner.prepare(rotated_queries)
+    for group in groups:
+        chunk = group.chunk
+        queries = take_queries(scanner, prepared, group.queries)
+        scores, local = scanner.chunk_topk(queries, chunk.packed, chunk.factors, chunk.valid, wanted)
+        if group.bias is not None:
+            scores = scores + group.bias[:, None]
+        running.push_at(group.queries, scores, local + chunk.start)
+    bias = None if bias_of is None else bias_of(running.rows)
+    return _rescore(codec, rotated_queries, running.rows, fetch, k, bias)
+
+
 def _rescore(
     codec: TurboQuantCodec,
     rotated_queries: torch.Tensor,
     rows: torch.Tensor,
     fetch: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
     k: int,
+    bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact float32 scores of each query's candidate ``rows`` ``(m, c)``; best ``k`` kept."""
+    """Exact float32 scores (plus ``bias`` ``(m, c)`` where given) of each query's candidate ``rows`` ``(m, c)``; best ``k`` kept."""
     m = rows.shape[0]
     unique, inverse = torch.unique(rows.clamp_min(0), return_inverse=True)
     packed, factors = fetch(unique)
@@ -86,6 +166,8 @@ def _rescore(
         block = slice(start, start + _RESCORE_QUERY_BLOCK)
         at = inverse[block]
         exact[block] = codec.score(rotated_queries[block, None, :], packed[at], factors[at])[:, 0]
+    if bias is not None:
+        exact += bias
     exact[rows < 0] = float("-inf")
     # best first; among equal scores the lower row first, so results are deterministic
     by_row = torch.argsort(rows.clamp_min(0), dim=1, stable=True)

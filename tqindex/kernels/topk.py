@@ -30,3 +30,15 @@ class RunningTopK:
         self.scores, at = merged_scores.topk(self.k, dim=1)
         self.rows = merged_rows.gather(1, at)
         self.rows[self.scores == float("-inf")] = -1
+
+    def push_at(self, queries: torch.Tensor, scores: torch.Tensor, rows: torch.Tensor) -> None:
+        """`push` for some queries only: ``queries`` int64 ``(q,)`` (distinct positions in the
+        batch), their candidates' ``scores`` ``(q, c)`` and global ``rows`` ``(q, c)`` or ``(c,)``."""
+        if rows.ndim == 1:
+            rows = rows.expand(scores.shape[0], -1)
+        merged_scores = torch.cat([self.scores[queries], scores.to(torch.float32)], dim=1)
+        merged_rows = torch.cat([self.rows[queries], rows], dim=1)
+        best, at = merged_scores.topk(min(self.k, merged_scores.shape[1]), dim=1)
+        best_rows = merged_rows.gather(1, at)
+        best_rows[best == float("-inf")] = -1
+        self.scores[queries], self.rows[queries] = best, best_rows

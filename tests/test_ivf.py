@@ -1,0 +1,209 @@
+"""TurboQuantIVFIndex in RAM: training, probing, agreement with the flat index, filters, deletions, ids."""
+
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from tqindex import TurboQuantIndex, TurboQuantIVFIndex
+from tqindex.ivf import train_centroids
+
+DIM, NLIST = 32, 16
+
+
+def clustered(n: int, seed: int) -> np.ndarray:
+    """Rows around 16 random centres, float32 ``(n, DIM)``: lists of uneven sizes, as real data gives."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((16, DIM)).astype(np.float32) * 2
+    return (centres[rng.integers(0, 16, n)] + rng.standard_normal((n, DIM)).astype(np.float32)).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def data():
+    x, q = clustered(3000, 0), clustered(12, 1)
+    return x, q, train_centroids(x, NLIST, seed=0, progress=False)
+
+
+def ivf_index(centroids, x, **options) -> TurboQuantIVFIndex:
+    index = TurboQuantIVFIndex(DIM, NLIST, 4, centroids=centroids, **options)
+    index.add(x, progress=False)
+    return index
+
+
+def lists_of(index: TurboQuantIVFIndex, x: np.ndarray) -> np.ndarray:
+    """Nearest centroid (L2) of each row."""
+    return np.argmin(((x[:, None, :] - index.centroids[None]) ** 2).sum(axis=2), axis=1)
+
+
+def test_probing_every_list_of_vector_codes_gives_the_flat_index_results(data):
+    x, q, centroids = data
+    ivf = ivf_index(centroids, x, by_residual=False)
+    flat = TurboQuantIndex(DIM, 4)
+    flat.add(x)
+    for queries in (q, q[:1]):  # many queries (decode + GEMM scan) and one (look-up tables)
+        D, I = ivf.search(queries, 10, nprobe=NLIST)
+        Df, If = flat.search(queries, 10)
+        assert np.array_equal(I, If)
+        np.testing.assert_allclose(D, Df, rtol=1e-6, atol=1e-6)
+
+
+def test_probing_every_list_of_residual_codes_ranks_by_centroid_plus_residual_estimate(data):
+    x, q, centroids = data
+    ivf = ivf_index(centroids, x)
+    lists = lists_of(ivf, x)
+    estimate = q @ centroids[lists].T + ivf.codec.inner_products(q, ivf.codec.encode(x - centroids[lists]))
+    D, I = ivf.search(q, 10, nprobe=NLIST)
+    np.testing.assert_allclose(D, np.take_along_axis(estimate, I, axis=1), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(D, -np.sort(-estimate, axis=1)[:, :10], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("by_residual", [True, False])
+def test_results_come_from_the_probed_lists_and_recall_grows_with_nprobe(data, by_residual):
+    x, q, centroids = data
+    ivf = ivf_index(centroids, x, by_residual=by_residual)
+    lists = lists_of(ivf, x)
+    true = np.argsort(-(q @ x.T), axis=1)[:, :10]
+    recalls = []
+    for nprobe in (1, 3, NLIST):
+        _, I = ivf.search(q, 10, nprobe=nprobe)
+        probed = np.argsort(-(q @ centroids.T), axis=1)[:, :nprobe]
+        found = I >= 0
+        assert all(np.isin(lists[I[i][found[i]]], probed[i]).all() for i in range(len(q)))
+        recalls.append(np.mean([len(set(a) & set(b)) for a, b in zip(I, true)]) / 10)
+    assert recalls[0] < recalls[1] <= recalls[2]
+    assert recalls[2] > 0.7  # 4-bit codes of d=32: the flat index reaches ~0.8 here
+
+
+def test_a_probed_list_with_fewer_than_k_rows_pads_the_results(data):
+    x, _, centroids = data
+    ivf = ivf_index(centroids, x[:40])  # ~2.5 rows per list
+    D, I = ivf.search(x[:3], 20, nprobe=1)
+    sizes = ivf.list_sizes()[np.argmax(x[:3] @ centroids.T, axis=1)]
+    assert np.array_equal((I >= 0).sum(axis=1), sizes) and sizes.max() < 20
+    assert np.all(np.isneginf(D[I == -1])) and np.all(np.isfinite(D[I >= 0]))
+
+
+def test_nprobe_default_is_the_attribute_and_bad_values_are_refused(data):
+    x, q, centroids = data
+    ivf = ivf_index(centroids, x)
+    ivf.nprobe = NLIST
+    assert np.array_equal(ivf.search(q, 5)[1], ivf.search(q, 5, nprobe=NLIST)[1])
+    assert np.array_equal(ivf.search(q, 5, nprobe=10 * NLIST)[1], ivf.search(q, 5, nprobe=NLIST)[1])
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(ValueError, match="nprobe must be a positive integer"):
+            ivf.search(q, 5, nprobe=bad)
+
+
+def test_filter_keeps_only_allowed_ids_and_matches_the_flat_index(data):
+    x, q, centroids = data
+    ivf = ivf_index(centroids, x, by_residual=False)
+    flat = TurboQuantIndex(DIM, 4)
+    flat.add(x)
+    allowed = np.arange(0, len(x), 7)
+    D, I = ivf.search(q, 10, nprobe=NLIST, filter=allowed)
+    assert np.isin(I, allowed).all()
+    assert np.array_equal(I, flat.search(q, 10, filter=allowed)[1])
+    _, I = ivf.search(q, 10, nprobe=2, filter=[5])
+    assert set(I.ravel().tolist()) <= {5, -1}
+
+
+def test_removed_ids_are_never_returned_and_can_be_added_again(data):
+    x, q, centroids = data
+    ivf = ivf_index(centroids, x)
+    _, before = ivf.search(q, 10, nprobe=NLIST)
+    gone = np.unique(before[:, :3])
+    assert ivf.remove_ids(gone) == len(gone)
+    assert ivf.ntotal == len(x) - len(gone)
+    _, after = ivf.search(q, 10, nprobe=NLIST)
+    assert not np.isin(after, gone).any()
+    assert ivf.list_sizes().sum() == ivf.ntotal
+    with pytest.raises(KeyError, match="not in the index"):
+        ivf.remove_ids(gone[:1])
+    ivf.add_with_ids(x[gone], gone, progress=False)
+    assert np.array_equal(ivf.search(q, 10, nprobe=NLIST)[1], before)
+
+
+def test_add_with_ids_keeps_the_ids_and_refuses_taken_ones(data):
+    x, q, centroids = data
+    ivf = TurboQuantIVFIndex(DIM, NLIST, 4, centroids=centroids)
+    ids = np.arange(len(x), dtype=np.int64) * 10 + 5
+    ivf.add_with_ids(x, ids, progress=False)
+    _, I = ivf.search(q, 10, nprobe=4)
+    assert np.array_equal(I, ids[ivf_index(centroids, x).search(q, 10, nprobe=4)[1]])
+    with pytest.raises(ValueError, match="already in the index"):
+        ivf.add_with_ids(x[:2], ids[:2])
+    assert np.array_equal(ivf.add(x[:2], progress=False), [ids.max() + 1, ids.max() + 2])
+
+
+def test_reconstruct_adds_the_centroid_back(data):
+    x, _, centroids = data
+    for by_residual in (True, False):
+        ivf = ivf_index(centroids, x, by_residual=by_residual)
+        error = np.linalg.norm(ivf.reconstruct(np.arange(50)) - x[:50], axis=1) / np.linalg.norm(x[:50], axis=1)
+        assert error.mean() < 0.15
+        assert ivf.reconstruct(7).shape == (DIM,)
+
+
+def test_cosine_metric_normalises_vectors_and_queries(data):
+    x, q, centroids = data
+    unit = x / np.linalg.norm(x, axis=1, keepdims=True)
+    cosine = TurboQuantIVFIndex(DIM, NLIST, 4, metric="cosine")
+    cosine.train(x, progress=False)
+    cosine.add(x, progress=False)
+    ip = TurboQuantIVFIndex(DIM, NLIST, 4, centroids=cosine.centroids)
+    ip.add(unit, progress=False)
+    for a, b in zip(cosine.search(3 * q, 5, nprobe=4), ip.search(q / np.linalg.norm(q, axis=1, keepdims=True), 5, nprobe=4)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_torch_queries_give_torch_results(data):
+    x, q, centroids = data
+    ivf = ivf_index(centroids, x)
+    D, I = ivf.search(torch.from_numpy(q), 3, nprobe=4)
+    assert isinstance(D, torch.Tensor) and I.dtype == torch.int64
+    assert np.array_equal(I.numpy(), ivf.search(q, 3, nprobe=4)[1])
+
+
+def test_training_is_faiss_kmeans_run_one_iteration_at_a_time(data):
+    faiss = pytest.importorskip("faiss")
+    x = data[0]
+    kmeans = faiss.Kmeans(DIM, NLIST, niter=10, seed=3, verbose=False)
+    kmeans.train(x)
+    assert np.array_equal(train_centroids(x, NLIST, niter=10, seed=3, progress=False), kmeans.centroids)
+    index = TurboQuantIVFIndex(DIM, NLIST, 4, seed=3)
+    index.train(x, progress=False)
+    assert index.is_trained and np.array_equal(index.centroids, kmeans.centroids)
+
+
+def test_an_untrained_index_refuses_use_and_bad_training_is_refused(data):
+    x, q, centroids = data
+    index = TurboQuantIVFIndex(DIM, NLIST, 4)
+    assert not index.is_trained and index.ntotal == 0
+    for use in (lambda: index.add(x), lambda: index.search(q, 1), lambda: index.remove_ids([0])):
+        with pytest.raises(ValueError, match="not trained"):
+            use()
+    with pytest.raises(ValueError, match="at least nlist=16 training vectors"):
+        index.train(x[:10])
+    index.train(x, progress=False)
+    with pytest.raises(ValueError, match="already trained"):
+        index.train(x)
+    with pytest.raises(ValueError, match=r"centroids must have shape \(16, 32\)"):
+        TurboQuantIVFIndex(DIM, NLIST, 4, centroids=centroids[:5])
+    with pytest.raises(ValueError, match="nlist must be a positive integer"):
+        TurboQuantIVFIndex(DIM, 0, 4)
+    with pytest.raises(ValueError, match="metric must be one of"):
+        TurboQuantIVFIndex(DIM, NLIST, 4, metric="l1")
+
+
+def test_training_without_faiss_says_what_to_install(data, monkeypatch):
+    monkeypatch.setitem(sys.modules, "faiss", None)
+    with pytest.raises(ImportError, match=r"tqindex\[ivf\]"):
+        TurboQuantIVFIndex(DIM, NLIST, 4).train(data[0])
+
+
+def test_chunks_smaller_than_a_list_give_the_same_results(data):
+    x, q, centroids = data
+    whole, chunked = ivf_index(centroids, x), ivf_index(centroids, x, chunk_rows=17)
+    for a, b in zip(whole.search(q, 10, nprobe=5), chunked.search(q, 10, nprobe=5)):
+        np.testing.assert_array_equal(a, b)
