@@ -207,3 +207,16 @@ def test_chunks_smaller_than_a_list_give_the_same_results(data):
     whole, chunked = ivf_index(centroids, x), ivf_index(centroids, x, chunk_rows=17)
     for a, b in zip(whole.search(q, 10, nprobe=5), chunked.search(q, 10, nprobe=5)):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("by_residual", [True, False])
+def test_list_major_and_query_major_scans_agree(data, by_residual):
+    x, q, centroids = data
+    ivf = ivf_index(centroids, x, by_residual=by_residual, chunk_rows=100)
+    results = []
+    for threshold in (0.0, float("inf")):  # every block list by list, then query by query
+        ivf.list_major_queries = threshold
+        results.append([ivf.search(q, 10, nprobe=4), ivf.search(q, 10, nprobe=4, filter=np.arange(0, len(x), 3))])
+    for a, b in zip(*results):
+        np.testing.assert_array_equal(a[1], b[1])
+        np.testing.assert_allclose(a[0], b[0], rtol=1e-6, atol=1e-6)

@@ -43,6 +43,7 @@ METRICS = ("ip", "cosine")
 _SCORED_AT_ONCE = 1 << 24  # rows x centroids scored in one matrix product (64 MiB of float32)
 _LUT_QUERY_BLOCK = 64  # the numba look-up-table scanner holds ~200 KB of tables per query (4 bits, d=384)
 _COPY_ROWS = 1 << 16  # rows per step when saving
+_LIST_MAJOR_QUERIES = 1.0  # see TurboQuantIVFIndex.list_major_queries
 
 
 def _faiss() -> Any:
@@ -167,6 +168,10 @@ class TurboQuantIVFIndex(TurboQuantIndex):
     def _setup(self, codec: TurboQuantCodec, metric: str, nlist: int, by_residual: bool, nprobe: int, backend: str, chunk_rows: int) -> None:
         self.codec, self.metric, self.nlist, self.by_residual = codec, metric, nlist, by_residual
         self.nprobe, self.backend, self.chunk_rows = nprobe, backend, chunk_rows
+        #: a block of queries is scanned list by list (each list once, for all the queries probing
+        #: it) when they probe each list this many times on average, else query by query (each
+        #: query's lists gathered into one chunk)
+        self.list_major_queries = _LIST_MAJOR_QUERIES
         _check_nprobe(nprobe)
         self.device = torch.device("cpu")
         self._store: Any = None
@@ -364,13 +369,37 @@ class TurboQuantIVFIndex(TurboQuantIndex):
                 owner = np.searchsorted(offsets, slots.clamp_min(0).numpy(), side="right") - 1
                 return coarse.gather(1, torch.from_numpy(owner))
 
-        groups = self._groups(lists, probes, probe_scores if self.by_residual else None, allowed)
+        bias = probe_scores if self.by_residual else None
+        if queries.shape[0] * nprobe < self.list_major_queries * self.nlist:
+            groups = self._query_groups(lists, probes, bias, allowed)
+        else:
+            groups = self._list_groups(lists, probes, bias, allowed)
         rotated = self.codec.rotate_queries(queries)
         return scan_groups_topk(self.codec, scanner, rotated, groups, k, self._fetch_slots, bias_of)
 
-    def _groups(self, lists: _Lists, probes: torch.Tensor, bias: torch.Tensor | None, allowed: np.ndarray | None) -> Iterator[QueryChunk]:
-        """Each probed list, in chunks of at most ``chunk_rows`` rows, with the queries that probe it
-        (and their ``<q, c>`` as the bias, for residuals)."""
+    def _query_groups(self, lists: _Lists, probes: torch.Tensor, bias: torch.Tensor | None, allowed: np.ndarray | None) -> Iterator[QueryChunk]:
+        """Query-major: each query's probed lists gathered into chunks of at most ``chunk_rows``
+        rows (one scan per query instead of one per list; with residuals, ``<q, c>`` of each row's
+        list as its bias)."""
+        sizes = lists.offsets[probes.numpy() + 1] - lists.offsets[probes.numpy()]  # (b, nprobe)
+        for query in range(probes.shape[0]):
+            starts = lists.offsets[probes[query].numpy()]
+            total = int(sizes[query].sum())
+            # the slots of every probed list, back to back: start of its list + position in it
+            slots = np.repeat(starts - np.cumsum(sizes[query]) + sizes[query], sizes[query]) + np.arange(total)
+            row_bias = None if bias is None else np.repeat(bias[query].numpy(), sizes[query])
+            if allowed is not None:
+                keep = np.isin(lists.ids[slots], allowed)
+                slots, row_bias = slots[keep], None if row_bias is None else row_bias[keep]
+            for start in range(0, len(slots), self.chunk_rows):
+                part = slots[start : start + self.chunk_rows]
+                packed, factors = self._gather(lists, part)
+                group_bias = None if row_bias is None else torch.from_numpy(row_bias[start : start + self.chunk_rows])[None]
+                yield QueryChunk(torch.tensor([query]), Chunk(0, packed, factors), group_bias, torch.from_numpy(part))
+
+    def _list_groups(self, lists: _Lists, probes: torch.Tensor, bias: torch.Tensor | None, allowed: np.ndarray | None) -> Iterator[QueryChunk]:
+        """List-major: each probed list, in chunks of at most ``chunk_rows`` rows, scanned once for
+        all the queries that probe it (and their ``<q, c>`` as the bias, for residuals)."""
         nprobe = probes.shape[1]
         flat = probes.reshape(-1).numpy()
         order = np.argsort(flat, kind="stable")
@@ -403,12 +432,16 @@ class TurboQuantIVFIndex(TurboQuantIndex):
         rows = lists.order[start:stop]
         return torch.from_numpy(self._store.read_at("codes", rows)), torch.from_numpy(self._store.read_at("factors", rows))
 
+    def _gather(self, lists: _Lists, slots: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """Codes and factors of ``slots`` (int64 ``(u,)``, any order), copied out."""
+        if lists.packed is not None:
+            at = torch.from_numpy(slots)
+            return lists.packed[at], lists.factors[at]
+        return super()._fetch(torch.from_numpy(lists.order[slots]))
+
     def _fetch_slots(self, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Codes and factors of ``slots`` (int64 ``(u,)``), for rescoring."""
-        lists = self._inverted()
-        if lists.packed is not None:
-            return lists.packed[slots], lists.factors[slots]
-        return super()._fetch(torch.from_numpy(lists.order[slots.numpy()]))
+        return self._gather(self._inverted(), slots.numpy())
 
     def _inverted(self) -> _Lists:
         """The lists of the live rows (built after each change, at the first use)."""

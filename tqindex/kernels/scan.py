@@ -37,12 +37,18 @@ class Chunk:
 
 @dataclass(frozen=True)
 class QueryChunk:
-    """A `Chunk` scanned for the queries ``queries`` only (int64 ``(q,)``, distinct positions in
-    the batch), with ``bias`` float32 ``(q,)`` added to each query's scores of its rows (None: 0)."""
+    """A `Chunk` scanned for the queries ``queries`` only (int64 ``(q,)``, distinct positions in the batch).
+
+    ``bias``: float32 added to the scores: ``(q,)`` one per query, or ``(q, n)`` one per query and
+    row (then every row of the chunk is ranked, not just the scanner's top candidates); None: 0.
+    ``rows``: int64 ``(n,)`` the global row of each chunk row, for chunks gathered from scattered
+    rows; None: ``chunk.start + position``.
+    """
 
     queries: torch.Tensor
     chunk: Chunk
     bias: torch.Tensor | None = None
+    rows: torch.Tensor | None = None
 
 
 class Scanner(Protocol):
@@ -139,12 +145,16 @@ def scan_groups_topk(
     running = RunningTopK(m, wanted, device=rotated_queries.device)
     prepared = scanner.prepare(rotated_queries)
     for group in groups:
-        chunk = group.chunk
+        chunk, bias = group.chunk, group.bias
         queries = take_queries(scanner, prepared, group.queries)
-        scores, local = scanner.chunk_topk(queries, chunk.packed, chunk.factors, chunk.valid, wanted)
-        if group.bias is not None:
-            scores = scores + group.bias[:, None]
-        running.push_at(group.queries, scores, local + chunk.start)
+        per_row = bias is not None and bias.ndim == 2
+        scores, local = scanner.chunk_topk(queries, chunk.packed, chunk.factors, chunk.valid, chunk.packed.shape[0] if per_row else wanted)
+        if per_row:
+            scores, at = (scores + bias.gather(1, local)).topk(min(wanted, scores.shape[1]), dim=1)
+            local = local.gather(1, at)
+        elif bias is not None:
+            scores = scores + bias[:, None]
+        running.push_at(group.queries, scores, local + chunk.start if group.rows is None else group.rows[local])
     bias = None if bias_of is None else bias_of(running.rows)
     return _rescore(codec, rotated_queries, running.rows, fetch, k, bias)
 
