@@ -595,7 +595,7 @@ def store_format(path: str | os.PathLike) -> str:
     try:
         data = (path / MANIFEST).read_bytes()
     except FileNotFoundError:
-        raise IndexFormatError(f"{path}: not a tqindex store (no {MANIFEST})") from None
+        raise IndexFormatError(f"{path}: not a tqindex index (no {MANIFEST})") from None
     try:
         m = json.loads(data)
     except ValueError as e:
