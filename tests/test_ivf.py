@@ -220,3 +220,12 @@ def test_list_major_and_query_major_scans_agree(data, by_residual):
     for a, b in zip(*results):
         np.testing.assert_array_equal(a[1], b[1])
         np.testing.assert_allclose(a[0], b[0], rtol=1e-6, atol=1e-6)
+
+
+def test_no_queries_give_empty_results_and_a_filter_nobody_passes_gives_padding(data):
+    x, q, centroids = data
+    ivf = ivf_index(centroids, x)
+    D, I = ivf.search(np.zeros((0, DIM), np.float32), 4, nprobe=2)
+    assert D.shape == I.shape == (0, 4)
+    D, I = ivf.search(q, 4, nprobe=2, filter=[len(x) + 10])
+    assert np.all(I == -1) and np.all(np.isneginf(D))
