@@ -229,3 +229,22 @@ def test_no_queries_give_empty_results_and_a_filter_nobody_passes_gives_padding(
     assert D.shape == I.shape == (0, 4)
     D, I = ivf.search(q, 4, nprobe=2, filter=[len(x) + 10])
     assert np.all(I == -1) and np.all(np.isneginf(D))
+
+
+def test_search_runs_ops_on_one_thread_and_restores_the_count(data, monkeypatch):
+    x, q, centroids = data
+    ivf = ivf_index(centroids, x)
+    before = torch.get_num_threads()
+    seen = []
+    scan = ivf._search_block
+    monkeypatch.setattr(ivf, "_search_block", lambda *a: seen.append(torch.get_num_threads()) or scan(*a))
+    ivf.search(q, 3, nprobe=2)
+    assert seen and set(seen) == {1} and torch.get_num_threads() == before
+
+    def fail(*a):
+        raise RuntimeError("scan failed")
+
+    monkeypatch.setattr(ivf, "_search_block", fail)
+    with pytest.raises(RuntimeError, match="scan failed"):
+        ivf.search(q, 3, nprobe=2)
+    assert torch.get_num_threads() == before

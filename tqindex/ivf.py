@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -43,7 +44,10 @@ METRICS = ("ip", "cosine")
 _SCORED_AT_ONCE = 1 << 24  # rows x centroids scored in one matrix product (64 MiB of float32)
 _LUT_QUERY_BLOCK = 64  # the numba look-up-table scanner holds ~200 KB of tables per query (4 bits, d=384)
 _COPY_ROWS = 1 << 16  # rows per step when saving
-_LIST_MAJOR_QUERIES = 8.0  # see TurboQuantIVFIndex.list_major_queries
+#: see TurboQuantIVFIndex.list_major_queries. Measured (WordNet 100k, 4 bits, nlist 1024, 1,000
+#: queries, shared 2-core machine): at 3.9 queries per list query-major ran 1.4x list-major, at 7.8
+#: list-major ran 1.4x query-major
+_LIST_MAJOR_QUERIES = 6.0
 
 
 def _faiss() -> Any:
@@ -88,6 +92,38 @@ def check_k(k: Any, ntotal: int) -> int:
     if k > ntotal:
         raise ValueError(f"k={k} exceeds the {ntotal} vectors in the index")
     return int(k)
+
+
+class _OneIntraOpThread:
+    """A context in which torch runs each op on one thread (and the numba scanners, which follow
+    torch's count); nested and concurrent uses share it, and the last one out restores the count.
+
+    An IVF search scans many small chunks: a parallel region per small op costs more than it
+    gains, the more so on a loaded machine (measured on the shared 2-core machine: WordNet 100k,
+    1,000 queries, nprobe 32, 1,618 QPS on one thread against 73 on two). Spreading query blocks
+    over a pool of Python threads gained nothing (CPU time = wall time: the many small ops hold the
+    GIL between them) and cost 1.5x the CPU (each block scans every list): an IVF search uses one
+    core; shards (`tqindex.shards`) use more.
+    """
+
+    def __init__(self) -> None:
+        self._lock, self._depth, self._saved = threading.Lock(), 0, 1
+
+    def __enter__(self) -> None:
+        with self._lock:
+            if self._depth == 0:
+                self._saved = torch.get_num_threads()
+                torch.set_num_threads(1)
+            self._depth += 1
+
+    def __exit__(self, *exc: Any) -> None:
+        with self._lock:
+            self._depth -= 1
+            if self._depth == 0:
+                torch.set_num_threads(self._saved)
+
+
+_ONE_INTRA_OP_THREAD = _OneIntraOpThread()
 
 
 def _check_nprobe(nprobe: Any) -> int:
@@ -344,17 +380,24 @@ class TurboQuantIVFIndex(TurboQuantIndex):
         allowed = None if filter is None else np.unique(as_id_array(filter, "filter"))
         lists = self._inverted()
         m = rows.shape[0]
-        per_list = m * nprobe / self.nlist  # queries probing each list, on average
+        block = max(1, min(m, _SCORED_AT_ONCE // self.nlist))
+        per_list = block * nprobe / self.nlist  # queries probing each list, on average
         query_major = per_list < self.list_major_queries
         scanner = get_scanner(self.codec, self.backend, "cpu", queries=1 if query_major else math.ceil(per_list))
-        block = max(1, min(m, _SCORED_AT_ONCE // self.nlist, _LUT_QUERY_BLOCK if isinstance(scanner, LutScanner) else m))
+        if isinstance(scanner, LutScanner):
+            block = min(block, _LUT_QUERY_BLOCK)
         scores = torch.full((m, k), float("-inf"))
         found = np.full((m, k), -1, dtype=np.int64)
-        for start in range(0, m, block):
+
+        def run(start: int) -> None:
             stop = min(start + block, m)
             scores[start:stop], slots = self._search_block(scanner, rows[start:stop], k, nprobe, lists, allowed, query_major)
             slots = slots.numpy()
             found[start:stop] = np.where(slots >= 0, lists.ids[np.maximum(slots, 0)], -1)
+
+        with _ONE_INTRA_OP_THREAD:
+            for start in range(0, m, block):
+                run(start)
         return like(scores, is_torch(queries)), like(torch.from_numpy(found), is_torch(queries))
 
     def _search_block(
