@@ -174,3 +174,21 @@ def test_a_path_that_is_not_empty_is_refused_before_training(tmp_path):
     (tmp_path / "full" / "file").write_text("x")
     with pytest.raises(ValueError, match="not an empty directory"):
         TurboQuantIVFIndex(DIM, NLIST, 3, path=tmp_path / "full")
+
+
+def test_an_on_disk_search_reads_only_the_probed_lists(tmp_path, data):
+    x, q, centroids = data
+    with TurboQuantIVFIndex(DIM, NLIST, 3, centroids=centroids, path=tmp_path / "idx") as index:
+        for part in np.array_split(x, 4):  # added in batches: a list is a run per batch
+            index.add(part, progress=False)
+    with tqindex.open(tmp_path / "idx") as index:
+        lists = np.asarray(index._store.column("lists"))
+        read, real = [], index._store.read_at
+        index._store.read_at = lambda name, rows: (read.append((name, np.array(rows))), real(name, rows))[1]
+        for query in q:
+            read.clear()
+            index.search(query, 5, nprobe=2)
+            probed = np.argsort(-(centroids @ query))[:2]
+            rows = np.concatenate([rows for name, rows in read if name == "codes"])
+            assert len(rows) and np.isin(lists[rows], probed).all()
+            assert len(np.unique(rows)) <= np.isin(lists, probed).sum()
