@@ -4,7 +4,8 @@ For each bit width and method, and each seed in ``--seeds`` (methods with nothin
 once): bytes per vector, build time, k-recall@k, recall@1@k, Recall@1@k' for k' = 1..``--k-curve``,
 the ann-benchmarks "k-nn" recall (a returned id counts when its true distance, recomputed from
 the raw vectors, is within the k-th true distance + 1e-3: ann-benchmarks' ``get_recall_values``
-with ``knn_threshold``; distances are 1 - cos for "angular" and -<q, x> for "dot"), batched QPS
+with ``knn_threshold``; distances are 1 - cos for "angular", -<q, x> for "dot" and ||q - x|| for
+"euclidean"), batched QPS
 and single-query QPS (the single-query loop runs for the first seed only). Recalls are averaged
 over seeds, with their min, max and standard deviation. Build, search and scoring reuse
 ``bench_search.py``; what each seed changes is recorded per method ("seeded").
@@ -59,12 +60,15 @@ FAMILY_STYLES = {
 def annb_distances(dataset: Dataset, ids: np.ndarray) -> np.ndarray:
     """ann-benchmarks distances (smaller is better) from each query to ``train[ids]``: (m, k) float64.
 
-    "angular": 1 - cos; "dot": minus the inner product. Padding ids (-1) get +inf.
+    "angular": 1 - cos; "dot": minus the inner product; "euclidean": the L2 distance (not squared,
+    as ann-benchmarks stores it). Padding ids (-1) get +inf.
     """
     found = dataset.train[np.clip(ids, 0, None)].astype(np.float64)  # (m, k, d)
     queries = dataset.test.astype(np.float64)
     dots = np.einsum("md,mkd->mk", queries, found)
-    if dataset.distance == "angular":
+    if dataset.distance == "euclidean":
+        distances = np.linalg.norm(queries[:, None, :] - found, axis=2)
+    elif dataset.distance == "angular":
         norms = np.linalg.norm(queries, axis=1)[:, None] * np.linalg.norm(found, axis=2)
         distances = 1.0 - dots / np.maximum(norms, np.finfo(np.float64).tiny)
     else:

@@ -1,30 +1,31 @@
-"""GPU search throughput: the fused Triton scan against torch on the same GPU and against the CPU scan.
+"""GPU search and encode against the ceilings of the same GPU (issue 12's targets).
 
-Data: i.i.d. standard Gaussian rows (d = 768 by default), generated and encoded on the GPU in
-blocks (``TurboQuantCodec.encode`` on CUDA tensors), so 10M rows never exist as floats at once.
-Codes and factors stay resident on the GPU. Queries: Gaussian, ``k = 10``.
+Ceilings, measured first in the same run: the device-to-device copy bandwidth (bytes read + written
+over the time of ``dst.copy_(src)`` on a 4 GB buffer) and the uncompressed fp16 brute force
+(``q @ x.T`` + ``torch.topk`` over float16 vectors in chunks of ``--brute-chunk`` rows, merged).
 
-Three backends, each timed as the median of ``--repeats`` runs after one untimed warm-up
-(which also compiles the Triton kernel), with ``torch.cuda.synchronize()`` around every run:
+Measured, each against those ceilings (times: medians of ``--repeats`` runs after a warm-up, CUDA
+events around each run):
 
-* triton: ``TritonScanner`` (fp16 operands) over the rows as one chunk.
-* torch: the same GPU, ``GemmScanner(dtype=float16)`` on CUDA tensors: decode a chunk to fp16,
-  one matmul, ``topk``; chunks of ``--torch-chunk`` rows (bounded memory).
-* cpu: ``GemmScanner`` (bf16 where the CPU has it, else fp32) on the host, chunks of
-  ``--cpu-chunk`` rows; only for sizes up to ``--cpu-max-n`` (it takes minutes beyond).
+* scan: ``TritonScanner.candidates`` over all rows resident on the GPU (the kernel and the merge of
+  the programs' candidates), each kernel form (FMA, MMA) at each batch; achieved code bandwidth =
+  code + factor bytes / time, as a fraction of the copy bandwidth; QPS as a ratio to fp16 brute force.
+* search: ``search_resident`` (scan, exact rescoring on the device, one synchronisation), the path
+  ``TurboQuantIndex.search`` takes on a resident GPU index.
+* torch: the same codes decoded to fp16 chunk by chunk + one matmul + topk (``GemmScanner``), the
+  baseline the tensor-core form must beat at large batches.
+* index: ``TurboQuantIndex(d, bits, device="cuda")`` end to end (``add`` of ``--index-size`` rows,
+  then ``search`` from numpy queries to numpy ids) against its own kernel time.
+* encode: the fused GPU encoder (``kernels.encode``) in vectors/s at d, and on 100k x 1536.
+* agreement: the fraction of ids ``search_resident`` shares with an exact float32 scan of the same
+  codes (``GemmScanner(float32)`` + rescoring), ties aside.
 
-Two timings per backend: "scan", the scanner's ``chunk_topk`` over every chunk (the kernel, or
-decode + matmul + topk, plus the merge of tiles), and "search", ``rotate_queries`` + ``scan_topk``
-(scan, running top-k, exact fp32 rescoring of the candidates): QPS = batch / search time.
-Achieved bandwidth = bytes of codes and factors in the index / scan time (each byte counted once
-per scan; re-reads from L2 for other query tiles are not counted), and its fraction of the
-device's peak (``PEAK_GBPS`` by device name, or ``--peak-gbps``). Triton's ids are checked
-against torch's (``ids_agree``: fraction of equal ids, ties aside).
+Rows are i.i.d. Gaussian (d = 768), generated and encoded on the GPU in blocks. ``--smoke`` runs tiny
+sizes on the CPU under ``TRITON_INTERPRET=1`` to check the script itself (its timings mean nothing).
 
-Usage: python benchmarks/bench_gpu.py [--sizes N ...] [--bits B ...] [--batches M ...] [--k K]
-       [--repeats R] [--peak-gbps G] [--out DIR] [--quick]
-``--device cpu`` with ``TRITON_INTERPRET=1`` smoke-tests the script itself on tiny sizes; its
-timings mean nothing.
+Usage: python benchmarks/bench_gpu.py [--sizes N ...] [--bits B ...] [--batches M ...] [--index-size N]
+       [--repeats R] [--out DIR] [--smoke]
+Prints a short table last and writes results.json / results.md under ``--out``.
 """
 
 from __future__ import annotations
@@ -37,209 +38,262 @@ from collections.abc import Callable
 from importlib import metadata
 from typing import Any
 
+import numpy as np
 import torch
 
-from _common import describe_machine_md, machine_description, markdown_table, write_results
+from _common import describe_machine_md, machine_description, write_results
+from tqindex import TurboQuantIndex
 from tqindex.codec import TurboQuantCodec
-from tqindex.kernels import Chunk, Scanner, candidate_count, scan_topk
+from tqindex.kernels import Chunk, candidate_count, encode, scan_topk, search_resident
 from tqindex.kernels.gemm import GemmScanner
-from tqindex.kernels.triton_scan import TritonScanner
+from tqindex.kernels.triton_scan import FMA, MMA, TritonScanner
 
-SIZES = (1_000_000, 10_000_000)
-BITS = (2, 4)
-BATCHES = (1, 32, 1024)
-QUICK = {"sizes": [100_000], "batches": [1, 32], "repeats": 1}
-ENCODE_BLOCK = 1 << 18
-# vendor-specified peak memory bandwidth, GB/s; the first key found in torch.cuda.get_device_name() wins
-PEAK_GBPS: tuple[tuple[str, float | None], ...] = (
-    ("GH200", None),  # 4000 or 4900 depending on the memory fitted: pass --peak-gbps
-    ("H200", 4800.0),
-    ("H100 NVL", 3900.0),
-    ("H100 PCIe", 2000.0),
-    ("H100", 3350.0),  # SXM5, "NVIDIA H100 80GB HBM3"
-    ("A100-SXM4-80GB", 2039.0),
-    ("A100 80GB PCIe", 1935.0),
-    ("A100", 1555.0),  # 40 GB, SXM4 and PCIe
-    ("L40", 864.0),  # L40 and L40S
-    ("L4", 300.0),
-    ("A10", 600.0),  # A10 and A10G
-    ("RTX 4090", 1008.0),
-    ("V100", 900.0),
-    ("T4", 320.0),
-)
+SMOKE = {"sizes": [1000], "dim": 64, "batches": [1, 40], "index_size": 600, "repeats": 1, "brute_chunk": 400,
+         "torch_chunk": 400, "encode_rows": 200, "copy_mb": 8, "form_batches": [1]}  # fmt: skip
+BLOCK = 1 << 18  # rows generated and encoded per step
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sizes", type=int, nargs="+", default=list(SIZES), help=f"rows in the index (default {SIZES})")
-    parser.add_argument("--dim", type=int, default=768, help="vector dimension (default 768)")
-    parser.add_argument("--bits", type=float, nargs="+", default=list(BITS), help=f"bits per coordinate, variant mse (default {BITS})")
-    parser.add_argument("--batches", type=int, nargs="+", default=list(BATCHES), help=f"queries per search (default {BATCHES})")
-    parser.add_argument("--k", type=int, default=10, help="neighbours per query (default 10)")
-    parser.add_argument("--repeats", type=int, default=5, help="timed runs per measurement; the median is reported (default 5)")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[10_000_000], help="rows scanned (default 10M)")
+    parser.add_argument("--dim", type=int, default=768)
+    parser.add_argument("--bits", type=float, nargs="+", default=[2, 4], help="bits per coordinate, variant mse")
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 32, 1024], help="queries per search")
+    parser.add_argument("--form-batches", type=int, nargs="+", default=[1, 2, 4, 8, 16],
+                        help="batches at which both kernel forms are timed (largest size, largest bits), to set TRITON_FMA_MAX_QUERIES")  # fmt: skip
+    parser.add_argument("--index-size", type=int, default=1_000_000, help="rows of the end-to-end index (default 1M)")
+    parser.add_argument("--k", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--brute-chunk", type=int, default=2_000_000, help="rows per q @ x.T step of fp16 brute force")
     parser.add_argument("--torch-chunk", type=int, default=1 << 18, help="rows per decode + matmul step of the torch baseline")
-    parser.add_argument("--cpu-chunk", type=int, default=1 << 16, help="rows per step of the CPU scan")
-    parser.add_argument("--cpu-max-n", type=int, default=1_000_000, help="largest size the CPU scan is timed on (default 1M)")
-    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="torch CPU threads (default: all usable)")
-    parser.add_argument("--peak-gbps", type=float, default=None, help="device peak memory bandwidth in GB/s (default: from the device name)")
-    parser.add_argument("--device", default="cuda", help="cuda (default), or cpu under TRITON_INTERPRET=1 to smoke-test this script")
+    parser.add_argument("--encode-rows", type=int, default=1_000_000, help="rows encoded for the throughput figure")
+    parser.add_argument("--copy-mb", type=int, default=4096, help="buffer for the copy-bandwidth ceiling, MB")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default="results/bench_gpu", help="directory for results.json and results.md")
-    parser.add_argument("--quick", action="store_true", help=f"smoke run: {QUICK}")
+    parser.add_argument("--out", default="results/bench_gpu")
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU under TRITON_INTERPRET=1")
     args = parser.parse_args()
-    if args.quick:
-        vars(args).update(QUICK)
+    if args.smoke:
+        vars(args).update(SMOKE)
     return args
 
 
-def check_device(name: str) -> torch.device:
-    """The device to run on; refuses a CPU run outside the Triton interpreter (its timings would be meaningless)."""
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("no CUDA device: this benchmark needs a GPU (docs/benchmarks.md says the GPU numbers are unmeasured)")
-    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise SystemExit("--device cpu only smoke-tests the script, under TRITON_INTERPRET=1")
-    return device
+class Timer:
+    """Median seconds of ``repeats`` runs after one warm-up: CUDA events on a GPU, the host clock on the CPU."""
+
+    def __init__(self, device: torch.device, repeats: int):
+        self.device, self.repeats = device, repeats
+
+    def __call__(self, run: Callable[[], Any]) -> float:
+        run()
+        times = []
+        for _ in range(self.repeats):
+            if self.device.type == "cuda":
+                start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                run()
+                stop.record()
+                stop.synchronize()
+                times.append(start.elapsed_time(stop) / 1e3)
+            else:
+                began = time.perf_counter()
+                run()
+                times.append(time.perf_counter() - began)
+        return statistics.median(times)
 
 
-def peak_gbps(device: torch.device, override: float | None) -> float | None:
-    """Peak memory bandwidth in GB/s: ``override``, else the table entry matching the device name, else None."""
-    if override is not None or device.type != "cuda":
-        return override
-    name = torch.cuda.get_device_name(device)
-    return next((gbps for key, gbps in PEAK_GBPS if key in name), None)
+def copy_bandwidth(device: torch.device, megabytes: int, timer: Timer) -> float:
+    """Bytes read + written per second by a device-to-device copy."""
+    src = torch.randint(0, 255, (megabytes << 20,), dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    seconds = timer(lambda: dst.copy_(src))
+    return 2 * src.numel() / seconds
 
 
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timed(run: Callable[[], Any], repeats: int, device: torch.device) -> tuple[float, Any]:
-    """Median wall seconds of ``repeats`` runs after one warm-up (synchronised with the device around each), and the last result."""
-    times = []
-    for attempt in range(repeats + 1):
-        synchronize(device)
-        start = time.perf_counter()
-        result = run()
-        synchronize(device)
-        if attempt:
-            times.append(time.perf_counter() - start)
-    return statistics.median(times), result
+def gaussian_blocks(n: int, dim: int, device: torch.device, seed: int):
+    generator = torch.Generator(device=device).manual_seed(seed)
+    for start in range(0, n, BLOCK):
+        yield start, torch.randn((min(BLOCK, n - start), dim), generator=generator, device=device)
 
 
 def make_codes(codec: TurboQuantCodec, n: int, device: torch.device, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Codes of ``n`` Gaussian rows encoded on ``device``: packed uint8 ``(n, B)``, factors float32 ``(n, F)``."""
-    generator = torch.Generator(device=device).manual_seed(seed)
     packed = torch.empty((n, codec.code_bytes), dtype=torch.uint8, device=device)
     factors = torch.empty((n, codec.n_factors), dtype=torch.float32, device=device)
-    for start in range(0, n, ENCODE_BLOCK):
-        stop = min(n, start + ENCODE_BLOCK)
-        codes = codec.encode(torch.randn((stop - start, codec.dim), generator=generator, device=device))
-        packed[start:stop], factors[start:stop] = codes.packed, codes.factors
+    for start, x in gaussian_blocks(n, codec.dim, device, seed):
+        codes = encode(codec, x)
+        packed[start : start + len(x)], factors[start : start + len(x)] = codes.packed, codes.factors
     return packed, factors
 
 
-def time_backend(
-    codec: TurboQuantCodec,
-    scanner: Scanner,
-    packed: torch.Tensor,
-    factors: torch.Tensor,
-    chunk_rows: int,
-    queries: torch.Tensor,
-    k: int,
-    repeats: int,
-) -> tuple[dict[str, float], torch.Tensor]:
-    """Median scan and search seconds of one backend over ``packed``/``factors`` in chunks, and the rows its search found ``(m, k)``."""
-    device = packed.device
-    queries = queries.to(device)
-    chunks = [Chunk(s, packed[s : s + chunk_rows], factors[s : s + chunk_rows]) for s in range(0, packed.shape[0], chunk_rows)]
-    prepared = scanner.prepare(codec.rotate_queries(queries))
-
-    def scan() -> None:
-        for c in chunks:
-            scanner.chunk_topk(prepared, c.packed, c.factors, None, candidate_count(k))
-
-    def search() -> torch.Tensor:
-        return scan_topk(codec, scanner, codec.rotate_queries(queries), chunks, k, lambda at: (packed[at], factors[at]))[1]
-
-    scan_s, _ = timed(scan, repeats, device)
-    search_s, found = timed(search, repeats, device)
-    return {"scan_s": scan_s, "search_s": search_s}, found.cpu()
+_BRUTE: dict[tuple[int, int], float] = {}  # (n, m) -> seconds: the same for every width
 
 
-def bench_config(args: argparse.Namespace, device: torch.device, peak: float | None, n: int, bits: float) -> list[dict[str, Any]]:
-    """All backends and batch sizes for one index of ``n`` rows at ``bits``."""
+def brute_force_seconds(n: int, dim: int, m: int, k: int, chunk: int, device: torch.device, timer: Timer, seed: int) -> float:
+    """fp16 ``q @ x.T`` + topk over ``n`` uncompressed rows in chunks, merged: the uncompressed ceiling."""
+    if (n, m) not in _BRUTE:
+        _BRUTE[n, m] = _brute_force_seconds(n, dim, m, k, chunk, device, timer, seed)
+    return _BRUTE[n, m]
+
+
+def _brute_force_seconds(n: int, dim: int, m: int, k: int, chunk: int, device: torch.device, timer: Timer, seed: int) -> float:
+    x = torch.empty((n, dim), dtype=torch.float16, device=device)
+    for start, block in gaussian_blocks(n, dim, device, seed):
+        x[start : start + len(block)] = block
+    q = torch.randn((m, dim), device=device).to(torch.float16)
+
+    def run() -> torch.Tensor:
+        best = []
+        for start in range(0, n, chunk):
+            scores = (q @ x[start : start + chunk].t()).float()
+            values, rows = scores.topk(min(k, scores.shape[1]), dim=1)
+            best.append((values, rows + start))
+        values, rows = torch.cat([b[0] for b in best], 1), torch.cat([b[1] for b in best], 1)
+        return rows.gather(1, values.topk(k, dim=1).indices)
+
+    seconds = timer(run)
+    del x
+    return seconds
+
+
+def scan_rows(args, device, timer, copy_bps, n: int, bits: float) -> list[dict[str, Any]]:
+    """Scan, search and torch baseline for one size and width; brute force for each batch."""
     codec = TurboQuantCodec(args.dim, bits, seed=args.seed)
     packed, factors = make_codes(codec, n, device, args.seed)
-    index_bytes = packed.numel() + factors.numel() * factors.element_size()
-    backends: dict[str, tuple[Scanner, torch.Tensor, torch.Tensor, int]] = {
-        "triton": (TritonScanner(codec), packed, factors, n),  # one chunk: the kernel sizes its own grid
-        "torch": (GemmScanner(codec, dtype=torch.float16), packed, factors, args.torch_chunk),
-    }
-    if n <= args.cpu_max_n:
-        backends["cpu"] = (GemmScanner(codec), packed.cpu(), factors.cpu(), args.cpu_chunk)
+    code_bytes = packed.numel() + 4 * factors.numel()
     rows = []
-    for m in args.batches:
-        queries = torch.randn((m, args.dim), generator=torch.Generator().manual_seed(args.seed + m))
-        ids = {}
-        for name, (scanner, codes, scales, chunk_rows) in backends.items():
-            repeats = 1 if name == "cpu" else args.repeats
-            timing, ids[name] = time_backend(codec, scanner, codes, scales, chunk_rows, queries, args.k, repeats)
-            gbps = index_bytes / timing["scan_s"] / 1e9
-            rows.append(
-                {
-                    "n": n, "bits": bits, "batch": m, "backend": name, **timing,
-                    "qps": m / timing["search_s"], "scan_gbps": gbps, "peak_fraction": gbps / peak if peak else None,
-                }
-            )  # fmt: skip
-            print(f"n={n} bits={bits} batch={m} {name}: {rows[-1]['qps']:.0f} QPS, scan {gbps:.1f} GB/s", flush=True)
-        for row in rows[-len(backends) :]:
-            if row["backend"] != "torch":
-                row["ids_agree"] = float((ids[row["backend"]] == ids["torch"]).float().mean())
+    forms = {"fma": FMA, "mma": MMA}
+    batches = sorted(set(args.batches) | (set(args.form_batches) if (n, bits) == (max(args.sizes), max(args.bits)) else set()))
+    for m in batches:
+        queries = codec.rotate_queries(torch.randn((m, args.dim), generator=torch.Generator().manual_seed(m)).to(device))
+        brute = brute_force_seconds(n, args.dim, m, args.k, args.brute_chunk, device, timer, args.seed + 1) if m in args.batches else None
+        for name, config in forms.items():
+            if m not in args.form_batches and (config is FMA) != (m <= 4):
+                continue  # off the form sweep: only the form get_scanner picks
+            variants = [("select", True)] + ([("gather", False)] if bits == 2 and config is FMA else [])
+            for lookup, select in variants:
+                scanner = TritonScanner(codec, config, select=select)
+                prepared = scanner.cast(queries)
+                scan = timer(lambda: scanner.candidates(prepared, packed, factors, None, candidate_count(args.k)))
+                search = timer(lambda: search_resident(codec, scanner, queries, packed, factors, None, args.k))
+                rows.append(dict(kind="scan", n=n, bits=bits, batch=m, form=name, lookup=lookup, scan_s=scan, search_s=search,
+                                 code_gbps=code_bytes / scan / 1e9, of_copy=code_bytes / scan / copy_bps,
+                                 brute_s=brute, vs_brute=brute / search if brute else None))  # fmt: skip
+                print(f"scan n={n} bits={bits:g} batch={m} {name}/{lookup}: scan {1e3 * scan:.3f} ms "
+                      f"({code_bytes / scan / 1e9:.0f} GB/s), search {1e3 * search:.3f} ms", flush=True)  # fmt: skip
+        if m in args.batches and m >= 32:
+            gemm = GemmScanner(codec, dtype=torch.float16)
+            chunks = [Chunk(s, packed[s : s + args.torch_chunk], factors[s : s + args.torch_chunk]) for s in range(0, n, args.torch_chunk)]
+            torch_s = timer(lambda: scan_topk(codec, gemm, queries, chunks, args.k, lambda at: (packed[at], factors[at])))
+            for row in rows:
+                if row["batch"] == m and row["n"] == n and row["bits"] == bits:
+                    row["torch_s"], row["vs_torch"] = torch_s, torch_s / row["search_s"]
+    rows.append(agreement(codec, packed, factors, device, args))
+    del packed, factors
     return rows
 
 
-def to_markdown(results: dict[str, Any]) -> str:
-    gpu = results["gpu"]
-    peak = f"{gpu['peak_gbps']:.0f} GB/s" if gpu["peak_gbps"] else "unknown"
-    headers = ["n", "bits", "batch", "backend", "QPS", "search ms", "scan ms", "scan GB/s", "of peak", "ids = torch"]
-    table = [
-        [
-            f"{r['n']:,}", f"{r['bits']:g}", r["batch"], r["backend"], f"{r['qps']:,.0f}", f"{1e3 * r['search_s']:.2f}",
-            f"{1e3 * r['scan_s']:.2f}", f"{r['scan_gbps']:.1f}",
-            f"{100 * r['peak_fraction']:.0f}%" if r["peak_fraction"] is not None else "-",
-            f"{r['ids_agree']:.3f}" if "ids_agree" in r else "-",
-        ]
-        for r in results["rows"]
-    ]  # fmt: skip
-    return "\n\n".join(
-        [
-            f"GPU scan, d={results['dim']}, k={results['k']}, variant mse; times are medians of {results['repeats']} "
-            f"run(s), 1 for the CPU. GPU: {gpu['name']}, peak bandwidth {peak}, CUDA {gpu['cuda']}, triton {gpu['triton']}.",
-            f"Host: {describe_machine_md(results['machine'])}",
-            markdown_table(headers, table),
-        ]
-    )
+def agreement(codec, packed, factors, device, args) -> dict[str, Any]:
+    """Fraction of ``search_resident``'s ids that an exact float32 scan of the same codes also returns."""
+    m = 32
+    queries = codec.rotate_queries(torch.randn((m, args.dim), generator=torch.Generator().manual_seed(99)).to(device))
+    n = min(packed.shape[0], 1_000_000)
+    packed, factors = packed[:n], factors[:n]
+    _, fast = search_resident(codec, TritonScanner(codec, MMA), queries, packed, factors, None, args.k)
+    chunks = [Chunk(s, packed[s : s + args.torch_chunk], factors[s : s + args.torch_chunk]) for s in range(0, n, args.torch_chunk)]
+    _, exact = scan_topk(codec, GemmScanner(codec, torch.float32), queries, chunks, args.k, lambda at: (packed[at], factors[at]))
+    same = sum(len(set(a.tolist()) & set(b.tolist())) for a, b in zip(fast.cpu(), exact.cpu())) / (m * args.k)
+    return {"kind": "agreement", "n": n, "bits": float(codec.config.bits), "batch": m, "ids_equal": same}
+
+
+def index_rows(args, device, timer, bits: float) -> list[dict[str, Any]]:
+    """``TurboQuantIndex`` on the GPU end to end: add, then search from numpy to numpy, against its kernel."""
+    index = TurboQuantIndex(args.dim, bits, seed=args.seed, backend="triton").to(device)  # resident (the CPU too, for --smoke)
+    began = time.perf_counter()
+    for _, x in gaussian_blocks(args.index_size, args.dim, device, args.seed):
+        index.add(x, progress=False)
+    add_s = time.perf_counter() - began
+    packed, factors = index._resident
+    rows = [{"kind": "add", "n": args.index_size, "bits": bits, "seconds": add_s, "vectors_per_s": args.index_size / add_s}]
+    for m in args.batches:
+        queries = np.random.default_rng(m).standard_normal((m, args.dim)).astype(np.float32)
+        scanner = TritonScanner(index.codec, FMA if m <= 4 else MMA)
+        prepared = scanner.cast(index.codec.rotate_queries(torch.from_numpy(queries).to(device)))
+        kernel = timer(lambda: scanner.candidates(prepared, packed, factors, None, candidate_count(args.k)))
+        search = timer(lambda: index.search(queries, args.k))
+        rows.append({"kind": "index", "n": args.index_size, "bits": bits, "batch": m, "search_s": search, "kernel_s": kernel,
+                     "over_kernel": search / kernel, "qps": m / search})  # fmt: skip
+        print(f"index n={args.index_size} bits={bits:g} batch={m}: search {1e3 * search:.3f} ms, kernel {1e3 * kernel:.3f} ms", flush=True)
+    index.close()
+    return rows
+
+
+def encode_rows(args, device, timer) -> list[dict[str, Any]]:
+    rows = []
+    for dim, n, bits, search in ((args.dim, args.encode_rows, 4, False), (args.dim, args.encode_rows, 4, True), (2 * args.dim, 100_000, 4, False)):
+        n = min(n, args.encode_rows)
+        codec = TurboQuantCodec(dim, bits, search=search)
+        x = torch.randn((n, dim), device=device)
+        seconds = timer(lambda: encode(codec, x))
+        rows.append({"kind": "encode", "dim": dim, "n": n, "bits": bits, "search": search, "seconds": seconds, "vectors_per_s": n / seconds})
+        print(f"encode {n} x {dim} at {bits} bits (search={search}): {1e3 * seconds:.2f} ms, {n / seconds / 1e6:.1f} M vectors/s", flush=True)
+    return rows
+
+
+def summary(results: dict[str, Any]) -> str:
+    """The short table: each figure next to its ceiling and issue 12's target."""
+    lines = []
+    for r in results["rows"]:
+        if r["kind"] == "scan":
+            torch_part = f" | {r['vs_torch']:.2f}x torch" if r.get("vs_torch") else ""
+            brute_part = f" | {r['vs_brute']:.2f}x fp16" if r.get("vs_brute") else ""
+            lines.append(f"scan   n={r['n']:>10,} b={r['bits']:g} m={r['batch']:>4} {r['form']}/{r['lookup']:<6} "
+                         f"scan {1e3 * r['scan_s']:8.3f} ms {100 * r['of_copy']:5.1f}% copy | search {1e3 * r['search_s']:8.3f} ms"
+                         f"{brute_part}{torch_part}")  # fmt: skip
+        elif r["kind"] == "index":
+            lines.append(f"index  n={r['n']:>10,} b={r['bits']:g} m={r['batch']:>4} search {1e3 * r['search_s']:8.3f} ms = "
+                         f"{r['over_kernel']:.2f}x its kernel ({1e3 * r['kernel_s']:.3f} ms), {r['qps']:,.0f} QPS")  # fmt: skip
+        elif r["kind"] == "encode":
+            lines.append(f"encode {r['n']:>7,} x {r['dim']} b={r['bits']} search={r['search']}: {1e3 * r['seconds']:.2f} ms, "
+                         f"{r['vectors_per_s'] / 1e6:.1f} M vectors/s")  # fmt: skip
+        elif r["kind"] == "add":
+            lines.append(f"add    n={r['n']:>10,} b={r['bits']:g}: {r['seconds']:.2f} s, {r['vectors_per_s'] / 1e6:.2f} M vectors/s")
+        elif r["kind"] == "agreement":
+            lines.append(f"ids    n={r['n']:>10,} b={r['bits']:g} m={r['batch']}: {r['ids_equal']:.4f} equal to an exact fp32 scan")
+    c = results["ceilings"]
+    head = f"ceilings: copy {c['copy_gbps']:.0f} GB/s (read + write); device {results['gpu']['name']}; triton {results['gpu']['triton']}"
+    return "\n".join([head, *lines])
 
 
 def main() -> None:
     args = parse_args()
-    device = check_device(args.device)
-    torch.set_num_threads(args.threads)
-    peak = peak_gbps(device, args.peak_gbps)
-    rows = [row for n in args.sizes for bits in args.bits for row in bench_config(args, device, peak, n, bits)]
+    if args.smoke:
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            raise SystemExit("--smoke runs on the CPU under TRITON_INTERPRET=1 (set it before python starts)")
+        device = torch.device("cpu")
+    elif not torch.cuda.is_available():
+        raise SystemExit("no CUDA device: run with --smoke under TRITON_INTERPRET=1 to check the script on the CPU")
+    else:
+        device = torch.device("cuda")
+    timer = Timer(device, args.repeats)
+    copy_bps = copy_bandwidth(device, args.copy_mb, timer)
+    rows: list[dict[str, Any]] = []
+    rows += encode_rows(args, device, timer)
+    for n in args.sizes:
+        for bits in args.bits:
+            rows += scan_rows(args, device, timer, copy_bps, n, bits)
+    for bits in args.bits:
+        rows += index_rows(args, device, timer, bits)
     results = {
-        "dim": args.dim, "k": args.k, "repeats": args.repeats,
-        "gpu": {
-            "name": torch.cuda.get_device_name(device) if device.type == "cuda" else "none (interpreter smoke run)",
-            "peak_gbps": peak, "cuda": torch.version.cuda, "triton": metadata.version("triton"),
-        },
-        "machine": machine_description(args.threads),
+        "dim": args.dim, "k": args.k, "repeats": args.repeats, "smoke": args.smoke,
+        "ceilings": {"copy_gbps": copy_bps / 1e9},
+        "gpu": {"name": torch.cuda.get_device_name(device) if device.type == "cuda" else "none (interpreter smoke run)",
+                "cuda": torch.version.cuda, "torch": torch.__version__, "triton": metadata.version("triton")},
+        "machine": machine_description(torch.get_num_threads()),
         "rows": rows,
     }  # fmt: skip
-    out = write_results(args.out, results, to_markdown(results))
-    print(f"wrote {out}/results.json and results.md")
+    table = summary(results)
+    out = write_results(args.out, results, "\n\n".join([f"Host: {describe_machine_md(results['machine'])}", "```\n" + table + "\n```"]))
+    print(f"wrote {out}/results.json and results.md\n")
+    print(table)
 
 
 if __name__ == "__main__":

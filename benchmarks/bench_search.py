@@ -8,7 +8,7 @@ single-query QPS (one query per call, at most ``--single-max-queries`` queries o
 
 Data: ``--dataset`` (an ann-benchmarks .hdf5 file, a registered name or a synthetic name; see
 ``tqindex.datasets.load_dataset``), default a synthetic anisotropic d=384 set. "angular" data
-runs every method in cosine mode, "dot" data in inner-product mode; "euclidean" is refused.
+runs every method in cosine mode, "dot" data in inner-product mode, "euclidean" data with L2.
 
 The measurement functions here are shared with ``ann_compare.py``.
 
@@ -33,7 +33,7 @@ from tqindex.datasets import Dataset, load_dataset, recall_1_at, recall_at
 
 DEFAULT_DATASET = "synthetic-anisotropic-384-ip-n100000-q1000"
 QUICK_DATASET = "synthetic-anisotropic-64-ip-n2000-q50"
-DATASET_METRICS = {"ip": "ip", "angular": "cosine"}  # Dataset.metric -> method metric
+DATASET_METRICS = {"ip": "ip", "angular": "cosine", "euclidean": "l2"}  # Dataset.metric -> method metric
 
 
 @dataclass(frozen=True)
@@ -46,9 +46,9 @@ class Timing:
 
 
 def method_metric(dataset: Dataset) -> str:
-    """The metric the methods run with for ``dataset``: "ip" or "cosine"."""
+    """The metric the methods run with for ``dataset``: "ip", "cosine" or "l2"."""
     if dataset.metric not in DATASET_METRICS:
-        raise ValueError(f"{dataset.name}: distance {dataset.distance!r} is not supported (only 'dot' and 'angular')")
+        raise ValueError(f"{dataset.name}: distance {dataset.distance!r} is not supported (only 'dot', 'angular' and 'euclidean')")
     return DATASET_METRICS[dataset.metric]
 
 

@@ -1,10 +1,11 @@
 """Every method the search benchmarks compare, behind one small interface.
 
 ``make_method(name, dim, bits, metric, seed)`` returns a `Method`: ``build(train)`` (timed),
-``search(queries, k) -> (D, I)`` (scores larger-is-better, int64 row ids), ``bytes_per_vector``
-and ``params``. ``metric`` is "ip" or "cosine"; for "cosine" each method normalises vectors
-its own way (tqindex ``metric="cosine"``, FAISS ``L2norm`` pre-transform, turbovec: numpy in
-the wrapper), inside the timed calls.
+``search(queries, k) -> (D, I)`` (best first: scores for "ip" and "cosine", squared distances
+for "l2"; int64 row ids), ``bytes_per_vector`` and ``params``. ``metric`` is "ip", "cosine" or
+"l2"; for "cosine" each method normalises vectors its own way (tqindex ``metric="cosine"``,
+FAISS ``L2norm`` pre-transform, turbovec: numpy in the wrapper), inside the timed calls; "l2" is
+tqindex ``metric="l2"`` and FAISS ``METRIC_L2`` (turbovec ranks by inner product only).
 
 Bytes per vector count the code and every per-vector factor (norms, scales, RaBitQ's factors);
 ids are excluded everywhere (FAISS flat indexes and turbovec number rows implicitly, tqindex
@@ -35,8 +36,9 @@ from typing import Any
 import numpy as np
 
 from _common import set_threads
+from tqindex.demo import pq_factory as _pq_factory
 
-METRICS = ("ip", "cosine")
+METRICS = ("ip", "cosine", "l2")
 RABITQ_QUERY_BITS = 8  # qb for both RaBitQ indexes (FastScan's default; IndexRaBitQ defaults to 4)
 TURBOVEC_CALIBRATION_ROWS = 1024
 
@@ -121,21 +123,24 @@ class Method(ABC):
 
 
 class TqindexMethod(Method):
-    """``tqindex.TurboQuantIndex`` with a given variant and scale."""
+    """``tqindex.TurboQuantIndex`` with a given variant, scale and scan backend."""
 
     family = "tqindex"
 
-    def __init__(self, name: str, dim: int, bits: float, metric: str, seed: int, *, variant: str, scale: str):
+    def __init__(self, name: str, dim: int, bits: float, metric: str, seed: int, *, variant: str, scale: str, backend: str = "auto"):
         super().__init__(name, dim, bits, metric, seed)
         import tqindex
+        from tqindex.kernels import fastscan
 
         try:
-            self.index = tqindex.TurboQuantIndex(dim, bits, metric=metric, variant=variant, scale=scale, seed=seed)
+            self.index = tqindex.TurboQuantIndex(dim, bits, metric=metric, variant=variant, scale=scale, seed=seed, backend=backend)
         except ValueError as error:
             raise Unsupported(str(error)) from error
         config = self.index.codec.config
         self.seeded = "rotation and QJL matrix" if config.variant == "prod" else "rotation"
-        self.params = {"variant": config.variant, "scale": config.scale, "rotation": config.rotation, "seed": seed}
+        self.params = {"variant": config.variant, "scale": config.scale, "rotation": config.rotation, "seed": seed, "backend": backend}
+        if backend in ("auto", "fastscan") and fastscan.supports(self.index.codec):
+            self.params["fastscan_isa"] = fastscan.isa()
 
     def _build(self, train: np.ndarray) -> None:
         self.index.add(train, progress=False)
@@ -149,7 +154,7 @@ class TqindexMethod(Method):
 
 
 class FaissMethod(Method):
-    """A FAISS index from a factory string, with inner-product metric."""
+    """A FAISS index from a factory string: ``METRIC_L2`` for "l2", else ``METRIC_INNER_PRODUCT``."""
 
     family = "faiss"
 
@@ -159,10 +164,10 @@ class FaissMethod(Method):
 
         self.factory = ("L2norm," if metric == "cosine" else "") + factory
         try:
-            self.index = faiss.index_factory(dim, self.factory, faiss.METRIC_INNER_PRODUCT)
+            self.index = faiss.index_factory(dim, self.factory, faiss.METRIC_L2 if metric == "l2" else faiss.METRIC_INNER_PRODUCT)
         except RuntimeError as error:
             raise Unsupported(f"index_factory({dim}, {self.factory!r}) failed: {str(error).splitlines()[-1]}") from error
-        self.unit_norm_only = unit_norm_only and metric == "ip"
+        self.unit_norm_only = unit_norm_only and metric != "cosine"
         self.inner = faiss.downcast_index(self.index.index if isinstance(self.index, faiss.IndexPreTransform) else self.index)
         seeded = []
         for transform in self._transforms():
@@ -207,18 +212,11 @@ class FaissMethod(Method):
 
 
 def pq_factory(dim: int, bits: float, sub_bits: int) -> str:
-    """FAISS factory string for PQ at ``bits`` per dimension with ``sub_bits``-bit sub-codes.
-
-    ``M = dim * bits / sub_bits`` sub-quantizers; when M does not divide ``dim`` the vectors are
-    first embedded by a random rotation ``RR{d'}`` into the next multiple ``d'`` of M (inner
-    products are kept). 8-bit codes skip polysemous training (``np``); 4-bit ones use fast scan.
-    """
-    m = dim * bits / sub_bits
-    if m != int(m) or m < 1:
-        raise Unsupported(f"dim * bits / {sub_bits} = {m:g} sub-quantizers is not a whole number")
-    m = int(m)
-    embed = "" if dim % m == 0 else f"RR{-(-dim // m) * m},"
-    return f"{embed}PQ{m}np" if sub_bits == 8 else f"{embed}PQ{m}x4fs"
+    """`tqindex.demo.pq_factory` (PQ at ``bits`` per dimension with ``sub_bits``-bit sub-codes), `Unsupported` where M is fractional."""
+    try:
+        return _pq_factory(dim, bits, sub_bits)
+    except ValueError as error:
+        raise Unsupported(str(error)) from error
 
 
 class TurbovecMethod(Method):
@@ -228,6 +226,8 @@ class TurbovecMethod(Method):
 
     def __init__(self, name: str, dim: int, bits: float, metric: str, seed: int, *, calibrate: bool = False):
         super().__init__(name, dim, bits, metric, seed)
+        if metric == "l2":
+            raise Unsupported("turbovec ranks by inner product only, not L2")
         if bits not in (2, 3, 4):
             raise Unsupported(f"turbovec supports 2, 3 or 4 bits, not {bits}")
         if dim % 8:
@@ -382,6 +382,9 @@ METHODS: dict[str, Factory] = {
     "tqindex": functools.partial(TqindexMethod, variant="mse", scale="auto"),  # the library default
     "tqindex-norm": functools.partial(TqindexMethod, variant="mse", scale="norm"),
     "tqindex-prod": functools.partial(TqindexMethod, variant="prod", scale="norm"),
+    # the scan backends the fast-scan replaced on the CPU: numba look-up tables, decode + GEMM
+    "tqindex-lut": functools.partial(TqindexMethod, variant="mse", scale="auto", backend="lut"),
+    "tqindex-gemm": functools.partial(TqindexMethod, variant="mse", scale="auto", backend="torch"),
     # FAISS's SQ/EDEN/RaBitQ codecs do not rotate by themselves: the RR pre-transform does.
     "faiss-tqmse": _faiss("RR,SQtqmse{b}", (1, 2, 3, 4, 8), unit_norm_only=True),
     "faiss-tq": _faiss("RR,SQtq{b}", (2, 3, 4, 5)),

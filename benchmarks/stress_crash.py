@@ -14,12 +14,23 @@ after its first flush, so that every run makes progress), reopens the index and 
 
 Writers start from a forkserver that has imported tqindex, so a kill cycle costs ~0.1 s.
 
+``--io-errors N`` runs the I/O-error mode instead (`run_io_errors`): one writer in this process
+goes through the same batches and removals, and ``N`` times one of its calls (``add_with_ids``,
+``remove_ids``, ``flush``, ``close`` and reopen, ``save``) gets an injected I/O error at its
+n-th write, truncate, fsync or rename (`tqindex.faults.FaultInjector`: ENOSPC, EIO or EFBIG, a
+quarter of them persisting to the call's end). After each: the call raised; the same check as
+above on the index reopened (nothing flushed lost, nothing partial, every byte verified); the
+writer's own view agrees with it; and the writer goes on adding. A save that failed leaves no
+index at its target, or the previous one, or a whole copy.
+
     python benchmarks/stress_crash.py --kills 500 --json results/stress_crash.json
+    python benchmarks/stress_crash.py --io-errors 1000 --json results/stress_io_errors.json
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import multiprocessing as mp
 import os
@@ -37,6 +48,7 @@ from tqdm.auto import tqdm
 
 import tqindex
 from tqindex.codec import Codes
+from tqindex.faults import ERRNOS, FaultInjector
 
 DIM, BITS = 256, 4  # 128-byte codes: a few thousand rows cross a 1 MiB checksum block
 ID_STRIDE = 1_000_000  # batch b holds ids b * ID_STRIDE + 0..n-1
@@ -216,9 +228,129 @@ def run(path: Path, kills: int, *, seed: int = 0, max_delay: float = 0.15, progr
     }
 
 
+def _next_action(index: tqindex.TurboQuantIndex, seed: int) -> tuple[str, int]:
+    """What the writer does next, from what it has committed: ("add", batch) or ("remove", batch)."""
+    ids = np.asarray(index._store.column("ids"))
+    last = int(ids.max()) // ID_STRIDE if len(ids) else -1
+    if last >= 1 and removes_after(last):
+        deleted = ids[np.asarray(index._store.column("deleted"))]
+        if not np.any(deleted // ID_STRIDE == last - 1):
+            return "remove", last - 1
+    return "add", last + 1
+
+
+def _saved_whole_or_absent(target: Path, source: tqindex.TurboQuantIndex, previous: int | None) -> None:
+    """After a failed save: no index at ``target`` (or the previous one, ``previous`` rows), or a whole copy of ``source``."""
+    try:
+        saved = tqindex.open(target)
+    except tqindex.IndexFormatError:
+        if previous is not None:
+            raise CrashCheckError(f"{target}: the index a failed save(overwrite=True) was to replace is gone")
+        return
+    with saved:
+        saved.verify()
+        if saved.ntotal not in ({previous} if previous is not None else set()) | {source.ntotal}:
+            raise CrashCheckError(f"{target}: a failed save left an index of {saved.ntotal} vectors, neither the old nor the new")
+    if any(target.parent.glob(f".{target.name}.*")):
+        raise CrashCheckError(f"{target}: a failed save left its staging directory")
+
+
+def run_io_errors(path: Path, faults: int, *, seed: int = 0, progress: bool = True) -> dict:
+    """Inject ``faults`` I/O errors into a writer of a new index at ``path`` (see the module's
+    docstring); returns the counts. Raises CrashCheckError (or CorruptIndexError) on the first loss."""
+    tqindex.TurboQuantIndex(DIM, BITS, path=path, seed=seed).close()
+    with tqindex.open(path) as index:
+        expected = ExpectedCodes(index.codec, seed)
+    rng = np.random.default_rng(seed)
+    added: set[int] = set()
+    removed: set[int] = set()
+    in_flight: set[int] = set()
+    counts = {"faults_injected": 0, "calls_that_raised": 0, "checks": 0, "corrupt_opens": 0, "calls_committed_despite_error": 0}
+    by_kind = {kind: 0 for kind in ("write", "truncate", "fsync", "rename")}
+    by_call = {call: 0 for call in ("add_with_ids", "remove_ids", "flush", "close", "save")}
+    saves = [path.parent / "saved-a", path.parent / "saved-b"]
+    saved_rows: dict[Path, int] = {}
+    start = time.perf_counter()
+    threads = torch.get_num_threads()
+    expected.codec.encode(np.zeros((1, DIM), np.float32))  # numba's first parallel launch resets torch's threads:
+    torch.set_num_threads(1)  # let it happen first, then encode as ExpectedCodes does (bit-identical factors)
+    index = tqindex.open(path, "a")
+    with FaultInjector(sync=False), tqdm(total=faults, desc="I/O errors", unit="fault", disable=not progress) as bar:
+        while counts["faults_injected"] < faults:
+            action, batch = _next_action(index, seed)
+            call = rng.choice(["save", "flush", "close"], p=[0.5, 0.25, 0.25]) if rng.random() < 0.1 else action
+            error = int(rng.choice(ERRNOS))
+            last = {"add": 26, "remove": 14, "save": 68}.get(call, 16)  # about twice the call's I/O calls: half of them fail
+            injector = FaultInjector(fail_at=int(rng.integers(1, last + 1)), error=error, persistent=rng.random() < 0.25)
+            target = saves[int(rng.integers(2))]
+            try:
+                with injector:
+                    if call == "add":
+                        in_flight.add(batch)
+                        index.add_with_ids(*batch_vectors(seed, batch), progress=False)
+                        index.flush()
+                    elif call == "remove":
+                        index.remove_ids(removed_ids(seed, batch))
+                        index.flush()
+                    elif call == "save":
+                        index.save(target, overwrite=True)
+                    elif call == "flush":
+                        index.flush()
+                    else:
+                        index.close()
+                        index = tqindex.open(path, "a")
+            except OSError as failure:
+                if failure.errno != error or not injector.injected:
+                    raise
+                counts["calls_that_raised"] += 1
+            if call == "close" and index._closed:  # the reopen failed (it does not write): open again
+                index = tqindex.open(path, "a")
+            if not injector.injected:  # the call made fewer I/O calls than fail_at: it returned
+                if call == "add":
+                    added.add(batch)
+                elif call == "remove":
+                    removed.add(batch)
+                elif call == "save":
+                    saved_rows[target] = index.ntotal
+                continue
+            counts["faults_injected"] += 1
+            by_kind[injector.log[min(injector.fail_at) - 1]] += 1
+            by_call[{"add": "add_with_ids", "remove": "remove_ids"}.get(call, call)] += 1
+            if call == "save":
+                _saved_whole_or_absent(target, index, saved_rows.get(target))
+                with contextlib.suppress(tqindex.IndexFormatError), tqindex.open(target) as saved:
+                    saved_rows[target] = saved.ntotal
+            try:
+                seen = check(path, expected, added, removed, in_flight)
+            except tqindex.CorruptIndexError:
+                counts["corrupt_opens"] += 1
+                raise
+            if seen["rows"] != index._rows:
+                raise CrashCheckError(f"the writer sees {index._rows} rows, the index on disk holds {seen['rows']}")
+            after = _next_action(index, seed)
+            counts["calls_committed_despite_error"] += after != (action, batch) and call in ("add", "remove")
+            counts["checks"] += 1
+            bar.update(1)
+    index.close()
+    torch.set_num_threads(threads)
+    seen = check(path, expected, added, removed, in_flight)
+    return {
+        **counts,
+        "faults_by_kind": by_kind,
+        "faults_by_call": by_call,
+        **seen,
+        "flushed_batches": len(added),
+        "flushed_removals": len(removed),
+        "lost_flushed_batches": 0,  # check() raises on the first one
+        "lost_rows": 0,
+        "seconds": round(time.perf_counter() - start, 1),
+    }
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--kills", type=int, default=500)
+    parser.add_argument("--io-errors", type=int, metavar="N", help="inject N I/O errors instead of killing writers")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-delay", type=float, default=0.15, help="seconds a writer runs at most before the kill")
     parser.add_argument("--dir", type=Path, help="where to put the index (default: a temporary directory)")
@@ -226,7 +358,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
-        result = run((args.dir or Path(tmp)) / "index", args.kills, seed=args.seed, max_delay=args.max_delay, progress=not args.quiet)
+        where = (args.dir or Path(tmp)) / "index"
+        if args.io_errors:
+            result = run_io_errors(where, args.io_errors, seed=args.seed, progress=not args.quiet)
+        else:
+            result = run(where, args.kills, seed=args.seed, max_delay=args.max_delay, progress=not args.quiet)
     print(json.dumps(result, indent=1))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

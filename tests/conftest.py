@@ -20,3 +20,17 @@ def unit_rows(n: int, dim: int, seed: int) -> np.ndarray:
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(1234)
+
+
+@pytest.fixture
+def one_thread():
+    """Torch and numba on one thread: for tests of many tiny calls, which a busy machine otherwise
+    slows tenfold with thread-pool waits."""
+    import numba
+
+    threads, numba_threads = torch.get_num_threads(), numba.get_num_threads()
+    torch.set_num_threads(1)
+    numba.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+    numba.set_num_threads(numba_threads)

@@ -136,6 +136,11 @@ def test_annb_knn_recall_counts_ties_by_distance():
     assert ann_compare.annb_knn_recall(data, np.array([[0, 2]]), 2) == 0.5
     dot = _dataset(train, test, np.array([[0, 1, 2, 3]]), np.array([[2.0, 2.0, 0.0, -2.0]]), "dot")
     assert ann_compare.annb_knn_recall(dot, np.array([[3, 1]]), 2) == 0.5
+    # euclidean: L2 distances (not squared) from the raw vectors: rows 0 and 1 are at 1, row 2 at sqrt(5)
+    euclidean = _dataset(train, test, np.array([[0, 1, 2, 3]]), np.array([[1.0, 1.0, 5**0.5, 3.0]]), "euclidean")
+    assert ann_compare.annb_knn_recall(euclidean, np.array([[1, 0]]), 2) == 1.0
+    assert ann_compare.annb_knn_recall(euclidean, np.array([[2, 3]]), 2) == 0.0
+    assert ann_compare.annb_knn_recall(euclidean, np.array([[1, 2]]), 2) == 0.5
 
 
 def test_recall_1_curve_and_pareto_frontier():

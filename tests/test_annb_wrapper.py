@@ -1,6 +1,7 @@
 """The ann-benchmarks wrapper (benchmarks/annb_wrapper/module.py) against a fake BaseANN."""
 
 import importlib.util
+import re
 import sys
 import types
 from pathlib import Path
@@ -101,9 +102,20 @@ def test_prod_variant_and_dot_metric(wrapper, data):
     assert algo.index.metric == "ip" and algo.index.codec.config.variant == "prod"
 
 
-def test_refuses_euclidean_and_unfitted_use(wrapper):
-    with pytest.raises(ValueError, match="euclidean"):
-        wrapper.TurboQuant("euclidean", 4)
+def test_euclidean_runs_with_l2(wrapper):
+    rng = np.random.default_rng(4)
+    train, test = (rng.standard_normal((300, 8)) + 3).astype(np.float32), (rng.standard_normal((5, 8)) + 3).astype(np.float32)
+    algo = wrapper.TurboQuant("euclidean", 8)
+    algo.fit(train)
+    truth = np.argsort(((test[:, None, :] - train[None]) ** 2).sum(axis=2), axis=1)[:, :5]
+    algo.batch_query(test, 5)
+    assert algo.index.metric == "l2"
+    assert np.mean([len(set(found) & set(t)) / 5 for found, t in zip(algo.get_batch_results(), truth)]) >= 0.9
+
+
+def test_refuses_an_unknown_metric_and_unfitted_use(wrapper):
+    with pytest.raises(ValueError, match="hamming"):
+        wrapper.TurboQuant("hamming", 4)
     with pytest.raises(RuntimeError, match="fit"):
         wrapper.TurboQuant("angular", 4).query(np.zeros(8, dtype=np.float32), 1)
 
@@ -118,3 +130,11 @@ def test_falls_back_to_a_local_base_without_ann_benchmarks(monkeypatch, data):
     algo.batch_query(test, 3)
     assert [len(r) for r in algo.get_batch_results()] == [3] * len(test)
     assert str(algo) == "tqindex(bits=4, variant=mse, scale=auto)"
+
+
+def test_dockerfile_pins_the_cpu_torch_the_setup_scripts_install():
+    root = Path(__file__).resolve().parents[1]
+    pinned = re.search(r'cpu_torch="torch==([0-9.]+)"', (root / "scripts" / "bootstrap.sh").read_text())
+    dockerfile = (root / "benchmarks" / "annb_wrapper" / "Dockerfile").read_text()
+    assert pinned and f"torch=={pinned.group(1)}" in dockerfile and "/whl/cpu" in dockerfile
+    assert not re.search(r"pip install torch(\s|$)", dockerfile)  # never an unpinned torch

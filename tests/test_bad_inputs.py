@@ -27,6 +27,13 @@ NAN_ROW = np.where(np.arange(D) == 3, np.nan, 0.5).astype(np.float32)[None]
 INF_ROW = np.where(np.arange(D) == 3, np.inf, 0.5).astype(np.float32)[None]
 
 
+def beyond_float32(x: np.ndarray, row: int) -> np.ndarray:
+    """``x`` as float64 with one element of row ``row`` at -1e39, beyond float32's range."""
+    x = x.astype(np.float64)
+    x[row, 2] = -1e39
+    return x
+
+
 def cases(table: dict) -> pytest.MarkDecorator:
     """Parametrize over a ``{id: (..., error, match)}`` table, ids as the case names."""
     return pytest.mark.parametrize("case", list(table.values()), ids=list(table))
@@ -72,7 +79,7 @@ CODEC_CALLS = {
     "encode-nan": (lambda c: c.encode(NAN_ROW), ValueError, "x contains NaN or inf"),
     "encode-inf": (lambda c: c.encode(INF_ROW), ValueError, "x contains NaN or inf"),
     "encode-beyond-float32": (lambda c: c.encode(np.full((1, D), 1e39)), ValueError, "beyond the float32 range"),
-    "encode-norm-overflows": (lambda c: c.encode(np.full((1, D), 1e30, np.float32)), ValueError, "norm overflows float32"),
+    "encode-norm-overflows": (lambda c: c.encode(np.full((1, D), 1e38, np.float32)), ValueError, "x row 0: its norm overflows float32"),
     "encode-torch-int": (lambda c: c.encode(torch.ones(2, D, dtype=torch.int64)), TypeError, "x must hold floats"),
     "encode-torch-nan": (lambda c: c.encode(torch.from_numpy(NAN_ROW)), ValueError, "NaN"),
     "encode-torch-wrong-dim": (lambda c: c.encode(torch.zeros(2, D + 1)), ValueError, "x must have shape"),
@@ -101,7 +108,7 @@ INDEX_INIT = {
     "TurboQuantIndex-dim-1": (dict(dim=1), ValueError, "dim must be an integer >= 2"),
     "TurboQuantIndex-bits-0": (dict(bits=0), ValueError, "bits must be in"),
     "TurboQuantIndex-bits-8.5": (dict(bits=8.5), ValueError, "bits must be in"),
-    "TurboQuantIndex-metric": (dict(metric="l2"), ValueError, "metric must be one of"),
+    "TurboQuantIndex-metric": (dict(metric="euclidean"), ValueError, "metric must be one of"),
     "TurboQuantIndex-variant": (dict(variant="x"), ValueError, "variant must be one of"),
     "TurboQuantIndex-backend": (dict(backend="cuda-magic"), ValueError, "backend must be one of"),
     "TurboQuantIndex-chunk_rows-0": (dict(chunk_rows=0), ValueError, "chunk_rows must be a positive integer"),
@@ -138,7 +145,7 @@ def _a_file(tmp_path: Path) -> Path:
 INDEX_PATH = {
     "TurboQuantIndex-path-nonempty-dir": (_nonempty_dir, StorageError, "directory is not empty"),
     "TurboQuantIndex-path-is-a-file": (_a_file, StorageError, "exists and is not a directory"),
-    "TurboQuantIndex-path-not-a-path": (lambda tmp_path: 5, TypeError, "str, bytes or os.PathLike"),
+    "TurboQuantIndex-path-not-a-path": (lambda tmp_path: 5, TypeError, "path must be a str or os.PathLike, got int"),
 }
 
 
@@ -208,10 +215,11 @@ INDEX_CALLS = {
     "add-object": (lambda ix: ix.add(X.astype(object)), TypeError, "x must hold floats"),
     "add-list": (lambda ix: ix.add(X.tolist()), TypeError, "numpy array or a torch tensor"),
     "add-None": (lambda ix: ix.add(None), TypeError, "numpy array or a torch tensor"),
-    "add-nan": (lambda ix: ix.add(np.concatenate([X[:3], NAN_ROW])), ValueError, "x contains NaN or inf"),
+    "add-nan": (lambda ix: ix.add(np.concatenate([X[:3], NAN_ROW])), ValueError, "x contains NaN or inf in row 3"),
     "add-inf": (lambda ix: ix.add(np.concatenate([X[:3], INF_ROW])), ValueError, "x contains NaN or inf"),
     "add-beyond-float32": (lambda ix: ix.add(np.full((1, D), -1e39)), ValueError, "beyond the float32 range"),
-    "add-norm-overflows": (lambda ix: ix.add(np.full((2, D), 1e30, np.float32)), ValueError, "norm overflows float32"),
+    "add-beyond-float32-names-row": (lambda ix: ix.add(beyond_float32(X[:4], 2)), ValueError, "x holds values beyond the float32 range in row 2"),
+    "add-norm-overflows": (lambda ix: ix.add(np.concatenate([X[:2], np.full((2, D), 1e38, np.float32)])), ValueError, "x row 2: its norm overflows float32"),
     "add-torch-wrong-dim": (lambda ix: ix.add(torch.zeros(2, D + 1)), ValueError, "x must have shape"),
     "add-torch-int": (lambda ix: ix.add(torch.ones(2, D, dtype=torch.int32)), TypeError, "x must hold floats"),
     "add-torch-nan": (lambda ix: ix.add(torch.from_numpy(NAN_ROW)), ValueError, "x contains NaN or inf"),
@@ -248,7 +256,13 @@ INDEX_CALLS = {
     "search-complex": (lambda ix: ix.search(Q.astype(np.complex64), 5), TypeError, "queries must hold floats"),
     "search-strings": (lambda ix: ix.search(np.array([["a"] * D]), 5), TypeError, "queries must hold floats"),
     "search-list": (lambda ix: ix.search(Q.tolist(), 5), TypeError, "numpy array or a torch tensor"),
-    "search-nan": (lambda ix: ix.search(NAN_ROW, 5), ValueError, "queries contains NaN or inf"),
+    "search-nan": (lambda ix: ix.search(NAN_ROW, 5), ValueError, "queries contains NaN or inf in row 0"),
+    "search-beyond-float32": (lambda ix: ix.search(beyond_float32(Q, 1), 5), ValueError, "queries holds values beyond the float32 range in row 1"),
+    "search-scores-overflow": (
+        lambda ix: ix.search(np.concatenate([Q[:1], np.full((1, D), 3e38, np.float32)]), 5),
+        ValueError,
+        "queries row 1: its inner products overflow float32",
+    ),
     "search-inf": (lambda ix: ix.search(INF_ROW, 5), ValueError, "queries contains NaN or inf"),
     "search-torch-wrong-dim": (lambda ix: ix.search(torch.zeros(1, D - 1), 5), ValueError, "queries must have shape"),
     "search-torch-complex": (lambda ix: ix.search(torch.zeros(1, D, dtype=torch.complex64), 5), TypeError, "queries must hold floats"),
@@ -407,7 +421,7 @@ OPEN = {
     "open-mode-None": (lambda t: (_saved(t), {"mode": None}), StorageError, "mode must be 'r' or 'a'"),
     "open-chunk_rows-0": (lambda t: (_saved(t), {"mode": "a", "chunk_rows": 0}), ValueError, "chunk_rows must be a positive integer"),
     "open-backend": (lambda t: (_saved(t), {"mode": "a", "backend": "gpu"}), ValueError, "backend must be one of"),
-    "open-path-None": (lambda t: (None, {}), TypeError, "str, bytes or os.PathLike"),
+    "open-path-None": (lambda t: (None, {}), TypeError, "path must be a str or os.PathLike, got NoneType"),
 }
 
 
@@ -476,6 +490,19 @@ def _recall(true, found, k, at_1=False):
     return (recall_1_at if at_1 else recall_at)(true, found, k)
 
 
+def _write_vecs(path, array):
+    from tqindex.datasets import write_vecs
+
+    return write_vecs(path, array)
+
+
+def _write_hdf5(path, train, test):
+    from tqindex.datasets import write_hdf5
+
+    pytest.importorskip("h5py")
+    return write_hdf5(path, train, test, distance="dot", progress=False)
+
+
 def _read_hdf5(path):
     from tqindex.datasets import read_hdf5
 
@@ -497,8 +524,12 @@ DATASETS = {
     "exact_knn-metric": (lambda t: _knn(X, Q, metric="cosine"), ValueError, "metric must be one of"),
     "exact_knn-strings": (lambda t: _knn(X.astype(str), Q), TypeError, "train must hold real numbers"),
     "exact_knn-complex": (lambda t: _knn(X, Q.astype(np.complex64)), TypeError, "test must hold real numbers"),
-    "exact_knn-nan-train": (lambda t: _knn(np.concatenate([X, NAN_ROW]), Q, chunk_rows=16), ValueError, r"NaN or inf .* in train rows 32..40"),
-    "exact_knn-inf-test": (lambda t: _knn(X, INF_ROW), ValueError, "NaN or inf .* in test"),
+    "exact_knn-nan-train": (lambda t: _knn(np.concatenate([X, NAN_ROW]), Q, chunk_rows=16), ValueError, "train contains NaN or inf in row 40"),
+    "exact_knn-inf-test": (lambda t: _knn(X, INF_ROW), ValueError, "test contains NaN or inf in row 0"),
+    "exact_knn-beyond-float32": (lambda t: _knn(beyond_float32(X, 33), Q, chunk_rows=16), ValueError, "train holds values beyond the float32 range in row 33"),
+    "exact_knn-scores-overflow": (lambda t: _knn(X * np.float32(1e30), Q * np.float32(1e30)), ValueError, "test row 0: its scores .* overflow float32"),
+    "write_vecs-beyond-float32": (lambda t: _write_vecs(t / "x.fvecs", beyond_float32(X, 5)), ValueError, "x.fvecs holds values beyond the float32 range in row 5"),
+    "write_hdf5-beyond-float32": (lambda t: _write_hdf5(t / "x.hdf5", beyond_float32(X, 3), Q), ValueError, "train holds values beyond the float32 range in row 3"),
     "exact_knn-chunk_rows-0": (lambda t: _knn(X, Q, chunk_rows=0), ValueError, "chunk_rows and query_rows must be positive"),
     "recall_at-row-mismatch": (lambda t: _recall(T, T[:5], 3), ValueError, "same m"),
     "recall_at-1d": (lambda t: _recall(T[0], T[0], 3), ValueError, r"need two \(m, \*\) id arrays"),

@@ -84,8 +84,53 @@ def test_annbenchmarks_file_infers_cosine_and_reports_recall(tmp_path, capsys):
     assert "cosine" in capsys.readouterr().out
     assert main(["search", str(tmp_path / "idx"), "--queries", str(tmp_path / "d.hdf5"), "-k", "10"]) == 0
     assert float(capsys.readouterr().out.split("10-recall@10:")[1]) > 0.9
-    assert main(["build", str(tmp_path / "d.hdf5"), "--out", str(tmp_path / "ip"), "--metric", "ip"]) == 0
-    assert "ip)" in capsys.readouterr().out
+    assert main(["build", str(tmp_path / "d.hdf5"), "--out", str(tmp_path / "same"), "--metric", "cosine"]) == 0
+    assert "cosine)" in capsys.readouterr().out
+
+
+def test_euclidean_file_builds_an_l2_index_and_reports_recall(tmp_path, capsys):
+    rng = np.random.default_rng(7)
+    x, q = (rng.standard_normal((500, 16)) * 2 + 3).astype(np.float32), (rng.standard_normal((20, 16)) * 2 + 3).astype(np.float32)
+    write_hdf5(tmp_path / "e.hdf5", x, q, distance="euclidean", k=10, progress=False)
+    assert main(["-q", "build", str(tmp_path / "e.hdf5"), "--out", str(tmp_path / "idx"), "--bits", "8"]) == 0
+    assert "l2)" in capsys.readouterr().out
+    assert main(["-q", "search", str(tmp_path / "idx"), "--queries", str(tmp_path / "e.hdf5"), "--out", str(tmp_path / "r.npz")]) == 0
+    assert float(capsys.readouterr().out.split("10-recall@10:")[1].split()[0]) >= 0.9
+    scores = np.load(tmp_path / "r.npz")["scores"]
+    assert np.all(np.diff(scores, axis=1) >= 0)  # squared distances, smallest first
+
+
+@pytest.mark.parametrize(
+    "build_distance,query_distance,needles",
+    [
+        ("angular", "dot", ["'dot'", "metric ip", "metric cosine"]),
+        ("euclidean", "angular", ["'angular'", "metric cosine", "metric l2"]),
+        ("dot", "euclidean", ["'euclidean'", "metric l2", "metric ip"]),
+    ],
+)
+def test_search_refuses_a_query_file_of_another_distance(tmp_path, capsys, build_distance, query_distance, needles):
+    x, q = unit_rows(200, 8, seed=8), unit_rows(5, 8, seed=9)
+    write_hdf5(tmp_path / "b.hdf5", x, q, distance=build_distance, k=5, progress=False)
+    write_hdf5(tmp_path / "q.hdf5", x, q, distance=query_distance, k=5, progress=False)
+    assert main(["-q", "build", str(tmp_path / "b.hdf5"), "--out", str(tmp_path / "idx")]) == 0
+    capsys.readouterr()
+    assert main(["-q", "search", str(tmp_path / "idx"), "--queries", str(tmp_path / "q.hdf5"), "-k", "5"]) == 1
+    _one_error_line(capsys, "q.hdf5", *needles)
+    assert main(["-q", "search", str(tmp_path / "idx"), "--queries", str(tmp_path / "b.hdf5"), "-k", "5"]) == 0
+
+
+def test_build_refuses_a_metric_the_file_distance_contradicts_or_an_unknown_distance(tmp_path, capsys):
+    import h5py
+
+    x, q = unit_rows(50, 8, seed=10), unit_rows(3, 8, seed=11)
+    write_hdf5(tmp_path / "e.hdf5", x, q, distance="euclidean", k=5, progress=False)
+    assert main(["-q", "build", str(tmp_path / "e.hdf5"), "--out", str(tmp_path / "idx"), "--metric", "ip"]) == 1
+    _one_error_line(capsys, "e.hdf5", "'euclidean'", "--metric l2", "not ip")
+    with h5py.File(tmp_path / "e.hdf5", "r+") as f:
+        f.attrs["distance"] = "hamming"
+    assert main(["-q", "build", str(tmp_path / "e.hdf5"), "--out", str(tmp_path / "idx")]) == 1
+    _one_error_line(capsys, "e.hdf5", "'hamming'", "not supported")
+    assert not (tmp_path / "idx").exists()
 
 
 def test_verify_passes_then_names_a_damaged_column_file(files, capsys):
@@ -120,7 +165,7 @@ def test_failed_build_leaves_nothing_behind(files, capsys):
     x[450, 3] = np.nan  # found in the 4th batch of 128, after three were committed
     np.save(tmp / "nan.npy", x)
     assert main(["build", str(tmp / "nan.npy"), "--out", str(tmp / "idx"), "--batch", "128"]) == 1
-    _one_error_line(capsys, "nan.npy", "vectors 384..511", "NaN")
+    _one_error_line(capsys, "nan.npy", "row 450", "NaN")
     assert not (tmp / "idx").exists()
     (tmp / "empty").mkdir()
     assert main(["build", str(tmp / "nan.npy"), "--out", str(tmp / "empty"), "--batch", "128"]) == 1
@@ -166,7 +211,7 @@ def test_failures_exit_1_with_one_line(files, capsys, argv, needles):
         [],
         ["frobnicate"],
         ["build", "x.npy"],  # --out is required
-        ["build", "x.npy", "--out", "o", "--metric", "l2"],
+        ["build", "x.npy", "--out", "o", "--metric", "euclidean"],
         ["build", "x.npy", "--out", "o", "--batch", "0"],
         ["search", "idx", "--queries", "q.npy", "-k", "0"],
         ["search", "idx", "--queries", "q.npy", "--out", "r.txt"],
@@ -189,6 +234,7 @@ def test_version_and_help_exit_0(capsys):
 
 
 def test_bench_prints_a_table_with_faiss_rows(capsys):
+    pytest.importorskip("faiss")
     assert main(["-q", "bench", "synthetic-gaussian-32-angular-n2000-q50", "--bits", "2", "4", "--faiss"]) == 0
     rows = [line.split("|")[1:-1] for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
     table = {(cells[0].strip(), float(cells[1])): cells for cells in rows[1:]}
@@ -198,11 +244,17 @@ def test_bench_prints_a_table_with_faiss_rows(capsys):
     assert int(table[("tqindex", 4)][2]) == 32 * 4 // 8 + 4  # codes + one float32 factor
 
 
-def test_bench_refuses_euclidean_data_and_skips_faiss_on_raw_vectors(tmp_path, capsys):
-    x, q = unit_rows(300, 16, seed=5), unit_rows(10, 16, seed=6)
+def test_bench_runs_euclidean_data_with_l2(tmp_path, capsys):
+    rng = np.random.default_rng(5)
+    x, q = (rng.standard_normal((300, 16)) + 2).astype(np.float32), (rng.standard_normal((10, 16)) + 2).astype(np.float32)
     write_hdf5(tmp_path / "e.hdf5", x, q, distance="euclidean", k=10, progress=False)
-    assert main(["bench", str(tmp_path / "e.hdf5")]) == 1
-    _one_error_line(capsys, "euclidean")
+    assert main(["-q", "bench", str(tmp_path / "e.hdf5"), "--bits", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "distance euclidean" in out and float(out.split("| tqindex | 8 |")[1].split("|")[2]) >= 0.9  # recall
+
+
+def test_bench_skips_faiss_tqmse_on_raw_vectors(capsys):
+    pytest.importorskip("faiss")
     assert main(["-q", "bench", "synthetic-gaussian-16-ip-raw-n500-q10", "--bits", "3", "--faiss"]) == 0
     out = capsys.readouterr().out
     assert "| tqindex | 3 |" in out and "| faiss" not in out and "not unit length" in out
@@ -217,3 +269,21 @@ def test_installed_entry_point_exit_codes(files):
     failed = subprocess.run(command + ["info", str(tmp / "nowhere")], capture_output=True, text=True)
     assert failed.returncode == 1 and failed.stdout == ""
     assert failed.stderr.count("\n") == 1 and failed.stderr.startswith("tqindex: error: ") and "nowhere" in failed.stderr
+
+
+@pytest.mark.parametrize("command", ["build", "search"])
+def test_float64_values_beyond_float32_are_refused_naming_the_row(files, capsys, command):
+    """A plain cast would make them inf; the file's row is named, as add/search name theirs."""
+    tmp, x, q = files
+    big = (x if command == "build" else q).astype(np.float64)
+    big[7, 3] = -1e39
+    np.save(tmp / "big.npy", big)
+    if command == "build":
+        argv = ["build", str(tmp / "big.npy"), "--out", str(tmp / "idx"), "--batch", "4"]
+    else:
+        assert main(["build", str(tmp / "x.npy"), "--out", str(tmp / "idx"), "--quiet"]) == 0
+        argv = ["search", str(tmp / "idx"), "--queries", str(tmp / "big.npy")]
+    capsys.readouterr()
+    assert main(argv) == 1
+    _one_error_line(capsys, "big.npy", "beyond the float32 range in row 7")
+    assert command == "search" or not (tmp / "idx").exists()

@@ -51,3 +51,10 @@ def test_the_check_notices_codes_that_differ(tmp_path):
         expected = stress_crash.ExpectedCodes(index.codec, 0)
     with pytest.raises(stress_crash.CrashCheckError, match="codes or factors differ"):
         stress_crash.check(path, expected, {0}, set(), set())
+
+
+def test_injected_io_errors_lose_nothing_and_leave_nothing_partial(tmp_path, one_thread):
+    """The I/O-error mode of the harness (1,000 faults in docs/reliability.md), briefly."""
+    result = stress_crash.run_io_errors(tmp_path / "index", 25, seed=3, progress=False)
+    assert result["faults_injected"] == result["calls_that_raised"] == result["checks"] == 25
+    assert result["corrupt_opens"] == 0 and result["batches"] >= result["flushed_batches"] >= 3

@@ -173,7 +173,7 @@ def test_read_hdf5_refuses_broken_files(tmp_path):
 # ---- synthetic -----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kind", ["gaussian", "anisotropic", "clustered"])
+@pytest.mark.parametrize("kind", ["gaussian", "anisotropic", "clustered", "siftlike"])
 def test_synthetic_is_seeded_and_its_ground_truth_exact(kind):
     a = make_synthetic(kind, 400, 9, 24, metric="ip", k=30, seed=3, progress=False)
     b = make_synthetic(kind, 400, 9, 24, metric="ip", k=30, seed=3, progress=False)
@@ -195,6 +195,17 @@ def test_anisotropic_spectrum_decays_and_raw_keeps_norms():
     eig = np.linalg.eigvalsh(np.cov(gauss.train.T))
     assert eig[-1] < 2 * eig[0]
     assert np.linalg.norm(gauss.train, axis=1).std() > 0.1
+
+
+def test_siftlike_rows_are_sift_shaped_integer_histograms():
+    ds = load_dataset("synthetic-siftlike-128-euclidean-raw-n3000-q20", progress=False)
+    x = ds.train
+    assert ds.distance == "euclidean" and x.shape == (3000, 128)
+    assert x.min() == 0 and x.max() <= 255 and np.array_equal(x, np.floor(x))  # non-negative integers
+    norms = np.linalg.norm(x, axis=1)
+    assert 400 < norms.min() and norms.max() <= 512  # normalised to 512 before rounding down
+    assert (x == 0).mean() > 0.05 and x.max() < 0.2 * 512 * 1.5  # sparse, clipped near 0.2 of the norm
+    assert_exact(ds.train, ds.test, "euclidean", ds.distances, ds.neighbors)
 
 
 # ---- load_dataset --------------------------------------------------------------------------------

@@ -64,7 +64,7 @@ def test_index_with_every_row_removed_is_empty(index):
 
 def test_bad_constructor_arguments():
     with pytest.raises(ValueError, match="metric"):
-        TurboQuantIndex(16, 4, metric="l2")
+        TurboQuantIndex(16, 4, metric="euclidean")
     with pytest.raises(ValueError, match="bits"):
         TurboQuantIndex(16, 0)
     with pytest.raises(ValueError, match="dim"):

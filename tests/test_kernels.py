@@ -6,9 +6,16 @@ import torch
 
 from conftest import unit_rows
 from tqindex import TurboQuantCodec, TurboQuantIndex
-from tqindex.kernels import LUT_MAX_QUERY_BITS, get_scanner
+from tqindex.kernels import LUT_MAX_QUERY_BITS, fastscan, get_scanner
 from tqindex.kernels.gemm import GemmScanner
 from tqindex.kernels.lut import LutScanner, supports
+
+
+@pytest.fixture
+def without_fastscan(monkeypatch):
+    """As on a machine where the compiled fast-scan did not build."""
+    monkeypatch.setattr(fastscan, "_MODULE", None)
+    monkeypatch.setattr(fastscan, "_LOAD_ERROR", "the compiled fast-scan extension is not built (simulated)")
 
 
 @pytest.mark.parametrize(
@@ -52,9 +59,11 @@ def test_lut_supports_layouts_whose_group_keys_fit(bits, supported):
             LutScanner(codec)
 
 
-def test_dispatch_by_batch_size_and_layout():
+@pytest.mark.filterwarnings("ignore:tqindex. the compiled fast-scan")
+def test_dispatch_by_batch_size_and_layout(without_fastscan):
     four, three = TurboQuantCodec(64, 4), TurboQuantCodec(64, 3)
-    assert isinstance(get_scanner(four, "auto", "cpu", queries=1), LutScanner)
+    with pytest.warns(RuntimeWarning, match="not built \\(simulated\\).*slower"):
+        assert isinstance(get_scanner(four, "auto", "cpu", queries=1), LutScanner)
     assert isinstance(get_scanner(four, "auto", "cpu", queries=LUT_MAX_QUERY_BITS // 4), LutScanner)
     assert isinstance(get_scanner(four, "auto", "cpu", queries=LUT_MAX_QUERY_BITS // 4 + 1), GemmScanner)
     assert isinstance(get_scanner(TurboQuantCodec(64, 2), "auto", "cpu", queries=LUT_MAX_QUERY_BITS // 2), LutScanner)

@@ -1,8 +1,9 @@
 """TurboQuantCache inside a tiny random-weight Llama with GQA (4 query heads, 2 KV heads, head_dim 64)."""
 
 import os
+import warnings
 
-os.environ["TRITON_INTERPRET"] = "1"  # before anything imports triton (transformers does)
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton (transformers does)
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, Qwen2Confi
 from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
 from tqindex.codec import TurboQuantCodec
-from tqindex.kv import CompressedKV, TurboQuantCache, TurboQuantLayer
+from tqindex.kv import CompressedKV, TurboQuantCache, TurboQuantLayer, cache_keyword
 from tqindex.kv.compressed import as_dense
 
 VOCAB = 32
@@ -35,13 +36,18 @@ def model() -> LlamaForCausalLM:
     return LlamaForCausalLM(config).eval()
 
 
+def with_cache(model, cache) -> dict:
+    """``cache=`` or ``past_key_values=``: the keyword the installed transformers' model takes (`cache_keyword`)."""
+    return {cache_keyword(model): cache}
+
+
 def prompt(length: int, batch: int = 1, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
 
 
 def greedy(model: LlamaForCausalLM, ids: torch.Tensor, cache, tokens: int = 64) -> torch.Tensor:
     return model.generate(
-        ids, attention_mask=torch.ones_like(ids), past_key_values=cache, max_new_tokens=tokens,
+        ids, attention_mask=torch.ones_like(ids), **with_cache(model, cache), max_new_tokens=tokens,
         min_new_tokens=tokens, do_sample=False, pad_token_id=0,
     )  # fmt: skip
 
@@ -75,22 +81,41 @@ def test_8bit_greedy_tokens_match_dynamic_cache(model, exact_greedy, attention):
     assert torch.equal(out, exact_greedy)
 
 
+def test_both_cache_keywords_give_the_same_tokens(model):
+    """``cache=`` (current transformers) and ``past_key_values=`` (older ones; a FutureWarning on current ones) both work."""
+    model.set_attn_implementation("turboquant")
+    ids = prompt(12)
+    by_keyword = greedy(model, ids, TurboQuantCache(4, 4, window=4, chunk=4), tokens=6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        cache = TurboQuantCache(4, 4, window=4, chunk=4)
+        old = model.generate(
+            ids, attention_mask=torch.ones_like(ids), past_key_values=cache, max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0
+        )
+    assert torch.equal(old, by_keyword) and cache.layers[0].key_codes.packed.shape[2] > 0
+
+
 def test_4bit_logits_close_and_memory_ratio(model):
     model.set_attn_implementation("turboquant")
     ids = prompt(1001)
     with torch.no_grad():
-        exact = model(ids, past_key_values=DynamicCache()).logits[0]
-        cache = TurboQuantCache(4, 4, window=8, chunk=8)
-        logits = [model(ids[:, :1000], past_key_values=cache).logits[0]]
-        logits.append(model(ids[:, 1000:], past_key_values=cache).logits[0])  # one decode step
-    logits = torch.cat(logits)
-    centred = exact - exact.mean(dim=-1, keepdim=True)
-    relative = (logits - exact).norm(dim=-1) / centred.norm(dim=-1)
-    kl = (exact.log_softmax(-1).exp() * (exact.log_softmax(-1) - logits.log_softmax(-1))).sum(-1)
-    # measured: relative error 0.09 mean / 0.14 max, KL 4e-4 max. A random model attends almost
-    # uniformly over 1000 tokens, so its logits move mostly with the 4-bit value error (~9%/vector).
-    assert relative.mean() < 0.15 and relative.max() < 0.25
-    assert kl.max() < 2e-3
+        exact = model(ids, **with_cache(model, DynamicCache())).logits[0]
+        relative, kl = {}, {}
+        for dense_prefill in (False, True):
+            cache = TurboQuantCache(4, 4, window=8, chunk=8, dense_prefill=dense_prefill)
+            logits = [model(ids[:, :1000], **with_cache(model, cache)).logits[0]]
+            logits.append(model(ids[:, 1000:], **with_cache(model, cache)).logits[0])  # one decode step
+            logits = torch.cat(logits)
+            centred = exact - exact.mean(dim=-1, keepdim=True)
+            relative[dense_prefill] = (logits - exact).norm(dim=-1) / centred.norm(dim=-1)
+            kl[dense_prefill] = (exact.log_softmax(-1).exp() * (exact.log_softmax(-1) - logits.log_softmax(-1))).sum(-1)
+    # every token through its codes (dense_prefill=False): measured relative error 0.088 mean / 0.120
+    # max, KL 3.5e-4 max. A random model attends almost uniformly over 1000 tokens, so its logits move
+    # mostly with the 4-bit value error (~9%/vector).
+    assert relative[False].mean() < 0.15 and relative[False].max() < 0.25
+    assert kl[False].max() < 2e-3
+    # dense prefill: the prompt's logits are exact, the decode step reads 992 tokens' codes (measured 0.036)
+    assert relative[True][:1000].max() < 1e-4 and 1e-3 < relative[True][1000] < 0.1
 
     report = cache.memory_report()
     assert report.tokens == 1001 and cache.layers[0].encoded_len == 992  # window 8 + 1 new token
@@ -181,7 +206,7 @@ def test_beam_search_and_padded_batch_run(model):
     mask = torch.ones_like(ids)
     mask[1, :5] = 0  # left padding
     cache = TurboQuantCache(4, 4, window=4, chunk=4)
-    out = model.generate(ids, attention_mask=mask, past_key_values=cache, num_beams=3, max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0)
+    out = model.generate(ids, attention_mask=mask, **with_cache(model, cache), num_beams=3, max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0)
     assert out.shape == (2, 18)
     assert all(layer.key_codes.packed.shape[0] == 6 and layer.keys.shape[0] == 6 for layer in cache.layers)
 
@@ -193,9 +218,9 @@ def test_attention_on_codes_equals_sdpa_on_the_same_codes(model):
     logits = {}
     for attention in ("sdpa", "turboquant"):
         model.set_attn_implementation(attention)
-        cache = TurboQuantCache(3, 2.5, key_variant="prod", window=4, chunk=4)
+        cache = TurboQuantCache(3, 2.5, key_variant="prod", window=4, chunk=4, dense_prefill=False)
         with torch.no_grad():
-            logits[attention] = model(ids, attention_mask=mask, past_key_values=cache).logits
+            logits[attention] = model(ids, attention_mask=mask, **with_cache(model, cache)).logits
     torch.testing.assert_close(logits["turboquant"][:, 6:], logits["sdpa"][:, 6:], atol=1e-5, rtol=1e-5)
 
 
@@ -204,20 +229,21 @@ def test_trellis_codes_attend_alike_on_codes_and_decoded(model):
     logits = {}
     for attention in ("sdpa", "turboquant"):
         model.set_attn_implementation(attention)
-        cache = TurboQuantCache(3, 3.5, quantizer="trellis", window=4, chunk=4)
+        cache = TurboQuantCache(3, 3.5, quantizer="trellis", window=4, chunk=4, dense_prefill=False)
         with torch.no_grad():
-            logits[attention] = model(ids, past_key_values=cache).logits
+            logits[attention] = model(ids, **with_cache(model, cache)).logits
         assert all(c.trellis is not None for c in cache._codec_cache.values())
     torch.testing.assert_close(logits["turboquant"], logits["sdpa"], atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="Triton backend reads scalar codes"):
         with torch.no_grad():
-            model(ids, past_key_values=TurboQuantCache(3, 3, quantizer="trellis", window=4, chunk=4, backend="triton"))
+            trellis = TurboQuantCache(3, 3, quantizer="trellis", window=4, chunk=4, backend="triton", dense_prefill=False)
+            model(ids, **with_cache(model, trellis))
 
 
 def test_skip_layers_and_config_layer_types(model):
     cache = TurboQuantCache(skip_layers=[0], window=0)
     with torch.no_grad():
-        model(prompt(10), past_key_values=cache)
+        model(prompt(10), **with_cache(model, cache))
     assert type(cache.layers[0]) is DynamicLayer and isinstance(cache.layers[1], TurboQuantLayer)
     report = cache.memory_report()
     assert report.uncompressed_bytes == 2 * 1 * 2 * 10 * 64 * 4  # layer 0 keys and values, float32
@@ -262,9 +288,31 @@ def test_scale_overflowing_float16_is_refused_not_stored_as_inf():
     huge = torch.full((1, 1, 1, 32), 1e5)
     with pytest.raises(OverflowError, match="factor_dtype"):
         cache.update(huge, huge, 0)
-    cache = TurboQuantCache(window=0, chunk=1, factor_dtype=torch.float32)
+    cache = TurboQuantCache(window=0, chunk=1, factor_dtype=torch.float32, dense_prefill=False)
     keys, _ = cache.update(huge, huge, 0)
     assert abs(keys.dense().norm() / huge.norm() - 1) < 0.05
+
+
+def test_dense_prefill_attends_the_states_at_hand_and_encodes_them_once():
+    g = torch.Generator().manual_seed(2)
+    keys, values = torch.randn(1, 2, 30, 32, generator=g), torch.randn(1, 2, 30, 32, generator=g)
+    cache = TurboQuantCache(4, 4, window=4, chunk=4)
+    layer_keys, _ = cache.update(keys[:, :, :20], values[:, :, :20], 0)
+    layer = cache.layers[0]
+    assert not isinstance(layer_keys, CompressedKV) and torch.equal(layer_keys, keys[:, :, :20])  # prefill: sdpa on the states
+    assert layer.encoded_len == 16 and torch.equal(layer.keys, keys[:, :, 16:20])
+    codes = layer.key_codes.packed.clone()
+    layer_keys, layer_values = cache.update(keys[:, :, 20:], values[:, :, 20:], 0)  # extend by 10: 8 more are encoded
+    assert isinstance(layer_keys, CompressedKV) and layer_keys.shape == (1, 2, 30, 32)
+    assert layer_keys.encoded_len == 16 and torch.equal(layer_keys.codes.packed, codes)  # the codes from before this call
+    assert torch.equal(layer_keys.window, keys[:, :, 16:]) and torch.equal(layer_values.window, values[:, :, 16:])
+    assert layer.encoded_len == 24 and torch.equal(layer.key_codes.packed[:, :, :16], codes)
+    stored = TurboQuantCache(4, 4, window=4, chunk=4, dense_prefill=False)
+    stored.update(keys[:, :, :20], values[:, :, :20], 0)
+    stored_keys, _ = stored.update(keys[:, :, 20:], values[:, :, 20:], 0)  # what the cache holds after the update
+    assert stored_keys.encoded_len == 24 and torch.equal(stored_keys.window, keys[:, :, 24:])
+    with pytest.raises(TypeError, match="dense_prefill"):
+        TurboQuantCache(dense_prefill="yes")
 
 
 def test_compressed_kv_behaves_as_its_dense_tensor():
@@ -276,3 +324,22 @@ def test_compressed_kv_behaves_as_its_dense_tensor():
     torch.testing.assert_close(keys[:, :, 5:], dense[:, :, 5:])
     assert torch.equal(dense[:, :, 20:], layer.keys)  # the window is kept exactly
     assert "encoded=20" in repr(keys)
+
+
+def test_decode_runs_under_torch_compile_with_the_cache_as_an_opaque_call(model):
+    # dynamo traces the model around the cache's update and the codes attention (torch.compiler.disable)
+    model.set_attn_implementation("turboquant")
+    ids = prompt(24)
+
+    def run(forward) -> torch.Tensor:
+        cache = TurboQuantCache(4, 4, window=4, chunk=4)
+        logits = [forward(input_ids=ids, past_key_values=cache).logits[:, -1]]
+        for _ in range(4):  # every step reads codes; the fourth flushes a chunk
+            logits.append(forward(input_ids=logits[-1].argmax(-1, keepdim=True), past_key_values=cache).logits[:, -1])
+        assert cache.layers[0].encoded_len == 24
+        return torch.stack(logits)
+
+    with torch.no_grad():
+        eager = run(model.forward)
+        compiled = run(torch.compile(model.forward, backend="eager"))
+    torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-5)

@@ -1,14 +1,11 @@
 """The fused Triton scan against the codec's estimator and the CPU scan.
 
-Runs in the Triton interpreter on CPU tensors (``TRITON_INTERPRET=1``, set here before triton is
-imported), or on a GPU when the environment sets ``TRITON_INTERPRET=0`` and CUDA is present.
+Runs in the Triton interpreter on CPU tensors (``TRITON_INTERPRET=1``, conftest), or on a GPU
+when the environment sets ``TRITON_INTERPRET=0`` and CUDA is present (``triton_device``).
 Select alone with ``pytest -m triton``. Sizes are tiny: the interpreter is slow.
 """
 
 import os
-
-os.environ.setdefault("TRITON_INTERPRET", "1")
-
 import subprocess
 import sys
 
@@ -18,19 +15,14 @@ import torch
 
 pytest.importorskip("triton")
 
+from triton_device import DEVICE
 from tqindex.codec import TurboQuantCodec
-from tqindex.kernels import Chunk, get_scanner, scan_topk, triton_scan
+from tqindex.kernels import Chunk, get_scanner, scan_topk
 from tqindex.kernels.gemm import GemmScanner
-from tqindex.kernels.triton_scan import TritonScanner
+from tqindex.kernels.scan import search_resident
+from tqindex.kernels.triton_scan import FMA, MMA, ScanConfig, TritonScanner, exact_topk
 
 pytestmark = pytest.mark.triton
-
-if triton_scan._INTERPRETED:
-    DEVICE = torch.device("cpu")
-elif torch.cuda.is_available():
-    DEVICE = torch.device("cuda")
-else:
-    pytest.skip("triton was imported before TRITON_INTERPRET=1 was set, and there is no GPU", allow_module_level=True)
 
 # (bits, variant, dim): every field width, fractional layouts, prod's 0-bit indices; dims 48 and
 # 100 (dense rotation, not powers of two) and 64 (Hadamard)
@@ -52,6 +44,9 @@ CONFIGS = [
     (5, "prod", 48),
     (8, "prod", 100),
 ]
+# small tiles, so that tests have several tiles and programs
+SMALL_MMA = ScanConfig(mma=True, max_block_m=16, block_n=16, block_d=32, num_warps=4)
+SMALL_FMA = ScanConfig(mma=False, max_block_m=4, block_n=32, block_d=32, num_warps=4)
 
 
 def encoded(bits: float, variant: str, dim: int, n: int, m: int, seed: int = 0):
@@ -77,16 +72,42 @@ def dense_scores(scores: torch.Tensor, rows: torch.Tensor, n: int) -> torch.Tens
 
 @pytest.mark.parametrize("bits, variant, dim", CONFIGS)
 def test_kernel_scores_equal_the_codec_estimator(bits, variant, dim):
-    """Every valid row's fp32 kernel score equals ``codec.score``; masked rows never come back."""
-    n = 100  # 4 tiles of 32 rows, the last one partial; 2 tiles per program
+    """Every valid row's fp32 kernel score equals ``codec.score``; masked rows never come back.
+
+    Two tiles per program and two slots per bucket: every row is kept, so all come back."""
+    n = 100  # 4 tiles of 32 rows (FMA, 1 query... 3 queries: 4 per program, 8-row... see block_rows)
     codec, packed, factors, queries = encoded(bits, variant, dim, n, m=3, seed=int(bits * 10) + dim)
     valid = torch.from_numpy(np.random.default_rng(dim).random(n) > 0.3).to(DEVICE)
-    scanner = TritonScanner(codec, torch.float32, block_n=32, block_d=32, tiles_per_program=2)
-    scores, rows = scanner.chunk_topk(scanner.prepare(queries), packed, factors, valid, n)
+    expected = codec.score(queries, packed, factors).masked_fill(~valid, float("-inf"))
+    config = SMALL_MMA if dim != 48 else SMALL_FMA  # both forms over the layouts
+    scanner = TritonScanner(codec, config, torch.float32, tiles_per_program=2)
+    scores, rows, overflow = scanner.candidates(scanner.prepare(queries), packed, factors, valid, n)
+    assert not overflow.any()
     assert scores.shape == rows.shape == (3, n) and rows.dtype == torch.int64
     assert (scores[:, :-1] >= scores[:, 1:]).all()  # best first
-    expected = codec.score(queries, packed, factors).masked_fill(~valid, float("-inf"))
     torch.testing.assert_close(dense_scores(scores, rows, n), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_buckets_that_overflow_are_rescanned_exactly():
+    """The four best rows share one bucket (lane 0 of four tiles in one program): two are dropped,
+    the query is flagged, and chunk_topk still returns the exact top-k."""
+    codec, packed, factors, queries = encoded(4, "mse", 64, n=64, m=1, seed=3)
+    exact = codec.score(queries, packed, factors)[0]
+    order = torch.argsort(exact.cpu(), descending=True).to(DEVICE)
+    perm = torch.empty(64, dtype=torch.int64, device=DEVICE)
+    perm[torch.tensor([0, 16, 32, 48, 1, 2, 3, 4], device=DEVICE)] = order[:8]
+    rest = torch.ones(64, dtype=torch.bool, device=DEVICE)
+    rest[torch.tensor([0, 16, 32, 48, 1, 2, 3, 4], device=DEVICE)] = False
+    perm[rest] = order[8:]
+    packed, factors = packed[perm].contiguous(), factors[perm].contiguous()
+    config = ScanConfig(mma=False, max_block_m=1, block_n=16, block_d=32, num_warps=4)
+    scanner = TritonScanner(codec, config, torch.float32, tiles_per_program=4)
+    prepared = scanner.prepare(queries)
+    _, _, overflow = scanner.candidates(prepared, packed, factors, None, 6)
+    assert overflow.tolist() == [True]
+    scores, rows = scanner.chunk_topk(prepared, packed, factors, None, 6)
+    assert rows[0].tolist() == [0, 16, 32, 48, 1, 2]
+    torch.testing.assert_close(scores[0], exact[order[:6]], rtol=1e-5, atol=1e-5)
 
 
 def chunks_on_cpu(chunks):
@@ -99,10 +120,10 @@ def fetch_on_cpu(packed: torch.Tensor, factors: torch.Tensor):
     return lambda at: (packed[at], factors[at])
 
 
-# k=5 keeps 26 candidates (32 slots) per 16-row tile; k=60 keeps 136, more than either chunk has
+# k=5 keeps 26 candidates per query; k=60 keeps 136, more than either chunk has
 @pytest.mark.parametrize("k", [5, 60])
-@pytest.mark.parametrize("bits, variant, dim", [(2, "mse", 100), (3.5, "mse", 64), (4, "prod", 48), (1, "prod", 64)])
-def test_scan_topk_equals_the_cpu_scan(bits, variant, dim, k):
+@pytest.mark.parametrize("bits, variant, dim, config", [(2, "mse", 100, SMALL_MMA), (3.5, "mse", 64, SMALL_FMA), (4, "prod", 48, SMALL_MMA), (1, "prod", 64, SMALL_FMA)])
+def test_scan_topk_equals_the_cpu_scan(bits, variant, dim, config, k):
     """fp16 Triton candidates, rescored exactly, give the CPU scan's top-k over chunks with deletions and a filter."""
     n = 210
     codec, packed, factors, queries = encoded(bits, variant, dim, n, m=4, seed=dim + k)
@@ -118,35 +139,62 @@ def test_scan_topk_equals_the_cpu_scan(bits, variant, dim, k):
 
     cpu = GemmScanner(codec, dtype=torch.float32)
     cpu_scores, cpu_rows = scan_topk(codec, cpu, queries.cpu(), chunks_on_cpu(chunks()), k, fetch_on_cpu(packed, factors))
-    scores, rows = scan_topk(codec, TritonScanner(codec, block_n=16), queries, chunks(), k, fetch)
+    scores, rows = scan_topk(codec, TritonScanner(codec, config, tiles_per_program=2), queries, chunks(), k, fetch)
     torch.testing.assert_close(scores.cpu(), cpu_scores, rtol=1e-5, atol=1e-5)
     assert torch.equal(rows.cpu(), cpu_rows)
 
 
+@pytest.mark.parametrize("config", [SMALL_FMA, SMALL_MMA])
+def test_search_resident_equals_the_cpu_scan(config):
+    """The lean one-kernel search (device rescoring, no per-chunk loop) gives the CPU scan's results."""
+    n, k = 300, 7
+    codec, packed, factors, queries = encoded(3, "mse", 64, n, m=3, seed=11)
+    valid = torch.from_numpy(np.random.default_rng(2).random(n) > 0.2).to(DEVICE)
+    cpu = GemmScanner(codec, dtype=torch.float32)
+    chunk = [Chunk(0, packed.cpu(), factors.cpu(), valid.cpu())]
+    want_scores, want_rows = scan_topk(codec, cpu, queries.cpu(), chunk, k, fetch_on_cpu(packed, factors))
+    scores, rows = search_resident(codec, TritonScanner(codec, config, tiles_per_program=3), queries, packed, factors, valid, k)
+    torch.testing.assert_close(scores.cpu(), want_scores, rtol=1e-5, atol=1e-5)
+    assert torch.equal(rows.cpu(), want_rows)
+
+
 def test_equal_scores_fill_distinct_rows():
-    """All rows identical: every score ties, and the kernel still returns k distinct rows."""
+    """All rows identical: every score ties, buckets overflow, and the exact rescan still returns k distinct rows."""
     codec, packed, factors, queries = encoded(4, "mse", 48, n=1, m=2)
     packed, factors = packed.expand(90, -1).contiguous(), factors.expand(90, -1).contiguous()
-    scanner = TritonScanner(codec, block_n=16, tiles_per_program=3)
+    scanner = TritonScanner(codec, SMALL_MMA, tiles_per_program=3)
     scores, rows = scanner.chunk_topk(scanner.prepare(queries), packed, factors, None, 20)
-    assert torch.isfinite(scores).all() and (scores == scores[:, :1]).all()
+    assert torch.isfinite(scores).all()
+    torch.testing.assert_close(scores, scores[:, :1].expand(-1, 20))  # ties (a GEMM may round columns apart)
     assert all(r.unique().numel() == 20 for r in rows)
 
 
 def test_fully_masked_chunk_returns_nothing():
     codec, packed, factors, queries = encoded(2, "prod", 48, n=40, m=2)
-    scanner = TritonScanner(codec, block_n=16)
+    scanner = TritonScanner(codec, SMALL_MMA)
     valid = torch.zeros(40, dtype=torch.bool, device=DEVICE)
     scores, rows = scanner.chunk_topk(scanner.prepare(queries), packed, factors, valid, 8)
     assert scores.shape == (2, 8) and torch.isinf(scores).all() and (rows == -1).all()
 
 
+def test_exact_topk_matches_full_scores():
+    codec, packed, factors, queries = encoded(2, "mse", 48, n=50, m=2)
+    valid = torch.arange(50, device=DEVICE) % 3 != 0
+    scores, rows = exact_topk(codec, queries, packed, factors, valid, 60)  # more than the valid rows
+    full = codec.score(queries, packed, factors).masked_fill(~valid, float("-inf"))
+    assert scores.shape == rows.shape == (2, 60)
+    torch.testing.assert_close(scores[:, :33], full.topk(33, dim=1).values)
+    assert torch.isinf(scores[:, 33:]).all() and (rows[:, 33:] == -1).all() and (rows[:, :33] % 3 != 0).all()
+
+
 def test_arguments_are_checked():
     codec, packed, factors, queries = encoded(2, "mse", 48, n=10, m=1)
     with pytest.raises(ValueError, match="power of two"):
-        TritonScanner(codec, block_n=48)
+        ScanConfig(mma=True, max_block_m=16, block_n=48, block_d=32, num_warps=4)
+    with pytest.raises(ValueError, match="max_block_m >= 16"):
+        ScanConfig(mma=True, max_block_m=8, block_n=16, block_d=32, num_warps=4)
     with pytest.raises(ValueError, match="dtype"):
-        TritonScanner(codec, torch.float64)
+        TritonScanner(codec, MMA, torch.float64)
     scanner = TritonScanner(codec)
     with pytest.raises(ValueError, match="from prepare"):
         scanner.chunk_topk(queries, packed, factors, None, 3)  # float32, not the scanner's float16
@@ -154,41 +202,61 @@ def test_arguments_are_checked():
         scanner.prepare(queries * 1e6)
 
 
-def test_dispatch():
+def test_dispatch_picks_the_kernel_form_by_batch_size():
     codec = TurboQuantCodec(48, 2)
-    assert isinstance(get_scanner(codec, "triton"), TritonScanner)
-    assert isinstance(get_scanner(codec, "auto", "cpu", queries=100), GemmScanner)
-    assert isinstance(get_scanner(codec, "auto", "cuda"), TritonScanner)
+    assert get_scanner(codec, "triton", queries=1).config == FMA
+    assert get_scanner(codec, "triton", queries=64).config == MMA
+    assert get_scanner(codec, "auto", "cuda", queries=1000).config == MMA
 
 
 _COMPILE = """
+import re, sys
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from tqindex.codec import TurboQuantCodec
-from tqindex.kernels.triton_scan import _scan_kernel
+from tqindex.kernels.triton_scan import FMA, MMA, _scan_kernel
+from tqindex.kernels.triton_unpack import unpack_constants
 
-layout = TurboQuantCodec(100, 3.5, variant="prod").layout  # several index fields, signs
-signature = {
-    "queries_ptr": "*fp16", "packed_ptr": "*u8", "factors_ptr": "*fp32", "valid_ptr": "*i1",
-    "levels_ptr": "*fp32", "level_offsets_ptr": "*i32", "out_scores_ptr": "*fp32", "out_rows_ptr": "*i32",
-    **{name: "i32" for name in ("n_rows", "n_queries", "tiles_per_program", "stride_q", "stride_p", "stride_f")},
-}
-constants = dict(
-    DIM=layout.dim, FIELDS=tuple((f.stop, f.width, f.shift, f.offset) for f in layout.index_fields),
-    SIGN_OFFSET=layout.sign_field.offset, HAS_VALID=True, KP=64, BLOCK_M=64, BLOCK_N=128, BLOCK_D=32, PRECISION="tf32",
-)
-signature.update({name: "constexpr" for name in constants})
-names = list(signature)
-source = ASTSource(_scan_kernel, signature, constexprs={(names.index(k),): v for k, v in constants.items()})
-kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8})
-assert "wgmma" in kernel.asm["ptx"] and kernel.asm["cubin"], "no tensor-core code or no cubin"
+for bits, variant, config in [(3.5, "prod", MMA), (2, "mse", FMA)]:  # several index fields and signs; the FMA form
+    constants = unpack_constants(TurboQuantCodec(768, bits, variant=variant))
+    signature = {
+        "queries_ptr": "*fp16", "packed_ptr": "*u8", "factors_ptr": "*fp32", "valid_ptr": "*u8", "bias_ptr": "*fp32", "levels_ptr": "*fp32",
+        "out_scores_ptr": "*fp32", "out_rows_ptr": "*i32", "out_dropped_ptr": "*fp32",
+        **{name: "i32" for name in ("n_rows", "n_queries", "tiles_per_program", "stride_q", "stride_p", "stride_f")},
+    }
+    block_m = 64 if config.mma else 1
+    constants.update(HAS_VALID=True, HAS_BIAS=True, MMA=config.mma, BLOCK_M=block_m, BLOCK_N=config.block_rows(block_m), BLOCK_D=config.block_d, PRECISION="tf32")
+    signature.update({name: "constexpr" for name in constants})
+    names = list(signature)
+    aligned = {(names.index(name),): [["tt.divisibility", 16]] for name in ("queries_ptr", "packed_ptr", "stride_q", "stride_p")}
+    source = ASTSource(_scan_kernel, signature, constexprs={(names.index(k),): v for k, v in constants.items()}, attrs=aligned)
+    kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": config.num_warps})
+    ptx = kernel.asm["ptx"]
+    assert kernel.asm["cubin"], "no cubin"
+    assert ("mma" in ptx) == config.mma, "tensor-core instructions where none were asked for, or none where they were"
+    assert re.search(r"ld\\.global(\\.[a-z]+)*\\.v[24]\\.b32|ld\\.global(\\.[a-z]+)*\\.b32", ptx), "no wide loads of code bytes"
+
+from tqindex.kernels.triton_encode import _BLOCK_D, _BLOCK_R, _quantize_kernel
+for bits, variant, search in [(2.5, "prod", True)]:  # two codebooks, residual, code search
+    layout = TurboQuantCodec(768, bits, variant=variant).layout
+    signature = {name: "*fp32" for name in ("rotated_ptr", "inverse_ptr", "bounds_ptr", "levels_ptr", "grid_ptr")}
+    signature.update(packed_ptr="*u8", alignment_ptr="*fp32", energy_ptr="*fp32", residual_ptr="*fp32", n_rows="i32", n_grid="i32", grid_start="i32")
+    constants = dict(
+        D=layout.dim, CODE_BYTES=layout.code_bytes, FIELDS=tuple((f.stop, f.width, f.shift, f.offset) for f in layout.index_fields),
+        BASE_BITS=layout.base_bits, EXTRA=layout.extra_coords, SEARCH=search, RESIDUAL=variant == "prod", BLOCK_R=_BLOCK_R, BLOCK_D=_BLOCK_D,
+    )
+    signature.update({name: "constexpr" for name in constants})
+    names = list(signature)
+    source = ASTSource(_quantize_kernel, signature, constexprs={(names.index(k),): v for k, v in constants.items()})
+    assert triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4}).asm["cubin"]
 print("compiled")
 """
 
 
-def test_kernel_compiles_for_a_real_gpu(tmp_path):
-    """The interpreter accepts code the compiler rejects: compile for sm_90 (no GPU needed) and look for wgmma."""
+def test_kernels_compile_for_a_real_gpu(tmp_path):
+    """The interpreter accepts code the compiler rejects: compile both scan forms and the fused
+    encoder for sm_90 (no GPU needed)."""
     pytest.importorskip("triton.backends.nvidia")
     env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_DEFAULT_FP_FUSION": "1", "TRITON_CACHE_DIR": str(tmp_path)}
     done = subprocess.run([sys.executable, "-c", _COMPILE], env=env, capture_output=True, text=True, timeout=300)
@@ -196,14 +264,44 @@ def test_kernel_compiles_for_a_real_gpu(tmp_path):
 
 
 def test_index_search_through_the_triton_backend_equals_the_torch_backend():
+    """A resident index on DEVICE (CPU under the interpreter, the GPU otherwise) against the CPU torch backend."""
     from tqindex import TurboQuantIndex
 
     rng = np.random.default_rng(5)
     x, q = rng.standard_normal((400, 48)).astype(np.float32), rng.standard_normal((3, 48)).astype(np.float32)
-    indexes = {b: TurboQuantIndex(48, 3, backend=b, chunk_rows=150) for b in ("triton", "torch")}
+    indexes = {
+        "triton": TurboQuantIndex(48, 3, backend="triton", chunk_rows=150).to(DEVICE),  # resident: the lean search
+        "torch": TurboQuantIndex(48, 3, backend="torch", chunk_rows=150),
+    }
     for index in indexes.values():
         index.add(x)
         index.remove_ids(np.arange(0, 400, 5))
     for kwargs in ({}, {"filter": np.arange(100, 300)}):
         for got, want in zip(indexes["triton"].search(q, 12, **kwargs), indexes["torch"].search(q, 12, **kwargs)):
             np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+@pytest.mark.parametrize("config", [SMALL_FMA, SMALL_MMA], ids=["fma", "mma"])
+def test_kernel_adds_the_row_bias_before_selecting(config):
+    """The L2 index's per-row bias: scores are ``codec.score + bias``, and the top-k is taken on them."""
+    n = 70
+    codec, packed, factors, queries = encoded(3, "mse", 48, n, m=2, seed=7)
+    bias = torch.linspace(-2, 2, n).to(DEVICE)
+    scanner = TritonScanner(codec, config, torch.float32, tiles_per_program=2)
+    scores, rows = scanner.chunk_topk(scanner.prepare(queries), packed, factors, None, 9, bias=bias)
+    expected, expected_rows = (codec.score(queries, packed, factors) + bias).topk(9, dim=1)
+    torch.testing.assert_close(scores, expected, rtol=1e-5, atol=1e-5)
+    assert torch.equal(rows, expected_rows)
+
+
+def test_l2_index_search_through_the_triton_backend_equals_the_torch_backend():
+    from tqindex import TurboQuantIndex
+
+    rng = np.random.default_rng(6)
+    x = (rng.standard_normal((300, 48)) + 2).astype(np.float32)
+    q = (rng.standard_normal((3, 48)) + 2).astype(np.float32)
+    indexes = {b: TurboQuantIndex(48, 4, metric="l2", backend=b, chunk_rows=120) for b in ("triton", "torch")}
+    for index in indexes.values():
+        index.add(x)
+    for got, want in zip(indexes["triton"].search(q, 8), indexes["torch"].search(q, 8)):
+        np.testing.assert_allclose(got, want, rtol=1e-5)

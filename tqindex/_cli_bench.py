@@ -6,15 +6,8 @@ Reuses the measuring code of `tqindex.demo` (build time, k-recall@k, batched QPS
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import replace
 
 import numpy as np
-
-FAISS_TQMSE_BITS = (1, 2, 3, 4, 8)  # bits FAISS offers SQtqmse at (see benchmarks/competitors.py)
-
-
-def _unit(x: np.ndarray) -> np.ndarray:
-    return (x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), np.finfo(np.float32).tiny)).astype(np.float32)
 
 
 def bench(dataset: str, bits_list: Sequence[float], k: int, *, faiss: bool, progress: bool) -> None:
@@ -22,18 +15,14 @@ def bench(dataset: str, bits_list: Sequence[float], k: int, *, faiss: bool, prog
 
     ``dataset``: an .hdf5 path or a name `tqindex.datasets.load_dataset` knows. "angular" data
     is normalised once up front (cosine = inner product of unit vectors, for every method);
-    "dot" data is used as is; "euclidean" is refused (ValueError). ``faiss`` adds FAISS's
-    TurboQuant ``RR,SQtqmse{b}`` where faiss is installed, it offers those bits, and the vectors
-    are unit length (it stores no norm); otherwise a note says why the row is missing.
+    "dot" data is used as is; "euclidean" data runs with L2 (``metric="l2"``, FAISS ``METRIC_L2``).
+    ``faiss`` adds FAISS's TurboQuant ``RR,SQtqmse{b}`` where faiss is installed, it offers those
+    bits, and the vectors are unit length (it stores no norm); otherwise a note says why the row is missing.
     """
     from tqindex.datasets import load_dataset
-    from tqindex.demo import _faiss, _measure, _tqindex
+    from tqindex.demo import FAISS_TQMSE_BITS, _faiss, _measure, _tqindex, for_search
 
-    data = load_dataset(dataset, progress=progress)
-    if data.distance == "angular":
-        data = replace(data, train=_unit(data.train), test=_unit(data.test))
-    elif data.distance != "dot":
-        raise ValueError(f"{data.name}: distance {data.distance!r} is not supported (tqindex ranks by inner product: 'dot' or 'angular' data)")
+    data, metric = for_search(load_dataset(dataset, progress=progress))
     if k > data.neighbors.shape[1]:
         raise ValueError(f"{data.name}: its ground truth holds {data.neighbors.shape[1]} neighbours per query, fewer than k={k}")
     has_faiss, notes = False, []
@@ -48,7 +37,7 @@ def bench(dataset: str, bits_list: Sequence[float], k: int, *, faiss: bool, prog
     print(f"{data.name}: {len(data.train):,} vectors, d={data.dim}, {len(data.test):,} queries, distance {data.distance}")
     print(f"| method | bits | bytes/vector | build s | {k}-recall@{k} | QPS |\n|---|---:|---:|---:|---:|---:|")
     for bits in bits_list:
-        methods = [("tqindex", _tqindex(data, bits, progress))]
+        methods = [("tqindex", _tqindex(data, bits, progress, metric))]
         if has_faiss:
             factory = f"RR,SQtqmse{bits:g}"
             if bits not in FAISS_TQMSE_BITS:
@@ -56,7 +45,7 @@ def bench(dataset: str, bits_list: Sequence[float], k: int, *, faiss: bool, prog
             elif not unit_norm:
                 notes.append(f"faiss {factory}: skipped, it stores no norm and these vectors are not unit length")
             else:
-                methods.append((f"faiss {factory}", _faiss(data, factory)))
+                methods.append((f"faiss {factory}", _faiss(data, factory, metric)))
         for name, (nbytes, build) in methods:
             built, recall, qps = _measure(build, data, k)
             print(f"| {name} | {bits:g} | {nbytes} | {built:.2f} | {recall:.4f} | {qps:,.0f} |", flush=True)

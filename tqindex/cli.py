@@ -1,7 +1,7 @@
 """The ``tqindex`` command: build an on-disk index, search it, describe it, verify it, benchmark.
 
     tqindex [--quiet] [--version] COMMAND ...
-    tqindex build INPUT --out DIR [--bits 4] [--metric ip|cosine] [--variant mse|prod] [--seed 0] [--batch 65536]
+    tqindex build INPUT --out DIR [--bits 4] [--metric ip|cosine|l2] [--variant mse|prod] [--seed 0] [--batch 65536]
     tqindex search DIR --queries FILE [-k 10] [--truth FILE] [--out RESULT.npz|RESULT.npy]
     tqindex info DIR
     tqindex verify DIR
@@ -10,13 +10,16 @@
 Vector files: .npy (an (n, d) array of numbers, memory-mapped), .fvecs / .bvecs (TEXMEX), or an
 ann-benchmarks .hdf5 file (its "train" for build, "test" for search). build adds INPUT --batch
 rows at a time behind a progress bar, so a large .npy / .fvecs file is never wholly in RAM; a
-failed build removes what it wrote. --metric defaults to cosine for an "angular" .hdf5 file, else ip.
-search prints QPS, and k-recall@k where there is ground truth: the .hdf5 file's "neighbors" or
---truth (.ivecs, .npy or .hdf5); --out writes scores and ids (.npz) or the ids alone (.npy).
+failed build removes what it wrote. The metric of an .hdf5 file's index comes from its distance
+(euclidean: l2, angular: cosine, dot or ip: ip; --metric may only repeat it), else --metric (default ip).
+search refuses an .hdf5 query file whose distance does not match the index's metric, prints QPS,
+and k-recall@k where there is ground truth: the .hdf5 file's "neighbors" or --truth (.ivecs, .npy
+or .hdf5); --out writes scores and ids (.npz) or the ids alone (.npy); for an l2 index the scores
+are squared distances, smallest first.
 info prints the index as JSON; verify re-reads every file of the index, checks its checksums and
 prints the report as JSON. bench builds in-memory indexes of an ann-benchmarks file or dataset name
-(see tqindex.datasets.load_dataset) at each --bits and prints bytes/vector, recall and QPS; --faiss
-adds FAISS's TurboQuant (RR,SQtqmse{b}) at the same bits.
+(see tqindex.datasets.load_dataset) at each --bits, with the metric of its distance, and prints
+bytes/vector, recall and QPS; --faiss adds FAISS's TurboQuant (RR,SQtqmse{b}) at the same bits.
 
 --quiet (before or after COMMAND): no progress bars (shown on a terminal only anyway), only results.
 
@@ -41,6 +44,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from tqindex import __version__
+from tqindex._arrays import as_float32
 from tqindex.datasets._optional import require
 from tqindex.datasets.vecs import VECS_DTYPES, read_vecs
 from tqindex.errors import TQIndexError
@@ -48,6 +52,8 @@ from tqindex.index import TurboQuantIndex
 
 FAILURES = (TQIndexError, ValueError, TypeError, KeyError, OSError, ImportError)  # exit 1, one line
 QUERY_BATCH = 1024  # queries searched per step (bounds the score matrix; drives the progress bar)
+#: an ann-benchmarks file's "distance" attribute -> the index metric that ranks as it does
+DISTANCE_METRICS = {"euclidean": "l2", "angular": "cosine", "dot": "ip", "ip": "ip"}
 
 
 # ---- reading vector files --------------------------------------------------------------
@@ -83,6 +89,17 @@ def _open_vectors(path: Path, part: str, files: ExitStack) -> tuple[Any, Any]:
     return array, h5
 
 
+def _file_distance(path: Path, h5: Any) -> tuple[str, str] | None:
+    """An .hdf5 file's "distance" attribute and the index metric that ranks by it; None for other
+    files or no distance. ValueError naming the distance when no metric ranks by it."""
+    if h5 is None or "distance" not in h5.attrs:
+        return None
+    distance = _text(h5.attrs["distance"])
+    if distance not in DISTANCE_METRICS:
+        raise ValueError(f"{path}: distance {distance!r} is not supported (only {', '.join(DISTANCE_METRICS)})")
+    return distance, DISTANCE_METRICS[distance]
+
+
 def _show_progress(args: argparse.Namespace) -> bool:
     return not args.quiet and sys.stderr.isatty()
 
@@ -94,13 +111,15 @@ def _build(args: argparse.Namespace) -> None:
         n, dim = vectors.shape
         if n == 0 or dim == 0:
             raise ValueError(f"{args.input}: holds no vectors (shape {vectors.shape})")
-        metric = args.metric or ("cosine" if h5 is not None and _text(h5.attrs.get("distance")) == "angular" else "ip")
+        distance, metric = _file_distance(args.input, h5) or (None, args.metric or "ip")
+        if args.metric not in (None, metric):
+            raise ValueError(f"{args.input}: its distance is {distance!r}, which needs --metric {metric}, not {args.metric}")
         existed, start = args.out.exists(), time.perf_counter()
         index = TurboQuantIndex(dim, args.bits, metric=metric, variant=args.variant, seed=args.seed, path=args.out)
         try:
             with index, tqdm(total=n, desc="build", unit="vec", unit_scale=True, disable=not _show_progress(args)) as bar:
                 for i in range(0, n, args.batch):
-                    batch = np.asarray(vectors[i : i + args.batch], dtype=np.float32)
+                    batch = as_float32(vectors[i : i + args.batch], str(args.input), first_row=i)
                     try:
                         index.add(batch, progress=False)
                     except ValueError as error:
@@ -129,7 +148,8 @@ def _text(value: Any) -> str | None:
 def _search(args: argparse.Namespace) -> None:
     with ExitStack() as files:
         array, h5 = _open_vectors(args.queries, "test", files)
-        queries = np.asarray(array[:], dtype=np.float32)
+        distance = _file_distance(args.queries, h5)
+        queries = as_float32(array[:], str(args.queries))
         truth_file = args.truth or (args.queries if h5 is not None and "neighbors" in h5 else None)
         truth = np.asarray(_open_vectors(truth_file, "neighbors", files)[0][:]) if truth_file else None
     if len(queries) == 0:
@@ -138,6 +158,11 @@ def _search(args: argparse.Namespace) -> None:
         raise ValueError(f"{truth_file}: ground truth {truth.shape} does not fit {len(queries)} queries at k={args.k}")
     found_scores, found_ids = [], []
     with TurboQuantIndex.open(args.index) as index:
+        if distance is not None and distance[1] != index.metric:
+            raise ValueError(
+                f"{args.queries}: its distance {distance[0]!r} needs an index of metric {distance[1]}, "
+                f"but {args.index} has metric {index.metric}"
+            )
         with tqdm(total=len(queries), desc="search", unit="query", disable=not _show_progress(args)) as bar:
             start = time.perf_counter()
             for i in range(0, len(queries), QUERY_BATCH):
@@ -220,7 +245,7 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("input", type=Path, metavar="INPUT", help=".npy, .fvecs, .bvecs or ann-benchmarks .hdf5 (its train set)")
     build.add_argument("--out", type=Path, required=True, metavar="DIR", help="the new index directory")
     build.add_argument("--bits", type=float, default=4, help="bits per coordinate, 1..8 in steps of 1/8 (default 4)")
-    build.add_argument("--metric", choices=("ip", "cosine"), help="default: cosine for an angular .hdf5 file, else ip")
+    build.add_argument("--metric", choices=("ip", "cosine", "l2"), help="default: from an .hdf5 file's distance, else ip")
     build.add_argument("--variant", choices=("mse", "prod"), default="mse")
     build.add_argument("--seed", type=int, default=0, help="seed of the random rotation")
     build.add_argument("--batch", type=_positive, default=65536, help="vectors read and added per step (default 65536)")

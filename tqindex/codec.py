@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from tqindex._arrays import as_float_rows, is_torch, like
+from tqindex._arrays import as_float_rows, is_torch, like, power_of_two_scaled, times_power_of_two
 from tqindex.codebook import lloyd_max_codebook
 from tqindex.packing import BitLayout
 from tqindex.quantize import quantize_rows, quantize_rows_search, search_grid
@@ -281,25 +281,43 @@ class TurboQuantCodec:
             packed, factors = (torch.cat(parts) for parts in zip(*chunks))
         else:
             packed, factors = self._encode_rows(rows)
-        if not bool(torch.isfinite(factors).all()):
-            raise ValueError("x has a vector whose norm overflows float32: scale the vectors down")
+        finite = torch.isfinite(factors).all(dim=1)
+        if not bool(finite.all()):
+            row = int(torch.nonzero(~finite)[0, 0])
+            raise ValueError(f"x row {row}: its norm overflows float32 (> {torch.finfo(torch.float32).max:.3g}): scale the vectors down")
         return Codes(like(packed, is_torch(x)), like(factors, is_torch(x)))
 
     def _encode_rows(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        rows, exponents = power_of_two_scaled(rows)  # exact; keeps the norm finite and nonzero near the ends of float32
         norms = torch.linalg.vector_norm(rows, dim=1)
         prod = self.config.variant == "prod"
         indices, alignment, residual, energy = self._quantize(self.rotation.forward(rows), norms, keep_residual=prod)
-        if not prod:
+        signs = self.qjl_signs(residual) if prod else None
+        return self.layout.pack(indices, signs), self.factors(times_power_of_two(norms, exponents), alignment, residual, energy)
+
+    def qjl_signs(self, residual: torch.Tensor) -> torch.Tensor:
+        """QJL signs of residuals ``(n, D)`` (prod): bool ``(n, D)``, True where ``S r >= 0``."""
+        return residual @ self._on(self.qjl, residual.device).t() >= 0
+
+    def factors(
+        self, norms: torch.Tensor, alignment: torch.Tensor, residual: torch.Tensor | None, energy: torch.Tensor | None
+    ) -> torch.Tensor:
+        """The stored per-vector factors, float32 ``(n, F)``, from the pieces of ``_quantize``.
+
+        ``norms`` ``(n,)``, ``alignment`` ``<u, c[idx]>`` ``(n,)``, the residual ``(n, D)`` (prod), and
+        ``energy`` ``|c[idx]|^2`` ``(n,)`` (searched codes; None otherwise). Shared with the fused GPU
+        encoder (``kernels.triton_encode``), which computes the same pieces in one kernel.
+        """
+        if self.config.variant != "prod":
             if self.config.scale == "unbiased":
                 scale = torch.where(norms > 0, norms / alignment.clamp_min(1e-30), torch.zeros_like(norms))
             else:
                 scale = norms
-            return self.layout.pack(indices), scale[:, None]
-        signs = residual @ self._on(self.qjl, rows.device).t() >= 0
+            return scale[:, None]
         coefficient = norms * torch.linalg.vector_norm(residual, dim=1) * math.sqrt(math.pi / 2) / self.rotated_dim
         if energy is not None:  # searched codes: the levels scaled by least squares, u ~ a c + residual
             norms = norms * alignment / energy.clamp_min(1e-30)
-        return self.layout.pack(indices, signs), torch.stack([norms, coefficient], dim=1)
+        return torch.stack([norms, coefficient], dim=1)
 
     def _quantize(
         self, rotated: torch.Tensor, norms: torch.Tensor, keep_residual: bool
@@ -438,7 +456,11 @@ class TurboQuantCodec:
     # ---- inner products ----------------------------------------------------------------
     def rotate_queries(self, q: Any) -> torch.Tensor:
         """Queries ``(m, d)`` (or ``(d,)``) -> rotated float32 ``(m, D)``; with prod, ``(m, 2D)``: ``[P q, S P q]``."""
-        rotated = self.rotation.forward(as_float_rows(q, self.dim, "queries"))
+        return self.rotate_rows(as_float_rows(q, self.dim, "queries"))
+
+    def rotate_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """``rotate_queries`` of rows already checked: float32 torch ``(m, d)``, finite."""
+        rotated = self.rotation.forward(rows)
         if self.qjl is None:
             return rotated
         return torch.cat([rotated, rotated @ self._on(self.qjl, rotated.device).t()], dim=1)
@@ -478,6 +500,10 @@ class TurboQuantCodec:
         if key not in cache:
             cache[key] = tensor.to(device)
         return cache[key]
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled and copied without the device cache: its keys are ids of this object's tensors."""
+        return {key: value for key, value in self.__dict__.items() if key != "_device_cache"}
 
     def __repr__(self) -> str:
         c = self.config

@@ -94,6 +94,11 @@ def check_k(k: Any, ntotal: int) -> int:
     return int(k)
 
 
+def _ivf_column_specs(codec: TurboQuantCodec, metric: str) -> dict[str, ColumnSpec]:
+    """The flat index's columns and ``lists`` (int32, each row's list)."""
+    return {**_column_specs(codec, metric), "lists": ColumnSpec("int32", ())}
+
+
 class _OneIntraOpThread:
     """A context in which torch runs each op on one thread (and the numba scanners, which follow
     torch's count); nested and concurrent uses share it, and the last one out restores the count.
@@ -247,7 +252,7 @@ class TurboQuantIVFIndex(TurboQuantIndex):
     def _create(self, centroids: np.ndarray) -> None:
         meta = {"codec": self.codec.config.to_dict(), "metric": self.metric, "nlist": self.nlist, "by_residual": self.by_residual}
         fixed = {**self.codec.state(), "centroids": centroids}
-        columns = {**_column_specs(self.codec), "lists": ColumnSpec("int32", ())}
+        columns = _ivf_column_specs(self.codec, self.metric)
         if self._path is None:
             store = MemoryStore(meta=meta, fixed=fixed, columns=columns)
         else:
@@ -282,8 +287,7 @@ class TurboQuantIVFIndex(TurboQuantIndex):
             centroids = store.fixed["centroids"]
             if centroids.dtype != np.float32 or centroids.shape != (nlist, codec.dim):
                 raise ValueError(f"centroids are {centroids.dtype} {centroids.shape}, expected float32 {(nlist, codec.dim)}")
-            expected = {**_column_specs(codec), "lists": ColumnSpec("int32", ())}
-            expected = {n: (np.dtype(s.dtype), tuple(s.row_shape)) for n, s in expected.items()}
+            expected = {n: (np.dtype(s.dtype), tuple(s.row_shape)) for n, s in _ivf_column_specs(codec, metric).items()}
             found = {n: (np.dtype(s.dtype), tuple(s.row_shape)) for n, s in store.columns.items()}
             if found != expected:
                 raise ValueError(f"columns {found} do not match the codec's {expected}")
@@ -340,7 +344,7 @@ class TurboQuantIVFIndex(TurboQuantIndex):
         return self
 
     # ---- adding and removing ---------------------------------------------------------------
-    def _append(self, vectors: torch.Tensor, ids: np.ndarray, progress: bool | None, columns: dict[str, np.ndarray] | None = None) -> None:
+    def _append(self, vectors: torch.Tensor, ids: np.ndarray, progress: bool | None, extra: dict[str, np.ndarray] | None = None) -> None:
         lists = self._assign(vectors)
         order = np.argsort(lists, kind="stable")
         lists, ids = lists[order], ids[order]
@@ -439,8 +443,8 @@ class TurboQuantIVFIndex(TurboQuantIndex):
             for start in range(0, len(slots), self.chunk_rows):
                 part = slots[start : start + self.chunk_rows]
                 packed, factors = self._gather(lists, part)
-                group_bias = None if row_bias is None else torch.from_numpy(row_bias[start : start + self.chunk_rows])[None]
-                yield QueryChunk(torch.tensor([query]), Chunk(0, packed, factors), group_bias, torch.from_numpy(part))
+                part_bias = None if row_bias is None else torch.from_numpy(row_bias[start : start + self.chunk_rows])
+                yield QueryChunk(torch.tensor([query]), Chunk(0, packed, factors, bias=part_bias), rows=torch.from_numpy(part))
 
     def _list_groups(self, lists: _Lists, probes: torch.Tensor, bias: torch.Tensor | None, allowed: np.ndarray | None) -> Iterator[QueryChunk]:
         """List-major: each probed list, in chunks of at most ``chunk_rows`` rows, scanned once for
@@ -515,17 +519,23 @@ class TurboQuantIVFIndex(TurboQuantIndex):
         return vectors
 
     # ---- persistence ----------------------------------------------------------------------
-    def save(self, path: str | os.PathLike) -> None:
-        """Write the live rows to a new directory ``path``, each list in one run (``tqindex.open`` reads it)."""
+    def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> None:
+        """Write the live rows to directory ``path``, each list in one run (``tqindex.open`` reads it).
+
+        ``path`` and ``overwrite`` as `TurboQuantIndex.save`: staged beside ``path`` and renamed
+        into place once complete."""
         self._check_open()
+        if self._store.path is not None and os.path.exists(path) and os.path.samefile(path, self._store.path):
+            raise ValueError(f"{path}: this index is open from there; save it to another directory")
         lists = self._inverted()
-        target = ColumnStore.create(path, format_name=FORMAT_NAME, meta=self._store.meta, fixed=self._store.fixed, columns=self._store.columns)
-        with target:
+        columns = _ivf_column_specs(self.codec, self.metric)
+        spec = dict(format_name=FORMAT_NAME, meta=self._store.meta, fixed=self._store.fixed, columns=columns)
+        with ColumnStore.staged(path, overwrite=overwrite, **spec) as target:
             for start in range(0, len(lists.order), _COPY_ROWS):
                 rows = lists.order[start : start + _COPY_ROWS]
-                for name in ("codes", "factors", "ids", "lists"):
-                    target.append(name, self._store.read_at(name, rows))
-            target.commit()
+                for name in columns:
+                    if name != "deleted":
+                        target.append(name, self._store.read_at(name, rows))
 
     def close(self) -> None:
         if self._store is None:

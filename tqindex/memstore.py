@@ -1,6 +1,8 @@
-"""Columns held in RAM, with the reading and appending interface of `storage.ColumnStore`.
+"""Columns held in RAM, with the reading, appending and commit interface of `storage.ColumnStore`.
 
-An index made without a path keeps its rows here; `save` copies them into a ColumnStore.
+An index made without a path keeps its rows here; `save` copies them into a ColumnStore. As on
+disk, appended rows count once committed, and `rollback` drops the rest (a failed write changes
+nothing). Holds only numpy arrays: it pickles and copies.
 """
 
 from __future__ import annotations
@@ -14,20 +16,20 @@ from tqindex.storage import ColumnSpec
 
 
 class _GrowingArray:
-    """Rows appended to a numpy array that doubles its capacity when full."""
+    """Rows appended to a numpy array that doubles its capacity when full; ``rows`` committed, ``pending`` appended."""
 
     def __init__(self, spec: ColumnSpec):
         self._data = np.empty((0, *spec.row_shape), dtype=np.dtype(spec.dtype))
-        self.rows = 0
+        self.rows = self.pending = 0
 
     def append(self, values: np.ndarray) -> None:
-        needed = self.rows + len(values)
+        needed = self.pending + len(values)
         if needed > len(self._data):
             grown = np.empty((max(needed, 2 * len(self._data), 1024), *self._data.shape[1:]), self._data.dtype)
-            grown[: self.rows] = self._data[: self.rows]
+            grown[: self.pending] = self._data[: self.pending]
             self._data = grown
-        self._data[self.rows : needed] = values
-        self.rows = needed
+        self._data[self.pending : needed] = values
+        self.pending = needed
 
     def rows_view(self, start: int, stop: int) -> np.ndarray:
         return self._data[start : min(stop, self.rows)]
@@ -72,7 +74,14 @@ class MemoryStore:
         return self._arrays[name].view()[rows]
 
     def commit(self) -> None:
-        """Nothing to make durable in RAM."""
+        """Count the appended rows (nothing to make durable in RAM)."""
+        for array in self._arrays.values():
+            array.rows = array.pending
+
+    def rollback(self) -> None:
+        """Drop the rows appended since the last commit."""
+        for array in self._arrays.values():
+            array.pending = array.rows
 
     def close(self) -> None:
         """Nothing to release."""

@@ -16,6 +16,15 @@ append and commit) are ignored on read and cut off by the next writer's first ap
 Rows are never rewritten; deletions are the caller's own appended log. `verify` re-reads every
 byte and checks it against the block checksums.
 
+Failed writes: a write, fsync or rename that raises (ENOSPC, EIO, EFBIG, a KeyboardInterrupt)
+leaves the committed rows as they were. The caller then calls `rollback`, which drops the
+pending rows (cutting their bytes off) and takes the committed state from manifest.json again. A
+commit that fails after its rename (in the directory fsync) puts the old manifest back, so it
+too commits nothing unless that also fails; then it stays committed, whole. `staged` builds a
+whole new store beside its path and renames it into place, so a failed or interrupted build never
+leaves a store at the path. A store holds file descriptors and a lock: it refuses to be pickled
+or copied (open it again by path).
+
 One writer at a time: mode "a" holds an exclusive advisory lock (flock on the directory), so a
 second writer is refused with IndexLockedError. Readers take no lock and see the rows committed
 when they opened (or last called `refresh`). POSIX only (fcntl, os.pread). Storage knows nothing of the math or of ids.
@@ -23,15 +32,22 @@ when they opened (or last called `refresh`). POSIX only (fcntl, os.pread). Stora
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import ctypes
+import errno
 import fcntl
+import functools
 import hashlib
 import io
 import json
 import math
 import os
 import re
+import secrets
+import shutil
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -46,6 +62,7 @@ MANIFEST = "manifest.json"
 _MANIFEST_TMP = MANIFEST + ".tmp"
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]*")
 _COLUMN_KINDS = "biufc"  # bool, int, uint, float, complex: plain fixed-size numbers
+_AT_FDCWD, _RENAME_EXCHANGE = -100, 2  # <fcntl.h>, <linux/fs.h>
 
 
 @dataclass(frozen=True)
@@ -93,6 +110,7 @@ class ColumnStore:
         self._manifest = manifest
         self._columns: dict[str, _Column] = {}
         self._closed = False
+        self._unusable: str | None = None  # why writes are refused: the committed state could not be re-read
         try:
             self.meta: dict[str, Any] = copy.deepcopy(manifest["meta"])
             self.fixed: dict[str, np.ndarray] = {
@@ -125,9 +143,10 @@ class ColumnStore:
 
         An existing non-empty directory is refused unless `overwrite` is set and it is itself a
         store of `format_name`; then only the files its manifest names are removed. Overwriting
-        is not atomic: a crash during it leaves a directory that is not a store.
+        is not atomic: a crash during it leaves a directory that is not a store (`staged` is).
+        A create that raises removes what it wrote (and the directory, if it made it).
         """
-        path = Path(path)
+        path = _as_path(path)
         if not isinstance(format_name, str) or not format_name:
             raise StorageError(f"{path}: format_name must be a non-empty string")
         meta = _check_meta(path, meta)
@@ -137,8 +156,10 @@ class ColumnStore:
         specs = {name: _check_spec(str(path), name, s.dtype, s.row_shape) for name, s in columns.items()}
         if path.exists() and not path.is_dir():
             raise StorageError(f"{path}: exists and is not a directory")
+        made = not path.exists()
         path.mkdir(parents=True, exist_ok=True)
         dir_fd = _lock_dir(path)
+        written: list[Path] = []  # removed again if creating fails
         try:
             if any(path.iterdir()):
                 if not overwrite:
@@ -146,6 +167,7 @@ class ColumnStore:
                 _remove_store(path, format_name)
             fixed_entries = {}
             for name, data in blobs.items():
+                written.append(path / f"{name}.npy")
                 _write_file(path / f"{name}.npy", data)
                 array = np.load(io.BytesIO(data), allow_pickle=False)
                 fixed_entries[name] = {
@@ -156,6 +178,7 @@ class ColumnStore:
                 }
             column_entries = {}
             for name, (dtype, row_shape) in specs.items():
+                written += [path / f"{name}.col", path / f"{name}.crc"]
                 _write_file(path / f"{name}.col", b"")
                 _write_file(path / f"{name}.crc", b"")
                 column_entries[name] = {
@@ -172,16 +195,60 @@ class ColumnStore:
                 "fixed": fixed_entries,
                 "columns": column_entries,
             }
+            written += [path / MANIFEST, path / _MANIFEST_TMP]
             _replace_manifest(path, dir_fd, manifest)
         except BaseException:
             os.close(dir_fd)
+            if made:
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                for file in written:
+                    with contextlib.suppress(OSError):
+                        file.unlink(missing_ok=True)
             raise
         return cls(path, "a", manifest, dir_fd)
 
     @classmethod
+    @contextlib.contextmanager
+    def staged(
+        cls,
+        path: str | os.PathLike,
+        *,
+        format_name: str,
+        meta: dict,
+        fixed: dict[str, np.ndarray],
+        columns: dict[str, ColumnSpec],
+        overwrite: bool = False,
+    ) -> Iterator[ColumnStore]:
+        """A new store built beside `path` and moved there whole: ``with ColumnStore.staged(...) as s:``.
+
+        Yields a store (mode "a") in a staging directory ``.<name>.staging-<hex>`` next to
+        `path`; when the block returns, its rows are committed and the directory is renamed to
+        `path`. A block or a write that fails leaves `path` as it was and removes the staging
+        directory. `path` must be missing or an empty directory, or, with `overwrite`, hold a
+        store of `format_name` with no other files and no writer (IndexLockedError): it is then
+        swapped for the new one in one atomic rename (Linux renameat2 RENAME_EXCHANGE) and
+        deleted. Where the system cannot swap directories the old store is renamed aside first,
+        so a crash between the two renames leaves no store at `path` (both are kept beside it).
+        """
+        path = Path(path)
+        _check_target(path, format_name, overwrite)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        stage = path.parent / f".{path.name}.staging-{secrets.token_hex(4)}"
+        store = cls.create(stage, format_name=format_name, meta=meta, fixed=fixed, columns=columns)
+        try:
+            yield store
+            store.close()
+            _publish(stage, path, format_name, overwrite)
+        except BaseException:
+            store._release()
+            shutil.rmtree(stage, ignore_errors=True)  # after a swap: the old store, replaced
+            raise
+
+    @classmethod
     def open(cls, path: str | os.PathLike, *, format_name: str, mode: str = "r") -> ColumnStore:
         """Open the store at `path`: mode "r" reads, "a" also appends (one writer at a time)."""
-        path = Path(path)
+        path = _as_path(path)
         if mode not in ("r", "a"):
             raise StorageError(f"{path}: mode must be 'r' or 'a', not {mode!r}")
         _check_dir(path)
@@ -360,7 +427,10 @@ class ColumnStore:
         col.pending_tail_crc = tail_crc
 
     def commit(self) -> None:
-        """Make the appended rows durable: fsync the column files, then replace the manifest."""
+        """Make the appended rows durable: fsync the column files, then replace the manifest.
+
+        If it raises, nothing new is committed (see the module's "Failed writes"); call `rollback`.
+        """
         self._check_writable()
         dirty = {name: c for name, c in self._columns.items() if c.pending != c.rows}
         if not dirty:
@@ -373,20 +443,54 @@ class ColumnStore:
             for n, e in self._manifest["columns"].items()
         }
         manifest = {**self._manifest, "columns": columns}
-        _replace_manifest(self.path, self._dir_fd, manifest)
+        _replace_manifest(self.path, self._dir_fd, manifest, previous=self._manifest)
         self._manifest = manifest
         for col in dirty.values():
             col.rows, col.tail_crc = col.pending, col.pending_tail_crc
 
+    def rollback(self) -> None:
+        """Drop the rows appended since the last commit, after a failed or interrupted write.
+
+        The committed row counts are read again from manifest.json (only this writer changes
+        it), so a commit that was interrupted after its rename counts as done. The dropped bytes
+        are cut off now, or by the next append if cutting fails. Never raises for an I/O error:
+        if the manifest cannot be read, the store refuses further writes (open it again).
+        No-op on a reader or a closed store.
+        """
+        if self._closed or self.mode != "a" or self._unusable:
+            return
+        try:
+            manifest = _read_manifest(self.path, self._manifest["format"])
+            parsed = {name: _parse_column(self.path, name, manifest["columns"][name]) for name in self._columns}
+        except (OSError, KeyError, StorageError) as error:
+            self._unusable = f"after a failed write its manifest could not be read back ({error})"
+            return
+        self._manifest = manifest
+        for name, col in self._columns.items():
+            col.rows = col.pending = parsed[name].rows
+            col.tail_crc = col.pending_tail_crc = parsed[name].tail_crc
+            col.residue = True
+            with contextlib.suppress(OSError, StorageError):  # else the next append cuts them
+                _check_sizes(col, name, cut_residue=True)
+                col.residue = False
+
     def close(self) -> None:
-        """Commit pending rows (mode "a") and close the files; idempotent."""
+        """Commit pending rows (mode "a") and close the files; idempotent. If the commit
+        raises, the files are closed all the same and the pending rows dropped."""
         if self._closed:
             return
         try:
-            if self.mode == "a":
+            if self.mode == "a" and not self._unusable:
                 self.commit()
         finally:
             self._release()
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        """Refused: a copy would share this store's file descriptors and writer lock."""
+        raise TypeError(
+            f"{self.path}: a store holds open files (and, writing, the directory's lock) and cannot be pickled or copied; "
+            "open it again by its path"
+        )
 
     def __enter__(self) -> ColumnStore:
         return self
@@ -415,6 +519,8 @@ class ColumnStore:
             raise StorageError(f"{self.path}: store is closed")
         if self.mode != "a":
             raise StorageError(f"{self.path}: store is open read-only (mode 'r')")
+        if self._unusable:
+            raise StorageError(f"{self.path}: {self._unusable}; close this writer and open the store again")
 
     def _release(self) -> None:
         """Close every file descriptor (and so the writer lock) without committing."""
@@ -431,6 +537,13 @@ class ColumnStore:
 
 
 # ---- helpers: validation ----
+
+
+def _as_path(path: Any) -> Path:
+    """``path`` as a Path; TypeError naming the type for anything but a str or os.PathLike."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
+    return Path(path)
 
 
 def _pread_into(col: _Column, name: str, view: memoryview, offset: int) -> None:
@@ -706,21 +819,126 @@ def _write_file(file: Path, data: bytes) -> None:
         os.close(fd)
 
 
-def _replace_manifest(path: Path, dir_fd: int, manifest: dict) -> None:
-    """The commit point: write a temp manifest, fsync it, rename it over the old, fsync the directory."""
+def _replace_manifest(path: Path, dir_fd: int, manifest: dict, previous: dict | None = None) -> None:
+    """The commit point: write a temp manifest, fsync it, rename it over the old, fsync the directory.
+
+    If it raises, the old manifest is in place: a failed directory fsync (after the rename) puts
+    ``previous`` back, unless that fails too (then the new one stays, whole).
+    """
+    _write_manifest(path, manifest)
+    try:
+        os.fsync(dir_fd)
+    except OSError:
+        if previous is not None:
+            with contextlib.suppress(OSError):
+                _write_manifest(path, previous)
+                os.fsync(dir_fd)
+        raise
+
+
+def _write_manifest(path: Path, manifest: dict) -> None:
+    """Write manifest.json through a fsynced temp file and an atomic rename (a failed write removes the temp file)."""
     manifest = {**manifest, "checksum": _manifest_checksum(manifest)}
-    _write_file(path / _MANIFEST_TMP, json.dumps(manifest, indent=1, allow_nan=False).encode() + b"\n")
-    os.replace(path / _MANIFEST_TMP, path / MANIFEST)
-    os.fsync(dir_fd)
+    try:
+        _write_file(path / _MANIFEST_TMP, json.dumps(manifest, indent=1, allow_nan=False).encode() + b"\n")
+        os.replace(path / _MANIFEST_TMP, path / MANIFEST)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            (path / _MANIFEST_TMP).unlink(missing_ok=True)
+        raise
 
 
-def _remove_store(path: Path, format_name: str) -> None:
-    """Delete the files of the store at `path`, refusing anything but a store of `format_name`."""
+def _fsync_dir(path: Path) -> None:
+    """fsync directory ``path``, making the renames inside it durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@functools.cache
+def _renameat2() -> Any:
+    """The C library's renameat2 (glibc >= 2.28), or None."""
+    function = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if function is not None:
+        function.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    return function
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap the existing paths ``a`` and ``b`` in one atomic rename; False where the system cannot."""
+    renameat2 = _renameat2()
+    if renameat2 is None:
+        return False
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):  # no such call, or the file system lacks it
+        return False
+    raise OSError(code, os.strerror(code), str(b))
+
+
+def _check_target(path: Path, format_name: str, overwrite: bool) -> None:
+    """Refuse a `staged` target that is a file, a non-empty directory (without `overwrite`), or
+    anything but a whole store of `format_name` with no writer (with it)."""
+    if path.exists() and not path.is_dir():
+        raise StorageError(f"{path}: exists and is not a directory")
+    if path.is_dir() and any(path.iterdir()):
+        if not overwrite:
+            raise StorageError(f"{path}: directory is not empty (overwrite=True replaces a store)")
+        lock = _lock_dir(path)
+        try:
+            _replaceable(path, format_name)
+        finally:
+            os.close(lock)
+
+
+def _replaceable(path: Path, format_name: str) -> None:
+    """Refuse to replace the directory `path` unless it holds a store of `format_name` and nothing else."""
+    others = _store_files(path, format_name)[1]
+    if others:
+        raise StorageError(f"{path}: refusing to overwrite: it holds files that are not the store's: {others[:5]}")
+
+
+def _publish(stage: Path, path: Path, format_name: str, overwrite: bool) -> None:
+    """Move the committed store at `stage` to `path` (see `ColumnStore.staged`)."""
+    if not (overwrite and path.is_dir() and any(path.iterdir())):
+        os.rename(stage, path)  # atomic; replaces an empty directory, refuses a non-empty one
+        _fsync_dir(path.parent)
+        return
+    lock = _lock_dir(path)  # no writer may be in the store replaced
+    try:
+        _replaceable(path, format_name)
+        old = stage
+        if not _exchange(stage, path):
+            old = path.parent / f".{path.name}.replaced-{secrets.token_hex(4)}"
+            os.rename(path, old)
+            try:
+                os.rename(stage, path)
+            except BaseException:
+                os.rename(old, path)
+                raise
+        _fsync_dir(path.parent)
+    finally:
+        os.close(lock)
+    shutil.rmtree(old)
+
+
+def _store_files(path: Path, format_name: str) -> tuple[list[Path], list[str]]:
+    """The files of the store at `path` (manifest first) and the names of any other entries in
+    it; refuses anything but a readable store of `format_name`."""
     try:
         m = _read_manifest(path, format_name)
         files = [_file(path, f"{kind} {name!r}", e) for kind in ("fixed", "columns") for name, e in m[kind].items()]
         files += [_file(path, f"column {name!r}", e).with_suffix(".crc") for name, e in m["columns"].items()]
     except StorageError as e:
         raise StorageError(f"{path}: refusing to overwrite: not a readable {format_name!r} store ({e})") from None
-    for file in [path / MANIFEST, *files, path / _MANIFEST_TMP]:  # manifest first: a crash leaves a non-store
+    own = [path / MANIFEST, *files, path / _MANIFEST_TMP]
+    return own, sorted(entry.name for entry in path.iterdir() if entry not in own)
+
+
+def _remove_store(path: Path, format_name: str) -> None:
+    """Delete the files of the store at `path` (others stay), refusing anything but a store of `format_name`."""
+    for file in _store_files(path, format_name)[0]:  # manifest first: a crash leaves a non-store
         file.unlink(missing_ok=True)

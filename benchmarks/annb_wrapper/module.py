@@ -2,8 +2,8 @@
 
 ``TurboQuant(metric, bits, variant, scale)`` wraps `tqindex.TurboQuantIndex`: exhaustive
 search over b-bit TurboQuant codes. ann-benchmarks' "angular" runs in cosine mode; "dot" / "ip"
-in inner-product mode; "euclidean" is refused (tqindex ranks by inner product only). The one
-query argument, ``chunk_rows``, sets how many rows each scan step covers (speed only).
+in inner-product mode; "euclidean" with ``metric="l2"``. The one query argument, ``chunk_rows``,
+sets how many rows each scan step covers (speed only).
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ except ImportError:  # outside an ann-benchmarks checkout: the same interface, m
             return self.name
 
 
-METRICS = {"angular": "cosine", "dot": "ip", "ip": "ip"}  # ann-benchmarks distance -> tqindex metric
+METRICS = {"angular": "cosine", "euclidean": "l2", "dot": "ip", "ip": "ip"}  # ann-benchmarks distance -> tqindex metric
 
 
 class TurboQuant(BaseANN):
@@ -56,7 +56,7 @@ class TurboQuant(BaseANN):
 
     def __init__(self, metric: str, bits: float, variant: str = "mse", scale: str = "auto", seed: int = 0):
         if metric not in METRICS:
-            raise ValueError(f"tqindex ranks by inner product: metric must be one of {sorted(METRICS)}, got {metric!r}")
+            raise ValueError(f"metric must be one of {sorted(METRICS)}, got {metric!r}")
         self._metric, self._bits, self._variant, self._scale, self._seed = METRICS[metric], bits, variant, scale, seed
         self._chunk_rows: int | None = None
         self.index: tqindex.TurboQuantIndex | None = None

@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from tqindex._arrays import as_float32
+
 from ._optional import require
 from .dataset import DISTANCE_TO_METRIC, Dataset
 from .groundtruth import exact_knn
@@ -45,8 +47,7 @@ def write_hdf5(
         raise ValueError(f"distance must be one of {sorted(DISTANCE_TO_METRIC)}, got {distance!r}")
     if (neighbors is None) != (distances is None):
         raise ValueError("give both neighbors and distances, or neither (to compute them)")
-    train = np.asarray(train, dtype=np.float32)
-    test = np.asarray(test, dtype=np.float32)
+    train, test = as_float32(train, "train"), as_float32(test, "test")  # ValueError naming a row that float32 cannot hold
     if train.ndim != 2 or test.ndim != 2 or train.shape[1] != test.shape[1]:
         raise ValueError(f"train (n, d) and test (m, d) must share d; got {train.shape}, {test.shape}")
     if neighbors is None:

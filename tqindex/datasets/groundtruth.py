@@ -6,15 +6,15 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from tqindex._arrays import as_float32, unit_rows
+
 METRICS = ("ip", "angular", "euclidean")
 
 
-def _as_float32(a: np.ndarray, name: str) -> torch.Tensor:
-    """Rows of ``a`` as a float32 tensor; ValueError if any is NaN or inf."""
-    t = torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
-    if not bool(torch.isfinite(t).all()):
-        raise ValueError(f"NaN or inf (or a value beyond the float32 range) in {name}")
-    return t
+def _as_float32(a: np.ndarray, name: str, first_row: int = 0) -> torch.Tensor:
+    """Rows of ``a`` as a float32 tensor; ValueError naming row ``first_row + i`` if one holds
+    NaN, inf or a value beyond the float32 range."""
+    return torch.from_numpy(np.ascontiguousarray(as_float32(a, name, first_row)))
 
 
 def _as_matrix(a: object, name: str) -> np.ndarray:
@@ -28,11 +28,6 @@ def _as_matrix(a: object, name: str) -> np.ndarray:
 
 def _is_int(value: object) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
-
-
-def _unit(x: torch.Tensor) -> torch.Tensor:
-    """Rows scaled to unit length; zero rows stay zero."""
-    return x / x.norm(dim=1, keepdim=True).clamp_min(torch.finfo(x.dtype).tiny)
 
 
 def exact_knn(
@@ -50,6 +45,9 @@ def exact_knn(
     train: (n, d), read ``chunk_rows`` rows at a time (a memmap or h5py dataset works);
     test: (m, d). Scores are float32 matmuls of ``query_rows`` queries against one chunk,
     merged into a running top-k, so memory stays near ``query_rows * chunk_rows`` floats.
+    ValueError naming the row for NaN, inf or values beyond float32 in either, and for a query
+    whose scores overflow float32 ("angular" is exact at any magnitude: rows are normalised
+    after an exact rescale).
 
     Returns (distances float32 (m, k), neighbors int64 (m, k)), best first, in the
     ann-benchmarks convention: "ip" inner products, largest first; "angular" cosine
@@ -68,21 +66,24 @@ def exact_knn(
 
     q = _as_float32(test, "test")
     if metric == "angular":
-        q = _unit(q)
+        q = unit_rows(q)
     m = q.shape[0]
     # Scores are "larger is better": q.x, or q.x - |x|^2 / 2 for euclidean (same order as -|q-x|).
     best_s = torch.full((m, k), -torch.inf)
     best_i = torch.full((m, k), -1, dtype=torch.int64)
     for start in tqdm(range(0, n, chunk_rows), desc="exact kNN", unit="chunk", disable=not progress):
-        x = _as_float32(train[start : start + chunk_rows], f"train rows {start}..{min(start + chunk_rows, n) - 1}")
+        x = _as_float32(train[start : start + chunk_rows], "train", start)
         if metric == "angular":
-            x = _unit(x)
+            x = unit_rows(x)
         half_sq_norm = (x * x).sum(dim=1) / 2 if metric == "euclidean" else None
         for qs in range(0, m, query_rows):
             qe = min(qs + query_rows, m)
             s = q[qs:qe] @ x.T
             if half_sq_norm is not None:
                 s -= half_sq_norm
+            if not bool(torch.isfinite(s).all()):
+                row = qs + int(torch.nonzero(~torch.isfinite(s).all(dim=1))[0, 0])
+                raise ValueError(f"test row {row}: its scores against train rows {start}.. overflow float32: scale the vectors down")
             top_s, top_i = s.topk(min(k, s.shape[1]), dim=1)
             merged_s = torch.cat([best_s[qs:qe], top_s], dim=1)
             merged_i = torch.cat([best_i[qs:qe], top_i + start], dim=1)

@@ -30,7 +30,7 @@ DATASETS: dict[str, str] = {
         "dbpedia-openai-1000k-angular",
     )
 }
-SYNTHETIC_FORM = "synthetic-{gaussian|anisotropic|clustered}-{dim}-{ip|angular|euclidean}[-raw][-n{n}][-q{m}]"
+SYNTHETIC_FORM = "synthetic-{gaussian|anisotropic|clustered|siftlike}-{dim}-{ip|angular|euclidean}[-raw][-n{n}][-q{m}]"
 
 
 def default_data_dir() -> Path:

@@ -1,4 +1,4 @@
-"""Seeded synthetic datasets (Gaussian, anisotropic Gaussian, Gaussian mixture) with exact ground truth.
+"""Seeded synthetic datasets (Gaussian, anisotropic Gaussian, Gaussian mixture, SIFT-like) with exact ground truth.
 
 Names round-trip through `load_dataset`:
 ``synthetic-{kind}-{dim}-{metric}[-raw][-n{n}][-q{n_queries}]``, e.g. "synthetic-gaussian-128-ip"
@@ -42,10 +42,30 @@ def _clustered(rng: np.random.Generator, rows: int, dim: int) -> np.ndarray:
     return centres[labels] + CLUSTER_SPREAD * rng.standard_normal((rows, dim), dtype=np.float32)
 
 
+def _siftlike(rng: np.random.Generator, rows: int, dim: int) -> np.ndarray:
+    """Non-negative integer histograms made the way SIFT descriptors are (Lowe 2004, section 6.1).
+
+    Raw gradient histograms: a mixture of min(100, rows // 100) sparse non-negative centres
+    (Gamma(0.5)) times per-entry Gamma(2, 1/2) noise. Then SIFT's own steps: normalise to unit
+    length, clip at 0.2, normalise again, scale by 512 and round down to integers in [0, 255].
+    Every row ends near norm 512 with all entries >= 0: far from the origin, where L2 and inner
+    product rank differently.
+    """
+    n_clusters = max(1, min(100, rows // 100))
+    centres = rng.gamma(0.5, 1.0, size=(n_clusters, dim)).astype(np.float32)
+    x = centres[rng.integers(n_clusters, size=rows)] * rng.gamma(2.0, 0.5, size=(rows, dim)).astype(np.float32)
+    for _ in range(2):  # normalise, clip at 0.2, normalise again
+        x /= np.maximum(np.linalg.norm(x, axis=1, keepdims=True), np.finfo(np.float32).tiny)
+        np.minimum(x, 0.2, out=x)
+    x /= np.maximum(np.linalg.norm(x, axis=1, keepdims=True), np.finfo(np.float32).tiny)
+    return np.minimum(np.floor(512 * x), 255).astype(np.float32)
+
+
 _SAMPLERS: dict[str, Callable[[np.random.Generator, int, int], np.ndarray]] = {
     "gaussian": _gaussian,
     "anisotropic": _anisotropic,
     "clustered": _clustered,
+    "siftlike": _siftlike,
 }
 KINDS = tuple(_SAMPLERS)
 
@@ -90,7 +110,8 @@ def make_synthetic(
     """A deterministic synthetic dataset: train float32 (n, dim), test float32 (n_queries, dim).
 
     kind: "gaussian" (isotropic), "anisotropic" (decaying spectrum 1/(i+1) in a random basis,
-    like real embeddings) or "clustered" (Gaussian mixture). Queries are drawn from the same
+    like real embeddings), "clustered" (Gaussian mixture) or "siftlike" (non-negative integer
+    histograms made like SIFT descriptors; use ``normalize=False``, "-raw" in a name, to keep them). Queries are drawn from the same
     distribution as the vectors but are not among them. normalize: project every row to the
     unit sphere. Ground truth: exact top-min(k, n) for ``metric``.
     """

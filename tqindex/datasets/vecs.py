@@ -12,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
+from tqindex._arrays import as_float32
+
 #: suffix -> the dtype of one value
 VECS_DTYPES: dict[str, np.dtype] = {".fvecs": np.dtype("<f4"), ".ivecs": np.dtype("<i4"), ".bvecs": np.dtype("u1")}
 _DIM = np.dtype("<i4")
@@ -63,9 +65,10 @@ def read_vecs(path: str | os.PathLike, *, mmap: bool = True) -> np.ndarray:
 def write_vecs(path: str | os.PathLike, array: np.ndarray) -> Path:
     """Write ``array`` ``(n, d)`` as a .fvecs / .ivecs / .bvecs file (format by suffix); returns the path.
 
-    Values are converted to the file's type: floats to float32 for .fvecs; .ivecs and .bvecs
-    take integers that fit int32 / uint8 (ValueError otherwise). Written beside ``path`` and
-    renamed over it when complete.
+    Values are converted to the file's type: numbers to float32 for .fvecs (ValueError naming
+    the row for a finite value beyond the float32 range, which would become inf); .ivecs and
+    .bvecs take integers that fit int32 / uint8 (ValueError otherwise). Written beside ``path``
+    and renamed over it when complete.
     """
     path = Path(path)
     values = _value_dtype(path)
@@ -82,7 +85,7 @@ def write_vecs(path: str | os.PathLike, array: np.ndarray) -> Path:
         raise ValueError(f"{path}: .fvecs holds numbers, got dtype {array.dtype}")
     records = np.empty(len(array), dtype=[("dim", _DIM), ("vec", values, (array.shape[1],))])
     records["dim"] = array.shape[1]
-    records["vec"] = array
+    records["vec"] = as_float32(array, str(path), finite=False) if values.kind == "f" else array
     tmp = path.with_name(path.name + ".tmp")
     try:
         records.tofile(tmp)

@@ -4,15 +4,25 @@ from __future__ import annotations
 
 import importlib.util
 import weakref
+from typing import Any
 
 import torch
 
-from tqindex.codec import TurboQuantCodec
-from tqindex.kernels import lut
+from tqindex.codec import Codes, TurboQuantCodec
+from tqindex.kernels import fastscan, lut
 from tqindex.kernels.gemm import GemmScanner
-from tqindex.kernels.scan import Chunk, QueryChunk, Scanner, candidate_count, scan_groups_topk, scan_topk
+from tqindex.kernels.scan import Chunk, QueryChunk, Scanner, candidate_count, scan_groups_topk, scan_topk, search_resident
 
-BACKENDS = ("auto", "torch", "lut", "triton")
+BACKENDS = ("auto", "torch", "lut", "fastscan", "triton")
+
+#: the Triton scan's form by batch size: CUDA-core FMAs (``triton_scan.FMA``) up to this many
+#: queries, the tensor-core dequantize-GEMM form (``triton_scan.MMA``) above. Not measured (no GPU
+#: was at hand): from the operation count. A 4-bit scan at the issue-12 H200 rate (4.2 TB/s) must
+#: decode 7.7 G values in ~1 ms, about 4 ALU operations per value; each query adds an FMA per value
+#: on the CUDA cores but nearly nothing on the tensor cores, whose only extra cost is staging the
+#: decoded tile (~2 operations per value). So FMAs win for 1-2 queries, tie near 4, and lose above.
+#: benchmarks/bench_gpu.py times both at each batch size.
+TRITON_FMA_MAX_QUERIES = 4
 
 #: "auto" on the CPU scans with look-up tables (where the layout allows) while queries x bits
 #: <= this, else decodes + GEMMs. Table work grows with the code bytes per query, decode work
@@ -35,10 +45,12 @@ def get_scanner(
     """The scanner for ``backend`` on ``device`` for a batch of ``queries``.
 
     "torch": decode + GEMM in torch (any device). "lut": per-byte look-up tables (CPU, numba;
-    layouts of 1, 2, 4 or 8 index bits). "triton": the fused Triton kernel (CUDA tensors, or CPU
-    tensors under ``TRITON_INTERPRET=1``). "auto": triton on a CUDA device where triton is
-    installed; on the CPU, lut while ``queries * bits <= LUT_MAX_QUERY_BITS`` where the layout
-    allows, else torch.
+    layouts of 1, 2, 4 or 8 index bits). "fastscan": the compiled SIMD fast-scan (CPU, every
+    scalar layout; ``kernels.fastscan``). "triton": the fused Triton kernel (CUDA tensors, or CPU
+    tensors under ``TRITON_INTERPRET=1``), its FMA form up to ``TRITON_FMA_MAX_QUERIES`` queries
+    and its tensor-core form above. "auto": triton on a CUDA device where triton is installed; on
+    the CPU, fastscan where the extension is built, else (with a warning) lut while
+    ``queries * bits <= LUT_MAX_QUERY_BITS`` where the layout allows, else torch.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -46,35 +58,45 @@ def get_scanner(
     if backend == "auto":
         if on_cuda:
             backend = "triton" if _triton_available() else "torch"
+        elif fastscan.supports(codec):
+            backend = "fastscan"
         else:
+            fastscan.warn_if_missing()
             few = queries * float(codec.config.bits) <= LUT_MAX_QUERY_BITS
             backend = "lut" if few and lut.supports(codec.layout) else "torch"
-    if backend == "lut" and on_cuda:
-        raise ValueError("backend='lut' runs on the CPU only")
+    if backend in ("lut", "fastscan") and on_cuda:
+        raise ValueError(f"backend={backend!r} runs on the CPU only")
+    if backend == "triton":
+        backend = "triton-fma" if queries <= TRITON_FMA_MAX_QUERIES else "triton-mma"
     made = _SCANNERS.setdefault(codec, {})
     if backend not in made:
         made[backend] = _make_scanner(codec, backend)
     return made[backend]
 
 
-def _make_scanner(codec: TurboQuantCodec, backend: str) -> Scanner:
-    if backend == "triton":
-        from tqindex.kernels.triton_scan import TritonScanner  # imported here: `import tqindex` never needs triton
+def encode(codec: TurboQuantCodec, x: Any) -> Codes:
+    """``codec.encode(x)``; for tensors on a CUDA device where triton is installed, the fused GPU
+    encoder (``triton_encode``: rotation GEMM + one quantize-and-pack kernel, the same packed bytes)."""
+    if isinstance(x, torch.Tensor) and x.device.type == "cuda" and codec.trellis is None and _triton_available():
+        from tqindex.kernels import triton_encode
 
-        return TritonScanner(codec)
+        return triton_encode.encode(codec, x)
+    return codec.encode(x)
+
+
+def _make_scanner(codec: TurboQuantCodec, backend: str) -> Scanner:
+    if backend.startswith("triton"):
+        from tqindex.kernels import triton_scan  # imported here: `import tqindex` never needs triton
+
+        return triton_scan.TritonScanner(codec, triton_scan.FMA if backend == "triton-fma" else triton_scan.MMA)
     if backend == "lut":
         return lut.LutScanner(codec)
+    if backend == "fastscan":
+        return fastscan.FastScanner(codec)
     return GemmScanner(codec)
 
 
 __all__ = [
-    "BACKENDS",
-    "LUT_MAX_QUERY_BITS",
-    "Chunk",
-    "QueryChunk",
-    "Scanner",
-    "candidate_count",
-    "get_scanner",
-    "scan_groups_topk",
-    "scan_topk",
-]
+    "BACKENDS", "LUT_MAX_QUERY_BITS", "TRITON_FMA_MAX_QUERIES", "Chunk", "QueryChunk", "Scanner", "candidate_count", "encode",
+    "get_scanner", "scan_groups_topk", "scan_topk", "search_resident",
+]  # fmt: skip

@@ -32,10 +32,19 @@ class GemmScanner:
         return rotated_queries.to(self.dtype)
 
     def chunk_topk(
-        self, queries: torch.Tensor, packed: torch.Tensor, factors: torch.Tensor, valid: torch.Tensor | None, k: int
+        self,
+        queries: torch.Tensor,
+        packed: torch.Tensor,
+        factors: torch.Tensor,
+        valid: torch.Tensor | None,
+        k: int,
+        bias: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Best ``k`` rows of the chunk per query: scores float32 ``(m, k)``, chunk-local rows int64 ``(m, k)``."""
+        """Best ``k`` rows of the chunk per query by score + ``bias`` (float32 ``(n,)`` or None):
+        scores float32 ``(m, k)``, chunk-local rows int64 ``(m, k)``."""
         scores = (queries @ self.decode(packed, factors).t()).to(torch.float32)
+        if bias is not None:
+            scores += bias
         if valid is not None:
             scores.masked_fill_(~valid, float("-inf"))
         k = min(k, scores.shape[1])

@@ -124,9 +124,16 @@ class LutScanner:
         return index, signs
 
     def chunk_topk(
-        self, tables: tuple[np.ndarray, np.ndarray | None], packed: torch.Tensor, factors: torch.Tensor, valid: torch.Tensor | None, k: int
+        self,
+        tables: tuple[np.ndarray, np.ndarray | None],
+        packed: torch.Tensor,
+        factors: torch.Tensor,
+        valid: torch.Tensor | None,
+        k: int,
+        bias: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Best ``k`` rows of the chunk per query: float32 ``(m, k)`` and chunk-local int64 rows ``(m, k)``."""
+        """Best ``k`` rows of the chunk per query by score + ``bias`` (float32 ``(n,)`` or None):
+        float32 ``(m, k)`` and chunk-local int64 rows ``(m, k)``."""
         index, signs = tables
         scores = np.empty((index.shape[0], packed.shape[0]), dtype=np.float32)
         numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
@@ -137,6 +144,8 @@ class LutScanner:
         else:
             _scan_groups(packed.numpy(), index, signs, factors.numpy(), self._groups.size, self._field_params, self._sign_offset, scores)
         result = torch.from_numpy(scores)
+        if bias is not None:
+            result += bias
         if valid is not None:
             result.masked_fill_(~valid, float("-inf"))
         return result.topk(min(k, result.shape[1]), dim=1)

@@ -6,6 +6,11 @@ codec's float32 estimator and the best ``k`` returned. The ranking is therefore 
 own (``TurboQuantCodec.inner_products``), ties aside, at the speed of the reduced-precision scan.
 Kernels know nothing of ids or files: rows are positions, chunks come from the caller.
 
+A per-row ``bias`` (float32, one value per stored row, the same for every query) turns the
+score into ``<q, x_hat> + bias``, in the scan and in the rescoring alike; kernels stay
+metric-agnostic. The index uses it for L2: ``bias = -||x||^2 / 2`` ranks rows by
+``<q, x> - ||x||^2 / 2 = (||q||^2 - ||q - x||^2) / 2``.
+
 ``scan_groups_topk`` is the same scan where each chunk is scanned for some of the queries only,
 with a per-query constant added to their scores: an inverted-file index's lists, each probed by
 the queries whose nearest centroids include it (``tqindex.ivf``).
@@ -20,29 +25,37 @@ import numpy as np
 import torch
 
 from tqindex.codec import TurboQuantCodec
+from tqindex.kernels.gemm import GemmScanner
 from tqindex.kernels.topk import RunningTopK
 
 _RESCORE_QUERY_BLOCK = 256
+_EXACT_CHUNK_ROWS = 1 << 16  # rows per step of exact_topk (it decodes them to float32)
 
 
 @dataclass(frozen=True)
 class Chunk:
-    """Rows ``[start, start + n)``: packed uint8 ``(n, B)``, factors float32 ``(n, F)``, optional bool ``valid`` ``(n,)``."""
+    """Rows ``[start, start + n)``: packed uint8 ``(n, B)``, factors float32 ``(n, F)``, optional bool
+    ``valid`` ``(n,)`` and optional float32 ``bias`` ``(n,)`` added to every query's score of the row.
+
+    ``key_columns``: optional, the fast-scan's layout of the same rows (``FastScanner.key_columns``),
+    where the caller keeps one; ``start`` is then a multiple of 32. Other scanners ignore it.
+    """
 
     start: int
     packed: torch.Tensor
     factors: torch.Tensor
     valid: torch.Tensor | None = None
+    bias: torch.Tensor | None = None
+    key_columns: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
 class QueryChunk:
     """A `Chunk` scanned for the queries ``queries`` only (int64 ``(q,)``, distinct positions in the batch).
 
-    ``bias``: float32 added to the scores: ``(q,)`` one per query, or ``(q, n)`` one per query and
-    row (then every row of the chunk is ranked, not just the scanner's top candidates); None: 0.
-    ``rows``: int64 ``(n,)`` the global row of each chunk row, for chunks gathered from scattered
-    rows; None: ``chunk.start + position``.
+    ``bias``: float32 ``(q,)``, one per query, added to its scores of every row of the chunk (on
+    top of the chunk's per-row ``bias``); None: 0. ``rows``: int64 ``(n,)`` the global row of each
+    chunk row, for chunks gathered from scattered rows; None: ``chunk.start + position``.
     """
 
     queries: torch.Tensor
@@ -52,9 +65,21 @@ class QueryChunk:
 
 
 class Scanner(Protocol):
+    """``prepare`` once per search, ``chunk_topk`` per chunk: the best ``k`` rows per query of
+    ``score + bias`` (bias float32 ``(n,)`` or None, added before the selection; -inf where not
+    ``valid``): scores float32 ``(m, <=k)`` and chunk-local rows int64, best first. A scanner that
+    also has ``candidates`` (``TritonScanner``) scans resident rows in one call (``search_resident``);
+    one with ``search`` (``FastScanner``) keeps its own exact top-k over the chunks."""
+
     def prepare(self, rotated_queries: torch.Tensor) -> torch.Tensor: ...
     def chunk_topk(
-        self, queries: torch.Tensor, packed: torch.Tensor, factors: torch.Tensor, valid: torch.Tensor | None, k: int
+        self,
+        queries: torch.Tensor,
+        packed: torch.Tensor,
+        factors: torch.Tensor,
+        valid: torch.Tensor | None,
+        k: int,
+        bias: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
@@ -100,25 +125,61 @@ def scan_topk(
     chunks: Iterable[Chunk],
     k: int,
     fetch: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+    fetch_bias: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-``k`` rows per query over all chunks.
 
     Args:
         rotated_queries: float32 ``(m, W)`` from ``codec.rotate_queries``.
-        chunks: the rows to scan, in any order.
+        chunks: the rows to scan, in any order; with ``fetch_bias``, each carries its ``bias``.
         fetch: rows int64 ``(u,)`` -> their (packed, factors), for rescoring.
+        fetch_bias: rows int64 ``(u,)`` -> their float32 bias ``(u,)``; None: no bias.
 
     Returns:
         scores float32 ``(m, k)`` best first (``-inf`` past the rows that qualified) and rows int64 ``(m, k)`` (``-1`` there).
     """
+    search = getattr(scanner, "search", None)
+    if search is not None:  # the scanner keeps its own exact top-k (the compiled fast-scan)
+        return search(rotated_queries, chunks, k)
     m = rotated_queries.shape[0]
     wanted = candidate_count(k)
     running = RunningTopK(m, wanted, device=rotated_queries.device)
     queries = scanner.prepare(rotated_queries)
     for chunk in chunks:
-        scores, local = scanner.chunk_topk(queries, chunk.packed, chunk.factors, chunk.valid, wanted)
+        scores, local = scanner.chunk_topk(queries, chunk.packed, chunk.factors, chunk.valid, wanted, bias=chunk.bias)
         running.push(scores, local + chunk.start)
-    return _rescore(codec, rotated_queries, running.rows, fetch, k)
+    return _rescore(codec, rotated_queries, running.rows, fetch, fetch_bias, k)
+
+
+def search_resident(
+    codec: TurboQuantCodec,
+    scanner: Any,
+    rotated_queries: torch.Tensor,
+    packed: torch.Tensor,
+    factors: torch.Tensor,
+    valid: torch.Tensor | None,
+    k: int,
+    bias: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``scan_topk`` over rows resident on one device, for a scanner with ``candidates``: one kernel
+    over all rows, the merge and the exact rescoring on the device, and one synchronisation at the
+    end (to learn whether any query needs the exact rescan, and whether the queries overflowed the
+    scanner's precision). Same arguments and results as ``scan_topk``; ``valid`` bool ``(n,)`` or
+    None, ``bias`` float32 ``(n,)`` or None.
+    """
+    queries = scanner.cast(rotated_queries)
+    finite = torch.isfinite(queries).all()
+    fetch, fetch_bias = (lambda at: (packed[at], factors[at])), (None if bias is None else lambda at: bias[at])
+    _, rows, overflow = scanner.candidates(queries, packed, factors, valid, candidate_count(k), bias)
+    scores, found = _rescore(codec, rotated_queries, rows, fetch, fetch_bias, k, dedupe=False)
+    flags = torch.cat([overflow, finite[None]]).cpu()  # the one synchronisation
+    if not bool(flags[-1]):
+        raise scanner.overflow_error()
+    redo = flags[:-1].nonzero().flatten().to(rows.device)
+    if redo.numel():
+        _, exact_rows = exact_topk(codec, rotated_queries[redo], packed, factors, valid, candidate_count(k), bias)
+        scores[redo], found[redo] = _rescore(codec, rotated_queries[redo], exact_rows, fetch, fetch_bias, k)
+    return scores, found
 
 
 def scan_groups_topk(
@@ -135,8 +196,8 @@ def scan_groups_topk(
     Args:
         groups: the chunks and the queries (and biases) each is scanned for, in any order; a query
             may meet the same rows in one group only.
-        bias_of: candidate rows int64 ``(m, c)`` -> the bias of each, float32 ``(m, c)`` (the one
-            its group added; ``-1`` rows are padding), for exact rescoring. None: no bias.
+        bias_of: candidate rows int64 ``(m, c)`` -> the bias of each, float32 ``(m, c)`` (what its
+            group and chunk added; ``-1`` rows are padding), for exact rescoring. None: no bias.
 
     Returns ``(scores, rows)`` as `scan_topk`, scores including the bias.
     """
@@ -145,18 +206,14 @@ def scan_groups_topk(
     running = RunningTopK(m, wanted, device=rotated_queries.device)
     prepared = scanner.prepare(rotated_queries)
     for group in groups:
-        chunk, bias = group.chunk, group.bias
+        chunk = group.chunk
         queries = take_queries(scanner, prepared, group.queries)
-        per_row = bias is not None and bias.ndim == 2
-        scores, local = scanner.chunk_topk(queries, chunk.packed, chunk.factors, chunk.valid, chunk.packed.shape[0] if per_row else wanted)
-        if per_row:
-            scores, at = (scores + bias.gather(1, local)).topk(min(wanted, scores.shape[1]), dim=1)
-            local = local.gather(1, at)
-        elif bias is not None:
-            scores = scores + bias[:, None]
+        scores, local = scanner.chunk_topk(queries, chunk.packed, chunk.factors, chunk.valid, wanted, bias=chunk.bias)
+        if group.bias is not None:
+            scores = scores + group.bias[:, None]
         running.push_at(group.queries, scores, local + chunk.start if group.rows is None else group.rows[local])
     bias = None if bias_of is None else bias_of(running.rows)
-    return _rescore(codec, rotated_queries, running.rows, fetch, k, bias)
+    return _rescore(codec, rotated_queries, running.rows, fetch, None, k, bias)
 
 
 def _rescore(
@@ -164,25 +221,64 @@ def _rescore(
     rotated_queries: torch.Tensor,
     rows: torch.Tensor,
     fetch: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+    fetch_bias: Callable[[torch.Tensor], torch.Tensor] | None,
     k: int,
     bias: torch.Tensor | None = None,
+    dedupe: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact float32 scores (plus ``bias`` ``(m, c)`` where given) of each query's candidate ``rows`` ``(m, c)``; best ``k`` kept."""
+    """Exact float32 scores (plus bias) of each query's candidate ``rows`` ``(m, c)``; best ``k`` kept.
+
+    ``fetch_bias``: rows int64 ``(u,)`` -> their per-row bias float32 ``(u,)``; ``bias``: float32
+    ``(m, c)``, one per query and candidate; either or both may be None. ``dedupe``: fetch each
+    distinct row once (``torch.unique``, which waits for the device); without it every
+    (query, candidate) is fetched, with no synchronisation.
+    """
     m = rows.shape[0]
-    unique, inverse = torch.unique(rows.clamp_min(0), return_inverse=True)
+    if dedupe:
+        unique, inverse = torch.unique(rows.clamp_min(0), return_inverse=True)
+    else:
+        unique, inverse = rows.clamp_min(0).flatten(), torch.arange(rows.numel(), device=rows.device).view(rows.shape)
     packed, factors = fetch(unique)
+    row_bias = None if fetch_bias is None else fetch_bias(unique).to(rows.device)
     exact = torch.empty(rows.shape, dtype=torch.float32, device=rows.device)
     for start in range(0, m, _RESCORE_QUERY_BLOCK):
         block = slice(start, start + _RESCORE_QUERY_BLOCK)
         at = inverse[block]
         exact[block] = codec.score(rotated_queries[block, None, :], packed[at], factors[at])[:, 0]
+        if row_bias is not None:
+            exact[block] += row_bias[at]
     if bias is not None:
         exact += bias
-    exact[rows < 0] = float("-inf")
+    exact.masked_fill_(rows < 0, float("-inf"))  # not exact[mask] = ...: that waits for the device
     # best first; among equal scores the lower row first, so results are deterministic
     by_row = torch.argsort(rows.clamp_min(0), dim=1, stable=True)
     exact, rows = exact.gather(1, by_row), rows.gather(1, by_row)
     best = torch.argsort(exact, dim=1, descending=True, stable=True)[:, :k]
     scores, best_rows = exact.gather(1, best), rows.gather(1, best)
-    best_rows[scores == float("-inf")] = -1
+    best_rows.masked_fill_(scores == float("-inf"), -1)
     return scores, best_rows
+
+
+def exact_topk(
+    codec: TurboQuantCodec,
+    queries: torch.Tensor,
+    packed: torch.Tensor,
+    factors: torch.Tensor,
+    valid: torch.Tensor | None,
+    k: int,
+    bias: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Best ``k`` rows per query by full float32 scores (+ ``bias``; decode + GEMM, ``_EXACT_CHUNK_ROWS`` at a time).
+
+    The fallback for queries whose buckets overflowed: queries float32 ``(m, W)`` -> scores float32
+    ``(m, k)`` best first and rows int64 ``(m, k)``, ``(-inf, -1)`` past the valid rows.
+    """
+    scanner = GemmScanner(codec, dtype=torch.float32)
+    running = RunningTopK(queries.shape[0], k, device=queries.device)
+    for start in range(0, packed.shape[0], _EXACT_CHUNK_ROWS):
+        stop = start + _EXACT_CHUNK_ROWS
+        chunk_valid = None if valid is None else valid[start:stop]
+        chunk_bias = None if bias is None else bias[start:stop]
+        scores, rows = scanner.chunk_topk(queries, packed[start:stop], factors[start:stop], chunk_valid, k, bias=chunk_bias)
+        running.push(scores, rows + start)
+    return running.scores, running.rows

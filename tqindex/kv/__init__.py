@@ -2,13 +2,16 @@
 
     from tqindex.kv import TurboQuantCache
     model.set_attn_implementation("turboquant")   # optional: attention on the codes
-    model.generate(**inputs, past_key_values=TurboQuantCache(key_bits=4, value_bits=4))
+    model.generate(**inputs, cache=TurboQuantCache(key_bits=4, value_bits=4))
+
+(``past_key_values=`` on transformers releases whose models do not take ``cache=`` yet; `cache_keyword`
+says which keyword the installed one takes.)
 
 Importing this package registers the "turboquant" attention (and its mask) with transformers.
 """
 
 from tqindex.kv.attention import ATTENTION_NAME, codes_attention, register, turboquant_attention
-from tqindex.kv.cache import MemoryReport, TurboQuantCache, TurboQuantLayer
+from tqindex.kv.cache import MemoryReport, TurboQuantCache, TurboQuantLayer, cache_keyword
 from tqindex.kv.compressed import CompressedKV
 
 register()
@@ -19,6 +22,7 @@ __all__ = [
     "MemoryReport",
     "TurboQuantCache",
     "TurboQuantLayer",
+    "cache_keyword",
     "codes_attention",
     "register",
     "turboquant_attention",

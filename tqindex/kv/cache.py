@@ -4,25 +4,33 @@ Per layer and KV head, keys and values are vectors of ``head_dim``. The newest t
 full precision (the window); once the dense tokens reach ``window + chunk``, the oldest whole
 chunks are encoded with `TurboQuantCodec`, once, and never touched again (crop and beam
 reordering slice or gather codes, they do not re-encode). ``update`` returns `CompressedKV`
-tensors (codes, then the window) that any attention implementation can consume; the
+tensors (codes, then dense tokens) that any attention implementation can consume; the
 "turboquant" attention (`tqindex.kv.attention`) computes on the codes directly.
 
-Attention always sees exactly what the cache stores, prefill included: tokens that leave the
-window during a forward are attended through their codes in that same forward.
+What a forward attends (``dense_prefill``): by default the codes of the tokens encoded before
+it, and every token it holds in full precision (the window and the new tokens), even those it
+encodes: a prefill runs as with an uncompressed cache (sdpa or flash attention on the states at
+hand) and writes the codes once. With ``dense_prefill=False`` attention sees exactly what the
+cache stores after the update: tokens that leave the window during a forward are attended
+through their codes in that same forward (what `benchmarks/kv_fidelity.py` measures).
 
 Shapes: ``B`` batch, ``H`` KV heads, ``Tc`` encoded tokens, ``Tw`` window tokens, ``d`` head dim.
 """
 
 from __future__ import annotations
 
+import inspect
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from transformers.cache_utils import DYNAMIC_LAYER_TYPE_MAPPING, Cache, DynamicLayer, get_layer_types_and_kwargs
 from transformers.configuration_utils import PreTrainedConfig
 
 from tqindex.codec import CodecConfig, Codes, TurboQuantCodec
+from tqindex.kernels import encode
 from tqindex.kv.compressed import CompressedKV, map_codes
 from tqindex.kv.factors import LogByteFactors
 
@@ -44,7 +52,8 @@ class TurboQuantLayer(DynamicLayer):
 
     ``self.keys`` / ``self.values`` hold the window, ``self.key_codes`` / ``self.value_codes`` the
     codes (``Codes`` with packed ``(B, H, Tc, C)`` uint8 and factors ``(B, H, Tc, F)`` in
-    ``factor_dtypes[role]``, or uint8 log codes for "log8"). With ``center_keys`` the codes hold keys
+    ``factor_dtypes[role]``, or uint8 log codes for "log8"; float32 once a role's log codes would
+    saturate, see `_float_factors`). With ``center_keys`` the codes hold keys
     minus ``self.key_offset`` ``(B, H, 1, d)`` bfloat16: the mean of the keys present at the first
     flush (any offset is exact, so its rounding costs nothing).
     """
@@ -58,14 +67,16 @@ class TurboQuantLayer(DynamicLayer):
         factor_dtypes: dict[str, torch.dtype | str],
         center_keys: bool,
         backend: str,
+        dense_prefill: bool,
     ):
         super().__init__()
         self._codecs, self.window, self.chunk = codecs, window, chunk
-        self.factor_dtypes, self.center_keys, self.backend = factor_dtypes, center_keys, backend
+        self.factor_dtypes, self.center_keys, self.backend, self.dense_prefill = factor_dtypes, center_keys, backend, dense_prefill
         self.key_codes: Codes | None = None
         self.value_codes: Codes | None = None
         self.key_offset: torch.Tensor | None = None
         self._log_factors: dict[str, LogByteFactors] = {}  # per role, fitted at the first flush
+        self._float_factors: set[str] = set()  # log8 roles whose factors left the fitted range: float32 since
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
@@ -80,16 +91,22 @@ class TurboQuantLayer(DynamicLayer):
     def _empty_codes(self, codec: TurboQuantCodec, states: torch.Tensor, role: str) -> Codes:
         batch, heads = states.shape[:2]
         packed = torch.empty((batch, heads, 0, codec.code_bytes), dtype=torch.uint8, device=states.device)
-        dtype = torch.uint8 if self.factor_dtypes[role] == LOG8 else self.factor_dtypes[role]
+        dtype = torch.uint8 if self._factor_dtype(role) == LOG8 else self._factor_dtype(role)
         factors = torch.empty((batch, heads, 0, codec.n_factors), dtype=dtype, device=states.device)
         return Codes(packed, factors)
 
+    @torch.compiler.disable  # Python control flow, host syncs at a flush, a tensor subclass: runs eagerly under torch.compile
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
-        """Append ``(B, H, t, d)`` keys and values; return all of them (`CompressedKV` once any are encoded)."""
+        """Append ``(B, H, t, d)`` keys and values; return all of them (`CompressedKV` once any are encoded).
+
+        With ``dense_prefill``: the codes as they were before this call, then every dense token
+        (window and new); otherwise what the cache holds after it (`states`).
+        """
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         keys = torch.cat([self.keys, key_states], dim=-2)
         values = torch.cat([self.values, value_states], dim=-2)
+        attended = self._view(keys, values) if self.dense_prefill else None  # the codes written before this call
         flush = self._flush_len(keys.shape[-2])
         if flush:
             if self.center_keys and self.key_offset is None:  # exact: softmax ignores q . offset
@@ -102,20 +119,28 @@ class TurboQuantLayer(DynamicLayer):
             self.key_codes, self.value_codes = _concat(self.key_codes, new_keys), _concat(self.value_codes, new_values)
             keys, values = keys[..., flush:, :].clone(), values[..., flush:, :].clone()
         self.keys, self.values = keys, values
-        return self.states()
+        return attended if attended is not None else self.states()
 
     def states(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values as attention sees them: `CompressedKV` ``(B, H, Tc + Tw, d)``, or the window while ``Tc == 0``."""
+        """What the cache holds: `CompressedKV` ``(B, H, Tc + Tw, d)``, or the window while ``Tc == 0``."""
+        return self._view(self.keys, self.values)
+
+    def _view(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The codes held now, then dense ``keys`` / ``values`` ``(B, H, t, d)``: `CompressedKV`, or the dense tensors while ``Tc == 0``."""
         if self.encoded_len == 0:
-            return self.keys, self.values
+            return keys, values
         return (
-            CompressedKV(self.key_codec, self._readable(self.key_codes, "key"), self.keys, self.backend, self.key_offset),
-            CompressedKV(self.value_codec, self._readable(self.value_codes, "value"), self.values, self.backend),
+            CompressedKV(self.key_codec, self.key_codes, keys, self.backend, self.key_offset, self._log_codes("key")),
+            CompressedKV(self.value_codec, self.value_codes, values, self.backend, None, self._log_codes("value")),
         )
 
+    def _log_codes(self, role: str) -> LogByteFactors | None:
+        """How ``role``'s stored factors decode: its one-byte log code, or None where they are floats."""
+        return self._log_factors[role] if self._factor_dtype(role) == LOG8 else None
+
     def _readable(self, codes: Codes, role: str) -> Codes:
-        """``codes`` with float factors (log codes decoded) for the codec and the attention."""
-        if self.factor_dtypes[role] != LOG8:
+        """``codes`` with float factors (log codes decoded)."""
+        if self._factor_dtype(role) != LOG8:
             return codes
         return Codes(codes.packed, self._log_factors[role].decode(codes.factors))
 
@@ -128,17 +153,44 @@ class TurboQuantLayer(DynamicLayer):
     def _encode(self, codec: TurboQuantCodec, states: torch.Tensor, role: str) -> Codes:
         """Encode ``(B, H, t, d)`` states -> ``Codes`` ``(B, H, t, C)`` and ``(B, H, t, F)`` as stored."""
         batch, heads, tokens, dim = states.shape
-        codes = codec.encode(states.reshape(-1, dim))
-        if self.factor_dtypes[role] == LOG8:
+        codes = encode(codec, states.reshape(-1, dim))  # on a GPU: the fused Triton encoder
+        if self._factor_dtype(role) == LOG8:
             log_factors = self._log_factors.setdefault(role, LogByteFactors.fit(codes.factors))
-            factors = log_factors.encode(codes.factors)
-            return Codes(codes.packed.view(batch, heads, tokens, -1), factors.view(batch, heads, tokens, -1))
-        factors = codes.factors.to(self.factor_dtypes[role])
+            if log_factors.fits(codes.factors):
+                factors = log_factors.encode(codes.factors)
+                return Codes(codes.packed.view(batch, heads, tokens, -1), factors.view(batch, heads, tokens, -1))
+            self._keep_float_factors(role)
+        factors = codes.factors.to(self._factor_dtype(role))
         if not bool(torch.isfinite(factors).all()):
             raise OverflowError(
-                f"a per-vector scale does not fit {self.factor_dtypes[role]}: pass factor_dtype=torch.float32 or 'log8' to TurboQuantCache"
+                f"a per-vector scale does not fit {self._factor_dtype(role)}: pass factor_dtype=torch.float32 or 'log8' to TurboQuantCache"
             )
         return Codes(codes.packed.view(batch, heads, tokens, -1), factors.view(batch, heads, tokens, -1))
+
+    def _factor_dtype(self, role: str) -> torch.dtype | str:
+        """How ``role``'s factors are stored now: as configured, or float32 after `_keep_float_factors`."""
+        return torch.float32 if role in self._float_factors else self.factor_dtypes[role]
+
+    def _keep_float_factors(self, role: str) -> None:
+        """Store ``role``'s factors in float32 from now on, those stored so far decoded from their log bytes.
+
+        Called when new factors fall outside the one-byte range fitted at the first flush (more
+        than ~8 octaves from its median): clamped, they would decode with errors up to 100%.
+        The stored tokens keep their values exactly; the new ones get the float32 path's error.
+        """
+        readable = self._readable(self.key_codes if role == "key" else self.value_codes, role)
+        self._float_factors.add(role)
+        if role == "key":
+            self.key_codes = readable
+        else:
+            self.value_codes = readable
+        low = self._log_factors[role].low
+        warnings.warn(
+            f"{role} scales outside the one-byte range fitted at this layer's first flush (2^{low:.1f}..2^{low + 254 / 16:.1f}): "
+            "this layer keeps them in float32 from now on (4 bytes each)",
+            RuntimeWarning,
+            stacklevel=2,
+        )
 
     @property
     def encoded_len(self) -> int:
@@ -192,6 +244,7 @@ class TurboQuantLayer(DynamicLayer):
         super().reset()
         self.key_codes = self.value_codes = self.key_offset = None
         self._log_factors = {}
+        self._float_factors = set()
 
     def memory(self) -> tuple[int, int, int]:
         """Stored bytes: ``(codes, factors and key offsets, window)``."""
@@ -252,10 +305,19 @@ class MemoryReport:
         )
 
 
+def cache_keyword(model: Any) -> str:
+    """The keyword ``model.generate`` and ``model(...)`` take a cache by in the installed transformers:
+    "cache" where the model's ``forward`` has it (current releases; ``past_key_values=`` still
+    works there but prints a FutureWarning), else "past_key_values". Use it as
+    ``model.generate(..., **{cache_keyword(model): TurboQuantCache(4, 4)})`` in code that runs on both."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 class TurboQuantCache(Cache):
     """A transformers cache that stores keys and values as TurboQuant codes beyond a full-precision window.
 
-    Use it as ``model.generate(..., past_key_values=TurboQuantCache(key_bits=4, value_bits=4))`` or
+    Use it as ``model.generate(..., cache=TurboQuantCache(key_bits=4, value_bits=4))`` (transformers
+    releases whose models take ``past_key_values=`` instead: that keyword; `cache_keyword` tells which) or
     in a plain forward loop. Layers initialise lazily from the first tensors they see, like
     ``DynamicCache()``. With ``model.set_attn_implementation("turboquant")`` attention runs on
     the codes; with any other implementation the codes are decoded for it.
@@ -278,6 +340,10 @@ class TurboQuantCache(Cache):
             ``q . mean`` is the same for every token, and it leaves less for the codes to carry.
             Costs ``2 * head_dim`` bytes per batch row, head and layer.
         backend: attention over codes: "auto" (Triton on CUDA, else torch), "torch" or "triton".
+        dense_prefill: True: a forward attends the tokens it holds in full precision (window and new
+            tokens) as they are, and codes only for tokens encoded before it, so a prefill costs
+            what it costs without the cache plus one encode. False: attention sees exactly what
+            the cache stores after the update, new tokens that leave the window included.
         search: the codecs' code search (see `TurboQuantCodec`): True, False or "auto"; scalar codes only.
         quantizer: the codecs' quantizer (see `TurboQuantCodec`): "scalar" or "trellis" (lower error at
             the same bits, ~1000x the encode work, encoded on the CPU; mse only; attention over
@@ -301,6 +367,7 @@ class TurboQuantCache(Cache):
         backend: str = "auto",
         search: bool | str = True,
         quantizer: str = "scalar",
+        dense_prefill: bool = True,
     ):
         if not isinstance(search, bool) and search != "auto":
             raise ValueError(f"search must be True, False or 'auto', got {search!r}")
@@ -317,6 +384,8 @@ class TurboQuantCache(Cache):
             raise TypeError(f"factor_dtype must be a floating torch dtype, {LOG8!r} or 'auto', got {factor_dtype!r}")
         if not isinstance(center_keys, bool):
             raise TypeError(f"center_keys must be True or False, got {center_keys!r}")
+        if not isinstance(dense_prefill, bool):
+            raise TypeError(f"dense_prefill must be True or False, got {dense_prefill!r}")
         self._specs = {"key": (key_bits, key_variant), "value": (value_bits, value_variant)}
         factor_dtypes = {
             role: (LOG8 if bits < LOG8_BELOW_BITS else torch.float16) if factor_dtype == "auto" else factor_dtype
@@ -325,8 +394,9 @@ class TurboQuantCache(Cache):
         self._codec_cache: dict[tuple[str, int], TurboQuantCodec] = {}
         self._codec_args = dict(seed=seed, quantizer=quantizer, search=search if quantizer == "scalar" else False)
         self._layer_args = dict(
-            window=window, chunk=chunk, factor_dtypes=factor_dtypes, center_keys=center_keys, backend=backend
-        )
+            window=window, chunk=chunk, factor_dtypes=factor_dtypes, center_keys=center_keys, backend=backend,
+            dense_prefill=dense_prefill,
+        )  # fmt: skip
 
         skip = list(skip_layers)
         if not all(isinstance(i, int) and not isinstance(i, bool) for i in skip):
@@ -338,6 +408,8 @@ class TurboQuantCache(Cache):
             super().__init__(layers=[])
             return
         layer_types, layer_kwargs = get_layer_types_and_kwargs(config.get_text_config(decoder=True))
+        if isinstance(layer_kwargs, dict):  # 5.14-5.18 at least: one kwargs dict for every layer; later, one per layer
+            layer_kwargs = [layer_kwargs] * len(layer_types)
         n_layers = len(layer_types)
         if any(not -n_layers <= i < n_layers for i in skip):
             raise ValueError(f"skip_layers {skip} out of range for {n_layers} layers")

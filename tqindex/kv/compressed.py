@@ -19,6 +19,7 @@ import torch
 from torch.utils._pytree import tree_map
 
 from tqindex.codec import Codes, TurboQuantCodec
+from tqindex.kv.factors import LogByteFactors
 
 
 class CompressedKV(torch.Tensor):
@@ -26,11 +27,13 @@ class CompressedKV(torch.Tensor):
 
     Attributes:
         codec: the codec of the codes.
-        codes: ``Codes`` with ``packed`` uint8 ``(B, H, Tc, C)`` and ``factors`` ``(B, H, Tc, F)``.
+        codes: ``Codes`` as stored: ``packed`` uint8 ``(B, H, Tc, C)`` and ``factors`` ``(B, H, Tc, F)``
+            (floats, or uint8 log codes with ``log_factors``); any strides.
         window: the dense tokens, ``(B, H, Tw, d)``, in the model's dtype.
         backend: how attention over these codes runs: "auto", "torch" or "triton".
         offset: None, or ``(B, H, 1, d)`` added to every decoded token (the codes hold
             vectors minus it: the cache's key centring).
+        log_factors: None (float factors), or the decoder of one-byte log factors.
     """
 
     codec: TurboQuantCodec
@@ -38,28 +41,49 @@ class CompressedKV(torch.Tensor):
     window: torch.Tensor
     backend: str
     offset: torch.Tensor | None
+    log_factors: LogByteFactors | None
 
     @staticmethod
     def __new__(
-        cls, codec: TurboQuantCodec, codes: Codes, window: torch.Tensor, backend: str = "auto", offset: torch.Tensor | None = None
+        cls,
+        codec: TurboQuantCodec,
+        codes: Codes,
+        window: torch.Tensor,
+        backend: str = "auto",
+        offset: torch.Tensor | None = None,
+        log_factors: LogByteFactors | None = None,
     ) -> "CompressedKV":
         batch, heads, window_len, dim = window.shape
         shape = (batch, heads, codes.packed.shape[2] + window_len, dim)
         return torch.Tensor._make_wrapper_subclass(cls, shape, dtype=window.dtype, device=window.device)
 
     def __init__(
-        self, codec: TurboQuantCodec, codes: Codes, window: torch.Tensor, backend: str = "auto", offset: torch.Tensor | None = None
+        self,
+        codec: TurboQuantCodec,
+        codes: Codes,
+        window: torch.Tensor,
+        backend: str = "auto",
+        offset: torch.Tensor | None = None,
+        log_factors: LogByteFactors | None = None,
     ):
-        self.codec, self.codes, self.window, self.backend, self.offset = codec, codes, window, backend, offset
+        self.codec, self.codes, self.window, self.backend = codec, codes, window, backend
+        self.offset, self.log_factors = offset, log_factors
 
     @property
     def encoded_len(self) -> int:
         """``Tc``: the number of tokens held as codes."""
         return int(self.codes.packed.shape[2])
 
+    def float_codes(self) -> Codes:
+        """The codes with float32 factors (log codes decoded): what the codec reads."""
+        factors = self.codes.factors
+        factors = factors.float() if self.log_factors is None else self.log_factors.decode(factors)
+        return Codes(self.codes.packed, factors)
+
     def decoded(self) -> torch.Tensor:
         """The encoded tokens decoded, ``(B, H, Tc, d)`` in the window's dtype."""
-        packed, factors = self.codes.packed, self.codes.factors
+        codes = self.float_codes()
+        packed, factors = codes.packed, codes.factors
         batch, heads, tokens, code_bytes = packed.shape
         flat = Codes(packed.reshape(-1, code_bytes), factors.reshape(-1, factors.shape[-1]).float())
         decoded = self.codec.decode(flat).view(batch, heads, tokens, -1)

@@ -3,8 +3,9 @@
 At head_dim 32 a float16 scale costs half a bit per coordinate; one byte holds it to within
 ±2.2% (1/16 of an octave) and gives the other quarter bit to the codes. Byte 0 is 0.0; byte
 ``q`` in 1..255 is ``2 ** (low + (q - 1) / 16)``: 15.9 octaves, placed per layer and role by the
-first factors it sees (8 octaves either side of their median). Factors outside are clamped to
-the range's ends.
+first factors it sees (8 octaves either side of their median, moved to take in their smallest
+and largest where 15.9 octaves can). `encode` clamps factors outside the range to its ends, so
+callers check `fits` first: the cache keeps a layer's factors in float32 once any do not fit.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import torch
 
 STEPS_PER_OCTAVE = 16
 _LEVELS = 255  # bytes 1..255
+_WIDTH = (_LEVELS - 1) / STEPS_PER_OCTAVE  # octaves from byte 1 to byte 255
 
 
 class LogByteFactors:
@@ -25,9 +27,19 @@ class LogByteFactors:
     @classmethod
     def fit(cls, factors: torch.Tensor) -> "LogByteFactors":
         """A range centred on the median log2 of the positive ``factors`` (any shape)."""
-        positive = factors[factors > 0].float()
-        middle = float(torch.log2(positive).median()) if positive.numel() else 0.0
-        return cls(middle - (_LEVELS - 1) / (2 * STEPS_PER_OCTAVE))
+        logs = torch.log2(factors[factors > 0].float())
+        if not logs.numel():
+            return cls(-_WIDTH / 2)
+        low = min(float(logs.median()) - _WIDTH / 2, float(logs.min()))  # take in the smallest,
+        return cls(max(low, float(logs.max()) - _WIDTH))  # and the largest (if the span allows both)
+
+    def fits(self, factors: torch.Tensor) -> bool:
+        """Whether `encode` holds every factor of ``factors`` (any shape) within half a step: none clamped."""
+        logs = torch.log2(factors[factors > 0].float())
+        if not logs.numel():
+            return True
+        steps = (logs - self.low) * STEPS_PER_OCTAVE
+        return bool(steps.min() >= -0.5) and bool(steps.max() <= _LEVELS - 0.5)
 
     def encode(self, factors: torch.Tensor) -> torch.Tensor:
         """float factors ``(...)`` >= 0 -> uint8 ``(...)``."""

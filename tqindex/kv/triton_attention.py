@@ -1,20 +1,36 @@
-"""Triton kernel for the code part of attention: scores from key codes, softmax, value sum from value codes.
+"""Attention over KV codes on the GPU: a split-K (flash-decoding) Triton kernel and a merge kernel.
 
-One program per (batch x KV head ``n``, block of ``BLOCK_M`` query rows). It walks the encoded
-tokens in blocks of ``BLOCK_T``: unpacks each token's key code (shift-and-mask per bit field of
-`tqindex.packing.BitLayout`, codebook look-up), takes the dot product with the rotated query
-(plus the QJL sign term for prod), scales, adds the mask bias, keeps a running max and sum of
-exponentials (online softmax), and accumulates ``p * scale * level`` of the value codes in
-rotated space. Nothing is decoded to memory. Same contract as `attention._partial_torch`:
-returns the unnormalised rotated accumulator ``(N, M, Dacc)``, the running max ``(N, M)`` and
-the sum of exponentials ``(N, M)``.
+For one (batch, KV head) pair ``n``, its query rows ``m`` (the query heads of its GQA group times
+the query positions: ``M = g * L``) and ``Tc`` encoded tokens, then ``Tw`` dense window tokens:
 
-Runs on CUDA, or on CPU under ``TRITON_INTERPRET=1`` (set before triton is imported).
-Needs keys and values with the same rotated dim.
+1. `_split_kernel`, grid ``(N, S, row blocks)``: program ``(n, s, .)`` owns a contiguous range of
+   ``SPLIT_BLOCKS * BLOCK_T`` tokens. Per block of ``BLOCK_T`` tokens it loads the packed key and
+   value rows once for all ``BLOCK_M`` rows (the GQA group shares each code read), unpacks them in
+   registers with the shared helper `tqindex.kernels.triton_unpack` (whole byte tiles, shift, mask
+   and interleave per bit field, levels by select tree or an L1 gather), decodes one-byte log
+   factors in place, and keeps an online softmax: running max, sum of exponentials and the value
+   sum in rotated space (DESIGN.md section 5: rotated back once, after the merge). It writes one
+   partial per split.
+2. `_merge_kernel`, grid ``(N, row blocks)``: merges the ``S`` partials, adds the key centring's
+   ``q . offset`` to the code logits, attends the dense window exactly (online softmax over
+   blocks, so memory stays linear in the window), and writes the normalised code part (rotated)
+   and the window part (model space) of every row.
+3. ``codec.finish`` rotates the code part back (one matrix product) and the window part is added.
+
+Products: with at most 8 rows per (batch, KV head) (decode: ``g`` rows per position), one row at
+a time on CUDA cores in float32, exact; with more rows (speculative decode, extend, prefill after
+earlier codes), blocks of up to 64 rows on tensor cores (``tl.dot``, float16 operands, float32
+sums). The number of splits ``S`` aims the grid at a few programs per SM (`plan`): flash-decoding
+(Dao et al. 2023).
+
+Loop counts are compile-time constants (powers of two of blocks, masked at the ends), so no loop
+bound is a runtime tensor: Triton's interpreter on numpy >= 2.5 cannot turn one into an int.
+Runs on CUDA, or on CPU tensors under ``TRITON_INTERPRET=1`` (set before triton is imported).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import lru_cache
 
 import torch
@@ -22,166 +38,416 @@ import triton
 import triton.language as tl
 
 from tqindex.codec import Codes, TurboQuantCodec
-from tqindex.packing import BitLayout
+from tqindex.kernels.triton_unpack import levels_table, unpack_constants, unpack_levels, unpack_signs
+from tqindex.kv.compressed import CompressedKV
+from tqindex.kv.factors import STEPS_PER_OCTAVE
 
-_BLOCK_M = 16
-_BLOCK_T = 32
-_PLAN_ROWS = 4  # per field: byte index, bit position, value mask, shift into the index
+DEFAULT_SMS = 132  # an H200's SM count: the split plan when no GPU is at hand (the interpreter)
+PROGRAMS_PER_SM = 4  # split-kernel programs the grid aims at per SM
+FMA_MAX_ROWS = 8  # up to this many rows per (batch, KV head): CUDA-core products; beyond: tensor cores
+SPLIT_WARPS = 8  # ptxas for sm_90 (benchmarks/kv_kernel_resources.py): 4 rows x 64 tokens x 128 coordinates fit
+# in 127 registers with 8 warps and spill with 4; 8 rows take 255 without spilling
+_DOT_BLOCK_M = 64
+_MERGE_TILE = 8192  # elements of one (splits, rows, coordinates) tile in the merge
+_NONE, _BOOL, _FLOAT = 0, 1, 2  # mask modes
+_LOG_STEPS = tl.constexpr(STEPS_PER_OCTAVE)
 
 
-@lru_cache(maxsize=64)
-def _plans(layout: BitLayout, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Where each coordinate's bits live: int32 ``(fields, 4, D)`` index plan and ``(2, D)`` sign plan.
-
-    A coordinate outside a field's prefix gets mask 0, so it contributes nothing from that field.
-    """
-    coords = torch.arange(layout.dim)
-    rows = []
-    for field in layout.index_fields:
-        inside = coords < field.stop
-        rows.append(
-            torch.stack(
-                [
-                    torch.where(inside, field.offset + coords // field.per_byte, 0),
-                    torch.where(inside, coords % field.per_byte * field.width, 0),
-                    torch.where(inside, (1 << field.width) - 1, 0),
-                    torch.full_like(coords, field.shift),
-                ]
-            )
-        )
-    index_plan = torch.stack(rows) if rows else torch.zeros((0, _PLAN_ROWS, layout.dim), dtype=torch.int64)
-    signs = layout.sign_field
-    sign_plan = torch.stack([signs.offset + coords // 8, coords % 8]) if signs else torch.zeros((2, layout.dim), dtype=torch.int64)
-    return index_plan.to(device, torch.int32).contiguous(), sign_plan.to(device, torch.int32).contiguous()
+# ---- reading codes -----------------------------------------------------------------------
 
 
 @triton.jit
-def _levels(P, row_starts, lmask, PLAN, LEVELS, LOFF, offs_d, dmask, D: tl.constexpr, FIELDS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Codebook levels of ``BLOCK_T`` packed rows starting at ``P + row_starts``: ``(BLOCK_T, BLOCK_D)``."""
-    idx = tl.zeros((BLOCK_T, BLOCK_D), dtype=tl.int32)
-    for f in tl.static_range(FIELDS):
-        byte = tl.load(PLAN + (f * 4 + 0) * D + offs_d, mask=dmask, other=0)
-        bit = tl.load(PLAN + (f * 4 + 1) * D + offs_d, mask=dmask, other=0)
-        keep = tl.load(PLAN + (f * 4 + 2) * D + offs_d, mask=dmask, other=0)
-        shift = tl.load(PLAN + (f * 4 + 3) * D + offs_d, mask=dmask, other=0)
-        raw = tl.load(P + row_starts[:, None] + byte[None, :], mask=lmask, other=0).to(tl.int32)
-        idx = idx | (((raw >> bit[None, :]) & keep[None, :]) << shift[None, :])
-    offsets = tl.load(LOFF + offs_d, mask=dmask, other=0)
-    return tl.load(LEVELS + idx + offsets[None, :], mask=lmask, other=0.0)
-
-
-@triton.jit
-def _signs(P, row_starts, lmask, SIGN_PLAN, offs_d, dmask, D: tl.constexpr):
-    """QJL signs (+-1, 0 where masked) of packed rows starting at ``P + row_starts``."""
-    byte = tl.load(SIGN_PLAN + offs_d, mask=dmask, other=0)
-    bit = tl.load(SIGN_PLAN + D + offs_d, mask=dmask, other=0)
-    raw = tl.load(P + row_starts[:, None] + byte[None, :], mask=lmask, other=0).to(tl.int32)
-    return tl.where(lmask, ((raw >> bit[None, :]) & 1).to(tl.float32) * 2.0 - 1.0, 0.0)
-
-
-@triton.jit
-def _codes_attention_kernel(
-    Q, KP, KF, VP, VF, BIAS, ACC, TOP, TOTAL,
-    K_PLAN, K_SIGN_PLAN, K_LEVELS, K_LOFF, V_PLAN, V_SIGN_PLAN, V_LEVELS, V_LOFF,
-    tokens, rows, q_len, heads, scaling,
-    sq_n, sq_m, skp_n, skp_t, skf_n, skf_t, svp_n, svp_t, svf_n, svf_t, sb_b, sb_l, sb_t, sa_n, sa_m,
-    D: tl.constexpr, K_FIELDS: tl.constexpr, V_FIELDS: tl.constexpr, K_SIGNS: tl.constexpr, V_SIGNS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+def _rows(
+    P, row_base, offs_t, tmask, s_t, F, f_base, s_ft, table, low,
+    FIELDS: tl.constexpr, LEVELS: tl.constexpr, N_LO: tl.constexpr, EXTRA: tl.constexpr, SIGN_OFFSET: tl.constexpr,
+    LOG: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
 ):  # fmt: skip
-    n = tl.program_id(0).to(tl.int64)  # offsets past 2**31 bytes on long caches
-    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    """Tokens ``offs_t``: levels ``(BT, D_PAD)`` and first factor ``(BT,)``; for prod QJL signs (+-1) and second factor."""
+    row_ptrs = P + row_base + offs_t.to(tl.int64)[:, None] * s_t
+    lev = unpack_levels(row_ptrs, tmask[:, None], 0, table, FIELDS, LEVELS, N_LO, EXTRA, D, D_PAD)
+    factor_ptrs = F + f_base + offs_t.to(tl.int64) * s_ft
+    scale = _factor(factor_ptrs, tmask, LOG, low)
+    if SIGN_OFFSET >= 0:
+        signs = unpack_signs(row_ptrs, tmask[:, None], 0, SIGN_OFFSET, D, D_PAD)
+        qjl = _factor(factor_ptrs + 1, tmask, LOG, low)
+    else:
+        signs = lev
+        qjl = scale
+    return lev, scale, signs, qjl
+
+
+@triton.jit
+def _factor(ptrs, ok, LOG: tl.constexpr, low):
+    """Per-vector factors as float32: stored floats, or one-byte log codes (`tqindex.kv.factors`) decoded."""
+    raw = tl.load(ptrs, mask=ok, other=0)
+    if LOG:
+        code = raw.to(tl.float32)
+        return tl.where(code > 0, tl.exp2(low + (code - 1.0) / _LOG_STEPS), 0.0)
+    return raw.to(tl.float32)
+
+
+# ---- products -----------------------------------------------------------------------------
+
+
+@triton.jit
+def _scores(q, keys, BLOCK_M: tl.constexpr, DOT: tl.constexpr):
+    """``q`` ``(BM, K)`` x ``keys`` ``(BT, K)`` -> float32 ``(BM, BT)``."""
+    if DOT:
+        out = tl.dot(q.to(tl.float16), tl.trans(keys.to(tl.float16)))
+    else:  # one row at a time: every product stays in the keys' layout, float32
+        rows = tl.arange(0, BLOCK_M)[:, None]
+        out = tl.zeros((BLOCK_M, keys.shape[0]), dtype=tl.float32)
+        for m in tl.static_range(BLOCK_M):
+            q_m = tl.sum(tl.where(rows == m, q, 0.0), axis=0)
+            out = tl.where(rows == m, tl.sum(keys * q_m[None, :], axis=1)[None, :], out)
+    return out
+
+
+@triton.jit
+def _weighted(p, values, BLOCK_M: tl.constexpr, DOT: tl.constexpr):
+    """Weights ``p`` ``(BM, BT)`` (at most 1) x ``values`` ``(BT, K)`` -> float32 ``(BM, K)``."""
+    if DOT:
+        out = tl.dot(p.to(tl.float16), values.to(tl.float16))
+    else:
+        rows = tl.arange(0, BLOCK_M)[:, None]
+        out = tl.zeros((BLOCK_M, values.shape[1]), dtype=tl.float32)
+        for m in tl.static_range(BLOCK_M):
+            p_m = tl.sum(tl.where(rows == m, p, 0.0), axis=0)
+            out = tl.where(rows == m, tl.sum(values * p_m[:, None], axis=0)[None, :], out)
+    return out
+
+
+@triton.jit
+def _scaled_weighted(p, scale, values, BLOCK_M: tl.constexpr, DOT: tl.constexpr):
+    """``sum_t p[m, t] * scale[t] * values[t]``: the per-token factor folded into ``p``, kept <= 1 for float16."""
+    top = tl.max(scale, axis=0)
+    top = tl.where(top > 0, top, 1.0)
+    return _weighted(p * (scale / top)[None, :], values, BLOCK_M, DOT) * top
+
+
+@triton.jit
+def _keep(s, offs_m, mmask, keys, kmask, MASK, m_base, s_ml, s_mt, q_len, causal_shift, MASK_MODE: tl.constexpr, CAUSAL: tl.constexpr):
+    """Logits ``s`` ``(BM, BT)`` with the mask applied: -inf where a key is excluded."""
+    keep = mmask[:, None] & kmask[None, :]
+    pos = offs_m % q_len
+    if CAUSAL:  # query position l sees keys <= T - L + l
+        keep &= keys[None, :] <= (causal_shift + pos)[:, None]
+    if MASK_MODE != 0:
+        ptrs = MASK + m_base + pos[:, None].to(tl.int64) * s_ml + keys[None, :].to(tl.int64) * s_mt
+        mask = tl.load(ptrs, mask=keep, other=0)
+        if MASK_MODE == 1:
+            keep &= mask != 0
+        else:
+            s += mask.to(tl.float32)
+    return tl.where(keep, s, float("-inf"))
+
+
+@triton.jit
+def _online(top, s):
+    """One online-softmax step: the new max ``(BM,)``, the rescale of what came before, and the weights."""
+    new_top = tl.maximum(top, tl.max(s, axis=1))
+    shift = tl.where(new_top == float("-inf"), 0.0, new_top)
+    return new_top, tl.exp(top - shift), tl.exp(s - shift[:, None])
+
+
+# ---- kernels ------------------------------------------------------------------------------
+
+
+@triton.jit
+def _split_kernel(
+    Q, KP, KF, VP, VF, MASK, ACC, TOP, TOTAL, K_TABLE, V_TABLE,
+    k_low, v_low, scaling, tokens, rows, q_len, heads, causal_shift,
+    s_qn, s_qm, s_kpb, s_kph, s_kpt, s_kfb, s_kfh, s_kft, s_vpb, s_vph, s_vpt, s_vfb, s_vfh, s_vft,
+    s_mb, s_ml, s_mt, s_an, s_as, s_am,
+    D: tl.constexpr, D_PAD: tl.constexpr,
+    K_FIELDS: tl.constexpr, K_LEVELS: tl.constexpr, K_N_LO: tl.constexpr, K_EXTRA: tl.constexpr, K_SIGN_OFFSET: tl.constexpr, K_LOG: tl.constexpr,
+    V_FIELDS: tl.constexpr, V_LEVELS: tl.constexpr, V_N_LO: tl.constexpr, V_EXTRA: tl.constexpr, V_SIGN_OFFSET: tl.constexpr, V_LOG: tl.constexpr,
+    MASK_MODE: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr, SPLIT_BLOCKS: tl.constexpr, DOT: tl.constexpr,
+):  # fmt: skip
+    """Partial attention of rows ``(n, row block)`` over split ``s``'s tokens -> ACC, TOP, TOTAL ``[n, s, rows]``."""
+    n = tl.program_id(0)
+    split = tl.program_id(1)
+    b = (n // heads).to(tl.int64)
+    h = (n % heads).to(tl.int64)
+    offs_m = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
     mmask = offs_m < rows
-    offs_d = tl.arange(0, BLOCK_D)
-    dmask = offs_d < D
-    q_ptrs = Q + n * sq_n + offs_m[:, None] * sq_m + offs_d[None, :]
-    qmask = mmask[:, None] & dmask[None, :]
+    d = tl.arange(0, D_PAD)
+    q_ptrs = Q + n.to(tl.int64) * s_qn + offs_m[:, None].to(tl.int64) * s_qm + d[None, :]
+    qmask = mmask[:, None] & (d < D)[None, :]
     q = tl.load(q_ptrs, mask=qmask, other=0.0)
-    if K_SIGNS:
+    if K_SIGN_OFFSET >= 0:
         q_qjl = tl.load(q_ptrs + D, mask=qmask, other=0.0)
-    bias_rows = BIAS + (n // heads) * sb_b + (offs_m % q_len)[:, None] * sb_l
+    m_base = b * s_mb
 
     top = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     total = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-    acc_qjl = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-    for start in range(0, tokens, BLOCK_T):
-        offs_t = start + tl.arange(0, BLOCK_T)
+    acc = tl.zeros((BLOCK_M, D_PAD), dtype=tl.float32)
+    acc_qjl = tl.zeros((BLOCK_M, D_PAD), dtype=tl.float32)
+    for i in range(SPLIT_BLOCKS):
+        offs_t = (split * SPLIT_BLOCKS + i) * BLOCK_T + tl.arange(0, BLOCK_T)
         tmask = offs_t < tokens
-        lmask = tmask[:, None] & dmask[None, :]
+        lev, scale, signs, qjl = _rows(
+            KP, b * s_kpb + h * s_kph, offs_t, tmask, s_kpt, KF, b * s_kfb + h * s_kfh, s_kft, K_TABLE, k_low,
+            K_FIELDS, K_LEVELS, K_N_LO, K_EXTRA, K_SIGN_OFFSET, K_LOG, D, D_PAD,
+        )  # fmt: skip
+        s = _scores(q, lev, BLOCK_M, DOT) * scale[None, :]
+        if K_SIGN_OFFSET >= 0:
+            s += _scores(q_qjl, signs, BLOCK_M, DOT) * qjl[None, :]
+        s = _keep(s * scaling, offs_m, mmask, offs_t, tmask, MASK, m_base, s_ml, s_mt, q_len, causal_shift, MASK_MODE, CAUSAL)
+        top, alpha, p = _online(top, s)
+        total = total * alpha + tl.sum(p, axis=1)
 
-        key_rows = n * skp_n + offs_t * skp_t
-        levels = _levels(KP, key_rows, lmask, K_PLAN, K_LEVELS, K_LOFF, offs_d, dmask, D, K_FIELDS, BLOCK_T, BLOCK_D)
-        key_scale = tl.load(KF + n * skf_n + offs_t * skf_t, mask=tmask, other=0.0).to(tl.float32)
-        s = tl.dot(q, tl.trans(levels), input_precision="ieee") * key_scale[None, :]
-        if K_SIGNS:
-            signs = _signs(KP, key_rows, lmask, K_SIGN_PLAN, offs_d, dmask, D)
-            key_qjl = tl.load(KF + n * skf_n + offs_t * skf_t + 1, mask=tmask, other=0.0).to(tl.float32)
-            s += tl.dot(q_qjl, tl.trans(signs), input_precision="ieee") * key_qjl[None, :]
-        bias = tl.load(bias_rows + offs_t[None, :] * sb_t, mask=mmask[:, None] & tmask[None, :], other=float("-inf"))
-        s = tl.where(tmask[None, :], s * scaling + bias, float("-inf"))
+        lev, scale, signs, qjl = _rows(
+            VP, b * s_vpb + h * s_vph, offs_t, tmask, s_vpt, VF, b * s_vfb + h * s_vfh, s_vft, V_TABLE, v_low,
+            V_FIELDS, V_LEVELS, V_N_LO, V_EXTRA, V_SIGN_OFFSET, V_LOG, D, D_PAD,
+        )  # fmt: skip
+        acc = acc * alpha[:, None] + _scaled_weighted(p, scale, lev, BLOCK_M, DOT)
+        if V_SIGN_OFFSET >= 0:
+            acc_qjl = acc_qjl * alpha[:, None] + _scaled_weighted(p, qjl, signs, BLOCK_M, DOT)
 
-        new_top = tl.maximum(top, tl.max(s, axis=1))
+    out = n.to(tl.int64) * s_an + split.to(tl.int64) * s_as + offs_m[:, None].to(tl.int64) * s_am + d[None, :]
+    tl.store(ACC + out, acc, mask=qmask)
+    if V_SIGN_OFFSET >= 0:
+        tl.store(ACC + out + D, acc_qjl, mask=qmask)
+    stats = (n * tl.num_programs(1) + split).to(tl.int64) * rows + offs_m
+    tl.store(TOP + stats, top, mask=mmask)
+    tl.store(TOTAL + stats, total, mask=mmask)
+
+
+@triton.jit
+def _merge_kernel(
+    ACC, TOP, TOTAL, Q, OFFSET, KW, VW, MASK, OUT_CODES, OUT_WINDOW,
+    splits, rows, q_len, heads, window, encoded, causal_shift, scaling,
+    s_an, s_as, s_am, s_qn, s_qm, s_ob, s_oh, s_kwb, s_kwh, s_kwt, s_vwb, s_vwh, s_vwt, s_mb, s_ml, s_mt, s_ocn, s_ocm, s_own, s_owm,
+    DACC: tl.constexpr, DACC_PAD: tl.constexpr, DK: tl.constexpr, DK_PAD: tl.constexpr, DV: tl.constexpr, DV_PAD: tl.constexpr,
+    HAS_OFFSET: tl.constexpr, MASK_MODE: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_S: tl.constexpr, SPLIT_LOOPS: tl.constexpr, BLOCK_W: tl.constexpr, WINDOW_LOOPS: tl.constexpr, DOT: tl.constexpr,
+):  # fmt: skip
+    """Rows ``(n, row block)``: merge the split partials, add the key offset, attend the window; normalised outputs."""
+    n = tl.program_id(0)
+    b = (n // heads).to(tl.int64)
+    h = (n % heads).to(tl.int64)
+    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    mmask = offs_m < rows
+    c = tl.arange(0, DACC_PAD)
+
+    # the code part: merge the partials of every split
+    top = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    total = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, DACC_PAD), dtype=tl.float32)
+    for i in range(SPLIT_LOOPS):
+        s = i * BLOCK_S + tl.arange(0, BLOCK_S)
+        smask = (s < splits)[:, None] & mmask[None, :]
+        stats = (n * splits + s[:, None]).to(tl.int64) * rows + offs_m[None, :]  # (BS, BM)
+        tops = tl.load(TOP + stats, mask=smask, other=float("-inf"))
+        new_top = tl.maximum(top, tl.max(tops, axis=0))
         shift = tl.where(new_top == float("-inf"), 0.0, new_top)
         alpha = tl.exp(top - shift)
-        p = tl.exp(s - shift[:, None])
-        total = total * alpha + tl.sum(p, axis=1)
+        w = tl.exp(tops - shift[None, :])
+        total = total * alpha + tl.sum(w * tl.load(TOTAL + stats, mask=smask, other=0.0), axis=0)
+        parts = n.to(tl.int64) * s_an + s[:, None, None].to(tl.int64) * s_as + offs_m[None, :, None].to(tl.int64) * s_am + c[None, None, :]
+        part = tl.load(ACC + parts, mask=smask[:, :, None] & (c < DACC)[None, None, :], other=0.0)
+        acc = acc * alpha[:, None] + tl.sum(w[:, :, None] * part, axis=0)
         top = new_top
 
-        value_rows = n * svp_n + offs_t * svp_t
-        levels = _levels(VP, value_rows, lmask, V_PLAN, V_LEVELS, V_LOFF, offs_d, dmask, D, V_FIELDS, BLOCK_T, BLOCK_D)
-        value_scale = tl.load(VF + n * svf_n + offs_t * svf_t, mask=tmask, other=0.0).to(tl.float32)
-        acc = acc * alpha[:, None] + tl.dot(p, levels * value_scale[:, None], input_precision="ieee")
-        if V_SIGNS:
-            signs = _signs(VP, value_rows, lmask, V_SIGN_PLAN, offs_d, dmask, D)
-            value_qjl = tl.load(VF + n * svf_n + offs_t * svf_t + 1, mask=tmask, other=0.0).to(tl.float32)
-            acc_qjl = acc_qjl * alpha[:, None] + tl.dot(p, signs * value_qjl[:, None], input_precision="ieee")
+    dk = tl.arange(0, DK_PAD)
+    q = tl.load(Q + n.to(tl.int64) * s_qn + offs_m[:, None].to(tl.int64) * s_qm + dk[None, :], mask=mmask[:, None] & (dk < DK)[None, :], other=0.0)
+    q = q.to(tl.float32)
+    if HAS_OFFSET:  # the codes hold keys minus the offset: their logits lack scaling * q . offset
+        offset = tl.load(OFFSET + b * s_ob + h * s_oh + dk, mask=dk < DK, other=0.0).to(tl.float32)
+        top += scaling * tl.sum(q * offset[None, :], axis=1)
 
-    acc_ptrs = ACC + n * sa_n + offs_m[:, None] * sa_m + offs_d[None, :]
-    tl.store(acc_ptrs, acc, mask=qmask)
-    if V_SIGNS:
-        tl.store(acc_ptrs + D, acc_qjl, mask=qmask)
-    tl.store(TOP + n * rows + offs_m, top, mask=mmask)
-    tl.store(TOTAL + n * rows + offs_m, total, mask=mmask)
+    # the window, exactly, continuing the same online softmax
+    dv = tl.arange(0, DV_PAD)
+    code_scale = tl.full((BLOCK_M,), 1.0, dtype=tl.float32)
+    acc_window = tl.zeros((BLOCK_M, DV_PAD), dtype=tl.float32)
+    m_base = b * s_mb
+    for i in range(WINDOW_LOOPS):
+        offs_t = i * BLOCK_W + tl.arange(0, BLOCK_W)
+        tmask = offs_t < window
+        keys = tl.load(KW + b * s_kwb + h * s_kwh + offs_t[:, None].to(tl.int64) * s_kwt + dk[None, :], mask=tmask[:, None] & (dk < DK)[None, :], other=0.0)
+        s = _scores(q, keys.to(tl.float32), BLOCK_M, DOT) * scaling
+        s = _keep(s, offs_m, mmask, encoded + offs_t, tmask, MASK, m_base, s_ml, s_mt, q_len, causal_shift, MASK_MODE, CAUSAL)
+        top, alpha, p = _online(top, s)
+        total = total * alpha + tl.sum(p, axis=1)
+        code_scale *= alpha
+        values = tl.load(VW + b * s_vwb + h * s_vwh + offs_t[:, None].to(tl.int64) * s_vwt + dv[None, :], mask=tmask[:, None] & (dv < DV)[None, :], other=0.0)
+        acc_window = acc_window * alpha[:, None] + _weighted(p, values.to(tl.float32), BLOCK_M, DOT)
+
+    inverse = 1.0 / tl.maximum(total, 1.1754943508222875e-38)  # rows that see no key at all: 0, not nan
+    codes_out = OUT_CODES + n.to(tl.int64) * s_ocn + offs_m[:, None].to(tl.int64) * s_ocm + c[None, :]
+    tl.store(codes_out, acc * (code_scale * inverse)[:, None], mask=mmask[:, None] & (c < DACC)[None, :])
+    window_out = OUT_WINDOW + n.to(tl.int64) * s_own + offs_m[:, None].to(tl.int64) * s_owm + dv[None, :]
+    tl.store(window_out, acc_window * inverse[:, None], mask=mmask[:, None] & (dv < DV)[None, :])
+
+
+# ---- host side ----------------------------------------------------------------------------
+
+# decided when triton decorates the kernel: TRITON_INTERPRET=1 at import time runs it on CPU tensors
+INTERPRETED = not isinstance(_split_kernel, triton.runtime.JITFunction)
+
+
+@dataclass(frozen=True)
+class KernelOptions:
+    """Tunables of the two kernels (defaults picked by `plan`; the benchmark varies them).
+
+    programs_per_sm: split-kernel programs the grid aims at per SM. splits: at most this many
+    splits per row block instead (None: from the SM count). block_t: tokens per step. dot: tensor
+    cores (True), CUDA cores (False) or by row count (None). num_warps: per program.
+    """
+
+    programs_per_sm: int = PROGRAMS_PER_SM
+    splits: int | None = None
+    block_t: int | None = None
+    dot: bool | None = None
+    num_warps: int = SPLIT_WARPS
+    merge_warps: int = 4
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The launch of one attention call: rows per program, tensor cores or not, the token split."""
+
+    block_m: int
+    dot: bool
+    block_t: int
+    split_blocks: int  # token blocks per split (a power of two: few compiled variants as T grows)
+    splits: int
+
+
+@lru_cache(maxsize=16)
+def sm_count(device: torch.device) -> int:
+    """SMs of ``device``; `DEFAULT_SMS` when it is not a GPU (the interpreter)."""
+    if device.type == "cuda" and not INTERPRETED:
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return DEFAULT_SMS
+
+
+def plan(pairs: int, rows: int, tokens: int, dim_pad: int, sms: int, options: KernelOptions = KernelOptions()) -> Plan:
+    """Split ``tokens`` so that ``pairs`` (batch x KV heads) x row blocks x splits fills ``sms`` SMs.
+
+    Each split covers a power of two of ``block_t``-token blocks; the splits are at most
+    ``programs_per_sm * sms / (pairs * row blocks)`` and at least half that (or one per block).
+    """
+    dot = rows > FMA_MAX_ROWS if options.dot is None else options.dot
+    block_m = max(16, min(_DOT_BLOCK_M, triton.next_power_of_2(rows))) if dot else triton.next_power_of_2(rows)
+    block_t = options.block_t or (64 if dim_pad <= 128 else 32)
+    row_blocks = triton.cdiv(rows, block_m)
+    wanted = options.splits or max(1, triton.cdiv(options.programs_per_sm * sms, pairs * row_blocks))
+    split_blocks = triton.next_power_of_2(triton.cdiv(triton.cdiv(max(tokens, 1), wanted), block_t))
+    return Plan(block_m, dot, block_t, split_blocks, triton.cdiv(max(tokens, 1), split_blocks * block_t))
 
 
 @lru_cache(maxsize=64)
-def _codebook(codec: TurboQuantCodec, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Index plan, sign plan, levels (float32) and per-coordinate level offsets (int32) on ``device``, made once."""
-    index_plan, sign_plan = _plans(codec.layout, device)
-    return index_plan, sign_plan, codec.levels.to(device), codec.level_offsets.to(device, torch.int32)
+def _codes_args(prefix: str, codec: TurboQuantCodec, log_factors: bool) -> dict:
+    """The split kernel's constexpr arguments for keys (``prefix`` "K") or values ("V"), made once per codec."""
+    layout = unpack_constants(codec)
+    names = ("FIELDS", "LEVELS", "N_LO", "EXTRA", "SIGN_OFFSET")
+    return {f"{prefix}_{name}": layout[name] for name in names} | {f"{prefix}_LOG": log_factors}
 
 
-def partial_triton(
-    queries: torch.Tensor,
-    key_codes: Codes,
-    value_codes: Codes,
-    bias: torch.Tensor,
-    heads: int,
+def _mask_args(mask: torch.Tensor | None, placeholder: torch.Tensor) -> tuple[torch.Tensor, int, tuple[int, int, int]]:
+    """The mask as the kernels read it: tensor (``placeholder``, never read, without one), mode, strides
+    (batch, query position, key); batch stride 0 if shared."""
+    if mask is None:
+        return placeholder, _NONE, (0, 0, 0)
+    mask = mask[:, 0]
+    mode = _BOOL if mask.dtype == torch.bool else _FLOAT
+    if mode == _BOOL:
+        mask = mask.view(torch.uint8)
+    strides = (mask.stride(0) if mask.shape[0] > 1 else 0, mask.stride(1), mask.stride(2))
+    return mask, mode, strides
+
+
+def triton_codes_attention(
+    query: torch.Tensor,
+    key: CompressedKV,
+    value: CompressedKV,
+    mask: torch.Tensor | None,
+    *,
     scaling: float,
-    key_codec: TurboQuantCodec,
-    value_codec: TurboQuantCodec,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Rotated queries ``(N, M, Dq)``, codes ``(N, Tc, .)``, bias ``(B, L, Tc)`` -> acc ``(N, M, Dacc)``, max, sum ``(N, M)``."""
+    causal: bool,
+    options: KernelOptions = KernelOptions(),
+) -> torch.Tensor:
+    """Softmax attention over compressed keys and values: query ``(B, Hq, L, d)`` -> ``(B, Hq, L, dv)``.
+
+    Same contract as `tqindex.kv.attention.codes_attention` (which validates the inputs): mask
+    ``(B or 1, 1, L, T)`` bool (True attends) or additive float, or None with ``causal``.
+    Needs keys and values of one rotated dim, scalar codes.
+    """
+    key_codec, value_codec = key.codec, value.codec
     dim = key_codec.rotated_dim
     if value_codec.rotated_dim != dim:
         raise ValueError(f"the Triton kernel needs keys and values of one rotated dim, got {dim} and {value_codec.rotated_dim}")
-    n, rows, _ = queries.shape
-    tokens, q_len = key_codes.packed.shape[1], bias.shape[1]
-    device = queries.device
-    queries = queries.contiguous()
-    kp, kf, vp, vf = (a.contiguous() for a in (key_codes.packed, key_codes.factors, value_codes.packed, value_codes.factors))
-    acc = torch.empty((n, rows, dim * value_codec.n_factors), dtype=torch.float32, device=device)
-    top = torch.empty((n, rows), dtype=torch.float32, device=device)
-    total = torch.empty_like(top)
-    grid = (n, triton.cdiv(rows, _BLOCK_M))
-    _codes_attention_kernel[grid](
-        queries, kp, kf, vp, vf, bias, acc, top, total,
-        *_codebook(key_codec, device), *_codebook(value_codec, device),
-        tokens, rows, q_len, heads, scaling,
-        queries.stride(0), queries.stride(1), kp.stride(0), kp.stride(1), kf.stride(0), kf.stride(1),
-        vp.stride(0), vp.stride(1), vf.stride(0), vf.stride(1), *bias.stride(), acc.stride(0), acc.stride(1),
-        D=dim, K_FIELDS=len(key_codec.layout.index_fields), V_FIELDS=len(value_codec.layout.index_fields),
-        K_SIGNS=key_codec.qjl is not None, V_SIGNS=value_codec.qjl is not None,
-        BLOCK_M=_BLOCK_M, BLOCK_T=_BLOCK_T, BLOCK_D=max(16, triton.next_power_of_2(dim)),
+    batch, q_heads, q_len, head_dim = query.shape
+    heads, tokens, encoded = key.shape[1], key.shape[2], key.encoded_len
+    group, pairs = q_heads // heads, batch * heads
+    rows, window = group * q_len, tokens - encoded
+    device = query.device
+    queries = _unit_last(query.reshape(pairs, rows, head_dim))  # (N, M, d): rows are (query head of the group, position)
+    rotated = key_codec.rotate_queries(queries.reshape(-1, head_dim).float()).view(pairs, rows, -1)
+    d_pad = max(16, triton.next_power_of_2(dim))
+    launch = plan(pairs, rows, encoded, d_pad, sm_count(device), options)
+    acc_dim = dim * value_codec.n_factors
+    partial_acc = torch.empty((pairs, launch.splits, rows, acc_dim), dtype=torch.float32, device=device)
+    partial_top = torch.empty((pairs, launch.splits, rows), dtype=torch.float32, device=device)
+    partial_total = torch.empty_like(partial_top)
+    mask_tensor, mask_mode, mask_strides = _mask_args(mask, partial_top)
+    causal = causal and mask is None and q_len > 1
+    causal_shift = tokens - q_len
+    kc, vc = (Codes(_unit_last(kv.codes.packed), _unit_last(kv.codes.factors)) for kv in (key, value))
+    _split_kernel[(pairs, launch.splits, triton.cdiv(rows, launch.block_m))](
+        rotated, kc.packed, kc.factors, vc.packed, vc.factors, mask_tensor, partial_acc, partial_top, partial_total,
+        levels_table(key_codec, device), levels_table(value_codec, device),
+        _low(key), _low(value), scaling, encoded, rows, q_len, heads, causal_shift,
+        rotated.stride(0), rotated.stride(1), *kc.packed.stride()[:3], *kc.factors.stride()[:3],
+        *vc.packed.stride()[:3], *vc.factors.stride()[:3], *mask_strides, *partial_acc.stride()[:3],
+        D=dim, D_PAD=d_pad, **_codes_args("K", key_codec, key.log_factors is not None),
+        **_codes_args("V", value_codec, value.log_factors is not None),
+        MASK_MODE=mask_mode, CAUSAL=causal, BLOCK_M=launch.block_m, BLOCK_T=launch.block_t,
+        SPLIT_BLOCKS=launch.split_blocks, DOT=launch.dot, num_warps=options.num_warps,
     )  # fmt: skip
-    return acc, top, total
+
+    value_dim = value_codec.dim
+    codes_part = torch.empty((pairs, rows, acc_dim), dtype=torch.float32, device=device)
+    window_part = torch.empty((pairs, rows, value_dim), dtype=torch.float32, device=device)
+    merge_m = launch.block_m
+    acc_pad, dk_pad, dv_pad = triton.next_power_of_2(acc_dim), triton.next_power_of_2(head_dim), triton.next_power_of_2(value_dim)
+    block_s = max(1, min(triton.next_power_of_2(launch.splits), _MERGE_TILE // (merge_m * acc_pad)))
+    block_w = 32 if launch.dot or merge_m * dk_pad <= 2048 else 16
+    offset = _unit_last(key.offset) if key.offset is not None else partial_top[:, :, None]  # a placeholder, never read
+    kw, vw = _unit_last(key.window), _unit_last(value.window)
+    _merge_kernel[(pairs, triton.cdiv(rows, merge_m))](
+        partial_acc, partial_top, partial_total, queries, offset, kw, vw, mask_tensor, codes_part, window_part,
+        launch.splits, rows, q_len, heads, window, encoded, causal_shift, scaling,
+        *partial_acc.stride()[:3], queries.stride(0), queries.stride(1), offset.stride(0), offset.stride(1),
+        *kw.stride()[:3], *vw.stride()[:3], *mask_strides, codes_part.stride(0), codes_part.stride(1),
+        window_part.stride(0), window_part.stride(1),
+        DACC=acc_dim, DACC_PAD=acc_pad, DK=head_dim, DK_PAD=dk_pad, DV=value_dim, DV_PAD=dv_pad,
+        HAS_OFFSET=key.offset is not None, MASK_MODE=mask_mode, CAUSAL=causal, BLOCK_M=merge_m,
+        BLOCK_S=block_s, SPLIT_LOOPS=triton.next_power_of_2(launch.splits) // block_s, BLOCK_W=block_w,
+        WINDOW_LOOPS=_loops(window, block_w),
+        DOT=launch.dot, num_warps=options.merge_warps,
+    )  # fmt: skip
+    out = value_codec.finish(codes_part) + window_part
+    return out.view(batch, q_heads, q_len, value_dim).to(query.dtype)
+
+
+def _unit_last(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` with a unit stride along its last dim (the kernels index it so); copied only if needed."""
+    return tensor if tensor.stride(-1) == 1 else tensor.contiguous()
+
+
+def _loops(count: int, block: int) -> int:
+    """Blocks to cover ``count``, rounded up to a power of two past 8 (few compiled variants as ``count`` grows:
+    a decode window cycles through ``chunk`` sizes, so it takes at most two)."""
+    loops = triton.cdiv(count, block)
+    return loops if loops <= 8 else triton.next_power_of_2(loops)
+
+
+def _low(kv: CompressedKV) -> float:
+    """log2 of log byte 1 for log-coded factors (unused otherwise)."""
+    return kv.log_factors.low if kv.log_factors is not None else 0.0
+
+
+__all__ = ["DEFAULT_SMS", "INTERPRETED", "KernelOptions", "Plan", "plan", "sm_count", "triton_codes_attention"]

@@ -1,0 +1,127 @@
+"""Registers, spills and shared memory of the KV attention kernels for an NVIDIA GPU, compiled without one.
+
+Triton compiles ahead of time for a target (default sm_90, the H100/H200) with its bundled ptxas;
+``cuobjdump -res-usage`` reads each cubin. The kernels' arguments come from a real call of
+`triton_codes_attention` on CPU tensors whose launches are recorded instead of run. Use it to
+choose warps and block sizes where no GPU is at hand (a spill or 255 registers halves the
+programs an SM holds); timing still needs the GPU (benchmarks/bench_kv_gpu.py).
+
+Usage: python benchmarks/kv_kernel_resources.py [--arch 90] [--cases NAME ...]   (TRITON_INTERPRET must be 0 or unset)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+
+import tqindex.kv.triton_attention as kernels
+from _common import markdown_table
+from tqindex.kv import TurboQuantCache
+
+_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.uint8: "u8", torch.int32: "i32"}
+CASES = {  # name: (cache options, query heads, query positions, tokens, kernel options)
+    "decode 4/4 bits (defaults)": (dict(), 32, 1, 4096, kernels.KernelOptions()),
+    "decode 4/4 bits, 4 warps": (dict(), 32, 1, 4096, kernels.KernelOptions(num_warps=4)),
+    "decode 4/4 bits, 32 tokens/block": (dict(), 32, 1, 4096, kernels.KernelOptions(block_t=32)),
+    "decode 4/4 bits, tensor cores": (dict(), 32, 1, 4096, kernels.KernelOptions(dot=True)),
+    "decode 3.5/3.5 bits, fp16 factors": (dict(key_bits=3.5, value_bits=3.5, factor_dtype=torch.float16), 32, 1, 4096, kernels.KernelOptions()),
+    "decode 2/2 bits": (dict(key_bits=2, value_bits=2), 32, 1, 4096, kernels.KernelOptions()),
+    "decode 8/8 bits": (dict(key_bits=8, value_bits=8), 32, 1, 4096, kernels.KernelOptions()),
+    "decode prod 3/3 bits": (dict(key_bits=3, value_bits=3, key_variant="prod", value_variant="prod"), 32, 1, 4096, kernels.KernelOptions()),
+    "decode, 8 query heads per KV head": (dict(), 64, 1, 4096, kernels.KernelOptions()),
+    "4 positions (16 rows, tensor cores)": (dict(), 32, 4, 4096, kernels.KernelOptions()),
+    "extend 64 positions": (dict(), 32, 64, 2048, kernels.KernelOptions()),
+}  # fmt: skip
+
+
+class _Recorder:
+    """Stands in for a kernel: ``kernel[grid](*args, **kwargs)`` records the call."""
+
+    def __init__(self, kernel, calls: dict):
+        self.kernel, self.calls = kernel, calls
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.calls[self.kernel.__name__] = (grid, args, kwargs)
+
+        return launch
+
+
+def recorded_launches(cache_options: dict, q_heads: int, q_len: int, tokens: int, options) -> dict:
+    """The two kernels' launches for one attention call (8 KV heads, head_dim 128, fp16)."""
+    bits = dict(key_bits=4, value_bits=4) | cache_options
+    cache = TurboQuantCache(**bits, window=128, chunk=32)
+    cache.update(torch.randn(1, 8, tokens, 128).half(), torch.randn(1, 8, tokens, 128).half(), 0)
+    keys, values = cache.layers[0].states()
+    calls: dict = {}
+    real = kernels._split_kernel, kernels._merge_kernel
+    kernels._split_kernel, kernels._merge_kernel = _Recorder(real[0], calls), _Recorder(real[1], calls)
+    try:
+        kernels.triton_codes_attention(torch.randn(1, q_heads, q_len, 128).half(), keys, values, None, scaling=0.09, causal=q_len > 1, options=options)
+    except Exception:  # noqa: BLE001 - the host code after the launches reads outputs nothing wrote
+        pass
+    finally:
+        kernels._split_kernel, kernels._merge_kernel = real
+    return {name: (kernel, *calls[kernel.__name__]) for name, kernel in zip(("split", "merge"), real)}
+
+
+def compile_for(kernel, args: tuple, kwargs: dict, arch: int):
+    """Compile ``kernel`` for ``args`` as the JIT would specialise them (16-byte divisibility of pointers and ints)."""
+    kwargs = dict(kwargs)
+    num_warps = kwargs.pop("num_warps", 4)
+    values = dict(zip(kernel.arg_names, args)) | kwargs
+    signature, constexprs, attrs = {}, {}, {}
+    for i, name in enumerate(kernel.arg_names):
+        value = values[name]
+        if kernel.params[i].is_constexpr or (isinstance(value, int) and not isinstance(value, bool) and value == 1):
+            signature[name], constexprs[name] = "constexpr", value
+        elif isinstance(value, torch.Tensor):
+            signature[name], attrs[(i,)] = "*" + _DTYPES[value.dtype], [["tt.divisibility", 16]]
+        elif isinstance(value, float):
+            signature[name] = "fp32"
+        else:
+            signature[name] = "i32" if abs(value) < 2**31 else "i64"
+            if value % 16 == 0 and value:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    target = GPUTarget("cuda", arch, 32)
+    options = triton.compiler.make_backend(target).parse_options({"num_warps": num_warps})
+    source = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
+    return triton.compile(source, target=target, options=options.__dict__), num_warps
+
+
+def resource_usage(compiled, path: str) -> dict[str, str]:
+    with open(path, "wb") as out:
+        out.write(compiled.asm["cubin"])
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    text = subprocess.run([tool, "-res-usage", path], capture_output=True, text=True, check=True).stdout
+    line = next(line for line in text.splitlines() if "REG:" in line)
+    return dict(part.split(":") for part in line.split() if ":" in part)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arch", type=int, default=90, help="compute capability x 10 (default 90: H100/H200)")
+    parser.add_argument("--scratch", default="/tmp", help="where the cubins are written")
+    parser.add_argument("--cases", nargs="+", choices=list(CASES), default=list(CASES), help="which cases (default all)")
+    args = parser.parse_args()
+    if kernels.INTERPRETED:
+        raise SystemExit("unset TRITON_INTERPRET: the interpreter compiles nothing")
+    rows = []
+    for case in args.cases:
+        cache_options, q_heads, q_len, tokens, options = CASES[case]
+        for name, (kernel, grid, call_args, call_kwargs) in recorded_launches(cache_options, q_heads, q_len, tokens, options).items():
+            compiled, warps = compile_for(kernel, call_args, call_kwargs, args.arch)
+            usage = resource_usage(compiled, os.path.join(args.scratch, f"kv_{name}.cubin"))
+            rows.append([case, name, str(grid), warps, usage["REG"], usage["STACK"], compiled.metadata.shared])
+            print(rows[-1], flush=True)
+    print(f"\nsm_{args.arch}, triton {triton.__version__}:\n")
+    print(markdown_table(["case", "kernel", "grid", "warps", "registers", "stack bytes (spills)", "shared bytes"], rows))
+
+
+if __name__ == "__main__":
+    main()

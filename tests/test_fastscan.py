@@ -1,0 +1,268 @@
+"""The compiled fast-scan (tqindex.kernels.fastscan): exact top-k for every layout and instruction set."""
+
+import importlib
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from tqindex import TurboQuantCodec, TurboQuantIndex
+from tqindex.kernels import fastscan, get_scanner
+from tqindex.kernels.fastscan import BLOCK_ROWS, FastScanner, KeyColumns
+from tqindex.kernels.gemm import GemmScanner
+from tqindex.kernels.scan import Chunk
+
+pytestmark = pytest.mark.skipif(not fastscan.available(), reason="the compiled fast-scan is not built (install with a C++ compiler)")
+
+LAYOUTS = [
+    (1, "mse"), (1.5, "mse"), (2, "mse"), (2.5, "mse"), (3, "mse"), (3.5, "mse"), (4, "mse"), (4.5, "mse"), (5, "mse"),
+    (6, "mse"), (7, "mse"), (8, "mse"), (1, "prod"), (2, "prod"), (3, "prod"), (3.5, "prod"), (4, "prod"), (6, "prod"),
+]  # fmt: skip
+
+
+def _builds() -> dict:
+    """Every build of the extension this CPU runs (the SIMD ones are checked against the portable
+    one), and the one named by TQINDEX_TEST_FASTSCAN_MODULE (scripts/check_avx512.sh: AVX-512
+    emulated with SIMDe, on CPUs without it)."""
+    generic = importlib.import_module("tqindex.kernels._fastscan_generic")
+    found = {"generic": generic}
+    for isa, feature in (("avx2", "avx2"), ("avx512", "avx512bw")):
+        if not generic.cpu_supports(feature):  # importing a build the CPU cannot run stops the process
+            continue
+        try:
+            found[isa] = importlib.import_module(f"tqindex.kernels._fastscan_{isa}")
+        except ImportError:
+            continue
+    extra = os.environ.get("TQINDEX_TEST_FASTSCAN_MODULE")
+    if extra:
+        found[extra] = importlib.import_module(extra)
+    return found
+
+
+BUILDS = _builds() if fastscan.available() else {}
+
+
+def _scanner(codec: TurboQuantCodec, build: str, z: float = fastscan.DEFAULT_Z) -> FastScanner:
+    """A scanner whose plan was made by ``build``."""
+    scanner = FastScanner(codec, z=z)
+    module = BUILDS[build]
+    if module is not scanner._module:
+        scanner._module = module
+        scanner._plan = module.make_plan(*scanner._plan_args)
+    return scanner
+
+
+def _exact_topk(codec, rotated, codes, k, valid=None):
+    scores = codec.score(rotated, torch.as_tensor(codes.packed), torch.as_tensor(codes.factors))
+    if valid is not None:
+        scores[:, ~torch.as_tensor(valid)] = float("-inf")
+    order = torch.argsort(scores, dim=1, descending=True, stable=True)[:, :k]  # ties: the lower row first
+    return scores.gather(1, order), order
+
+
+def _chunks(codes, size, valid=None, columns=None):
+    n = len(codes.packed)
+    for start in range(0, n, size):
+        stop = min(n, start + size)
+        yield Chunk(
+            start,
+            torch.from_numpy(codes.packed[start:stop]),
+            torch.from_numpy(codes.factors[start:stop]),
+            None if valid is None else torch.from_numpy(valid[start:stop]),
+            key_columns=None if columns is None else columns[start // BLOCK_ROWS : -(-stop // BLOCK_ROWS)],
+        )
+
+
+@pytest.mark.parametrize("build", list(BUILDS))
+@pytest.mark.parametrize("bits,variant", LAYOUTS)
+def test_top_k_is_the_codec_exact_ranking(bits, variant, build):
+    dim = 37 if bits in (2.5, 5) else 64  # odd widths leave partial bytes and keys
+    codec = TurboQuantCodec(dim, bits, variant=variant, seed=3)
+    rng = np.random.default_rng(int(bits * 10))
+    codes = codec.encode(rng.standard_normal((700, dim)).astype(np.float32))
+    rotated = codec.rotate_queries(torch.from_numpy(rng.standard_normal((5, dim)).astype(np.float32)))
+    valid = rng.random(700) > 0.25
+    scanner = _scanner(codec, build)
+    columns = scanner.key_columns(codes.packed)
+    want_scores, want_rows = _exact_topk(codec, rotated, codes, 12, valid)
+    # chunks of 160 rows (multiples of 32 for the key columns), with and without key columns
+    for use in (None, columns):
+        scores, rows = scanner.search(rotated, _chunks(codes, 160, valid, use), 12)
+        assert torch.equal(rows, want_rows)
+        np.testing.assert_allclose(scores, want_scores, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("build", list(BUILDS))
+def test_every_build_gives_the_same_tables_and_results(build):
+    codec = TurboQuantCodec(96, 3)
+    rng = np.random.default_rng(0)
+    codes = codec.encode(rng.standard_normal((500, 96)).astype(np.float32))
+    rotated = codec.rotate_queries(torch.from_numpy(rng.standard_normal((6, 96)).astype(np.float32)))
+    reference, other = _scanner(codec, "generic"), _scanner(codec, build)
+    for a, b in zip(reference.begin(rotated, 5).tables(), other.begin(rotated, 5).tables()):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(reference.key_columns(codes.packed[:333]), other.key_columns(codes.packed[:333]))
+    assert torch.equal(reference.search(rotated, _chunks(codes, 500), 5)[1], other.search(rotated, _chunks(codes, 500), 5)[1])
+
+
+@pytest.mark.parametrize("bits,variant", [(2, "mse"), (3, "mse"), (4, "prod"), (6, "mse")])
+def test_margin_bounds_the_table_error(bits, variant):
+    """Every row's quantized-table score is within |f| * margin of its exact score (the pruning rule's premise)."""
+    codec = TurboQuantCodec(48, bits, variant=variant)
+    rng = np.random.default_rng(1)
+    codes = codec.encode(rng.standard_normal((400, 48)).astype(np.float32))
+    rotated = codec.rotate_queries(torch.from_numpy(rng.standard_normal((3, 48)).astype(np.float32)))
+    scanner = FastScanner(codec, z=0.0)
+    lut, scale, bias, margin = scanner.begin(rotated, 1).tables()
+    assert lut.max() <= 127 and (lut.astype(np.int64).max(axis=2).sum(axis=1) <= 65535).all()  # key pairs add in 8 bits
+    keys = scanner._module.key_columns(scanner._plan, codes.packed, 1)  # (blocks, G/2, 32)
+    nibbles = np.stack([keys & 15, keys >> 4], axis=2).reshape(len(keys), -1, BLOCK_ROWS)  # (blocks, G, 32)
+    nibbles = nibbles.transpose(0, 2, 1).reshape(-1, nibbles.shape[1])[: len(codes.packed)]  # (n, G)
+    segment = np.arange(scanner.n_keys) >= scanner.index_keys
+    exact = codec.score(rotated, torch.from_numpy(codes.packed), torch.from_numpy(codes.factors)).numpy()
+    f = codes.factors
+    for i in range(len(rotated)):
+        entries = lut[i][np.arange(scanner.n_keys), nibbles].astype(np.float64)  # (n, G)
+        approx = np.zeros(len(f))
+        bound = np.zeros(len(f))
+        for s in (0, 1) if variant == "prod" else (0,):
+            total = entries[:, segment == bool(s)].sum(axis=1)
+            approx += f[:, s] * (total * scale[i, s] + bias[i, s])
+            bound += np.abs(f[:, s]) * margin[i, s]
+        assert (np.abs(approx - exact[i]) <= bound + 1e-5).all()
+        assert np.abs(approx - exact[i]).max() > 0  # the tables are quantized: the bound is exercised
+
+
+def test_statistical_margin_rescores_fewer_rows():
+    codec = TurboQuantCodec(128, 4)
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((4000, 128)).astype(np.float32)
+    codes = codec.encode(x)
+    rotated = codec.rotate_queries(torch.from_numpy(x[:4] + 0.3 * rng.standard_normal((4, 128)).astype(np.float32)))
+    counts = {}
+    for z in (0.0, 4.0):
+        search = FastScanner(codec, z=z).begin(rotated, 10)
+        search.scan(codes.packed, codes.factors, None, 0, 1, None)
+        counts[z] = search.rescored()
+        assert torch.equal(torch.from_numpy(search.result()[1]), _exact_topk(codec, rotated, codes, 10)[1])
+    assert counts[4.0] < counts[0.0] < 4 * 4000 // 4
+
+
+def test_threads_and_query_batches_do_not_change_results():
+    codec = TurboQuantCodec(64, 2)
+    rng = np.random.default_rng(4)
+    codes = codec.encode(rng.standard_normal((3000, 64)).astype(np.float32))
+    rotated = codec.rotate_queries(torch.from_numpy(rng.standard_normal((9, 64)).astype(np.float32)))
+    scanner = FastScanner(codec)
+    results = []
+    for threads in (1, 2, 3):
+        search = scanner.begin(rotated, 7)
+        search.scan(codes.packed, codes.factors, None, 0, threads, None)
+        results.append(search.result())
+    one_by_one = [scanner.begin(rotated[i : i + 1], 7) for i in range(9)]
+    for search in one_by_one:
+        search.scan(codes.packed, codes.factors, None, 0, 2, None)
+    stacked = np.concatenate([s.result()[1] for s in one_by_one])
+    for scores, rows in results:
+        np.testing.assert_array_equal(rows, results[0][1])
+        np.testing.assert_array_equal(rows, stacked)
+
+
+def test_a_row_bias_is_added_before_selecting():
+    """The L2 index's per-row bias: results are the exact top-k of ``codec.score + bias``."""
+    codec = TurboQuantCodec(48, 3)
+    rng = np.random.default_rng(9)
+    codes = codec.encode(rng.standard_normal((500, 48)).astype(np.float32))
+    rotated = codec.rotate_queries(torch.from_numpy(rng.standard_normal((4, 48)).astype(np.float32)))
+    bias = np.linspace(-60, 60, 500, dtype=np.float32)  # large against the scores (std ~7): the ranking follows it
+    exact = codec.score(rotated, torch.from_numpy(codes.packed), torch.from_numpy(codes.factors)) + torch.from_numpy(bias)
+    want = torch.argsort(exact, dim=1, descending=True, stable=True)[:, :8]
+    scanner = FastScanner(codec)
+    for columns in (None, scanner.key_columns(codes.packed)):
+        search = scanner.begin(rotated, 8)
+        search.scan(codes.packed, codes.factors, None, 0, 2, columns, bias)
+        scores, rows = search.result()
+        np.testing.assert_array_equal(rows, want.numpy())
+        np.testing.assert_allclose(scores, exact.gather(1, want).numpy(), rtol=1e-5, atol=1e-5)
+    assert (want >= 250).all()  # the bias decided it
+    with pytest.raises(ValueError, match="bias: expected"):
+        scanner.begin(rotated, 8).scan(codes.packed, codes.factors, None, 0, 1, None, bias[:10])
+
+
+def test_fewer_valid_rows_than_k_pad_with_minus_one():
+    codec = TurboQuantCodec(32, 4)
+    codes = codec.encode(np.random.default_rng(5).standard_normal((100, 32)).astype(np.float32))
+    valid = np.zeros(100, bool)
+    valid[[3, 50, 99]] = True
+    search = FastScanner(codec).begin(codec.rotate_queries(torch.ones(1, 32)), 5)
+    search.scan(codes.packed, codes.factors, valid.view(np.uint8), 1000, 1, None)
+    scores, rows = search.result()
+    assert sorted(rows[0, :3].tolist()) == [1003, 1050, 1099] and rows[0, 3:].tolist() == [-1, -1]
+    assert np.isneginf(scores[0, 3:]).all()
+
+
+def test_key_columns_grow_with_the_rows():
+    codec = TurboQuantCodec(40, 3)
+    packed = codec.encode(np.random.default_rng(6).standard_normal((250, 40)).astype(np.float32)).packed
+    scanner = FastScanner(codec)
+    columns = KeyColumns(scanner)
+    for stop in (0, 10, 31, 32, 33, 100, 250):
+        columns.update(packed[:stop])
+        np.testing.assert_array_equal(columns.rows(0, stop), scanner.key_columns(packed[:stop]))
+    np.testing.assert_array_equal(columns.rows(64, 128), scanner.key_columns(packed[64:128]))
+    with pytest.raises(ValueError, match="blocks of 32"):
+        columns.rows(10, 20)
+
+
+def test_bad_arrays_are_refused():
+    codec = TurboQuantCodec(32, 4)
+    codes = codec.encode(np.random.default_rng(7).standard_normal((10, 32)).astype(np.float32))
+    scanner = FastScanner(codec)
+    search = scanner.begin(codec.rotate_queries(torch.ones(1, 32)), 3)
+    with pytest.raises(ValueError, match="packed: expected"):
+        search.scan(codes.packed[:, :5], codes.factors, None, 0, 1, None)
+    with pytest.raises(ValueError, match="factors: expected"):
+        search.scan(codes.packed, codes.factors[:5], None, 0, 1, None)
+    with pytest.raises(ValueError, match="key_columns: expected"):
+        search.scan(codes.packed, codes.factors, None, 0, 1, np.zeros(3, np.uint8))
+    with pytest.raises(ValueError, match="queries: expected"):
+        scanner._module.Search(scanner._plan, np.zeros((1, 5), np.float32), 3, 0.0)
+
+
+def test_trellis_codes_are_refused():
+    codec = TurboQuantCodec(32, 3, quantizer="trellis")
+    assert not fastscan.supports(codec)
+    with pytest.raises(ValueError, match="trellis"):
+        FastScanner(codec)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_index_search_equals_the_torch_backend(bits, tmp_path):
+    rng = np.random.default_rng(8)
+    x, q = rng.standard_normal((1540, 48)).astype(np.float32), rng.standard_normal((6, 48)).astype(np.float32)
+    fast = TurboQuantIndex(48, bits, backend="fastscan")
+    reference = TurboQuantIndex(48, bits, backend="torch", chunk_rows=256)
+    on_disk = TurboQuantIndex(48, bits, path=tmp_path / "i.tqi", backend="fastscan")  # no key columns: rows transposed
+    for index in (fast, reference, on_disk):
+        index.add(x[:1000])
+        index.remove_ids(np.arange(0, 1000, 9))
+        index.search(q[:1], 3)  # the key columns are made here ...
+        index.add(x[1000:])  # ... and must take these rows at the next search
+    want = reference.search(q, 10, filter=np.arange(0, 1540, 2))
+    for index in (fast, on_disk):
+        D, I = index.search(q, 10, filter=np.arange(0, 1540, 2))
+        np.testing.assert_array_equal(I, want[1])
+        np.testing.assert_allclose(D, want[0], rtol=1e-5, atol=1e-5)
+    assert fast._columns is not None and fast._columns.count == 1540 and on_disk._columns is None
+    assert fast.memory_usage() >= fast._columns.nbytes + 1540 * fast.codec.code_bytes
+    on_disk.close()
+
+
+def test_auto_picks_the_fast_scan_on_the_cpu_and_not_on_cuda():
+    codec = TurboQuantCodec(64, 4)
+    assert isinstance(get_scanner(codec, "auto", "cpu", queries=1), FastScanner)
+    assert isinstance(get_scanner(codec, "auto", "cpu", queries=1000), FastScanner)
+    assert isinstance(get_scanner(codec, "torch", "cpu", queries=1), GemmScanner)
+    with pytest.raises(ValueError, match="CPU only"):
+        get_scanner(codec, "fastscan", "cuda")

@@ -1,0 +1,159 @@
+"""The Triton attention kernels (split-K decode + merge) against the torch path, in the interpreter or on a GPU.
+
+On a CPU-only machine these run under TRITON_INTERPRET=1 on small shapes; with a GPU and
+TRITON_INTERPRET=0 the same tests run compiled on CUDA tensors, and the GPU-only test runs too.
+"""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton (transformers does)
+
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM  # noqa: E402
+
+from tqindex.kv import TurboQuantCache, codes_attention  # noqa: E402
+from tqindex.kv import attention as torch_attention  # noqa: E402
+from tqindex.kv.triton_attention import DEFAULT_SMS, KernelOptions, plan, triton_codes_attention  # noqa: E402
+from triton_device import DEVICE  # noqa: E402
+
+pytestmark = pytest.mark.triton
+ON_GPU = DEVICE.type == "cuda"
+
+
+def layer_states(batch=2, heads=2, tokens=40, dim=32, bits=(3, 3), variants=("mse", "mse"), window=4, chunk=4, seed=0, **options):
+    """What a TurboQuantCache layer holds after ``tokens`` random keys (with a mean) and values."""
+    cache = TurboQuantCache(*bits, key_variant=variants[0], value_variant=variants[1], window=window, chunk=chunk, **options)
+    g = torch.Generator().manual_seed(seed)
+    keys, values = (torch.randn(batch, heads, tokens, dim, generator=g) for _ in range(2))
+    cache.update((keys + torch.linspace(-2, 2, dim)).to(DEVICE), values.to(DEVICE), 0)
+    return cache.layers[0].states()
+
+
+def padding_mask(batch: int, q_len: int, tokens: int) -> torch.Tensor:
+    mask = torch.ones(batch, 1, q_len, tokens, dtype=torch.bool)
+    mask[0, :, :, :3] = False  # left padding in the codes
+    mask[-1, :, :, -2:] = False  # and some window tokens
+    return mask.to(DEVICE)
+
+
+CASES = {
+    # GQA decode, batch 2, padding mask, float16 factors, 2 splits of 2 blocks (the last one partly past the end)
+    "mse4-mse2.5": (dict(bits=(4, 2.5), factor_dtype=torch.float16), 6, 1, "padding", KernelOptions(block_t=16, splits=2)),
+    # prod keys and values, log factors, centred keys, no window: all 40 tokens are codes; causal reaches into them
+    "prod3-prod3": (dict(bits=(3, 3), variants=("prod", "prod"), window=0, chunk=1, factor_dtype="log8"), 4, 3, "causal", KernelOptions(block_t=16)),
+    # 1-bit keys (8 coordinates per byte), 8-bit values (one per byte), additive float mask, one split
+    "mse1-mse8": (dict(bits=(1, 8), center_keys=False), 4, 2, "float", KernelOptions(block_t=32, splits=1)),
+    # fractional keys with their extra-bit field, prod 2-bit values, head dim 48 (dense rotation, padded to 64)
+    "mse3.5-prod2": (dict(bits=(3.5, 2), variants=("mse", "prod"), dim=48), 2, 1, None, KernelOptions(block_t=16, splits=3)),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_kernels_equal_the_torch_path(case):
+    options, q_heads, q_len, masking, kernel_options = CASES[case]
+    keys, values = layer_states(**options)
+    batch, dim, tokens = keys.shape[0], keys.shape[-1], keys.shape[2]
+    query = torch.randn(batch, q_heads, q_len, dim, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    mask = None
+    if masking == "padding":
+        mask = padding_mask(batch, q_len, tokens)
+    elif masking == "float":
+        mask = torch.randn(1, 1, q_len, tokens, generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    causal = masking == "causal"
+    scaling = 1 / math.sqrt(dim)
+    expected = codes_attention(query, keys, values, mask, scaling=scaling, causal=causal, backend="torch")
+    got = triton_codes_attention(query, keys, values, mask, scaling=scaling, causal=causal, options=kernel_options)
+    torch.testing.assert_close(got, expected, atol=2e-5, rtol=2e-5)
+
+
+def test_many_rows_run_on_tensor_cores_and_agree_to_float16_rounding():
+    keys, values = layer_states(batch=1, bits=(4, 4), window=0, chunk=1, dense_prefill=False)  # 40 codes
+    query = torch.randn(1, 4, 12, 32).to(DEVICE)  # 24 rows per KV head: tl.dot on blocks of 32
+    assert plan(2, 24, 40, 32, DEFAULT_SMS).dot
+    expected = codes_attention(query, keys, values, scaling=0.2, causal=True, backend="torch")
+    got = triton_codes_attention(query, keys, values, None, scaling=0.2, causal=True, options=KernelOptions(block_t=16, splits=2))
+    assert float((got - expected).norm() / expected.norm()) < 3e-3  # float16 operands, float32 sums
+    decode = query[:, :, -1:]  # and one position, forced onto tensor cores
+    forced = triton_codes_attention(decode, keys, values, None, scaling=0.2, causal=True, options=KernelOptions(dot=True, block_t=16))
+    assert float((forced - expected[:, :, -1:]).norm() / expected[:, :, -1:].norm()) < 3e-3
+
+
+def test_plan_fills_the_sms_with_whole_power_of_two_splits():
+    for pairs, tokens in ((8, 4096), (8, 131072), (64, 32768), (1, 100)):
+        launch = plan(pairs, 4, tokens, 128, 132)
+        programs = pairs * launch.splits
+        assert launch.splits * launch.split_blocks * launch.block_t >= tokens  # every token is in a split
+        assert (launch.splits - 1) * launch.split_blocks * launch.block_t < tokens  # and no split is empty
+        assert launch.split_blocks & (launch.split_blocks - 1) == 0
+        assert programs <= 4 * 132 or launch.splits == 1
+        assert programs * 2 > 4 * 132 or launch.split_blocks == 1  # at least half the target, unless splits are one block
+    assert not plan(8, 4, 4096, 128, 132).dot and plan(8, 64, 4096, 128, 132).dot
+    assert plan(8, 4, 4096, 128, 132, KernelOptions(splits=1)).splits == 1
+    assert 2 <= plan(8, 4, 4096, 128, 132, KernelOptions(splits=3)).splits <= 3
+
+
+def test_torch_path_in_blocks_of_query_positions_equals_one_block(monkeypatch):
+    keys, values = layer_states(batch=1, bits=(3, 3), window=6, chunk=2, dense_prefill=False, tokens=24)
+    query = torch.randn(1, 4, 7, 32).to(DEVICE)
+    whole = codes_attention(query, keys, values, scaling=0.2, causal=True, backend="torch")
+    monkeypatch.setattr(torch_attention, "_QUERY_BLOCK", 3)
+    monkeypatch.setattr(torch_attention, "_TOKEN_BLOCK", 5)
+    torch.testing.assert_close(codes_attention(query, keys, values, scaling=0.2, causal=True, backend="torch"), whole, atol=1e-5, rtol=1e-5)
+
+
+def test_kernels_compile_for_a_real_gpu(tmp_path):
+    """The interpreter accepts code the compiler rejects: compile both kernels for sm_90 (no GPU needed)
+    on CUDA-core decode with log factors, prod codes, and a tensor-core extend with a causal mask."""
+    pytest.importorskip("triton.backends.nvidia")
+    root = Path(__file__).resolve().parents[1]
+    cases = ["decode 4/4 bits (defaults)", "decode prod 3/3 bits", "extend 64 positions"]
+    env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_CACHE_DIR": str(tmp_path), "PYTHONPATH": f"{root}{os.pathsep}{root / 'benchmarks'}"}
+    script = [sys.executable, str(root / "benchmarks" / "kv_kernel_resources.py"), "--scratch", str(tmp_path), "--cases", *cases]
+    done = subprocess.run(script, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("| split |") == done.stdout.count("| merge |") == len(cases), done.stdout[-2000:]
+
+
+@pytest.fixture(scope="module")
+def model() -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=32, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+    )  # fmt: skip
+    return LlamaForCausalLM(config).eval().to(DEVICE)
+
+
+def test_decode_steps_in_a_model_equal_the_torch_backend(model):
+    model.set_attn_implementation("turboquant")
+    ids = torch.randint(0, 32, (2, 24), generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    logits = {}
+    for backend in ("torch", "triton"):
+        cache = TurboQuantCache(4, 3.5, window=4, chunk=4, backend=backend)
+        steps = [model(ids[:, :20], past_key_values=cache).logits[:, -1]]  # prefill: dense, encodes 16 tokens
+        for position in range(20, 22):  # decode over the codes and the window
+            steps.append(model(ids[:, position : position + 1], past_key_values=cache).logits[:, -1])
+        logits[backend] = torch.stack(steps)
+    torch.testing.assert_close(logits["triton"], logits["torch"], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU (compiled Triton)")
+def test_8bit_cache_generates_the_dynamic_cache_tokens_on_the_gpu(model):
+    ids = torch.randint(0, 32, (1, 40), generator=torch.Generator().manual_seed(0)).to(DEVICE)
+    outputs = {}
+    for name, attention, cache in (("exact", "sdpa", DynamicCache()), ("codes", "turboquant", TurboQuantCache(8, 8, window=8, chunk=4))):
+        model.set_attn_implementation(attention)
+        outputs[name] = model.generate(
+            ids, attention_mask=torch.ones_like(ids), past_key_values=cache, max_new_tokens=48, min_new_tokens=48,
+            do_sample=False, pad_token_id=0,
+        )  # fmt: skip
+    assert torch.equal(outputs["codes"], outputs["exact"])

@@ -1,0 +1,2 @@
+// The avx512 build of the fast-scan module (flags and macros: setup.py).
+#include "module.cpp"

@@ -1,0 +1,196 @@
+// Python bindings of the fast-scan kernel. Built once per instruction set, as
+// tqindex.kernels._fastscan_{generic,avx2,avx512}; tqindex/kernels/fastscan.py picks one.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+
+#include <memory>
+#include <stdexcept>
+#include <string>
+
+#include "scan.h"
+
+namespace py = pybind11;
+
+namespace {
+
+#if defined(TQ_ISA_AVX512)
+constexpr const char* kIsa = "avx512";
+#elif defined(TQ_ISA_AVX2)
+constexpr const char* kIsa = "avx2";
+#else
+constexpr const char* kIsa = "generic";
+#endif
+
+template <class T>
+using Array = py::array_t<T, py::array::c_style>;
+
+template <class T>
+const T* data_of(const Array<T>& a, py::ssize_t size, const char* name) {
+  if (a.size() != size) throw std::invalid_argument(std::string(name) + ": expected " + std::to_string(size) + " values, got " + std::to_string(a.size()));
+  return a.data();
+}
+
+std::shared_ptr<tq::Plan> make_plan(int dim, int code_bytes, int n_factors, int n_index_keys, bool direct, const Array<int32_t>& parts,
+                                    const Array<int32_t>& part_start, const Array<int32_t>& key_coord, const Array<float>& key_values,
+                                    const Array<uint8_t>& reachable, const Array<float>& key_errmax, const Array<float>& key_errvar,
+                                    const Array<int32_t>& fields, const Array<int32_t>& sign_field, const Array<float>& levels,
+                                    const Array<int32_t>& level_offset) {
+  auto plan = std::make_shared<tq::Plan>();
+  plan->dim = dim;
+  plan->code_bytes = code_bytes;
+  plan->n_factors = n_factors;
+  plan->n_keys = static_cast<int32_t>(part_start.size()) - 1;
+  plan->n_index_keys = n_index_keys;
+  plan->direct = direct;
+  if (plan->n_keys < 0 || n_index_keys < 0 || n_index_keys > plan->n_keys || dim < 1 || code_bytes < 1 || n_factors < 1 || n_factors > 2)
+    throw std::invalid_argument("fast-scan plan: inconsistent sizes");
+  if (plan->n_keys % 2 || n_index_keys % 2 || (direct && plan->n_keys / 2 > code_bytes))
+    throw std::invalid_argument("fast-scan plan: keys go two to a byte column, each segment an even count");
+  const int32_t* ps = data_of(part_start, plan->n_keys + 1, "part_start");
+  plan->part_start.assign(ps, ps + plan->n_keys + 1);
+  if (parts.ndim() != 2 || parts.shape(1) != 4 || parts.shape(0) != plan->part_start.back()) throw std::invalid_argument("parts: expected (P, 4)");
+  for (py::ssize_t p = 0; p < parts.shape(0); ++p) {
+    const int32_t* v = parts.data(p, 0);
+    if (v[0] < 0 || v[0] >= code_bytes) throw std::invalid_argument("parts: column outside the row");
+    plan->parts.push_back(tq::Part{v[0], v[1], v[2], static_cast<uint8_t>(v[3])});
+  }
+  const py::ssize_t g = plan->n_keys;
+  const int32_t* kc = data_of(key_coord, g * 4, "key_coord");
+  for (py::ssize_t i = 0; i < g * 4; ++i)
+    if (kc[i] >= (sign_field.data()[0] >= 0 ? 2 * dim : dim)) throw std::invalid_argument("key_coord: column outside the query");
+  plan->key_coord.assign(kc, kc + g * 4);
+  const float* kv = data_of(key_values, g * 64, "key_values");
+  plan->key_values.assign(kv, kv + g * 64);
+  const uint8_t* re = data_of(reachable, g * 16, "reachable");
+  plan->reachable.assign(re, re + g * 16);
+  const float* em = data_of(key_errmax, g * 4, "key_errmax");
+  plan->key_errmax.assign(em, em + g * 4);
+  const float* ev = data_of(key_errvar, g * 4, "key_errvar");
+  plan->key_errvar.assign(ev, ev + g * 4);
+  if (fields.ndim() != 2 || fields.shape(1) != 4) throw std::invalid_argument("fields: expected (F, 4)");
+  for (py::ssize_t f = 0; f < fields.shape(0); ++f) {
+    const int32_t* v = fields.data(f, 0);
+    plan->fields.push_back(tq::Field{v[0], v[1], v[2], v[3]});
+  }
+  const int32_t* sf = data_of(sign_field, 4, "sign_field");
+  plan->sign_field = tq::Field{sf[0], sf[1], sf[2], sf[3]};
+  plan->levels.assign(levels.data(), levels.data() + levels.size());
+  const int32_t* lo = data_of(level_offset, dim, "level_offset");
+  plan->level_offset.assign(lo, lo + dim);
+  plan->index_keys();
+  return plan;
+}
+
+class PySearch {
+ public:
+  PySearch(std::shared_ptr<tq::Plan> plan, const Array<float>& queries, int k, double z) : plan_(plan) {
+    if (queries.ndim() != 2 || queries.shape(1) != plan->query_width())
+      throw std::invalid_argument("queries: expected (m, " + std::to_string(plan->query_width()) + ") float32");
+    if (k < 1) throw std::invalid_argument("k must be >= 1");
+    m_ = queries.shape(0);
+    k_ = k;
+    search_ = std::make_unique<tq::Search>(plan, queries.data(), m_, k, z);
+  }
+
+  // packed rows (n, code_bytes); key_columns: None or their key columns (key_columns() of the
+  // plan); bias: None or float32 (n,), added to every query's score of the row
+  void scan(const Array<uint8_t>& packed, const Array<float>& factors, const py::object& valid, int64_t row0, int threads,
+            const py::object& key_columns, const py::object& bias) {
+    if (packed.ndim() != 2 || packed.shape(1) != plan_->code_bytes)
+      throw std::invalid_argument("packed: expected (n, " + std::to_string(plan_->code_bytes) + ") uint8");
+    const int64_t n = packed.shape(0);
+    if (factors.ndim() != 2 || factors.shape(0) != n || factors.shape(1) != plan_->n_factors) throw std::invalid_argument("factors: expected (n, n_factors) float32");
+    Array<uint8_t> mask, columns;
+    Array<float> row_bias;
+    const uint8_t* valid_ptr = nullptr;
+    const uint8_t* columns_ptr = nullptr;
+    const float* bias_ptr = nullptr;
+    if (!valid.is_none()) {
+      mask = valid.cast<Array<uint8_t>>();
+      valid_ptr = data_of(mask, n, "valid");
+    }
+    if (!key_columns.is_none()) {
+      columns = key_columns.cast<Array<uint8_t>>();
+      columns_ptr = data_of(columns, (n + tq::kBlock - 1) / tq::kBlock * (plan_->n_keys / 2) * tq::kBlock, "key_columns");
+    }
+    if (!bias.is_none()) {
+      row_bias = bias.cast<Array<float>>();
+      bias_ptr = data_of(row_bias, n, "bias");
+    }
+    py::gil_scoped_release release;
+    search_->scan(tq::Codes{packed.data(), n, columns_ptr}, factors.data(), valid_ptr, bias_ptr, row0, threads);
+  }
+
+  py::tuple result() const {
+    Array<float> scores({m_, static_cast<int64_t>(k_)});
+    Array<int64_t> rows({m_, static_cast<int64_t>(k_)});
+    search_->result(scores.mutable_data(), rows.mutable_data());
+    return py::make_tuple(scores, rows);
+  }
+
+  // (lut (m, n_keys, 16) uint8, scale (m, 2), bias (m, 2), margin (m, 2)): for tests
+  py::tuple tables() const {
+    const int64_t g = plan_->n_keys;
+    Array<uint8_t> lut({m_, g, int64_t(16)});
+    Array<double> scale({m_, int64_t(2)}), bias({m_, int64_t(2)}), margin({m_, int64_t(2)});
+    for (int64_t i = 0; i < m_; ++i) {
+      std::copy(search_->lut(i), search_->lut(i) + g * 16, lut.mutable_data(i, 0, 0));
+      const tq::QueryTables& t = search_->tables(i);
+      for (int s = 0; s < 2; ++s) {
+        *scale.mutable_data(i, s) = t.scale[s];
+        *bias.mutable_data(i, s) = t.bias[s];
+        *margin.mutable_data(i, s) = t.margin[s];
+      }
+    }
+    return py::make_tuple(lut, scale, bias, margin);
+  }
+
+  int64_t rescored() const { return search_->rescored(); }
+
+ private:
+  std::shared_ptr<tq::Plan> plan_;
+  std::unique_ptr<tq::Search> search_;
+  int64_t m_ = 0;
+  int k_ = 0;
+};
+
+// key columns of packed rows (n, code_bytes): uint8 (ceil(n / 32), n_keys / 2, 32)
+Array<uint8_t> key_columns(const std::shared_ptr<tq::Plan>& plan, const Array<uint8_t>& packed, int threads) {
+  if (packed.ndim() != 2 || packed.shape(1) != plan->code_bytes)
+    throw std::invalid_argument("packed: expected (n, " + std::to_string(plan->code_bytes) + ") uint8");
+  const int64_t n = packed.shape(0), blocks = (n + tq::kBlock - 1) / tq::kBlock;
+  Array<uint8_t> out({blocks, static_cast<int64_t>(plan->n_keys / 2), static_cast<int64_t>(tq::kBlock)});
+  uint8_t* data = out.mutable_data();
+  py::gil_scoped_release release;
+  tq::to_key_columns(*plan, packed.data(), n, data, threads);
+  return out;
+}
+
+bool cpu_supports(const std::string& feature) {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_cpu_init();
+  if (feature == "avx2") return __builtin_cpu_supports("avx2");
+  if (feature == "avx512bw") return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
+#endif
+  return false;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TQ_MODULE_NAME, m) {
+  m.doc() = "tqindex fast-scan kernel (4-bit look-up tables in SIMD registers, exact rescoring)";
+  m.attr("isa") = kIsa;
+  m.attr("block_rows") = tq::kBlock;
+  m.def("cpu_supports", &cpu_supports, "True if this CPU has the feature ('avx2' or 'avx512bw')");
+  py::class_<tq::Plan, std::shared_ptr<tq::Plan>>(m, "Plan", py::module_local());  // each build keeps its own types
+  m.def("make_plan", &make_plan);
+  m.def("key_columns", &key_columns, py::arg("plan"), py::arg("packed"), py::arg("threads"));
+  py::class_<PySearch>(m, "Search", py::module_local())
+      .def(py::init<std::shared_ptr<tq::Plan>, const Array<float>&, int, double>(), py::arg("plan"), py::arg("queries"), py::arg("k"), py::arg("z"))
+      .def("scan", &PySearch::scan, py::arg("packed"), py::arg("factors"), py::arg("valid"), py::arg("row0"), py::arg("threads"),
+           py::arg("key_columns") = py::none(), py::arg("bias") = py::none())
+      .def("result", &PySearch::result)
+      .def("tables", &PySearch::tables)
+      .def("rescored", &PySearch::rescored);
+}
+

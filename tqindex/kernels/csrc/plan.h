@@ -1,0 +1,171 @@
+// The fast-scan plan of one codec layout, and what it computes per query:
+// quantized look-up tables (one scale and bias per query and segment), their error bound,
+// and the exact (float64) score of a packed row, used to rescore candidates.
+//
+// Keys. A row's score is a sum over keys g of T_g[key_g(row)], where key_g is a 4-bit value
+// gathered from the packed row by a few "parts" (byte column, shift, mask) and T_g is a 16-entry
+// table of the key's partial inner product with the rotated query. Segment 0 (keys
+// [0, n_index_keys)) scores the code indices and is scaled by factor 0; segment 1 (the rest)
+// scores the QJL sign bits of prod codes and is scaled by factor 1.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <stdexcept>
+#include <vector>
+
+namespace tq {
+
+struct Part {
+  int32_t col;     // byte of the packed row
+  int32_t rshift;  // shift right by this (or left by lshift): moves the bits to their key position
+  int32_t lshift;
+  uint8_t mask;    // the key bits this part sets, after the shift
+};
+
+struct Field {
+  int32_t offset, width, stop, shift;  // as in tqindex/packing.py
+};
+
+// Largest table entry: the two entries of a key pair add in 8 bits (scan.h, accumulate).
+constexpr int kTableMax = 127;
+
+// One query's quantized tables: lut[g * 16 + v] in 0..kTableMax; score of a key sum S in segment s
+// is S * scale[s] + bias[s], off the float table sum by at most margin[s].
+struct QueryTables {
+  double scale[2] = {0, 0}, bias[2] = {0, 0}, margin[2] = {0, 0};
+};
+
+struct Plan {
+  int32_t dim = 0;         // D, coordinates per row (rotated space)
+  int32_t code_bytes = 0;  // B
+  int32_t n_keys = 0, n_index_keys = 0, n_factors = 1;
+  bool direct = false;  // key 2c / 2c + 1 are the low / high nibble of byte c, nothing else
+  std::vector<int32_t> part_start;  // (n_keys + 1,)
+  std::vector<Part> parts;
+  std::vector<int32_t> key_coord;   // (n_keys, 4): query column of each slot, -1 for none
+  std::vector<float> key_values;    // (n_keys, 16, 4): level of each slot for each key value
+  std::vector<uint8_t> reachable;   // (n_keys, 16): key values that packed rows can hold
+  std::vector<float> key_errmax;    // (n_keys, 4): max |level - key_values| (keys of > 4 bits)
+  std::vector<float> key_errvar;    // (n_keys, 4): mean squared such error
+  std::vector<int32_t> key_slots;   // (n_keys,): slots in use (a prefix), from index_keys()
+  std::vector<int32_t> key_span;    // (n_keys,): reachable values 0 .. span - 1
+  std::vector<float> slot_values;   // (n_keys, 4, 16): key_values slot-major
+  std::vector<Field> fields;        // index fields
+  Field sign_field{-1, 1, 0, 0};    // offset -1: no signs
+  std::vector<float> levels;
+  std::vector<int32_t> level_offset;  // (D,)
+
+  int query_width() const { return sign_field.offset >= 0 ? 2 * dim : dim; }
+
+  // Fill lut (n_keys * 16 bytes) and the scales, biases and error margins for one rotated query.
+  // z > 0: margins are min(worst case, z standard deviations of the rounding error); z <= 0: worst case.
+  QueryTables build_tables(const float* q, double z, uint8_t* lut) const {
+    QueryTables out;
+    std::vector<double> table(16 * static_cast<size_t>(n_keys));
+    std::vector<double> lo(n_keys);
+    double max_range[2] = {0, 0}, sum_range[2] = {0, 0}, approx_max[2] = {0, 0}, approx_var[2] = {0, 0};
+    for (int g = 0; g < n_keys; ++g) {
+      const int s = g < n_index_keys ? 0 : 1, span = key_span[g];
+      double* t = &table[g * 16];
+      std::fill(t, t + 16, 0.0);
+      for (int slot = 0; slot < key_slots[g]; ++slot) {
+        const double qc = q[key_coord[g * 4 + slot]];
+        const float* values = &slot_values[(g * 4 + slot) * 16];
+        for (int v = 0; v < span; ++v) t[v] += qc * values[v];
+        approx_max[s] += std::fabs(qc) * key_errmax[g * 4 + slot];
+        approx_var[s] += qc * qc * key_errvar[g * 4 + slot];
+      }
+      const double low = *std::min_element(t, t + span), high = *std::max_element(t, t + span);
+      lo[g] = low;
+      max_range[s] = std::max(max_range[s], high - low);
+      sum_range[s] += high - low;
+      out.bias[s] += low;
+    }
+    double a[2];
+    for (int s = 0; s < 2; ++s) {
+      // entries in 0..kTableMax and every key sum of a segment within 16 bits
+      a[s] = max_range[s] > 0 ? std::min(kTableMax / max_range[s], 65535.0 / sum_range[s]) : 0.0;
+      out.scale[s] = a[s] > 0 ? 1.0 / a[s] : 0.0;
+    }
+    double worst[2] = {0, 0}, var[2] = {0, 0};
+    for (int g = 0; g < n_keys; ++g) {
+      const int s = g < n_index_keys ? 0 : 1, span = key_span[g];
+      double err_max = 0, err_sq = 0;
+      for (int v = 0; v < 16; ++v) {
+        if (v >= span) {  // a value no packed row holds
+          lut[g * 16 + v] = 0;
+          continue;
+        }
+        const double t = table[g * 16 + v];
+        const int level = std::min(kTableMax, static_cast<int>((t - lo[g]) * a[s] + 0.5));  // t >= lo: rounds to nearest
+        lut[g * 16 + v] = static_cast<uint8_t>(level);
+        const double err = t - (level * out.scale[s] + lo[g]);
+        err_max = std::max(err_max, std::fabs(err));
+        err_sq += err * err;
+      }
+      worst[s] += err_max;
+      var[s] += err_sq / span;
+    }
+    for (int s = 0; s < 2; ++s) {
+      const double bound = worst[s] + approx_max[s];
+      const double spread = std::sqrt(var[s] + approx_var[s]);
+      double margin = z > 0 ? std::min(bound, z * spread) : bound;
+      // the kernel tests bounds in float32: cover its rounding of S * scale + bias, with room to spare
+      margin += 1e-6 * (sum_range[s] + std::fabs(out.bias[s])) + 1e-30;
+      out.margin[s] = margin;
+    }
+    return out;
+  }
+
+  // From key_coord, key_values and reachable: the per-key slot counts, value spans and slot-major values.
+  void index_keys() {
+    key_slots.assign(n_keys, 0);
+    key_span.assign(n_keys, 0);
+    slot_values.assign(static_cast<size_t>(n_keys) * 64, 0.0f);
+    for (int g = 0; g < n_keys; ++g) {
+      while (key_slots[g] < 4 && key_coord[g * 4 + key_slots[g]] >= 0) ++key_slots[g];
+      while (key_span[g] < 16 && reachable[g * 16 + key_span[g]]) ++key_span[g];
+      for (int v = key_span[g]; v < 16; ++v)
+        if (reachable[g * 16 + v]) throw std::invalid_argument("reachable key values must be a prefix 0..2^bits");
+      for (int slot = key_slots[g]; slot < 4; ++slot)
+        if (key_coord[g * 4 + slot] >= 0) throw std::invalid_argument("a key's query columns must be a prefix of its slots");
+      if (key_span[g] == 0) throw std::invalid_argument("every key must reach value 0");
+      for (int slot = 0; slot < 4; ++slot)
+        for (int v = 0; v < 16; ++v) slot_values[(g * 4 + slot) * 16 + v] = key_values[(g * 16 + v) * 4 + slot];
+    }
+  }
+
+  // Exact estimator of one packed row: f0 * <q, c[idx]> + f1 * <q2, signs>, in float64.
+  double exact_score(const float* q, const uint8_t* row, const float* factors, int32_t* idx) const {
+    std::fill(idx, idx + dim, 0);
+    for (const Field& f : fields) {
+      const int per_byte = 8 / f.width, mask = (1 << f.width) - 1;
+      for (int j = 0, byte = f.offset; j < f.stop; ++byte) {
+        unsigned bits = row[byte];
+        for (int slot = 0; slot < per_byte && j < f.stop; ++slot, ++j, bits >>= f.width) idx[j] |= (bits & mask) << f.shift;
+      }
+    }
+    // four partial sums: one chain of float64 adds would wait on each add's latency
+    double part[4] = {0, 0, 0, 0};
+    int j = 0;
+    for (; j + 4 <= dim; j += 4)
+      for (int t = 0; t < 4; ++t) part[t] += static_cast<double>(q[j + t]) * levels[level_offset[j + t] + idx[j + t]];
+    for (; j < dim; ++j) part[0] += static_cast<double>(q[j]) * levels[level_offset[j] + idx[j]];
+    double score = static_cast<double>(factors[0]) * ((part[0] + part[1]) + (part[2] + part[3]));
+    if (sign_field.offset >= 0) {
+      double s1[2] = {0, 0};
+      const float* q2 = q + dim;
+      for (int i = 0, byte = sign_field.offset; i < dim; ++byte) {
+        unsigned bits = row[byte];
+        for (int slot = 0; slot < 8 && i < dim; ++slot, ++i, bits >>= 1) s1[slot & 1] += (bits & 1) ? q2[i] : -static_cast<double>(q2[i]);
+      }
+      score += static_cast<double>(factors[1]) * (s1[0] + s1[1]);
+    }
+    return score;
+  }
+};
+
+}  // namespace tq

@@ -1,0 +1,96 @@
+// A small persistent thread pool: run(n, fn) calls fn(0..n-1) on up to n threads (the caller
+// is one of them) and returns when all are done. Workers are created on first need and kept;
+// after a fork the child starts a fresh pool (the parent's workers do not exist there).
+#pragma once
+
+#include <unistd.h>
+
+#include <atomic>
+#include <condition_variable>
+#include <functional>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+namespace tq {
+
+class Pool {
+ public:
+  static Pool& get() {
+    static Pool* pool = nullptr;  // never destroyed: workers are detached and live until exit
+    static std::mutex guard;
+    std::lock_guard<std::mutex> lock(guard);
+    if (pool == nullptr || pool->pid_ != getpid()) pool = new Pool();  // a forked child's old pool is abandoned
+    return *pool;
+  }
+
+  void run(int n, const std::function<void(int)>& fn) {
+    if (n <= 1) {
+      if (n == 1) fn(0);
+      return;
+    }
+    std::lock_guard<std::mutex> one_job(run_mutex_);  // concurrent callers take turns
+    grow(n - 1);
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      job_ = &fn;
+      tasks_ = n;
+      next_.store(0);
+      ++generation_;
+    }
+    wake_.notify_all();
+    work();
+    std::unique_lock<std::mutex> lock(mutex_);
+    done_.wait(lock, [&] { return active_ == 0; });  // every task is claimed: wait for those still running
+    job_ = nullptr;  // a worker that wakes late finds no job
+  }
+
+ private:
+  Pool() : pid_(getpid()) {}
+
+  void grow(int workers) {
+    while (static_cast<int>(started_) < workers) {
+      std::thread([this] { loop(); }).detach();
+      ++started_;
+    }
+  }
+
+  // Claim and run tasks of the current job until none are left.
+  void work() {
+    for (;;) {
+      const int task = next_.fetch_add(1);
+      if (task >= tasks_) return;
+      (*job_)(task);
+    }
+  }
+
+  void loop() {
+    uint64_t seen = 0;
+    for (;;) {
+      {
+        std::unique_lock<std::mutex> lock(mutex_);
+        wake_.wait(lock, [&] { return generation_ != seen; });
+        seen = generation_;
+        if (job_ == nullptr) continue;
+        ++active_;
+      }
+      work();
+      {
+        std::lock_guard<std::mutex> lock(mutex_);
+        --active_;
+      }
+      done_.notify_all();
+    }
+  }
+
+  pid_t pid_;
+  unsigned started_ = 0;
+  std::mutex run_mutex_, mutex_;
+  std::condition_variable wake_, done_;
+  const std::function<void(int)>* job_ = nullptr;
+  int tasks_ = 0, active_ = 0;
+  std::atomic<int> next_{0};
+  uint64_t generation_ = 0;
+};
+
+}  // namespace tq
