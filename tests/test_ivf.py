@@ -8,6 +8,7 @@ import torch
 
 from tqindex import TurboQuantIndex, TurboQuantIVFIndex
 from tqindex.ivf import train_centroids
+from tqindex.kernels import fastscan
 
 DIM, NLIST = 32, 16
 
@@ -41,7 +42,7 @@ def test_probing_every_list_of_vector_codes_gives_the_flat_index_results(data):
     ivf = ivf_index(centroids, x, by_residual=False)
     flat = TurboQuantIndex(DIM, 4)
     flat.add(x)
-    for queries in (q, q[:1]):  # many queries (decode + GEMM scan) and one (look-up tables)
+    for queries in (q, q[:1]):  # many queries (list by list) and one (its lists gathered)
         D, I = ivf.search(queries, 10, nprobe=NLIST)
         Df, If = flat.search(queries, 10)
         assert np.array_equal(I, If)
@@ -220,6 +221,26 @@ def test_list_major_and_query_major_scans_agree(data, by_residual):
     for a, b in zip(*results):
         np.testing.assert_array_equal(a[1], b[1])
         np.testing.assert_allclose(a[0], b[0], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("by_residual", [True, False])
+def test_every_cpu_backend_gives_the_same_results(data, by_residual):
+    """The compiled fast-scan (the default where it is built), look-up tables and decode + GEMM,
+    list by list and query by query, with removed rows and a filter."""
+    x, q, centroids = data
+    backends = ["torch", "lut", *(["fastscan"] if fastscan.available() else [])]
+    results = {}
+    for backend in backends:
+        ivf = ivf_index(centroids, x, by_residual=by_residual, backend=backend, chunk_rows=150)
+        ivf.remove_ids(np.arange(0, len(x), 5))
+        for threshold in (0.0, float("inf")):
+            ivf.list_major_queries = threshold
+            for nprobe, allowed in ((3, None), (NLIST, None), (6, np.arange(0, len(x), 2))):
+                results.setdefault((threshold, nprobe), []).append(ivf.search(q, 10, nprobe=nprobe, filter=allowed))
+    for found in results.values():
+        for D, I in found[1:]:
+            np.testing.assert_array_equal(I, found[0][1])
+            np.testing.assert_allclose(D, found[0][0], rtol=1e-5, atol=1e-5)
 
 
 def test_no_queries_give_empty_results_and_a_filter_nobody_passes_gives_padding(data):

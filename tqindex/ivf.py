@@ -5,8 +5,10 @@ lists: each vector goes to the list of its nearest centroid (L2) and is encoded 
 index's codec, either itself or, with ``by_residual=True`` (the default; it ranks better at equal
 bytes, docs/benchmarks.md "IVF"), its residual to that centroid. A search scores the centroids,
 probes the ``nprobe`` lists of largest inner product with each query and scans only their rows,
-with the flat index's scan kernels (`kernels.scan_groups_topk`: the same scanners, candidates
-rescored exactly); with residuals a row scores ``<q, c_list> + <q, residual>``. This is IVFADC
+with the flat index's scan kernels (`kernels.scan_groups_topk`: the compiled fast-scan, the
+default on the CPU, makes each query's tables once per search and keeps its exact top-k across
+its lists; the other scanners' candidates are rescored exactly); with residuals a row scores
+``<q, c_list> + <q, residual>``. This is IVFADC
 (Jégou, Douze, Schmid, "Product quantization for nearest neighbor search", TPAMI 2011, sec. IV)
 with TurboQuant codes in place of PQ.
 
@@ -44,9 +46,10 @@ METRICS = ("ip", "cosine")
 _SCORED_AT_ONCE = 1 << 24  # rows x centroids scored in one matrix product (64 MiB of float32)
 _LUT_QUERY_BLOCK = 64  # the numba look-up-table scanner holds ~200 KB of tables per query (4 bits, d=384)
 _COPY_ROWS = 1 << 16  # rows per step when saving
-#: see TurboQuantIVFIndex.list_major_queries. Measured (WordNet 100k, 4 bits, nlist 1024, 1,000
-#: queries, shared 2-core machine): at 3.9 queries per list query-major ran 1.4x list-major, at 7.8
-#: list-major ran 1.4x query-major
+#: see TurboQuantIVFIndex.list_major_queries. Measured (WordNet 100k, 4 bits, nlist 1024, shared
+#: 2-core machine, one thread): with the numba/torch scanners, at 3.9 queries per list query-major
+#: ran 1.4x list-major, at 7.8 list-major ran 1.4x query-major; with the fast-scan the orders tie
+#: near 4 queries per list at nprobe 8 and near 12 at nprobe 32, within 20% of each other from 4 to 16
 _LIST_MAJOR_QUERIES = 6.0
 
 
@@ -429,7 +432,7 @@ class TurboQuantIVFIndex(TurboQuantIndex):
     def _query_groups(self, lists: _Lists, probes: torch.Tensor, bias: torch.Tensor | None, allowed: np.ndarray | None) -> Iterator[QueryChunk]:
         """Query-major: each query's probed lists gathered into chunks of at most ``chunk_rows``
         rows (one scan per query instead of one per list; with residuals, ``<q, c>`` of each row's
-        list as its bias)."""
+        list as the chunk's per-row bias)."""
         sizes = lists.offsets[probes.numpy() + 1] - lists.offsets[probes.numpy()]  # (b, nprobe)
         for query in range(probes.shape[0]):
             starts = lists.offsets[probes[query].numpy()]

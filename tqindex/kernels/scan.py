@@ -69,7 +69,8 @@ class Scanner(Protocol):
     ``score + bias`` (bias float32 ``(n,)`` or None, added before the selection; -inf where not
     ``valid``): scores float32 ``(m, <=k)`` and chunk-local rows int64, best first. A scanner that
     also has ``candidates`` (``TritonScanner``) scans resident rows in one call (``search_resident``);
-    one with ``search`` (``FastScanner``) keeps its own exact top-k over the chunks."""
+    one with ``search`` and ``search_groups`` (``FastScanner``) keeps its own exact top-k over the
+    chunks (``scan_topk``) or groups (``scan_groups_topk``)."""
 
     def prepare(self, rotated_queries: torch.Tensor) -> torch.Tensor: ...
     def chunk_topk(
@@ -201,6 +202,9 @@ def scan_groups_topk(
 
     Returns ``(scores, rows)`` as `scan_topk`, scores including the bias.
     """
+    search_groups = getattr(scanner, "search_groups", None)
+    if search_groups is not None:  # the scanner keeps its own exact top-k (the compiled fast-scan)
+        return search_groups(rotated_queries, groups, k)
     m = rotated_queries.shape[0]
     wanted = candidate_count(k)
     running = RunningTopK(m, wanted, device=rotated_queries.device)
