@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 import tqindex
+from conftest import kmeans
 from tqindex import TurboQuantIndex, TurboQuantIVFIndex
 from tqindex.errors import CorruptIndexError, IndexFormatError, IndexLockedError
 from tqindex.ivf import train_centroids
@@ -22,7 +23,7 @@ DIM, NLIST = 24, 8
 def data():
     rng = np.random.default_rng(0)
     x = rng.standard_normal((1200, DIM)).astype(np.float32)
-    return x, rng.standard_normal((6, DIM)).astype(np.float32), train_centroids(x, NLIST, progress=False)
+    return x, rng.standard_normal((6, DIM)).astype(np.float32), kmeans(x, NLIST)
 
 
 def same_results(a, b, q, nprobe=3):
@@ -34,9 +35,7 @@ def test_on_disk_index_reopens_with_tqindex_open_and_appends(tmp_path, data):
     x, q, centroids = data
     in_memory = TurboQuantIVFIndex(DIM, NLIST, 3, centroids=centroids)
     in_memory.add(x, progress=False)
-    with TurboQuantIVFIndex(DIM, NLIST, 3, path=tmp_path / "idx") as index:
-        index.train(x, progress=False)
-        assert np.array_equal(index.centroids, centroids)
+    with TurboQuantIVFIndex(DIM, NLIST, 3, path=tmp_path / "idx", centroids=centroids) as index:
         index.add(x[:500], progress=False)
     with tqindex.open(tmp_path / "idx", "a") as index:
         assert isinstance(index, TurboQuantIVFIndex) and index.ntotal == 500
@@ -51,6 +50,19 @@ def test_on_disk_index_reopens_with_tqindex_open_and_appends(tmp_path, data):
         same_results(index, in_memory, q)
         with pytest.raises(ValueError, match="CPU only"):
             index.to("meta")
+
+
+def test_training_creates_the_store_and_its_centroids_persist(tmp_path, data):
+    pytest.importorskip("faiss")
+    x = data[0]
+    index = TurboQuantIVFIndex(DIM, NLIST, 3, path=tmp_path / "idx")
+    assert not (tmp_path / "idx").exists()  # created by train
+    with index:
+        index.train(x, progress=False)
+        index.add(x[:100], progress=False)
+    with tqindex.open(tmp_path / "idx") as reopened:
+        assert reopened.is_trained and reopened.ntotal == 100
+        assert np.array_equal(reopened.centroids, train_centroids(x, NLIST, progress=False))
 
 
 def test_save_writes_each_list_in_one_run_without_removed_rows(tmp_path, data):
