@@ -703,7 +703,7 @@ def store_format(path: str | os.PathLike) -> str:
     """The format name the manifest of the store at ``path`` gives, so that a caller can open it
     with the reader of that format (which checks everything else). IndexFormatError where there
     is no store; CorruptIndexError for a manifest that is not JSON."""
-    path = Path(path)
+    path = _as_path(path)
     _check_dir(path)
     try:
         data = (path / MANIFEST).read_bytes()
