@@ -3,7 +3,9 @@
 A coarse quantizer of ``nlist`` centroids (k-means by `faiss.Kmeans`) splits the vectors into
 lists: each vector goes to the list of its nearest centroid (L2) and is encoded by the flat
 index's codec, either itself or, with ``by_residual=True`` (the default; it ranks better at equal
-bytes, docs/benchmarks.md "IVF"), its residual to that centroid. A search scores the centroids,
+bytes: WordNet 100k x 384, nlist 1024, nprobe 32, 10-recall@10 0.844 / 0.887 / 0.911 against
+0.830 / 0.880 / 0.905 at 2 / 3 / 4 bits, benchmarks/ivf_sweep.py), its residual to that centroid.
+A search scores the centroids,
 probes the ``nprobe`` lists of largest inner product with each query and scans only their rows,
 with the flat index's scan kernels (`kernels.scan_groups_topk`: the compiled fast-scan, the
 default on the CPU, makes each query's tables once per search and keeps its exact top-k across
