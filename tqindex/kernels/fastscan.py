@@ -32,7 +32,7 @@ import importlib
 import warnings
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Iterable
+from typing import Any, Iterable
 
 import numpy as np
 import torch
@@ -345,7 +345,7 @@ class KeyColumns:
 
 
 def _scan(
-    search,
+    search: Any,
     chunk: Chunk,
     rows: torch.Tensor | None = None,
     queries: torch.Tensor | None = None,
@@ -359,7 +359,8 @@ def _scan(
     search.scan(_as_numpy(chunk.packed), _as_numpy(chunk.factors), valid, chunk.start, torch.get_num_threads(), chunk.key_columns, *optional)
 
 
-def _result(search) -> tuple[torch.Tensor, torch.Tensor]:
+def _result(search: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """A finished search's results as tensors: scores float32 ``(m, k)``, rows int64 ``(m, k)``."""
     scores, rows = search.result()
     return torch.from_numpy(scores), torch.from_numpy(rows)
 
