@@ -168,6 +168,22 @@ def test_torch_queries_give_torch_results(data):
     assert np.array_equal(I.numpy(), ivf.search(q, 3, nprobe=4)[1])
 
 
+def test_query_scale_changes_the_scores_not_the_ranking_and_overflow_is_refused(data):
+    """As the flat index (tests/test_extreme_values.py): queries near the ends of the float32 range
+    are rescaled by a power of two for the scan; scores that do not fit float32 are refused."""
+    x, q, centroids = data
+    ivf = ivf_index(centroids, x)
+    D, I = ivf.search(q, 5, nprobe=4)
+    for scale in (2.0**100, 2.0**-100):
+        scaled = ivf.search(q * np.float32(scale), 5, nprobe=4)
+        np.testing.assert_array_equal(scaled[1], I)
+        np.testing.assert_allclose(scaled[0], D * np.float32(scale), rtol=1e-6)
+    big = q.copy()
+    big[2] *= np.float32(1e38) / np.abs(q[2]).max()  # fits float32; its inner products do not
+    with pytest.raises(ValueError, match="queries row 2: its inner products overflow float32"):
+        ivf.search(big, 5, nprobe=4)
+
+
 def test_training_is_faiss_kmeans_run_one_iteration_at_a_time(data):
     faiss = pytest.importorskip("faiss")
     x = data[0]

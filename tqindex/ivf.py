@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from tqindex._arrays import as_float_rows, as_id_array, is_torch, like
+from tqindex._arrays import as_float_rows, as_id_array, is_torch, like, power_of_two_scaled
 from tqindex.codec import CodecConfig, TurboQuantCodec
 from tqindex.errors import CorruptIndexError
 from tqindex.index import TurboQuantIndex, _check_scan_args, _column_specs
@@ -383,7 +383,7 @@ class TurboQuantIVFIndex(TurboQuantIndex):
         fewer than ``k`` rows in the probed lists pad the results with ``-inf`` / ``-1``.
         """
         self._check_open()
-        rows = self._vectors(queries, "queries")
+        rows, exponents = power_of_two_scaled(self._vectors(queries, "queries"))  # exact; a query's ranking ignores its scale
         k = check_k(k, self.ntotal)
         nprobe = min(_check_nprobe(self.nprobe if nprobe is None else nprobe), self.nlist)
         allowed = None if filter is None else np.unique(as_id_array(filter, "filter"))
@@ -407,6 +407,7 @@ class TurboQuantIVFIndex(TurboQuantIndex):
         with _ONE_INTRA_OP_THREAD:
             for start in range(0, m, block):
                 run(start)
+        scores = self._rescaled_scores(scores, found, exponents)
         return like(scores, is_torch(queries)), like(torch.from_numpy(found), is_torch(queries))
 
     def _search_block(
