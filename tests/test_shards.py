@@ -63,6 +63,20 @@ def test_four_flat_shards_return_the_single_index_results(tmp_path, data):
             sharded.remove_ids([gone[0]])
 
 
+def test_l2_shards_merge_the_smallest_distances(tmp_path, data):
+    x, q = data
+    single = TurboQuantIndex(DIM, 3, metric="l2")
+    single.add(x)
+    with ShardedIndex(tmp_path / "l2", 4, DIM, 3, metric="l2", num_cpus=SHARD_CPUS) as sharded:
+        sharded.add(x)
+        assert_same(sharded.search(q, 10), single.search(q, 10))
+        D, I = sharded.search(q, 10, filter=[3, 5, 8])  # fewer rows than k: +inf / -1 padding, as one index
+        assert_same((D, I), single.search(q, 10, filter=[3, 5, 8]))
+        assert np.isposinf(D[:, 3:]).all() and (I[:, 3:] == -1).all()
+    with tqindex.open(tmp_path / "l2", num_cpus=SHARD_CPUS) as reopened:  # the metric comes from the manifest
+        assert_same(reopened.search(q, 10), single.search(q, 10))
+
+
 def test_ivf_shards_share_one_set_of_centroids_and_match_one_ivf_index(tmp_path, data):
     x, q = data
     with ShardedIndex(tmp_path / "ivf", 2, DIM, 4, nlist=8, num_cpus=SHARD_CPUS) as sharded:

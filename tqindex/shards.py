@@ -345,8 +345,9 @@ class ShardedIndex:
 
     # ---- searching ------------------------------------------------------------------------------
     def search(self, queries: Any, k: int, *, filter: Any = None, nprobe: int | None = None) -> tuple[Any, Any]:
-        """Top-``k`` over every shard: each shard's top-k, merged by score. As `TurboQuantIndex.search`
-        (``nprobe`` for IVF shards): float32 ``(m, k)`` scores and int64 ``(m, k)`` ids, padded."""
+        """Top-``k`` over every shard: each shard's top-k, merged by score (by distance, smallest
+        first, for metric "l2"). As `TurboQuantIndex.search` (``nprobe`` for IVF shards): float32
+        ``(m, k)`` scores and int64 ``(m, k)`` ids, padded."""
         self._check_open()
         rows = as_float_rows(queries, self.dim, "queries").numpy()
         k = check_k(k, self.ntotal)
@@ -359,13 +360,14 @@ class ShardedIndex:
             if worker["ntotal"] and (mine is None or len(mine)):
                 shards.append(shard)
                 args.append((shared, min(k, worker["ntotal"]), mine, nprobe))
-        scores = np.full((rows.shape[0], k), -np.inf, dtype=np.float32)
+        ascending = self._create_options.get("metric") == "l2"  # squared distances: the smallest are best
+        scores = np.full((rows.shape[0], k), np.inf if ascending else -np.inf, dtype=np.float32)
         found = np.full((rows.shape[0], k), -1, dtype=np.int64)
         if shards:
             results = self._call(shards, "search", *args)
             all_scores = np.concatenate([results[s][0] for s in shards], axis=1)
             all_ids = np.concatenate([results[s][1] for s in shards], axis=1)
-            best = np.argsort(-all_scores, axis=1, kind="stable")[:, :k]
+            best = np.argsort(all_scores if ascending else -all_scores, axis=1, kind="stable")[:, :k]
             kept = min(k, best.shape[1])
             scores[:, :kept] = np.take_along_axis(all_scores, best, axis=1)
             found[:, :kept] = np.take_along_axis(all_ids, best, axis=1)
