@@ -181,7 +181,8 @@ template <bool kDirect, int kQ>
 inline void accumulate(const uint8_t* const* luts, Columns cols, const uint8_t* keys, int first, int last, Simd::V* acc,
                        Simd::V* acc_high) {
   const Simd::V low_nibble = Simd::set1(0x0F);
-  for (int i = 0; i < kQ; ++i) acc[i] = Simd::zero(), acc_high[i] = Simd::zero();
+  const uint8_t* tables[kQ];  // a local copy: stores to acc (may_alias vectors) could otherwise change luts[i]
+  for (int i = 0; i < kQ; ++i) acc[i] = Simd::zero(), acc_high[i] = Simd::zero(), tables[i] = luts[i];
   for (int g = first; g < last; g += 2) {
     Simd::V k0, k1;
     if (kDirect) {
@@ -193,7 +194,7 @@ inline void accumulate(const uint8_t* const* luts, Columns cols, const uint8_t* 
       k1 = Simd::load(keys + (g + 1) * Simd::kBytes);
     }
     for (int i = 0; i < kQ; ++i) {
-      const uint8_t* table = luts[i] + g * 16;
+      const uint8_t* table = tables[i] + g * 16;
       const Simd::V r = Simd::add8(Simd::lookup(Simd::broadcast_table(table), k0), Simd::lookup(Simd::broadcast_table(table + 16), k1));
       acc[i] = Simd::add16(acc[i], r);
       acc_high[i] = Simd::add16(acc_high[i], Simd::high_bytes(r));
