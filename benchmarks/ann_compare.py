@@ -15,12 +15,22 @@ recall_vs_bytes.png, recall_vs_qps.png (with each method's Pareto frontier), rec
 
 Usage: python benchmarks/ann_compare.py --dataset NAME_OR_PATH.hdf5 --bits 2 3 4 --out DIR
        [--seeds 0 1 2] [--k 10] [--k-curve 100] [--threads 2] [--methods ...] [--no-single]
+
+IVF: with ``--nlist N`` the run is instead the nprobe sweep of ``ivf_sweep.py``: every method of
+``--ivf-methods`` (tqindex's IVF index with residual or vector codes, FAISS IVF-RaBitQ and IVF-PQ)
+at N lists, timed side by side per nprobe, with the exhaustive tqindex scan as a reference
+(``--flat-reference``); it writes DIR/ivf_results.json, ivf_results.md and ivf_recall_vs_qps.png.
+
+       python benchmarks/ann_compare.py --dataset PATH --bits 4 --out DIR --nlist 1024
+       [--nprobe 1 2 4 8 16 32 64 128] [--ivf-methods ...] [--rounds 3] [--ivf-single 0]
+       [--flat-reference] [--target-recall 0.9] [--seeds 0]
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -34,7 +44,8 @@ from tqdm import tqdm  # noqa: E402
 
 from _common import describe_machine_md, machine_description, markdown_table, write_results  # noqa: E402
 from bench_search import Timing, dataset_info, fmt, fmt_qps, skipped_md, timing_from_args, try_method  # noqa: E402
-from competitors import METHODS, configure_threads, describe_threads  # noqa: E402
+import ivf_sweep  # noqa: E402
+from competitors import IVF_METHODS, METHODS, configure_threads, describe_threads  # noqa: E402
 from tqindex.datasets import Dataset, load_dataset  # noqa: E402
 
 ANNB_EPSILON = 1e-3  # ann-benchmarks' knn_threshold: k-th true distance + epsilon
@@ -254,13 +265,69 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--single-max-seconds", type=float, default=20.0)
     parser.add_argument("--no-single", action="store_true", help="skip the single-query loop")
     parser.add_argument("--no-progress", action="store_true")
+    ivf = parser.add_argument_group("IVF sweep (with --nlist)")
+    ivf.add_argument("--nlist", type=int, default=None, help="run the IVF nprobe sweep with this many lists")
+    ivf.add_argument("--nprobe", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64, 128])
+    ivf.add_argument("--ivf-methods", nargs="+", default=list(IVF_METHODS), choices=list(IVF_METHODS), metavar="METHOD")
+    ivf.add_argument("--train-rows", type=int, default=None, help="train the lists on a seeded sample of this many rows (default all)")
+    ivf.add_argument("--rounds", type=int, default=3, help="timed batched searches per nprobe, methods in turn (median reported)")
+    ivf.add_argument("--ivf-single", type=int, default=0, help="queries of the single-query loop per nprobe (0: skip)")
+    ivf.add_argument("--flat-reference", action="store_true", help="time the exhaustive tqindex scan alongside")
+    ivf.add_argument("--target-recall", type=float, default=0.9, help="the speed-up table's recall threshold")
     return parser.parse_args(argv)
+
+
+def run_ivf(args: argparse.Namespace, dataset: Dataset, threads: dict[str, Any]) -> dict[str, Any]:
+    """The IVF nprobe sweep (``ivf_sweep.py``) for every bit width; writes the ivf_* files."""
+    records, skipped = [], []
+    for bits in args.bits:
+        methods, missing = ivf_sweep.build(args.ivf_methods, dataset, bits, args.nlist, args.seeds[0], args.flat_reference, args.train_rows)
+        skipped += missing
+        records += ivf_sweep.sweep(methods, dataset, args.k, args.nprobe, args.rounds, args.ivf_single, not args.no_progress)
+        del methods
+    info = dataset_info(dataset)
+    title = f"{info['name']} (n={info['n']:,}, d={info['dim']}, {info['distance']}), nlist={args.nlist}"
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    plot = out / "ivf_recall_vs_qps.png"
+    if records:
+        ivf_sweep.plot(records, args.k, title, plot)
+    machine = machine_description(args.threads)
+    output = {
+        "benchmark": "ann_compare_ivf",
+        "dataset": info,
+        "config": {key: value for key, value in vars(args).items() if key not in ("out", "no_progress")},
+        "threads": threads,
+        "machine": machine,
+        "results": records,
+        "speedups": ivf_sweep.speedups(records, args.target_recall),
+        "skipped": skipped,
+        "plots": {"recall_vs_qps": plot.name} if records else {},
+    }
+    markdown = (
+        f"# IVF nprobe sweep: {title}, {info['queries']:,} queries\n\n"
+        f"{describe_machine_md(machine)}; threads: {describe_threads(threads)}\n\n"
+        f"Each method built once (seed {args.seeds[0]}; lists trained on {args.train_rows or 'all'} train rows); per nprobe the methods' batched "
+        f"searches (all queries in one call) are timed in turn, {args.rounds} rounds, median reported"
+        + ("; the flat tqindex scan once per nprobe step" if args.flat_reference else "")
+        + ". B/vector: the code stored per vector (factors included; ids and list numbers excluded).\n\n"
+        + ivf_sweep.markdown(records, args.k, args.target_recall)
+        + skipped_md(skipped)
+        + (f"\n\n![recall vs QPS]({plot.name})" if records else "")
+    )
+    print(markdown)
+    (out / "ivf_results.json").write_text(json.dumps(output, indent=1) + "\n")
+    (out / "ivf_results.md").write_text(markdown + "\n")
+    print(f"\nwrote {out / 'ivf_results.json'}, {out / 'ivf_results.md'} and {plot.name}")
+    return output
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     threads = configure_threads(args.threads)
     dataset = load_dataset(args.dataset, progress=not args.no_progress)
+    if args.nlist is not None:
+        return run_ivf(args, dataset, threads)
     k_curve = min(args.k_curve, len(dataset.train))
     timing = timing_from_args(args)
     grid = [(bits, name) for bits in args.bits for name in args.methods]

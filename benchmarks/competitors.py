@@ -277,7 +277,89 @@ def turbovec_bytes_per_vector(dim: int, bits: int) -> float:
     return (sizes[1] - sizes[0]) / 32
 
 
+class IvfMethod(Method):
+    """A method with ``nlist`` inverted lists (set by subclasses) fixed at build, ``nprobe`` lists probed per search."""
+
+    nlist = 0
+    train_rows: int | None = None  # train the lists on a seeded sample of this many rows (None: all)
+
+    @abstractmethod
+    def set_nprobe(self, nprobe: int) -> None: ...
+
+    def training_set(self, train: np.ndarray) -> np.ndarray:
+        """The rows the coarse quantizer (and codebooks) are trained on: ``train`` or a seeded sample of it."""
+        if self.train_rows is None or self.train_rows >= len(train):
+            return train
+        rows = np.sort(np.random.default_rng(self.seed).choice(len(train), self.train_rows, replace=False))
+        return np.ascontiguousarray(train[rows])
+
+
+class TqindexIvfMethod(IvfMethod):
+    """``tqindex.TurboQuantIVFIndex``: faiss k-means lists, TurboQuant codes of residuals or vectors."""
+
+    family = "tqindex"
+    seeded = "rotation and k-means"
+
+    def __init__(self, name: str, dim: int, bits: float, metric: str, seed: int, nlist: int, *, by_residual: bool):
+        super().__init__(name, dim, bits, metric, seed)
+        self.nlist = nlist
+        import tqindex
+
+        try:
+            self.index = tqindex.TurboQuantIVFIndex(dim, nlist, bits, metric=metric, by_residual=by_residual, seed=seed)
+        except ValueError as error:
+            raise Unsupported(str(error)) from error
+        self.params = {"nlist": nlist, "by_residual": by_residual, "scale": self.index.codec.config.scale, "seed": seed}
+
+    def _build(self, train: np.ndarray) -> None:
+        self.index.train(self.training_set(train), progress=False)
+        self.index.add(train, progress=False)
+
+    def set_nprobe(self, nprobe: int) -> None:
+        self.index.nprobe = nprobe
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        return self.index.search(queries, k)
+
+    @property
+    def bytes_per_vector(self) -> float:
+        return float(self.index.bytes_per_vector)
+
+
+class FaissIvfMethod(FaissMethod, IvfMethod):
+    """A FAISS IVF index ``IVF{nlist},{codes}`` (inner product; residual codes, FAISS's default).
+
+    Bytes per vector: the IVF's ``code_size``, the code stored in the lists (factors included);
+    ``sa_code_size`` would add the list number, which the lists themselves imply.
+    """
+
+    def __init__(self, name: str, dim: int, bits: float, metric: str, seed: int, nlist: int, *, prefix: str, codes: str):
+        FaissMethod.__init__(self, name, dim, bits, metric, seed, factory=f"{prefix}IVF{nlist},{codes}")
+        import faiss
+
+        self.nlist = nlist
+        self.ivf = faiss.extract_index_ivf(self.index)
+        self.ivf.cp.seed = seed
+        self.seeded = ", ".join(filter(None, [self.seeded, "k-means"]))
+        self.params |= {"nlist": nlist}
+
+    def _build(self, train: np.ndarray) -> None:
+        try:
+            self.index.train(self.training_set(train))
+        except RuntimeError as error:
+            raise Unsupported(f"{self.factory}: training failed: {str(error).splitlines()[-1]}") from error
+        self.index.add(train)
+
+    def set_nprobe(self, nprobe: int) -> None:
+        self.ivf.nprobe = nprobe
+
+    @property
+    def bytes_per_vector(self) -> float:
+        return float(self.ivf.code_size)
+
+
 Factory = Callable[[str, int, float, str, int], Method]
+IvfFactory = Callable[[str, int, float, str, int, int], IvfMethod]
 
 
 def _faiss(pattern: str, bits_allowed: tuple[int, ...], **kwargs: Any) -> Factory:
@@ -314,6 +396,40 @@ METHODS: dict[str, Factory] = {
     "turbovec": functools.partial(TurbovecMethod, calibrate=False),
     "turbovec-cal": functools.partial(TurbovecMethod, calibrate=True),
 }
+
+
+def _faiss_ivf_rabitq(name: str, dim: int, bits: float, metric: str, seed: int, nlist: int) -> IvfMethod:
+    if bits != int(bits) or not 1 <= bits <= 9:
+        raise Unsupported(f"FAISS offers IVF RaBitQ for 1..9 bits, not {bits}")
+    return FaissIvfMethod(name, dim, bits, metric, seed, nlist, prefix="RR,", codes=f"RaBitQ{int(bits)}")
+
+
+def _faiss_ivf_pq(sub_bits: int) -> IvfFactory:
+    def make(name: str, dim: int, bits: float, metric: str, seed: int, nlist: int) -> IvfMethod:
+        pq = pq_factory(dim, bits, sub_bits)  # "[RR{d'},]PQ{M}np" or "...PQ{M}x4fs"
+        embed, _, codes = pq.rpartition(",")
+        return FaissIvfMethod(name, dim, bits, metric, seed, nlist, prefix=embed + "," if embed else "", codes=codes.removesuffix("np"))
+
+    return make
+
+
+IVF_METHODS: dict[str, IvfFactory] = {
+    "tqindex-ivf": functools.partial(TqindexIvfMethod, by_residual=True),  # the library default
+    "tqindex-ivf-vec": functools.partial(TqindexIvfMethod, by_residual=False),
+    "faiss-ivf-rabitq": _faiss_ivf_rabitq,
+    "faiss-ivf-pq": _faiss_ivf_pq(8),
+    "faiss-ivf-pq-fs": _faiss_ivf_pq(4),
+}
+
+
+def make_ivf_method(name: str, dim: int, bits: float, metric: str, seed: int, nlist: int) -> IvfMethod:
+    """The IVF method ``name`` (a key of `IVF_METHODS`) with ``nlist`` lists; `Unsupported` if it cannot run."""
+    if name not in IVF_METHODS:
+        raise ValueError(f"unknown IVF method {name!r}; known: {', '.join(IVF_METHODS)}")
+    try:
+        return IVF_METHODS[name](name, dim, bits, metric, seed, nlist)
+    except ImportError as error:
+        raise Unsupported(f"{error.name or error} is not installed") from error
 
 
 def make_method(name: str, dim: int, bits: float, metric: str = "ip", seed: int = 0) -> Method:

@@ -17,6 +17,18 @@ def unit_rows(n: int, dim: int, seed: int) -> np.ndarray:
     return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
+def kmeans(x: np.ndarray, nlist: int, seed: int = 0, niter: int = 10) -> np.ndarray:
+    """Lloyd's k-means (L2) from ``nlist`` distinct rows of ``x``: float32 ``(nlist, dim)``
+    centroids for IVF tests that need lists but not FAISS's training (the oldest environment has
+    no faiss; tests of ``TurboQuantIVFIndex.train`` itself import it)."""
+    centroids = x[np.random.default_rng(seed).choice(len(x), nlist, replace=False)].astype(np.float64)
+    for _ in range(niter):
+        nearest = np.argmin((centroids**2).sum(axis=1) - 2 * x @ centroids.T, axis=1)
+        for j in np.unique(nearest):
+            centroids[j] = x[nearest == j].mean(axis=0)
+    return centroids.astype(np.float32)
+
+
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(1234)

@@ -77,6 +77,29 @@ def test_ann_compare_end_to_end(tiny_hdf5, tmp_path, restore_threads):
     assert default[4]["bytes_per_vector"] == 32 * 4 / 8 + 4
 
 
+def test_ann_compare_ivf_sweep(tiny_hdf5, tmp_path, restore_threads):
+    out = tmp_path / "ivf"
+    methods = ["tqindex-ivf", "tqindex-ivf-vec", "faiss-ivf-rabitq"]  # FAISS's PQ trains slowly: left to the benchmark
+    argv = ["--dataset", str(tiny_hdf5), "--bits", "4", "--out", str(out), "--nlist", "4", "--nprobe", "1", "4", "--ivf-methods", *methods]
+    output = ann_compare.main(argv + ["--rounds", "2", "--ivf-single", "3", "--flat-reference", "--threads", "1", "--no-progress"])
+    for name in ("ivf_results.json", "ivf_results.md", "ivf_recall_vs_qps.png"):
+        assert (out / name).stat().st_size > 0, name
+    assert (out / "ivf_recall_vs_qps.png").read_bytes()[:8] == PNG_MAGIC
+    records = {(r["method"], r["nprobe"]): r for r in output["results"]}
+    assert set(records) == {(m, p) for m in methods for p in (1, 4)} | {("tqindex-flat", None)}
+    for r in output["results"]:
+        assert len(r["batched"]["times_s"]) == (1 if r["method"] == "tqindex-flat" else 2) and r["batched"]["qps"] > 0
+        assert (r["single_qps"] is None) == (r["method"] == "tqindex-flat")
+    flat = [r for r in output["results"] if r["method"] == "tqindex-flat"]
+    assert len(flat) == 2 and flat[0]["recall_at_k"] == flat[1]["recall_at_k"]
+    # every list probed: vector codes give the flat index's results, residual codes at least as good here
+    assert records[("tqindex-ivf-vec", 4)]["recall_at_k"] == flat[0]["recall_at_k"]
+    assert records[("tqindex-ivf", 1)]["recall_at_k"] < records[("tqindex-ivf", 4)]["recall_at_k"]
+    speedups = {s["method"]: s for s in output["speedups"]}
+    assert set(speedups) == set(methods) and speedups["tqindex-ivf"]["flat_qps"] > 0
+    assert "| tqindex-ivf | 4 | 20.0 | 4 |" in (out / "ivf_results.md").read_text()
+
+
 def test_bench_search_cli(tiny_hdf5, tmp_path, restore_threads):
     argv = ["--dataset", str(tiny_hdf5), "--bits", "3", "--methods", "tqindex", "faiss-rabitq", "faiss-tqmse"]
     argv += ["--out", str(tmp_path), "--threads", "1", "--repeats", "1", "--single-max-queries", "5", "--no-progress"]

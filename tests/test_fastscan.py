@@ -11,7 +11,7 @@ from tqindex import TurboQuantCodec, TurboQuantIndex
 from tqindex.kernels import fastscan, get_scanner
 from tqindex.kernels.fastscan import BLOCK_ROWS, FastScanner, KeyColumns
 from tqindex.kernels.gemm import GemmScanner
-from tqindex.kernels.scan import Chunk
+from tqindex.kernels.scan import Chunk, QueryChunk, scan_groups_topk
 
 pytestmark = pytest.mark.skipif(not fastscan.available(), reason="the compiled fast-scan is not built (install with a C++ compiler)")
 
@@ -188,6 +188,62 @@ def test_a_row_bias_is_added_before_selecting():
     assert (want >= 250).all()  # the bias decided it
     with pytest.raises(ValueError, match="bias: expected"):
         scanner.begin(rotated, 8).scan(codes.packed, codes.factors, None, 0, 1, None, bias[:10])
+
+
+def _groups(codes, rng):
+    """Query groups over 600 rows for 5 queries (an inverted file's shape): each query meets a row
+    in one group at most; per-query and per-row biases, a validity mask, and scattered rows
+    numbered by ``rows``. Also the bias each (query, row) met, float32 ``(5, 600)``, -inf where none."""
+    packed, factors = torch.from_numpy(codes.packed), torch.from_numpy(codes.factors)
+    met = torch.full((5, 600), float("-inf"))
+    scattered = torch.from_numpy(rng.permutation(np.arange(400, 600))[:150])
+    row_bias = torch.from_numpy(rng.uniform(-3, 3, 600).astype(np.float32))
+    valid = torch.from_numpy(rng.random(200) > 0.3)
+    plans = [  # queries, query bias, rows, chunk bias, valid
+        ([0, 3], [1.5, -2.0], torch.arange(0, 200), False, None),
+        ([1, 3, 4], [0.0, 4.0, -1.0], torch.arange(200, 400), True, valid),
+        ([2], [0.5], scattered, True, None),
+        ([0, 1, 4], None, torch.arange(400, 600), False, None),
+    ]
+    groups = []
+    for queries, query_bias, rows, with_bias, mask in plans:
+        gathered = bool((rows != torch.arange(int(rows[0]), int(rows[0]) + len(rows))).any())
+        bias = row_bias[rows] if with_bias else None
+        chunk = Chunk(0 if gathered else int(rows[0]), packed[rows], factors[rows], mask, bias)
+        qb = None if query_bias is None else torch.tensor(query_bias)
+        groups.append(QueryChunk(torch.tensor(queries), chunk, qb, rows if gathered else None))
+        for j, query in enumerate(queries):
+            allowed = rows if mask is None else rows[mask]
+            met[query, allowed] = (0.0 if qb is None else float(qb[j])) + (row_bias[allowed] if with_bias else 0.0)
+    return groups, met
+
+
+@pytest.mark.parametrize("build", list(BUILDS))
+def test_groups_scan_some_queries_each_with_their_biases_and_row_numbers(build):
+    """``search_groups`` (the inverted-file scan) and the rescoring path of ``scan_groups_topk``
+    both give the exact top-k of ``codec.score + bias`` over the rows each query met."""
+    codec = TurboQuantCodec(40, 3)
+    rng = np.random.default_rng(11)
+    codes = codec.encode(rng.standard_normal((600, 40)).astype(np.float32))
+    rotated = codec.rotate_queries(torch.from_numpy(rng.standard_normal((5, 40)).astype(np.float32)))
+    groups, met = _groups(codes, rng)
+    exact = codec.score(rotated, torch.from_numpy(codes.packed), torch.from_numpy(codes.factors)) + met
+    want = torch.argsort(exact, dim=1, descending=True, stable=True)[:, :7]
+    fetch = lambda rows: (torch.from_numpy(codes.packed)[rows], torch.from_numpy(codes.factors)[rows])  # noqa: E731
+    bias_of = lambda rows: met.gather(1, rows.clamp_min(0))  # noqa: E731
+    for scanner in (_scanner(codec, build), _scanner(codec, build, z=0.0), GemmScanner(codec)):
+        scores, rows = scan_groups_topk(codec, scanner, rotated, groups, 7, fetch, bias_of)
+        assert torch.equal(rows, want), type(scanner).__name__
+        np.testing.assert_allclose(scores, exact.gather(1, want), rtol=1e-5, atol=1e-5)
+    search = FastScanner(codec).begin(rotated, 3)
+    one = groups[0].chunk
+    for queries, match in (([0, 0], "distinct"), ([5], "distinct"), ([-1], "distinct")):
+        with pytest.raises(ValueError, match=match):
+            search.scan(one.packed.numpy(), one.factors.numpy(), None, 0, 1, None, None, None, np.array(queries, np.int64))
+    with pytest.raises(ValueError, match="query_bias: expected 2"):
+        search.scan(one.packed.numpy(), one.factors.numpy(), None, 0, 1, None, None, None, np.array([0, 1]), np.zeros(3, np.float32))
+    with pytest.raises(ValueError, match="rows: expected 200"):
+        search.scan(one.packed.numpy(), one.factors.numpy(), None, 0, 1, None, None, np.arange(5))
 
 
 def test_fewer_valid_rows_than_k_pad_with_minus_one():

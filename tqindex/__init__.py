@@ -1,7 +1,9 @@
 """tqindex: vector search and KV caches over TurboQuant codes (rotation + Lloyd-Max codebook, no training)."""
 
 from tqindex.codec import CodecConfig, Codes, TurboQuantCodec
-from tqindex.index import TurboQuantIndex, open
+from tqindex.index import TurboQuantIndex
+from tqindex.ivf import TurboQuantIVFIndex
+from tqindex.opening import open
 from tqindex.errors import CorruptIndexError, IndexFormatError, IndexLockedError, StorageError, TQIndexError
 
 __all__ = [
@@ -13,6 +15,7 @@ __all__ = [
     "StorageError",
     "TQIndexError",
     "TurboQuantCodec",
+    "TurboQuantIVFIndex",
     "TurboQuantIndex",
     "open",
 ]

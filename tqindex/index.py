@@ -282,7 +282,11 @@ class TurboQuantIndex:
             raise ValueError(f"ids already in the index: {taken[:5].tolist()}")
         self._append(vectors, ids, progress)
 
-    def _append(self, vectors: torch.Tensor, ids: np.ndarray, progress: bool | None) -> None:
+    def _append(
+        self, vectors: torch.Tensor, ids: np.ndarray, progress: bool | None, extra: dict[str, np.ndarray] | None = None
+    ) -> None:
+        """Encode and commit ``vectors`` under ``ids``; ``extra``: a subclass's own columns' rows
+        (one per vector), committed with them."""
         batches = range(0, vectors.shape[0], _ENCODE_BATCH)
         encoded = [
             encode(self.codec, vectors[i : i + _ENCODE_BATCH].to(self.device))
@@ -297,6 +301,8 @@ class TurboQuantIndex:
             for name, values in columns.items():
                 self._store.append(name, values.cpu().numpy())
             self._store.append("ids", ids)
+            for name, values in (extra or {}).items():
+                self._store.append(name, values)
             self._store.commit()
             if self._resident is not None:
                 new = [columns[name] for name in _scanned_columns(self.metric)]
@@ -380,6 +386,13 @@ class TurboQuantIndex:
             scores, ids = torch.empty((len(rows), int(k))), np.empty((len(rows), int(k)), np.int64)
             for i in range(0, len(rows), tile):
                 scores[i : i + tile], ids[i : i + tile] = self._search_tile(scanner, rows[i : i + tile], int(k), allowed)
+        scores = self._rescaled_scores(scores, ids, exponents)
+        return (scores, torch.from_numpy(ids)) if is_torch(queries) else (scores.numpy(), ids)
+
+    def _rescaled_scores(self, scores: torch.Tensor, ids: np.ndarray, exponents: torch.Tensor | None) -> torch.Tensor:
+        """Scores float32 ``(m, k)`` (CPU) of queries divided by ``2 ** exponents`` (`power_of_two_scaled`)
+        brought back to the queries' scale; ValueError naming the first query whose scores of the
+        rows found (``ids >= 0``) overflow float32."""
         if exponents is not None:
             scores = times_power_of_two(scores, exponents.cpu())
         values = scores.numpy()
@@ -388,7 +401,7 @@ class TurboQuantIndex:
             row = int(np.flatnonzero(overflow.any(axis=1))[0])
             what = "distances" if self.metric == "l2" else "inner products"
             raise ValueError(f"queries row {row}: its {what} overflow float32 (> {torch.finfo(torch.float32).max:.3g}): scale the queries down")
-        return (scores, torch.from_numpy(ids)) if is_torch(queries) else (scores.numpy(), ids)
+        return scores
 
     def _search_tile(self, scanner: Any, rows: torch.Tensor, k: int, allowed: np.ndarray | None) -> tuple[torch.Tensor, np.ndarray]:
         """`search` of one tile of queries ``(t, dim)``: scores float32 ``(t, k)`` on the CPU, ids int64 ``(t, k)``."""

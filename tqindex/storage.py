@@ -699,6 +699,25 @@ def _read_manifest(path: Path, format_name: str) -> dict:
     return m
 
 
+def store_format(path: str | os.PathLike) -> str:
+    """The format name the manifest of the store at ``path`` gives, so that a caller can open it
+    with the reader of that format (which checks everything else). IndexFormatError where there
+    is no store; CorruptIndexError for a manifest that is not JSON."""
+    path = _as_path(path)
+    _check_dir(path)
+    try:
+        data = (path / MANIFEST).read_bytes()
+    except FileNotFoundError:
+        raise IndexFormatError(f"{path}: not a tqindex index (no {MANIFEST})") from None
+    try:
+        m = json.loads(data)
+    except ValueError as e:
+        raise CorruptIndexError(f"{path / MANIFEST}: corrupt manifest: not valid JSON ({e})") from None
+    if not isinstance(m, dict) or not isinstance(m.get("format"), str):
+        raise IndexFormatError(f"{path / MANIFEST}: not a tqindex manifest (no format name)")
+    return m["format"]
+
+
 def _field(path: Path, what: str, entry: Any, key: str, kind: type) -> Any:
     value = entry.get(key) if isinstance(entry, dict) else None
     if not isinstance(value, kind) or isinstance(value, bool):

@@ -11,7 +11,7 @@ import torch
 from tqindex.codec import Codes, TurboQuantCodec
 from tqindex.kernels import fastscan, lut
 from tqindex.kernels.gemm import GemmScanner
-from tqindex.kernels.scan import Chunk, Scanner, candidate_count, scan_topk, search_resident
+from tqindex.kernels.scan import Chunk, QueryChunk, Scanner, candidate_count, scan_groups_topk, scan_topk, search_resident
 
 BACKENDS = ("auto", "torch", "lut", "fastscan", "triton")
 
@@ -97,6 +97,6 @@ def _make_scanner(codec: TurboQuantCodec, backend: str) -> Scanner:
 
 
 __all__ = [
-    "BACKENDS", "LUT_MAX_QUERY_BITS", "TRITON_FMA_MAX_QUERIES", "Chunk", "Scanner", "candidate_count", "encode", "get_scanner", "scan_topk",
-    "search_resident",
+    "BACKENDS", "LUT_MAX_QUERY_BITS", "TRITON_FMA_MAX_QUERIES", "Chunk", "QueryChunk", "Scanner", "candidate_count", "encode",
+    "get_scanner", "scan_groups_topk", "scan_topk", "search_resident",
 ]  # fmt: skip

@@ -20,6 +20,10 @@ the k-th best exact score so far are skipped; the others are rescored exactly (f
 kernel. With ``z <= 0`` the margin is the worst case and the result is the codec's own top-k
 over every row, provably; with ``z > 0`` (the default, ``DEFAULT_Z``) it is ``min(worst case,
 z`` standard deviations of the error), which rescores several times fewer rows.
+
+A scan may serve some of a search's queries only, each with a constant added to its scores, and
+number its rows from an array (`FastScanner.search_groups`: an inverted file's lists, each
+scanned for the queries that probe it; each query's tables are made once per search).
 """
 
 from __future__ import annotations
@@ -28,13 +32,13 @@ import importlib
 import warnings
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Iterable
+from typing import Any, Iterable
 
 import numpy as np
 import torch
 
 from tqindex.codec import TurboQuantCodec
-from tqindex.kernels.scan import Chunk
+from tqindex.kernels.scan import Chunk, QueryChunk
 from tqindex.packing import BitLayout
 
 #: the pruning margin, in standard deviations of a row's table rounding error (<= 0: the worst
@@ -286,13 +290,18 @@ class FastScanner:
     def search(self, rotated_queries: torch.Tensor, chunks: Iterable[Chunk], k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Exact top-``k``: scores float32 ``(m, k)`` best first, rows int64 ``(m, k)``; ``-inf`` / ``-1`` past the valid rows."""
         search = self.begin(rotated_queries, k)
-        threads = torch.get_num_threads()
         for chunk in chunks:
-            valid = None if chunk.valid is None else chunk.valid.cpu().numpy().view(np.uint8)
-            bias = None if chunk.bias is None else _as_numpy(chunk.bias)
-            search.scan(_as_numpy(chunk.packed), _as_numpy(chunk.factors), valid, chunk.start, threads, chunk.key_columns, bias)
-        scores, rows = search.result()
-        return torch.from_numpy(scores), torch.from_numpy(rows)
+            _scan(search, chunk)
+        return _result(search)
+
+    def search_groups(self, rotated_queries: torch.Tensor, groups: Iterable[QueryChunk], k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """`search` where each chunk is scanned for some queries only, with their biases added
+        (`scan_groups_topk`): each query's tables are made once, and its top-k so far prunes
+        every later group it is in."""
+        search = self.begin(rotated_queries, k)
+        for group in groups:
+            _scan(search, group.chunk, group.rows, group.queries, group.bias)
+        return _result(search)
 
 
 class KeyColumns:
@@ -333,6 +342,27 @@ class KeyColumns:
         if start % BLOCK_ROWS or stop > self.count:
             raise ValueError(f"key columns cover rows [0, {self.count}) in blocks of {BLOCK_ROWS}; asked for [{start}, {stop})")
         return self._data[start // BLOCK_ROWS : -(-stop // BLOCK_ROWS)]
+
+
+def _scan(
+    search: Any,
+    chunk: Chunk,
+    rows: torch.Tensor | None = None,
+    queries: torch.Tensor | None = None,
+    query_bias: torch.Tensor | None = None,
+) -> None:
+    """One kernel call of ``search`` (``FastScanner.begin``) over ``chunk``, on ``torch.get_num_threads()``
+    threads: for the queries at positions ``queries`` (None: all), each scoring every row ``query_bias`` higher;
+    the rows numbered ``rows`` (None: from ``chunk.start``)."""
+    valid = None if chunk.valid is None else chunk.valid.cpu().numpy().view(np.uint8)
+    optional = [None if a is None else _as_numpy(a) for a in (chunk.bias, rows, queries, query_bias)]
+    search.scan(_as_numpy(chunk.packed), _as_numpy(chunk.factors), valid, chunk.start, torch.get_num_threads(), chunk.key_columns, *optional)
+
+
+def _result(search: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """A finished search's results as tensors: scores float32 ``(m, k)``, rows int64 ``(m, k)``."""
+    scores, rows = search.result()
+    return torch.from_numpy(scores), torch.from_numpy(rows)
 
 
 def _as_numpy(values: torch.Tensor | np.ndarray) -> np.ndarray:

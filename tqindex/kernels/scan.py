@@ -10,6 +10,10 @@ A per-row ``bias`` (float32, one value per stored row, the same for every query)
 score into ``<q, x_hat> + bias``, in the scan and in the rescoring alike; kernels stay
 metric-agnostic. The index uses it for L2: ``bias = -||x||^2 / 2`` ranks rows by
 ``<q, x> - ||x||^2 / 2 = (||q||^2 - ||q - x||^2) / 2``.
+
+``scan_groups_topk`` is the same scan where each chunk is scanned for some of the queries only,
+with a per-query constant added to their scores: an inverted-file index's lists, each probed by
+the queries whose nearest centroids include it (``tqindex.ivf``).
 """
 
 from __future__ import annotations
@@ -45,12 +49,28 @@ class Chunk:
     key_columns: np.ndarray | None = None
 
 
+@dataclass(frozen=True)
+class QueryChunk:
+    """A `Chunk` scanned for the queries ``queries`` only (int64 ``(q,)``, distinct positions in the batch).
+
+    ``bias``: float32 ``(q,)``, one per query, added to its scores of every row of the chunk (on
+    top of the chunk's per-row ``bias``); None: 0. ``rows``: int64 ``(n,)`` the global row of each
+    chunk row, for chunks gathered from scattered rows; None: ``chunk.start + position``.
+    """
+
+    queries: torch.Tensor
+    chunk: Chunk
+    bias: torch.Tensor | None = None
+    rows: torch.Tensor | None = None
+
+
 class Scanner(Protocol):
     """``prepare`` once per search, ``chunk_topk`` per chunk: the best ``k`` rows per query of
     ``score + bias`` (bias float32 ``(n,)`` or None, added before the selection; -inf where not
     ``valid``): scores float32 ``(m, <=k)`` and chunk-local rows int64, best first. A scanner that
     also has ``candidates`` (``TritonScanner``) scans resident rows in one call (``search_resident``);
-    one with ``search`` (``FastScanner``) keeps its own exact top-k over the chunks."""
+    one with ``search`` and ``search_groups`` (``FastScanner``) keeps its own exact top-k over the
+    chunks (``scan_topk``) or groups (``scan_groups_topk``)."""
 
     def prepare(self, rotated_queries: torch.Tensor) -> torch.Tensor: ...
     def chunk_topk(
@@ -62,6 +82,36 @@ class Scanner(Protocol):
         k: int,
         bias: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+def take_queries(scanner: Scanner, prepared: Any, queries: torch.Tensor) -> Any:
+    """The prepared form of the queries at positions ``queries`` (int64 ``(q,)``), cut from
+    ``prepared`` = ``scanner.prepare`` of the whole batch: by the scanner's own ``take_queries``
+    where it has one, else row by row from a tensor, an array or a tuple of them (None kept),
+    whose first axis is the query. All queries in order: ``prepared`` itself, no copy.
+    """
+    if queries.shape[0] == _batch_size(prepared) and bool((queries == torch.arange(queries.shape[0])).all()):
+        return prepared
+    own = getattr(scanner, "take_queries", None)
+    return own(prepared, queries) if own is not None else _take_rows(prepared, queries)
+
+
+def _batch_size(prepared: Any) -> int | None:
+    if isinstance(prepared, tuple):
+        return next((size for size in map(_batch_size, prepared) if size is not None), None)
+    return None if prepared is None else int(prepared.shape[0])
+
+
+def _take_rows(prepared: Any, queries: torch.Tensor) -> Any:
+    if prepared is None:
+        return None
+    if isinstance(prepared, tuple):
+        return tuple(_take_rows(part, queries) for part in prepared)
+    if isinstance(prepared, torch.Tensor):
+        return prepared.index_select(0, queries.to(prepared.device))
+    if isinstance(prepared, np.ndarray):
+        return np.ascontiguousarray(prepared[queries.cpu().numpy()])
+    raise TypeError(f"cannot take query rows from a prepared {type(prepared).__name__}: give the scanner a take_queries method")
 
 
 def candidate_count(k: int) -> int:
@@ -133,6 +183,43 @@ def search_resident(
     return scores, found
 
 
+def scan_groups_topk(
+    codec: TurboQuantCodec,
+    scanner: Scanner,
+    rotated_queries: torch.Tensor,
+    groups: Iterable[QueryChunk],
+    k: int,
+    fetch: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+    bias_of: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`scan_topk` where each chunk is scanned for some queries only, with a per-query bias.
+
+    Args:
+        groups: the chunks and the queries (and biases) each is scanned for, in any order; a query
+            may meet the same rows in one group only.
+        bias_of: candidate rows int64 ``(m, c)`` -> the bias of each, float32 ``(m, c)`` (what its
+            group and chunk added; ``-1`` rows are padding), for exact rescoring. None: no bias.
+
+    Returns ``(scores, rows)`` as `scan_topk`, scores including the bias.
+    """
+    search_groups = getattr(scanner, "search_groups", None)
+    if search_groups is not None:  # the scanner keeps its own exact top-k (the compiled fast-scan)
+        return search_groups(rotated_queries, groups, k)
+    m = rotated_queries.shape[0]
+    wanted = candidate_count(k)
+    running = RunningTopK(m, wanted, device=rotated_queries.device)
+    prepared = scanner.prepare(rotated_queries)
+    for group in groups:
+        chunk = group.chunk
+        queries = take_queries(scanner, prepared, group.queries)
+        scores, local = scanner.chunk_topk(queries, chunk.packed, chunk.factors, chunk.valid, wanted, bias=chunk.bias)
+        if group.bias is not None:
+            scores = scores + group.bias[:, None]
+        running.push_at(group.queries, scores, local + chunk.start if group.rows is None else group.rows[local])
+    bias = None if bias_of is None else bias_of(running.rows)
+    return _rescore(codec, rotated_queries, running.rows, fetch, None, k, bias)
+
+
 def _rescore(
     codec: TurboQuantCodec,
     rotated_queries: torch.Tensor,
@@ -140,12 +227,15 @@ def _rescore(
     fetch: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
     fetch_bias: Callable[[torch.Tensor], torch.Tensor] | None,
     k: int,
+    bias: torch.Tensor | None = None,
     dedupe: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact float32 scores (plus bias) of each query's candidate ``rows`` ``(m, c)``; best ``k`` kept.
 
-    ``dedupe``: fetch each distinct row once (``torch.unique``, which waits for the device);
-    without it every (query, candidate) is fetched, with no synchronisation.
+    ``fetch_bias``: rows int64 ``(u,)`` -> their per-row bias float32 ``(u,)``; ``bias``: float32
+    ``(m, c)``, one per query and candidate; either or both may be None. ``dedupe``: fetch each
+    distinct row once (``torch.unique``, which waits for the device); without it every
+    (query, candidate) is fetched, with no synchronisation.
     """
     m = rows.shape[0]
     if dedupe:
@@ -153,14 +243,16 @@ def _rescore(
     else:
         unique, inverse = rows.clamp_min(0).flatten(), torch.arange(rows.numel(), device=rows.device).view(rows.shape)
     packed, factors = fetch(unique)
-    bias = None if fetch_bias is None else fetch_bias(unique).to(rows.device)
+    row_bias = None if fetch_bias is None else fetch_bias(unique).to(rows.device)
     exact = torch.empty(rows.shape, dtype=torch.float32, device=rows.device)
     for start in range(0, m, _RESCORE_QUERY_BLOCK):
         block = slice(start, start + _RESCORE_QUERY_BLOCK)
         at = inverse[block]
         exact[block] = codec.score(rotated_queries[block, None, :], packed[at], factors[at])[:, 0]
-        if bias is not None:
-            exact[block] += bias[at]
+        if row_bias is not None:
+            exact[block] += row_bias[at]
+    if bias is not None:
+        exact += bias
     exact.masked_fill_(rows < 0, float("-inf"))  # not exact[mask] = ...: that waits for the device
     # best first; among equal scores the lower row first, so results are deterministic
     by_row = torch.argsort(rows.clamp_min(0), dim=1, stable=True)

@@ -93,9 +93,13 @@ class PySearch {
   }
 
   // packed rows (n, code_bytes); key_columns: None or their key columns (key_columns() of the
-  // plan); bias: None or float32 (n,), added to every query's score of the row
+  // plan); bias: None or float32 (n,), added to every query's score of the row; rows: None (the
+  // rows are numbered row0..) or int64 (n,), their numbers; queries: None (all) or int64 (q,),
+  // distinct positions in the batch, the queries this scan is for; query_bias: None or float32,
+  // one per query scanned (q, or m without queries), added to its scores of every row
   void scan(const Array<uint8_t>& packed, const Array<float>& factors, const py::object& valid, int64_t row0, int threads,
-            const py::object& key_columns, const py::object& bias) {
+            const py::object& key_columns, const py::object& bias, const py::object& rows, const py::object& queries,
+            const py::object& query_bias) {
     if (packed.ndim() != 2 || packed.shape(1) != plan_->code_bytes)
       throw std::invalid_argument("packed: expected (n, " + std::to_string(plan_->code_bytes) + ") uint8");
     const int64_t n = packed.shape(0);
@@ -117,8 +121,32 @@ class PySearch {
       row_bias = bias.cast<Array<float>>();
       bias_ptr = data_of(row_bias, n, "bias");
     }
+    Array<int64_t> numbers, positions;
+    Array<float> per_query;
+    const int64_t* rows_ptr = nullptr;
+    tq::Subset subset;
+    if (!rows.is_none()) {
+      numbers = rows.cast<Array<int64_t>>();
+      rows_ptr = data_of(numbers, n, "rows");
+    }
+    if (!queries.is_none()) {
+      positions = queries.cast<Array<int64_t>>();
+      if (positions.ndim() != 1) throw std::invalid_argument("queries: expected (q,) int64");
+      subset.queries = positions.data();
+      subset.count = positions.size();
+      std::vector<bool> seen(m_);
+      for (int64_t j = 0; j < subset.count; ++j) {
+        const int64_t i = subset.queries[j];
+        if (i < 0 || i >= m_ || seen[i]) throw std::invalid_argument("queries: expected distinct positions in 0.." + std::to_string(m_ - 1));
+        seen[i] = true;
+      }
+    }
+    if (!query_bias.is_none()) {
+      per_query = query_bias.cast<Array<float>>();
+      subset.bias = data_of(per_query, queries.is_none() ? m_ : subset.count, "query_bias");
+    }
     py::gil_scoped_release release;
-    search_->scan(tq::Codes{packed.data(), n, columns_ptr}, factors.data(), valid_ptr, bias_ptr, row0, threads);
+    search_->scan(tq::Codes{packed.data(), n, columns_ptr}, factors.data(), valid_ptr, bias_ptr, row0, rows_ptr, subset, threads);
   }
 
   py::tuple result() const {
@@ -188,7 +216,8 @@ PYBIND11_MODULE(TQ_MODULE_NAME, m) {
   py::class_<PySearch>(m, "Search", py::module_local())
       .def(py::init<std::shared_ptr<tq::Plan>, const Array<float>&, int, double>(), py::arg("plan"), py::arg("queries"), py::arg("k"), py::arg("z"))
       .def("scan", &PySearch::scan, py::arg("packed"), py::arg("factors"), py::arg("valid"), py::arg("row0"), py::arg("threads"),
-           py::arg("key_columns") = py::none(), py::arg("bias") = py::none())
+           py::arg("key_columns") = py::none(), py::arg("bias") = py::none(), py::arg("rows") = py::none(), py::arg("queries") = py::none(),
+           py::arg("query_bias") = py::none())
       .def("result", &PySearch::result)
       .def("tables", &PySearch::tables)
       .def("rescored", &PySearch::rescored);

@@ -171,17 +171,18 @@ inline void step_keys(const Plan& plan, Columns cols, uint8_t* keys) {
   }
 }
 
-// Table sums of kQ queries (tables lut + i * lut_stride) over keys [first, last) of one step (an
+// Table sums of kQ queries (tables luts[i]) over keys [first, last) of one step (an
 // even count): 16-bit lanes, the low byte of each the running sum of an even row, the high byte's
 // sum kept apart in acc_high. Entries are at most kTableMax = 127 (plan.h), so the look-ups of a
 // key pair add in 8 bits before they are widened: a fifth fewer operations than widening each.
 // Direct plans read key 2c / 2c + 1 as the low / high nibble of column c; others read extracted
 // keys, one register each.
 template <bool kDirect, int kQ>
-inline void accumulate(const uint8_t* lut, size_t lut_stride, Columns cols, const uint8_t* keys, int first, int last,
-                       Simd::V* acc, Simd::V* acc_high) {
+inline void accumulate(const uint8_t* const* luts, Columns cols, const uint8_t* keys, int first, int last, Simd::V* acc,
+                       Simd::V* acc_high) {
   const Simd::V low_nibble = Simd::set1(0x0F);
-  for (int i = 0; i < kQ; ++i) acc[i] = Simd::zero(), acc_high[i] = Simd::zero();
+  const uint8_t* tables[kQ];  // a local copy: stores to acc (may_alias vectors) could otherwise change luts[i]
+  for (int i = 0; i < kQ; ++i) acc[i] = Simd::zero(), acc_high[i] = Simd::zero(), tables[i] = luts[i];
   for (int g = first; g < last; g += 2) {
     Simd::V k0, k1;
     if (kDirect) {
@@ -193,7 +194,7 @@ inline void accumulate(const uint8_t* lut, size_t lut_stride, Columns cols, cons
       k1 = Simd::load(keys + (g + 1) * Simd::kBytes);
     }
     for (int i = 0; i < kQ; ++i) {
-      const uint8_t* table = lut + i * lut_stride + g * 16;
+      const uint8_t* table = tables[i] + g * 16;
       const Simd::V r = Simd::add8(Simd::lookup(Simd::broadcast_table(table), k0), Simd::lookup(Simd::broadcast_table(table + 16), k1));
       acc[i] = Simd::add16(acc[i], r);
       acc_high[i] = Simd::add16(acc_high[i], Simd::high_bytes(r));
@@ -202,13 +203,12 @@ inline void accumulate(const uint8_t* lut, size_t lut_stride, Columns cols, cons
 }
 
 template <bool kDirect, int kQ>
-inline void step_sums(const Plan& plan, const uint8_t* lut, size_t lut_stride, Columns cols, const uint8_t* keys,
-                      uint16_t (*sums)[2][kRows]) {
+inline void step_sums(const Plan& plan, const uint8_t* const* luts, Columns cols, const uint8_t* keys, uint16_t (*sums)[2][kRows]) {
   Simd::V acc[kQ], acc_high[kQ];
   for (int s = 0; s < 2; ++s) {
     const int first = s == 0 ? 0 : plan.n_index_keys, last = s == 0 ? plan.n_index_keys : plan.n_keys;
     if (first == last) continue;
-    accumulate<kDirect, kQ>(lut, lut_stride, cols, keys, first, last, acc, acc_high);
+    accumulate<kDirect, kQ>(luts, cols, keys, first, last, acc, acc_high);
     // 16-bit lane t holds rows 2t (low byte) and 2t + 1 (high byte); sums wrap mod 2^16 and fit it
     for (int i = 0; i < kQ; ++i) Simd::store_rows(sums[i][s], Simd::sub16(acc[i], Simd::low_to_high(acc_high[i])), acc_high[i]);
   }
@@ -233,14 +233,13 @@ inline void step_keys(const Plan& plan, Columns cols, uint8_t* keys) {
 }
 
 template <bool kDirect, int kQ>
-inline void step_sums(const Plan& plan, const uint8_t* lut, size_t lut_stride, Columns cols, const uint8_t* keys,
-                      uint16_t (*sums)[2][kRows]) {
+inline void step_sums(const Plan& plan, const uint8_t* const* luts, Columns cols, const uint8_t* keys, uint16_t (*sums)[2][kRows]) {
   for (int i = 0; i < kQ; ++i) {
     for (int r = 0; r < kRows; ++r) {
       uint32_t total[2] = {0, 0};
       for (int g = 0; g < plan.n_keys; ++g) {
         const unsigned key = kDirect ? (cols.base[(g / 2) * kBlock + r] >> (4 * (g % 2))) & 15u : keys[g * kRows + r];
-        total[g < plan.n_index_keys ? 0 : 1] += lut[i * lut_stride + g * 16 + key];
+        total[g < plan.n_index_keys ? 0 : 1] += luts[i][g * 16 + key];
       }
       sums[i][0][r] = static_cast<uint16_t>(total[0]);
       sums[i][1][r] = static_cast<uint16_t>(total[1]);
@@ -250,9 +249,9 @@ inline void step_sums(const Plan& plan, const uint8_t* lut, size_t lut_stride, C
 #endif
 
 // Bit r set where row r of a step may enter the top-k: f0 (S0 scale0 + bias0) + |f0| margin0
-// (+ the same for segment 1) + the row's bias >= tau, evaluated in float (plan.h's margins cover
-// its rounding).
-inline uint64_t may_enter(const uint16_t (*sums)[kRows], const float* f0, const float* f1, const float* row_bias,
+// (+ the same for segment 1) + the row's bias + the query's bias >= tau, evaluated in float
+// (plan.h's margins cover its rounding).
+inline uint64_t may_enter(const uint16_t (*sums)[kRows], const float* f0, const float* f1, const float* row_bias, float query_bias,
                           const QueryTables& t, float tau, int n_factors) {
   uint64_t bits = 0;
 #if defined(TQ_ISA_AVX2) || defined(TQ_ISA_AVX512)
@@ -260,11 +259,11 @@ inline uint64_t may_enter(const uint16_t (*sums)[kRows], const float* f0, const 
   const __m256 margin0 = _mm256_set1_ps(static_cast<float>(t.margin[0])), limit = _mm256_set1_ps(tau);
   const __m256 scale1 = _mm256_set1_ps(static_cast<float>(t.scale[1])), bias1 = _mm256_set1_ps(static_cast<float>(t.bias[1]));
   const __m256 margin1 = _mm256_set1_ps(static_cast<float>(t.margin[1]));
-  const __m256 sign = _mm256_set1_ps(-0.0f);
+  const __m256 sign = _mm256_set1_ps(-0.0f), query = _mm256_set1_ps(query_bias);
   for (int r = 0; r < kRows; r += 8) {
     const __m256 s0 = _mm256_cvtepi32_ps(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sums[0] + r))));
     const __m256 a0 = _mm256_loadu_ps(f0 + r);
-    __m256 upper = _mm256_fmadd_ps(a0, _mm256_fmadd_ps(s0, scale0, bias0), _mm256_loadu_ps(row_bias + r));
+    __m256 upper = _mm256_fmadd_ps(a0, _mm256_fmadd_ps(s0, scale0, bias0), _mm256_add_ps(_mm256_loadu_ps(row_bias + r), query));
     upper = _mm256_fmadd_ps(_mm256_andnot_ps(sign, a0), margin0, upper);
     if (n_factors > 1) {
       const __m256 s1 = _mm256_cvtepi32_ps(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sums[1] + r))));
@@ -277,7 +276,7 @@ inline uint64_t may_enter(const uint16_t (*sums)[kRows], const float* f0, const 
 #else
   for (int r = 0; r < kRows; ++r) {
     float upper = f0[r] * (sums[0][r] * static_cast<float>(t.scale[0]) + static_cast<float>(t.bias[0])) +
-                  std::fabs(f0[r]) * static_cast<float>(t.margin[0]) + row_bias[r];
+                  std::fabs(f0[r]) * static_cast<float>(t.margin[0]) + (row_bias[r] + query_bias);
     if (n_factors > 1)
       upper += f1[r] * (sums[1][r] * static_cast<float>(t.scale[1]) + static_cast<float>(t.bias[1])) +
                std::fabs(f1[r]) * static_cast<float>(t.margin[1]);
@@ -333,6 +332,14 @@ struct Codes {
   const uint8_t* key_columns;  // (ceil(n / kBlock), n_keys / 2, kBlock) or nullptr
 };
 
+// The queries one scan() call is for: `count` distinct positions in the batch (queries nullptr:
+// all m, in order), and a bias per position added to its scores of every row (bias nullptr: 0).
+struct Subset {
+  const int64_t* queries = nullptr;
+  int64_t count = 0;
+  const float* bias = nullptr;
+};
+
 // One search: m rotated queries, top-k kept across the chunks passed to scan().
 class Search {
  public:
@@ -346,25 +353,34 @@ class Search {
     for (int64_t i = 0; i < m; ++i) best_.emplace_back(k), lower_.emplace_back(k);
   }
 
-  // Scan n rows numbered row0.. (packed, code_bytes each, and optionally their key columns), with
-  // factors (n, n_factors), an optional validity mask (n,) and an optional bias (n,) added to every
-  // query's score of the row; `threads` workers at most.
-  void scan(Codes codes, const float* factors, const uint8_t* valid, const float* bias, int64_t row0, int threads) {
+  // Scan n rows (packed, code_bytes each, and optionally their key columns), numbered row0.. or
+  // rows[0..n) where `rows` is given, with factors (n, n_factors), an optional validity mask (n,)
+  // and an optional bias (n,) added to every query's score of the row, for the queries of
+  // `subset`; `threads` workers at most.
+  void scan(Codes codes, const float* factors, const uint8_t* valid, const float* bias, int64_t row0, const int64_t* rows,
+            Subset subset, int threads) {
     const int64_t steps = (codes.n + kRows - 1) / kRows;
-    if (steps == 0) return;
-    const double lookups = static_cast<double>(codes.n) * plan_->n_keys * static_cast<double>(m_);
+    Who who;
+    for (int64_t j = 0; j < (subset.queries != nullptr ? subset.count : m_); ++j) {
+      const int64_t i = subset.queries != nullptr ? subset.queries[j] : j;
+      who.query.push_back(i);
+      who.bias.push_back(subset.bias != nullptr ? subset.bias[j] : 0.0f);
+      who.floor.push_back(std::max(best_[i].threshold(), lower_[i].threshold()));
+    }
+    const int64_t q = static_cast<int64_t>(who.query.size());
+    if (steps == 0 || q == 0) return;
+    const double lookups = static_cast<double>(codes.n) * plan_->n_keys * static_cast<double>(q);
     const int64_t useful = std::max<int64_t>(1, static_cast<int64_t>(lookups / kMinLookupsPerTask));
     const int tasks = static_cast<int>(std::min<int64_t>({static_cast<int64_t>(std::max(threads, 1)), steps, useful}));
-    std::vector<float> floor(m_);
-    for (int64_t i = 0; i < m_; ++i) floor[i] = std::max(best_[i].threshold(), lower_[i].threshold());
     std::vector<std::vector<Found>> found(tasks);
+    const Numbering numbering{row0, rows};
     Pool::get().run(tasks, [&](int task) {
-      found[task] = scan_steps(codes, factors, valid, bias, row0, steps * task / tasks, steps * (task + 1) / tasks, floor);
+      found[task] = scan_steps(codes, factors, valid, bias, numbering, who, steps * task / tasks, steps * (task + 1) / tasks);
     });
     for (auto& part : found)
-      for (int64_t i = 0; i < m_; ++i) {
-        for (const Hit& hit : part[i].exact.hits()) best_[i].push(hit);
-        for (float value : part[i].lower.values()) lower_[i].push(value);
+      for (int64_t j = 0; j < q; ++j) {
+        for (const Hit& hit : part[j].exact.hits()) best_[who.query[j]].push(hit);
+        for (float value : part[j].lower.values()) lower_[who.query[j]].push(value);
       }
   }
 
@@ -390,6 +406,19 @@ class Search {
   static constexpr int kQueriesPerPass = 4;  // queries sharing each column load
   static constexpr size_t kCompactAt = 4096;  // candidates kept per query before the stale ones are dropped
 
+  // the queries of one scan() call: position in the batch, bias, and the k-th best score so far
+  struct Who {
+    std::vector<int64_t> query;
+    std::vector<float> bias, floor;
+  };
+
+  // the number of the scanned row at position p: row0 + p, or rows[p]
+  struct Numbering {
+    int64_t row0;
+    const int64_t* rows;
+    int64_t operator()(int64_t p) const { return rows != nullptr ? rows[p] : row0 + p; }
+  };
+
   size_t lut_stride() const { return static_cast<size_t>(plan_->n_keys) * 16; }
   uint8_t* mutable_lut(int64_t i) { return lut_.data() + i * lut_stride(); }
 
@@ -397,8 +426,8 @@ class Search {
   // best lower bounds so far prune the rest), then rescored best upper bound first, stopping
   // where the upper bound falls below the k-th exact score: the rows rescored are few even
   // where the first rows of a scan would all pass a threshold that is still low.
-  std::vector<Found> scan_steps(Codes codes, const float* factors, const uint8_t* valid, const float* bias, int64_t row0,
-                                int64_t first, int64_t last, const std::vector<float>& floor) {
+  std::vector<Found> scan_steps(Codes codes, const float* factors, const uint8_t* valid, const float* bias, Numbering numbering,
+                                const Who& who, int64_t first, int64_t last) {
     const Plan& plan = *plan_;
     const int nf = plan.n_factors;
     const size_t padded_block = static_cast<size_t>((plan.code_bytes + 15) & ~15) * kBlock;  // a transposed block
@@ -410,11 +439,12 @@ class Search {
     const size_t key_bytes = columns || plan.direct ? 0 : static_cast<size_t>(plan.n_keys) * kRows;
     // a tile of steps whose bytes every query pass of the tile reads again (from L2)
     const size_t step_bytes = columns ? column_block * kBlocksPerStep : cols_bytes + key_bytes;
-    const int64_t tile = m_ == 1 ? 1 : std::max<int64_t>(1, (128 << 10) / static_cast<int64_t>(step_bytes));
+    const int64_t q_all = static_cast<int64_t>(who.query.size());
+    const int64_t tile = q_all == 1 ? 1 : std::max<int64_t>(1, (128 << 10) / static_cast<int64_t>(step_bytes));
     Scratch cols(cols_bytes * tile), keys(key_bytes * tile), tail(std::max(padded_block, column_block) * kBlocksPerStep);
     std::vector<Found> found;
-    for (int64_t i = 0; i < m_; ++i) found.emplace_back(k_);
-    std::vector<std::vector<Candidate>> candidates(m_);
+    for (int64_t j = 0; j < q_all; ++j) found.emplace_back(k_);
+    std::vector<std::vector<Candidate>> candidates(q_all);
     std::vector<Columns> where(tile);
     std::vector<float> f0(tile * kRows), f1(tile * kRows), row_bias(tile * kRows);
     std::vector<uint64_t> live(tile);
@@ -438,23 +468,27 @@ class Search {
         }
         live[slot] = bits;
       }
-      for (int64_t i0 = 0; i0 < m_; i0 += kQueriesPerPass) {
-        const int q = static_cast<int>(std::min<int64_t>(kQueriesPerPass, m_ - i0));
+      for (int64_t i0 = 0; i0 < q_all; i0 += kQueriesPerPass) {
+        const int q = static_cast<int>(std::min<int64_t>(kQueriesPerPass, q_all - i0));
+        const uint8_t* luts[kQueriesPerPass];
+        for (int qi = 0; qi < q; ++qi) luts[qi] = lut(who.query[i0 + qi]);
         for (int64_t step = t0; step < t1; ++step) {
           const int64_t slot = step - t0;
           if (live[slot] == 0) continue;
-          dispatch_sums(plan.direct || columns, q, lut(i0), where[slot], keys.data + slot * key_bytes, sums);
+          dispatch_sums(plan.direct || columns, q, luts, where[slot], keys.data + slot * key_bytes, sums);
           for (int qi = 0; qi < q; ++qi) {
             const int64_t i = i0 + qi;
-            const QueryTables& t = tables_[i];
+            const QueryTables& t = tables_[who.query[i]];
             LowerK& lower = found[i].lower;
-            const float tau = slack(std::max(floor[i], lower.threshold()));
-            uint64_t bits = may_enter(sums[qi], &f0[slot * kRows], &f1[slot * kRows], &row_bias[slot * kRows], t, tau, nf) & live[slot];
+            const float tau = slack(std::max(who.floor[i], lower.threshold()));
+            uint64_t bits =
+                may_enter(sums[qi], &f0[slot * kRows], &f1[slot * kRows], &row_bias[slot * kRows], who.bias[i], t, tau, nf) & live[slot];
             while (bits) {
               const int r = __builtin_ctzll(bits);
               bits &= bits - 1;
               const int64_t j = slot * kRows + r;
-              double approx = f0[j] * (sums[qi][0][r] * t.scale[0] + t.bias[0]) + row_bias[j], margin = std::fabs(f0[j]) * t.margin[0];
+              double approx = f0[j] * (sums[qi][0][r] * t.scale[0] + t.bias[0]) + row_bias[j] + who.bias[i];
+              double margin = std::fabs(f0[j]) * t.margin[0];
               if (nf > 1) {
                 approx += f1[j] * (sums[qi][1][r] * t.scale[1] + t.bias[1]);
                 margin += std::fabs(f1[j]) * t.margin[1];
@@ -469,16 +503,17 @@ class Search {
     }
     std::vector<int32_t> idx(plan.dim);
     int64_t rescored = 0;
-    for (int64_t i = 0; i < m_; ++i) {
+    for (int64_t i = 0; i < q_all; ++i) {
       std::vector<Candidate>& list = candidates[i];
       std::sort(list.begin(), list.end(), [](const Candidate& a, const Candidate& b) { return a.upper > b.upper; });
       TopK& exact = found[i].exact;
-      const float* query = &queries_[i * plan.query_width()];
+      const float* query = &queries_[who.query[i] * plan.query_width()];
       for (const Candidate& c : list) {
-        if (c.upper < slack(std::max({floor[i], found[i].lower.threshold(), exact.threshold()}))) break;
+        if (c.upper < slack(std::max({who.floor[i], found[i].lower.threshold(), exact.threshold()}))) break;
         const uint8_t* bytes = codes.packed + c.row * plan.code_bytes;
-        const double score = plan.exact_score(query, bytes, factors + c.row * nf, idx.data()) + (bias != nullptr ? bias[c.row] : 0.0);
-        exact.push(Hit{static_cast<float>(score), row0 + c.row});
+        const double score = plan.exact_score(query, bytes, factors + c.row * nf, idx.data()) + (bias != nullptr ? bias[c.row] : 0.0) +
+                             static_cast<double>(who.bias[i]);
+        exact.push(Hit{static_cast<float>(score), numbering(c.row)});
         ++rescored;
       }
     }
@@ -520,15 +555,14 @@ class Search {
     return Columns{cols, padded_block};
   }
 
-  void dispatch_sums(bool direct, int q, const uint8_t* lut, Columns cols, const uint8_t* keys, uint16_t (*sums)[2][kRows]) const {
+  void dispatch_sums(bool direct, int q, const uint8_t* const* luts, Columns cols, const uint8_t* keys, uint16_t (*sums)[2][kRows]) const {
     const Plan& plan = *plan_;
-    const size_t stride = lut_stride();
     if (direct) {
-      if (q == kQueriesPerPass) return step_sums<true, kQueriesPerPass>(plan, lut, stride, cols, keys, sums);
-      for (int i = 0; i < q; ++i) step_sums<true, 1>(plan, lut + i * stride, stride, cols, keys, sums + i);
+      if (q == kQueriesPerPass) return step_sums<true, kQueriesPerPass>(plan, luts, cols, keys, sums);
+      for (int i = 0; i < q; ++i) step_sums<true, 1>(plan, luts + i, cols, keys, sums + i);
     } else {
-      if (q == kQueriesPerPass) return step_sums<false, kQueriesPerPass>(plan, lut, stride, cols, keys, sums);
-      for (int i = 0; i < q; ++i) step_sums<false, 1>(plan, lut + i * stride, stride, cols, keys, sums + i);
+      if (q == kQueriesPerPass) return step_sums<false, kQueriesPerPass>(plan, luts, cols, keys, sums);
+      for (int i = 0; i < q; ++i) step_sums<false, 1>(plan, luts + i, cols, keys, sums + i);
     }
   }
 
