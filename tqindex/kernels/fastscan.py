@@ -6,7 +6,8 @@ in one byte) with one scale and bias per query, and looked up 32 (AVX2) or 64 (A
 time with byte shuffles. The keys are read from the stored packed rows themselves
 (``packing.py``), a block of rows transposed in registers, so the on-disk path streams each row
 once; an index in RAM also keeps them as *key columns* (``KeyColumns``), the rows pre-transposed,
-which halves single-query time for ``n_keys / 2`` more bytes a row (docs/format.md).
+for ``n_keys / 2`` more bytes a row: single queries 1-2x faster where the keys are the packed
+nibbles, 4-7x where they are gathered (docs/format.md, docs/benchmarks.md).
 
 Keys (``_index_keys``, ``_sign_keys``): coordinates of at most 4 bits are grouped into 4-bit keys
 (4 coordinates at 1 bit, 2 at 2 bits, one at 3 or 4 bits, mixed for fractional widths); a
@@ -282,8 +283,9 @@ class FastScanner:
         uint8 ``(ceil(n / 32), n_keys / 2, 32)``, blocks of 32 rows, byte ``r`` of column ``c``
         holding keys ``2c`` (low nibble) and ``2c + 1`` of row ``r``.
 
-        Kept beside the packed rows of an index in RAM (``Chunk.key_columns``), they double the
-        single-query speed (the rows need no transposing) for ``n_keys / 2`` more bytes a row.
+        Kept beside the packed rows of an index in RAM (``Chunk.key_columns``), they spare the
+        scan the transposition (and, for regrouped layouts, the gather of each key's bits) for
+        ``n_keys / 2`` more bytes a row.
         """
         return self._module.key_columns(self._plan, np.ascontiguousarray(packed, dtype=np.uint8), torch.get_num_threads())
 
