@@ -8,8 +8,10 @@ Measured, each against those ceilings (times: medians of ``--repeats`` runs afte
 events around each run):
 
 * scan: ``TritonScanner.candidates`` over all rows resident on the GPU (the kernel and the merge of
-  the programs' candidates), each kernel form (FMA, MMA) at each batch; achieved code bandwidth =
-  code + factor bytes / time, as a fraction of the copy bandwidth; QPS as a ratio to fp16 brute force.
+  the programs' candidates), in the form ``get_scanner`` picks for each batch; achieved code
+  bandwidth = code + factor bytes / time, as a fraction of the copy bandwidth.
+* sweep: the same at the largest size under each tiling of ``SWEEP`` (both forms, rows and
+  coordinates per step, warps, programs per SM, pipelining; 2 bits: select tree vs gather).
 * search: ``search_resident`` (scan, exact rescoring on the device, one synchronisation), the path
   ``TurboQuantIndex.search`` takes on a resident GPU index.
 * torch: the same codes decoded to fp16 chunk by chunk + one matmul + topk (``GemmScanner``), the
@@ -44,12 +46,12 @@ import torch
 from _common import describe_machine_md, machine_description, write_results
 from tqindex import TurboQuantIndex
 from tqindex.codec import TurboQuantCodec
-from tqindex.kernels import Chunk, candidate_count, encode, scan_topk, search_resident
+from tqindex.kernels import TRITON_FMA_MAX_QUERIES, Chunk, candidate_count, encode, scan_topk, search_resident
 from tqindex.kernels.gemm import GemmScanner
-from tqindex.kernels.triton_scan import FMA, MMA, TritonScanner
+from tqindex.kernels.triton_scan import FMA, MMA, ScanConfig, TritonScanner
 
 SMOKE = {"sizes": [1000], "dim": 64, "batches": [1, 40], "index_size": 600, "repeats": 1, "brute_chunk": 400,
-         "torch_chunk": 400, "encode_rows": 200, "copy_mb": 8, "form_batches": [1]}  # fmt: skip
+         "torch_chunk": 400, "encode_rows": 200, "copy_mb": 8}  # fmt: skip
 BLOCK = 1 << 18  # rows generated and encoded per step
 
 
@@ -59,8 +61,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--dim", type=int, default=768)
     parser.add_argument("--bits", type=float, nargs="+", default=[2, 4], help="bits per coordinate, variant mse")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 32, 1024], help="queries per search")
-    parser.add_argument("--form-batches", type=int, nargs="+", default=[1, 2, 4, 8, 16],
-                        help="batches at which both kernel forms are timed (largest size, largest bits), to set TRITON_FMA_MAX_QUERIES")  # fmt: skip
+    parser.add_argument("--no-sweep", dest="sweep", action="store_false", help="skip the tiling sweep (SWEEP) at the largest size")
     parser.add_argument("--index-size", type=int, default=1_000_000, help="rows of the end-to-end index (default 1M)")
     parser.add_argument("--k", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=5)
@@ -155,39 +156,85 @@ def _brute_force_seconds(n: int, dim: int, m: int, k: int, chunk: int, device: t
 
 
 def scan_rows(args, device, timer, copy_bps, n: int, bits: float) -> list[dict[str, Any]]:
-    """Scan, search and torch baseline for one size and width; brute force for each batch."""
+    """Scan, search and torch baseline for one size and width at each batch (the form ``get_scanner``
+    picks); brute force for each batch; at the largest size the tiling sweep (``SWEEP``)."""
     codec = TurboQuantCodec(args.dim, bits, seed=args.seed)
     packed, factors = make_codes(codec, n, device, args.seed)
     code_bytes = packed.numel() + 4 * factors.numel()
     rows = []
-    forms = {"fma": FMA, "mma": MMA}
-    batches = sorted(set(args.batches) | (set(args.form_batches) if (n, bits) == (max(args.sizes), max(args.bits)) else set()))
-    for m in batches:
+    for m in args.batches:
         queries = codec.rotate_queries(torch.randn((m, args.dim), generator=torch.Generator().manual_seed(m)).to(device))
-        brute = brute_force_seconds(n, args.dim, m, args.k, args.brute_chunk, device, timer, args.seed + 1) if m in args.batches else None
-        for name, config in forms.items():
-            if m not in args.form_batches and (config is FMA) != (m <= 4):
-                continue  # off the form sweep: only the form get_scanner picks
-            variants = [("select", True)] + ([("gather", False)] if bits == 2 and config is FMA else [])
-            for lookup, select in variants:
-                scanner = TritonScanner(codec, config, select=select)
-                prepared = scanner.cast(queries)
-                scan = timer(lambda: scanner.candidates(prepared, packed, factors, None, candidate_count(args.k)))
-                search = timer(lambda: search_resident(codec, scanner, queries, packed, factors, None, args.k))
-                rows.append(dict(kind="scan", n=n, bits=bits, batch=m, form=name, lookup=lookup, scan_s=scan, search_s=search,
-                                 code_gbps=code_bytes / scan / 1e9, of_copy=code_bytes / scan / copy_bps,
-                                 brute_s=brute, vs_brute=brute / search if brute else None))  # fmt: skip
-                print(f"scan n={n} bits={bits:g} batch={m} {name}/{lookup}: scan {1e3 * scan:.3f} ms "
-                      f"({code_bytes / scan / 1e9:.0f} GB/s), search {1e3 * search:.3f} ms", flush=True)  # fmt: skip
-        if m in args.batches and m >= 32:
+        brute = brute_force_seconds(n, args.dim, m, args.k, args.brute_chunk, device, timer, args.seed + 1)
+        form = "fma" if m <= TRITON_FMA_MAX_QUERIES else "mma"
+        scanner = TritonScanner(codec, FMA if form == "fma" else MMA)
+        prepared = scanner.cast(queries)
+        scan = timer(lambda: scanner.candidates(prepared, packed, factors, None, candidate_count(args.k)))
+        search = timer(lambda: search_resident(codec, scanner, queries, packed, factors, None, args.k))
+        row = dict(kind="scan", n=n, bits=bits, batch=m, form=form, scan_s=scan, search_s=search,
+                   code_gbps=code_bytes / scan / 1e9, of_copy=code_bytes / scan / copy_bps, brute_s=brute, vs_brute=brute / search)  # fmt: skip
+        if m >= 32:
             gemm = GemmScanner(codec, dtype=torch.float16)
             chunks = [Chunk(s, packed[s : s + args.torch_chunk], factors[s : s + args.torch_chunk]) for s in range(0, n, args.torch_chunk)]
-            torch_s = timer(lambda: scan_topk(codec, gemm, queries, chunks, args.k, lambda at: (packed[at], factors[at])))
-            for row in rows:
-                if row["batch"] == m and row["n"] == n and row["bits"] == bits:
-                    row["torch_s"], row["vs_torch"] = torch_s, torch_s / row["search_s"]
+            row["torch_s"] = timer(lambda: scan_topk(codec, gemm, queries, chunks, args.k, lambda at: (packed[at], factors[at])))
+            row["vs_torch"] = row["torch_s"] / search
+        rows.append(row)
+        print(f"scan n={n} bits={bits:g} batch={m} {form}: scan {1e3 * scan:.3f} ms ({code_bytes / scan / 1e9:.0f} GB/s), "
+              f"search {1e3 * search:.3f} ms, fp16 brute force {1e3 * brute:.3f} ms", flush=True)  # fmt: skip
+    if n == max(args.sizes) and args.sweep:
+        rows += sweep_rows(args, codec, packed, factors, code_bytes, copy_bps, timer, n)
     rows.append(agreement(codec, packed, factors, device, args))
     del packed, factors
+    return rows
+
+
+def _config(mma: bool, m: int, n: int, d: int, w: int, p: int, s: int = 3) -> ScanConfig:
+    return ScanConfig(mma=mma, max_block_m=m, block_n=n, block_d=d, num_warps=w, programs_per_sm=p, num_stages=s)
+
+
+#: tilings timed at the largest size: batch -> configs (batch 1 at every width, the others at the
+#: largest); the defaults (``FMA``, ``MMA``) are among them
+SWEEP: dict[int, list[ScanConfig]] = {
+    1: [FMA, _config(False, 4, 64, 64, 4, 4), _config(False, 4, 64, 64, 4, 16, 1), _config(False, 4, 128, 64, 4, 16),
+        _config(False, 4, 64, 128, 4, 16), _config(False, 4, 128, 128, 8, 8), _config(False, 4, 256, 64, 8, 8),
+        _config(False, 4, 32, 128, 4, 32)],
+    4: [FMA, _config(False, 4, 128, 64, 4, 16), MMA, _config(True, 64, 64, 64, 4, 16)],
+    16: [FMA, _config(False, 4, 128, 64, 4, 16), MMA, _config(True, 64, 64, 64, 4, 16)],
+    32: [MMA, _config(True, 64, 64, 64, 4, 16), _config(True, 64, 128, 64, 8, 8), _config(True, 64, 64, 128, 8, 8)],
+    1024: [MMA, _config(True, 64, 64, 64, 8, 8), _config(True, 128, 64, 64, 16, 4), _config(True, 64, 128, 64, 16, 4),
+           _config(True, 128, 128, 64, 16, 2), _config(True, 64, 64, 64, 8, 4, 1)],
+}  # fmt: skip
+
+
+def config_name(config: ScanConfig) -> str:
+    c = config
+    return f"{'mma' if c.mma else 'fma'} m{c.max_block_m} n{c.block_n} d{c.block_d} w{c.num_warps} p{c.programs_per_sm} s{c.num_stages}"
+
+
+def sweep_rows(args, codec, packed, factors, code_bytes, copy_bps, timer, n) -> list[dict[str, Any]]:
+    """``TritonScanner.candidates`` under each tiling of ``SWEEP``: time and code bandwidth; a
+    tiling that fails to compile or run is recorded, not fatal."""
+    bits = float(codec.config.bits)
+    rows = []
+    for m, configs in SWEEP.items():
+        if m > 1 and bits != max(args.bits):
+            continue
+        queries = codec.rotate_queries(torch.randn((m, args.dim), generator=torch.Generator().manual_seed(m)).to(packed.device))
+        variants = [(c, True, None, "") for c in configs]
+        if m in (1, 1024) and bits > 2:  # codebook gathers by tl.load (their own register layout) instead of inline PTX
+            variants.append((configs[0], True, False, " tl.load gather"))
+        if m == 1 and bits <= 2:  # the 4-level select tree against a gather
+            variants.append((FMA, False, None, " gather"))
+        for config, select, gather_asm, label in variants:
+            name = config_name(config) + label
+            try:
+                scanner = TritonScanner(codec, config, select=select, gather_asm=gather_asm)
+                prepared = scanner.cast(queries)
+                scan = timer(lambda: scanner.candidates(prepared, packed, factors, None, candidate_count(args.k)))
+                rows.append(dict(kind="sweep", n=n, bits=bits, batch=m, config=name, scan_s=scan, of_copy=code_bytes / scan / copy_bps))
+                print(f"sweep n={n} bits={bits:g} batch={m} {name}: {1e3 * scan:.3f} ms ({100 * code_bytes / scan / copy_bps:.1f}% copy)", flush=True)
+            except Exception as failure:  # noqa: BLE001 - a tiling that does not compile is a result
+                rows.append(dict(kind="sweep", n=n, bits=bits, batch=m, config=name, error=repr(failure)[:300]))
+                print(f"sweep n={n} bits={bits:g} batch={m} {name}: failed {failure!r}"[:400], flush=True)
     return rows
 
 
@@ -215,7 +262,7 @@ def index_rows(args, device, timer, bits: float) -> list[dict[str, Any]]:
     rows = [{"kind": "add", "n": args.index_size, "bits": bits, "seconds": add_s, "vectors_per_s": args.index_size / add_s}]
     for m in args.batches:
         queries = np.random.default_rng(m).standard_normal((m, args.dim)).astype(np.float32)
-        scanner = TritonScanner(index.codec, FMA if m <= 4 else MMA)
+        scanner = TritonScanner(index.codec, FMA if m <= TRITON_FMA_MAX_QUERIES else MMA)
         prepared = scanner.cast(index.codec.rotate_queries(torch.from_numpy(queries).to(device)))
         kernel = timer(lambda: scanner.candidates(prepared, packed, factors, None, candidate_count(args.k)))
         search = timer(lambda: index.search(queries, args.k))
@@ -244,10 +291,13 @@ def summary(results: dict[str, Any]) -> str:
     for r in results["rows"]:
         if r["kind"] == "scan":
             torch_part = f" | {r['vs_torch']:.2f}x torch" if r.get("vs_torch") else ""
-            brute_part = f" | {r['vs_brute']:.2f}x fp16" if r.get("vs_brute") else ""
-            lines.append(f"scan   n={r['n']:>10,} b={r['bits']:g} m={r['batch']:>4} {r['form']}/{r['lookup']:<6} "
+            lines.append(f"scan   n={r['n']:>10,} b={r['bits']:g} m={r['batch']:>4} {r['form']} "
                          f"scan {1e3 * r['scan_s']:8.3f} ms {100 * r['of_copy']:5.1f}% copy | search {1e3 * r['search_s']:8.3f} ms"
-                         f"{brute_part}{torch_part}")  # fmt: skip
+                         f" | {r['vs_brute']:.2f}x fp16 ({1e3 * r['brute_s']:.3f} ms){torch_part}")  # fmt: skip
+        elif r["kind"] == "sweep" and "error" not in r:
+            lines.append(f"sweep  n={r['n']:>10,} b={r['bits']:g} m={r['batch']:>4} {r['config']:<34} {1e3 * r['scan_s']:8.3f} ms {100 * r['of_copy']:5.1f}% copy")
+        elif r["kind"] == "sweep":
+            lines.append(f"sweep  n={r['n']:>10,} b={r['bits']:g} m={r['batch']:>4} {r['config']:<34} failed: {r['error'][:80]}")
         elif r["kind"] == "index":
             lines.append(f"index  n={r['n']:>10,} b={r['bits']:g} m={r['batch']:>4} search {1e3 * r['search_s']:8.3f} ms = "
                          f"{r['over_kernel']:.2f}x its kernel ({1e3 * r['kernel_s']:.3f} ms), {r['qps']:,.0f} QPS")  # fmt: skip
@@ -275,25 +325,29 @@ def main() -> None:
         device = torch.device("cuda")
     timer = Timer(device, args.repeats)
     copy_bps = copy_bandwidth(device, args.copy_mb, timer)
-    rows: list[dict[str, Any]] = []
-    rows += encode_rows(args, device, timer)
-    for n in args.sizes:
-        for bits in args.bits:
-            rows += scan_rows(args, device, timer, copy_bps, n, bits)
-    for bits in args.bits:
-        rows += index_rows(args, device, timer, bits)
     results = {
         "dim": args.dim, "k": args.k, "repeats": args.repeats, "smoke": args.smoke,
         "ceilings": {"copy_gbps": copy_bps / 1e9},
         "gpu": {"name": torch.cuda.get_device_name(device) if device.type == "cuda" else "none (interpreter smoke run)",
                 "cuda": torch.version.cuda, "torch": torch.__version__, "triton": metadata.version("triton")},
         "machine": machine_description(torch.get_num_threads()),
-        "rows": rows,
+        "rows": [],
     }  # fmt: skip
-    table = summary(results)
-    out = write_results(args.out, results, "\n\n".join([f"Host: {describe_machine_md(results['machine'])}", "```\n" + table + "\n```"]))
-    print(f"wrote {out}/results.json and results.md\n")
-    print(table)
+
+    def save() -> str:  # after every part: a run cut short keeps what it measured
+        table = summary(results)
+        out = write_results(args.out, results, "\n\n".join([f"Host: {describe_machine_md(results['machine'])}", "```\n" + table + "\n```"]))
+        return f"wrote {out}/results.json and results.md\n\n{table}"
+
+    results["rows"] += encode_rows(args, device, timer)
+    save()
+    for n in args.sizes:
+        for bits in args.bits:
+            results["rows"] += scan_rows(args, device, timer, copy_bps, n, bits)
+            save()
+    for bits in args.bits:
+        results["rows"] += index_rows(args, device, timer, bits)
+    print(save())
 
 
 if __name__ == "__main__":

@@ -65,6 +65,7 @@ VARIANTS = {
     "block_t 32": KernelOptions(block_t=32),
     "block_t 128": KernelOptions(block_t=128),
     "4 warps": KernelOptions(num_warps=4),
+    "tl.load gather": KernelOptions(gather_asm=False),
 }
 SMOKE = dict(
     contexts=[64, 200], batches=[1, 2], q_heads=4, kv_heads=2, head_dim=32, e2e_contexts=[96], layers=2, decode_steps=3,

@@ -227,6 +227,8 @@ for bits, variant, config in [(3.5, "prod", MMA), (2, "mse", FMA)]:  # several i
     }
     block_m = 64 if config.mma else 1
     constants.update(HAS_VALID=True, HAS_BIAS=True, MMA=config.mma, BLOCK_M=block_m, BLOCK_N=config.block_rows(block_m), BLOCK_D=config.block_d, PRECISION="tf32")
+    constants["GATHER_ASM"] = constants.pop("GATHER_ASM")  # the kernel's last parameter
+    assert constants["GATHER_ASM"], "compiled kernels gather by inline PTX"
     signature.update({name: "constexpr" for name in constants})
     names = list(signature)
     aligned = {(names.index(name),): [["tt.divisibility", 16]] for name in ("queries_ptr", "packed_ptr", "stride_q", "stride_p")}
@@ -236,6 +238,7 @@ for bits, variant, config in [(3.5, "prod", MMA), (2, "mse", FMA)]:  # several i
     assert kernel.asm["cubin"], "no cubin"
     assert ("mma" in ptx) == config.mma, "tensor-core instructions where none were asked for, or none where they were"
     assert re.search(r"ld\\.global(\\.[a-z]+)*\\.v[24]\\.b32|ld\\.global(\\.[a-z]+)*\\.b32", ptx), "no wide loads of code bytes"
+    assert ("ld.global.nc.f32" in ptx) == (bits > 2), "codebooks of 8+ levels gather by inline PTX, 4-level ones select"
 
 from tqindex.kernels.triton_encode import _BLOCK_D, _BLOCK_R, _quantize_kernel
 for bits, variant, search in [(2.5, "prod", True)]:  # two codebooks, residual, code search

@@ -24,14 +24,14 @@ pytestmark = pytest.mark.triton
 def _unpack_kernel(
     packed_ptr, levels_ptr, out_levels_ptr, out_signs_ptr, n_rows, stride_p,
     FIELDS: tl.constexpr, LEVELS: tl.constexpr, N_LO: tl.constexpr, EXTRA: tl.constexpr, SIGN_OFFSET: tl.constexpr,
-    DIM: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, OUT_D: tl.constexpr,
+    DIM: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, OUT_D: tl.constexpr, GATHER_ASM: tl.constexpr,
 ):  # fmt: skip
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)[:, None]
     row_mask = rows < n_rows
     row_ptrs = packed_ptr + rows * stride_p
     for d0 in range(0, OUT_D, BLOCK_D):
         cols = d0 + tl.arange(0, BLOCK_D)[None, :]
-        levels = unpack_levels(row_ptrs, row_mask, d0, levels_ptr, FIELDS, LEVELS, N_LO, EXTRA, DIM, BLOCK_D)
+        levels = unpack_levels(row_ptrs, row_mask, d0, levels_ptr, FIELDS, LEVELS, N_LO, EXTRA, DIM, BLOCK_D, GATHER_ASM)
         tl.store(out_levels_ptr + rows * OUT_D + cols, levels, mask=row_mask)
         if SIGN_OFFSET >= 0:
             tl.store(out_signs_ptr + rows * OUT_D + cols, unpack_signs(row_ptrs, row_mask, d0, SIGN_OFFSET, DIM, BLOCK_D), mask=row_mask)
@@ -46,7 +46,7 @@ def unpacked(codec: TurboQuantCodec, packed: torch.Tensor, block_d: int, select:
     constants = unpack_constants(codec, select)
     _unpack_kernel[(triton.cdiv(n, 8),)](
         packed, levels_table(codec, DEVICE), levels, signs, n, packed.stride(0),
-        **{name: constants[name] for name in ("FIELDS", "LEVELS", "N_LO", "EXTRA", "SIGN_OFFSET", "DIM")},
+        **{name: constants[name] for name in ("FIELDS", "LEVELS", "N_LO", "EXTRA", "SIGN_OFFSET", "DIM", "GATHER_ASM")},
         BLOCK_R=8, BLOCK_D=block_d, OUT_D=out_d,
     )  # fmt: skip
     assert (levels[:, dim:] == 0).all()

@@ -38,7 +38,6 @@ from tqindex.codec import TurboQuantCodec
 from tqindex.kernels.scan import exact_topk
 from tqindex.kernels.triton_unpack import levels_table, unpack_constants, unpack_levels, unpack_signs
 
-_PROGRAMS_PER_SM = 4
 _INTERPRETER_PROGRAMS = 4
 _MAX_GRID_Y = 65535
 #: buckets per query >= this * C^1.5 for C candidates: keeps a query's chance of needing the exact
@@ -53,7 +52,9 @@ class ScanConfig:
     ``mma``: tensor cores (``tl.dot``) or CUDA-core FMAs; ``max_block_m``: queries per program at most
     (a power of two; ``tl.dot`` needs >= 16, the FMA form takes 1-8); ``block_n`` rows per tile
     (for FMA, divided by the queries per program to bound the partial sums); ``block_d`` coordinates
-    per step; ``num_warps`` per program.
+    per step; ``num_warps`` per program; ``programs_per_sm``: the grid aims at this many programs
+    per SM (more programs keep more code loads in flight); ``num_stages``: Triton's software
+    pipelining depth for the loads of a step.
     """
 
     mma: bool
@@ -61,6 +62,8 @@ class ScanConfig:
     block_n: int
     block_d: int
     num_warps: int
+    programs_per_sm: int = 4
+    num_stages: int = 3
 
     def __post_init__(self) -> None:
         for name in ("max_block_m", "block_n", "block_d"):
@@ -69,6 +72,8 @@ class ScanConfig:
                 raise ValueError(f"{name} must be a power of two, got {value}")
         if self.block_d < 16 or self.block_n < 16:
             raise ValueError(f"block_n and block_d must be >= 16, got {self.block_n} and {self.block_d}")
+        if self.programs_per_sm < 1 or self.num_stages < 1:
+            raise ValueError(f"programs_per_sm and num_stages must be >= 1, got {self.programs_per_sm} and {self.num_stages}")
         if self.mma and self.max_block_m < 16:
             raise ValueError(f"tl.dot needs max_block_m >= 16, got {self.max_block_m}")
 
@@ -82,7 +87,7 @@ class ScanConfig:
 
 
 #: a few queries: CUDA-core FMAs, one decode per value serves them all; bound by reading the codes
-FMA = ScanConfig(mma=False, max_block_m=4, block_n=64, block_d=64, num_warps=4)
+FMA = ScanConfig(mma=False, max_block_m=4, block_n=64, block_d=64, num_warps=4, programs_per_sm=16)
 #: more queries: decode to fp16 and ``tl.dot``; bound by the tensor cores from a few hundred queries
 MMA = ScanConfig(mma=True, max_block_m=64, block_n=64, block_d=64, num_warps=8)
 
@@ -90,10 +95,10 @@ MMA = ScanConfig(mma=True, max_block_m=64, block_n=64, block_d=64, num_warps=8)
 @triton.jit
 def _tile_scores(
     queries_ptr, packed_ptr, factors_ptr, valid_ptr, bias_ptr, levels_ptr,
-    rows, q_rows, q_ok, n_rows, stride_q, stride_p, stride_f,
+    rows, q_rows, q_ok, n_rows, n_queries, stride_q, stride_p, stride_f,
     FIELDS: tl.constexpr, LEVELS: tl.constexpr, N_LO: tl.constexpr, EXTRA: tl.constexpr, SIGN_OFFSET: tl.constexpr,
     DIM: tl.constexpr, HAS_VALID: tl.constexpr, HAS_BIAS: tl.constexpr, MMA: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, GATHER_ASM: tl.constexpr,
 ):  # fmt: skip
     """Scores of rows ``(BLOCK_N,)`` against the query tile: float32 ``[BLOCK_N, BLOCK_M]``, -inf where excluded."""
     row_ok = rows < n_rows
@@ -107,28 +112,33 @@ def _tile_scores(
             cols = d0 + tl.arange(0, BLOCK_D)[:, None]
             q_mask = q_ok[None, :] & (cols < DIM)
             q = tl.load(q_ptrs + cols, mask=q_mask, other=0.0)
-            levels = unpack_levels(row_ptrs, row_mask, d0, levels_ptr, FIELDS, LEVELS, N_LO, EXTRA, DIM, BLOCK_D)
+            levels = unpack_levels(row_ptrs, row_mask, d0, levels_ptr, FIELDS, LEVELS, N_LO, EXTRA, DIM, BLOCK_D, GATHER_ASM)
             acc = tl.dot(levels.to(q.dtype), q, acc, input_precision=PRECISION)
             if SIGN_OFFSET >= 0:
                 signs = unpack_signs(row_ptrs, row_mask, d0, SIGN_OFFSET, DIM, BLOCK_D)
                 q_signs = tl.load(q_ptrs + DIM + cols, mask=q_mask, other=0.0)
                 acc_signs = tl.dot(signs.to(q.dtype), q_signs, acc_signs, input_precision=PRECISION)
     else:
-        q_ptrs = queries_ptr + q_rows.to(tl.int64)[:, None] * stride_q  # [BLOCK_M, 1]
-        partial = tl.zeros((BLOCK_N, BLOCK_M, BLOCK_D), dtype=tl.float32)
-        partial_signs = tl.zeros((BLOCK_N, BLOCK_M, BLOCK_D), dtype=tl.float32)
+        # one query at a time against the unpacked tile, reduced along the coordinates at once: the
+        # products stay in the unpack's register layout (a [rows, queries, coordinates] partial sum
+        # made the compiler move every tile through shared memory)
+        query_of = tl.arange(0, BLOCK_M)[None, :]
+        first = tl.program_id(0) * BLOCK_M
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        acc_signs = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
         for d0 in range(0, DIM, BLOCK_D):
-            cols = d0 + tl.arange(0, BLOCK_D)[None, :]
-            q_mask = q_ok[:, None] & (cols < DIM)
-            q = tl.load(q_ptrs + cols, mask=q_mask, other=0.0).to(tl.float32)
-            levels = unpack_levels(row_ptrs, row_mask, d0, levels_ptr, FIELDS, LEVELS, N_LO, EXTRA, DIM, BLOCK_D)
-            partial += levels[:, None, :] * q[None, :, :]
+            cols = d0 + tl.arange(0, BLOCK_D)
+            levels = unpack_levels(row_ptrs, row_mask, d0, levels_ptr, FIELDS, LEVELS, N_LO, EXTRA, DIM, BLOCK_D, GATHER_ASM)
             if SIGN_OFFSET >= 0:
                 signs = unpack_signs(row_ptrs, row_mask, d0, SIGN_OFFSET, DIM, BLOCK_D)
-                q_signs = tl.load(q_ptrs + DIM + cols, mask=q_mask, other=0.0).to(tl.float32)
-                partial_signs += signs[:, None, :] * q_signs[None, :, :]
-        acc = tl.sum(partial, axis=2)
-        acc_signs = tl.sum(partial_signs, axis=2)
+            for j in tl.static_range(BLOCK_M):
+                q_ptr = queries_ptr + (first + j).to(tl.int64) * stride_q
+                q_mask = (first + j + tl.zeros_like(cols) < n_queries) & (cols < DIM)  # both [BLOCK_D]: bool in the interpreter too
+                q = tl.load(q_ptr + cols, mask=q_mask, other=0.0).to(tl.float32)
+                acc += tl.where(query_of == j, tl.sum(levels * q[None, :], axis=1)[:, None], 0.0)
+                if SIGN_OFFSET >= 0:
+                    q_signs = tl.load(q_ptr + DIM + cols, mask=q_mask, other=0.0).to(tl.float32)
+                    acc_signs += tl.where(query_of == j, tl.sum(signs * q_signs[None, :], axis=1)[:, None], 0.0)
     scores = acc * tl.load(factors_ptr + rows * stride_f, mask=row_ok, other=0.0)[:, None]
     if SIGN_OFFSET >= 0:
         scores += acc_signs * tl.load(factors_ptr + rows * stride_f + 1, mask=row_ok, other=0.0)[:, None]
@@ -146,7 +156,7 @@ def _scan_kernel(
     n_rows, n_queries, tiles_per_program, stride_q, stride_p, stride_f,
     FIELDS: tl.constexpr, LEVELS: tl.constexpr, N_LO: tl.constexpr, EXTRA: tl.constexpr, SIGN_OFFSET: tl.constexpr,
     DIM: tl.constexpr, HAS_VALID: tl.constexpr, HAS_BIAS: tl.constexpr, MMA: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, GATHER_ASM: tl.constexpr,
 ):  # fmt: skip
     """Per query of the tile and bucket of the row group: the two best (score, row), unordered, in
     ``out[q, group, slot * BLOCK_N + lane]``; and the best score any bucket dropped, ``out_dropped[q, group]``."""
@@ -165,8 +175,8 @@ def _scan_kernel(
         rows = tile * BLOCK_N + lanes
         scores = _tile_scores(
             queries_ptr, packed_ptr, factors_ptr, valid_ptr, bias_ptr, levels_ptr,
-            rows, q_rows, q_ok, n_rows, stride_q, stride_p, stride_f,
-            FIELDS, LEVELS, N_LO, EXTRA, SIGN_OFFSET, DIM, HAS_VALID, HAS_BIAS, MMA, BLOCK_M, BLOCK_N, BLOCK_D, PRECISION,
+            rows, q_rows, q_ok, n_rows, n_queries, stride_q, stride_p, stride_f,
+            FIELDS, LEVELS, N_LO, EXTRA, SIGN_OFFSET, DIM, HAS_VALID, HAS_BIAS, MMA, BLOCK_M, BLOCK_N, BLOCK_D, PRECISION, GATHER_ASM,
         )  # fmt: skip
         row = rows[:, None] + tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.int32)
         above1 = scores > best1
@@ -189,10 +199,10 @@ def _scan_kernel(
 _INTERPRETED = not isinstance(_scan_kernel, triton.runtime.JITFunction)
 
 
-def _target_programs(device: torch.device) -> int:
-    """Programs to aim the grid at: a few per SM on a GPU, a handful in the interpreter."""
+def _target_programs(device: torch.device, programs_per_sm: int) -> int:
+    """Programs to aim the grid at: ``programs_per_sm`` per SM on a GPU, a handful in the interpreter."""
     if device.type == "cuda" and not _INTERPRETED:
-        return _PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
+        return programs_per_sm * torch.cuda.get_device_properties(device).multi_processor_count
     return _INTERPRETER_PROGRAMS
 
 
@@ -207,10 +217,11 @@ class TritonScanner:
         dtype: query precision: float16 (default), bfloat16 or float32 (the ``tl.dot`` operands,
             and what the FMA form reads); sums are fp32 either way, and ``kernels.scan`` rescores
             the candidates exactly.
-        tiles_per_program: row tiles per program; None: enough programs for 4 per SM and enough
-            buckets for the candidates (``_BUCKETS_PER_CANDIDATE``).
+        tiles_per_program: row tiles per program; None: enough programs for the config's
+            ``programs_per_sm`` and enough buckets for the candidates (``_BUCKETS_PER_CANDIDATE``).
         select: look codebooks of up to 4 levels up by a select tree in registers (True) or by a
             gather like larger ones (False); see ``triton_unpack``.
+        gather_asm: gathers as inline PTX loads (None: wherever compiled); see ``unpack_constants``.
     """
 
     def __init__(
@@ -221,13 +232,14 @@ class TritonScanner:
         *,
         tiles_per_program: int | None = None,
         select: bool = True,
+        gather_asm: bool | None = None,
     ):
         if dtype not in (torch.float16, torch.bfloat16, torch.float32):
             raise ValueError(f"dtype must be float16, bfloat16 or float32, got {dtype}")
         if tiles_per_program is not None and tiles_per_program < 1:
             raise ValueError(f"tiles_per_program must be >= 1, got {tiles_per_program}")
         self.codec, self.config, self.dtype, self.tiles_per_program = codec, config, dtype, tiles_per_program
-        self._constants = unpack_constants(codec, select)
+        self._constants = unpack_constants(codec, select, gather_asm)
         del self._constants["SIGN_OFFSET"], self._constants["DIM"]  # passed by name below
         layout = codec.layout
         self._dim = layout.dim
@@ -277,7 +289,7 @@ class TritonScanner:
         tiles, query_tiles = triton.cdiv(n, block_n), triton.cdiv(m, block_m)
         if self.tiles_per_program is None:
             buckets = _BUCKETS_PER_CANDIDATE * math.ceil(count**1.5)
-            groups = max(triton.cdiv(_target_programs(device), query_tiles), triton.cdiv(buckets, block_n))
+            groups = max(triton.cdiv(_target_programs(device, config.programs_per_sm), query_tiles), triton.cdiv(buckets, block_n))
             per_program = triton.cdiv(tiles, min(groups, tiles))
         else:
             per_program = self.tiles_per_program
@@ -296,7 +308,7 @@ class TritonScanner:
             **self._constants, SIGN_OFFSET=self._sign_offset, DIM=self._dim, HAS_VALID=valid is not None,
             HAS_BIAS=bias is not None, MMA=config.mma,
             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=config.block_d,
-            PRECISION="ieee" if self.dtype == torch.float32 else "tf32", num_warps=config.num_warps,
+            PRECISION="ieee" if self.dtype == torch.float32 else "tf32", num_warps=config.num_warps, num_stages=config.num_stages,
         )  # fmt: skip
         kept = min(count, groups * slots)
         scores, at = out_scores.topk(kept, dim=1)

@@ -2,7 +2,7 @@
 
 The one unpacking routine of every Triton kernel here (the index scan, the KV attention):
 
-* ``unpack_levels(row_ptrs, row_mask, d0, levels_ptr, FIELDS, LEVELS, N_LO, EXTRA, DIM, BLOCK_D)``
+* ``unpack_levels(row_ptrs, row_mask, d0, levels_ptr, FIELDS, LEVELS, N_LO, EXTRA, DIM, BLOCK_D, GATHER_ASM)``
   -> float32 ``[R, BLOCK_D]``: the codebook level ``c[idx]`` of coordinates ``d0 .. d0 + BLOCK_D``
   of ``R`` rows (0 for coordinates at or past ``DIM``).
 * ``unpack_signs(row_ptrs, row_mask, d0, SIGN_OFFSET, DIM, BLOCK_D)`` -> float32 ``[R, BLOCK_D]``:
@@ -45,14 +45,16 @@ from tqindex.codec import TurboQuantCodec
 SELECT_LEVELS = tl.constexpr(4)
 
 
-def unpack_constants(codec: TurboQuantCodec, select: bool = True) -> dict[str, object]:
+def unpack_constants(codec: TurboQuantCodec, select: bool = True, gather_asm: bool | None = None) -> dict[str, object]:
     """The constexpr keyword arguments of ``unpack_levels``/``unpack_signs`` for ``codec``'s layout.
 
     ``FIELDS``: ``((stop, width, shift, offset), ...)`` of the index fields; ``LEVELS``: every level
     (base codebook, then the extra-bit one) as Python floats, exactly the float32 values, or ``()``
     with ``select=False``, which makes every lookup a gather (for measuring the two); ``N_LO``:
     base levels; ``EXTRA``: coordinates with one more bit; ``SIGN_OFFSET``: first byte of the QJL
-    sign field, -1 without one; ``DIM``: rotated coordinates.
+    sign field, -1 without one; ``DIM``: rotated coordinates; ``GATHER_ASM``: gathers as inline PTX
+    loads (``gather_asm``; None: wherever kernels are compiled, i.e. not under the interpreter,
+    which runs no PTX). Raises ValueError for ``gather_asm=True`` under the interpreter.
     """
     layout = codec.layout
     return {
@@ -62,7 +64,18 @@ def unpack_constants(codec: TurboQuantCodec, select: bool = True) -> dict[str, o
         "EXTRA": layout.extra_coords,
         "SIGN_OFFSET": layout.sign_field.offset if layout.sign_field is not None else -1,
         "DIM": layout.dim,
+        "GATHER_ASM": resolve_gather_asm(gather_asm),
     }
+
+
+def resolve_gather_asm(gather_asm: bool | None) -> bool:
+    """``GATHER_ASM`` for a choice: None means wherever the kernels are compiled; True raises
+    ValueError under the interpreter."""
+    if gather_asm is None:
+        return COMPILED
+    if gather_asm and not COMPILED:
+        raise ValueError("gather_asm=True needs compiled kernels: the interpreter (TRITON_INTERPRET=1) runs no PTX")
+    return gather_asm
 
 
 def levels_table(codec: TurboQuantCodec, device: torch.device | str) -> torch.Tensor:
@@ -115,10 +128,16 @@ def unpack_indices(row_ptrs, row_mask, d0, FIELDS: tl.constexpr, DIM: tl.constex
 
 
 @triton.jit
-def _lookup(index, levels_ptr, LEVELS: tl.constexpr, START: tl.constexpr, COUNT: tl.constexpr):
+def _lookup(index, levels_ptr, LEVELS: tl.constexpr, START: tl.constexpr, COUNT: tl.constexpr, GATHER_ASM: tl.constexpr):
     """``levels[START + index]`` for indices below ``COUNT``: float32, in registers up to ``SELECT_LEVELS``
     (when ``LEVELS`` holds them), else a gather from ``levels_ptr``."""
     if len(LEVELS) == 0 or COUNT > SELECT_LEVELS:
+        if GATHER_ASM:  # elementwise: keeps the unpack's register layout, where a tl.load gather gets its own
+            base = levels_ptr.to(tl.int64, bitcast=True) + 4 * START + tl.zeros(index.shape, dtype=tl.int64)
+            return tl.inline_asm_elementwise(
+                "{ .reg .u64 a; mul.wide.u32 a, $2, 4; add.u64 a, a, $1; ld.global.nc.f32 $0, [a]; }",
+                "=r,l,r", [base, index], dtype=tl.float32, is_pure=True, pack=1,
+            )  # fmt: skip
         return tl.load(levels_ptr + START + index)
     elif COUNT == 1:
         return tl.zeros(index.shape, dtype=tl.float32) + LEVELS[START]
@@ -135,16 +154,21 @@ def _lookup(index, levels_ptr, LEVELS: tl.constexpr, START: tl.constexpr, COUNT:
 def unpack_levels(
     row_ptrs, row_mask, d0, levels_ptr,
     FIELDS: tl.constexpr, LEVELS: tl.constexpr, N_LO: tl.constexpr, EXTRA: tl.constexpr, DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    GATHER_ASM: tl.constexpr,
 ):  # fmt: skip
     """Levels ``c[idx]`` of coordinates ``d0 + [0, BLOCK_D)`` of each row: float32 ``[R, BLOCK_D]``, 0 past ``DIM``."""
     index = unpack_indices(row_ptrs, row_mask, d0, FIELDS, DIM, BLOCK_D)
-    levels = _lookup(index, levels_ptr, LEVELS, 0, N_LO)
+    levels = _lookup(index, levels_ptr, LEVELS, 0, N_LO, GATHER_ASM)
     cols = d0 + tl.arange(0, BLOCK_D)[None, :]
     if EXTRA > 0:
-        levels = tl.where(cols < EXTRA, _lookup(index, levels_ptr, LEVELS, N_LO, 2 * N_LO), levels)
+        levels = tl.where(cols < EXTRA, _lookup(index, levels_ptr, LEVELS, N_LO, 2 * N_LO, GATHER_ASM), levels)
     if DIM % BLOCK_D != 0:
         levels = tl.where(cols < DIM, levels, 0.0)
     return levels
+
+
+# decided when triton decorates: TRITON_INTERPRET=1 at import runs the kernels in the interpreter
+COMPILED = isinstance(unpack_levels, triton.runtime.JITFunction)
 
 
 @triton.jit

@@ -38,7 +38,7 @@ import triton
 import triton.language as tl
 
 from tqindex.codec import Codes, TurboQuantCodec
-from tqindex.kernels.triton_unpack import levels_table, unpack_constants, unpack_levels, unpack_signs
+from tqindex.kernels.triton_unpack import levels_table, resolve_gather_asm, unpack_constants, unpack_levels, unpack_signs
 from tqindex.kv.compressed import CompressedKV
 from tqindex.kv.factors import STEPS_PER_OCTAVE
 
@@ -60,11 +60,11 @@ _LOG_STEPS = tl.constexpr(STEPS_PER_OCTAVE)
 def _rows(
     P, row_base, offs_t, tmask, s_t, F, f_base, s_ft, table, low,
     FIELDS: tl.constexpr, LEVELS: tl.constexpr, N_LO: tl.constexpr, EXTRA: tl.constexpr, SIGN_OFFSET: tl.constexpr,
-    LOG: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
+    LOG: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, GATHER_ASM: tl.constexpr,
 ):  # fmt: skip
     """Tokens ``offs_t``: levels ``(BT, D_PAD)`` and first factor ``(BT,)``; for prod QJL signs (+-1) and second factor."""
     row_ptrs = P + row_base + offs_t.to(tl.int64)[:, None] * s_t
-    lev = unpack_levels(row_ptrs, tmask[:, None], 0, table, FIELDS, LEVELS, N_LO, EXTRA, D, D_PAD)
+    lev = unpack_levels(row_ptrs, tmask[:, None], 0, table, FIELDS, LEVELS, N_LO, EXTRA, D, D_PAD, GATHER_ASM)
     factor_ptrs = F + f_base + offs_t.to(tl.int64) * s_ft
     scale = _factor(factor_ptrs, tmask, LOG, low)
     if SIGN_OFFSET >= 0:
@@ -163,6 +163,7 @@ def _split_kernel(
     K_FIELDS: tl.constexpr, K_LEVELS: tl.constexpr, K_N_LO: tl.constexpr, K_EXTRA: tl.constexpr, K_SIGN_OFFSET: tl.constexpr, K_LOG: tl.constexpr,
     V_FIELDS: tl.constexpr, V_LEVELS: tl.constexpr, V_N_LO: tl.constexpr, V_EXTRA: tl.constexpr, V_SIGN_OFFSET: tl.constexpr, V_LOG: tl.constexpr,
     MASK_MODE: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr, SPLIT_BLOCKS: tl.constexpr, DOT: tl.constexpr,
+    GATHER_ASM: tl.constexpr,
 ):  # fmt: skip
     """Partial attention of rows ``(n, row block)`` over split ``s``'s tokens -> ACC, TOP, TOTAL ``[n, s, rows]``."""
     n = tl.program_id(0)
@@ -188,7 +189,7 @@ def _split_kernel(
         tmask = offs_t < tokens
         lev, scale, signs, qjl = _rows(
             KP, b * s_kpb + h * s_kph, offs_t, tmask, s_kpt, KF, b * s_kfb + h * s_kfh, s_kft, K_TABLE, k_low,
-            K_FIELDS, K_LEVELS, K_N_LO, K_EXTRA, K_SIGN_OFFSET, K_LOG, D, D_PAD,
+            K_FIELDS, K_LEVELS, K_N_LO, K_EXTRA, K_SIGN_OFFSET, K_LOG, D, D_PAD, GATHER_ASM,
         )  # fmt: skip
         s = _scores(q, lev, BLOCK_M, DOT) * scale[None, :]
         if K_SIGN_OFFSET >= 0:
@@ -199,7 +200,7 @@ def _split_kernel(
 
         lev, scale, signs, qjl = _rows(
             VP, b * s_vpb + h * s_vph, offs_t, tmask, s_vpt, VF, b * s_vfb + h * s_vfh, s_vft, V_TABLE, v_low,
-            V_FIELDS, V_LEVELS, V_N_LO, V_EXTRA, V_SIGN_OFFSET, V_LOG, D, D_PAD,
+            V_FIELDS, V_LEVELS, V_N_LO, V_EXTRA, V_SIGN_OFFSET, V_LOG, D, D_PAD, GATHER_ASM,
         )  # fmt: skip
         acc = acc * alpha[:, None] + _scaled_weighted(p, scale, lev, BLOCK_M, DOT)
         if V_SIGN_OFFSET >= 0:
@@ -293,7 +294,8 @@ class KernelOptions:
 
     programs_per_sm: split-kernel programs the grid aims at per SM. splits: at most this many
     splits per row block instead (None: from the SM count). block_t: tokens per step. dot: tensor
-    cores (True), CUDA cores (False) or by row count (None). num_warps: per program.
+    cores (True), CUDA cores (False) or by row count (None). num_warps: per program. gather_asm:
+    codebook gathers as inline PTX loads (None: wherever compiled; `triton_unpack.unpack_constants`).
     """
 
     programs_per_sm: int = PROGRAMS_PER_SM
@@ -302,6 +304,7 @@ class KernelOptions:
     dot: bool | None = None
     num_warps: int = SPLIT_WARPS
     merge_warps: int = 4
+    gather_asm: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -406,6 +409,7 @@ def triton_codes_attention(
         **_codes_args("V", value_codec, value.log_factors is not None),
         MASK_MODE=mask_mode, CAUSAL=causal, BLOCK_M=launch.block_m, BLOCK_T=launch.block_t,
         SPLIT_BLOCKS=launch.split_blocks, DOT=launch.dot, num_warps=options.num_warps,
+        GATHER_ASM=resolve_gather_asm(options.gather_asm),
     )  # fmt: skip
 
     value_dim = value_codec.dim
