@@ -11,7 +11,7 @@ events around each run):
   the programs' candidates), in the form ``get_scanner`` picks for each batch; achieved code
   bandwidth = code + factor bytes / time, as a fraction of the copy bandwidth.
 * sweep: the same at the largest size under each tiling of ``SWEEP`` (both forms, rows and
-  coordinates per step, warps, programs per SM, pipelining; 2 bits: select tree vs gather).
+  coordinates per step, warps, programs per SM, pipelining; gathers by inline PTX vs ``tl.load``).
 * search: ``search_resident`` (scan, exact rescoring on the device, one synchronisation), the path
   ``TurboQuantIndex.search`` takes on a resident GPU index.
 * torch: the same codes decoded to fp16 chunk by chunk + one matmul + topk (``GemmScanner``), the
@@ -46,7 +46,7 @@ import torch
 from _common import describe_machine_md, machine_description, write_results
 from tqindex import TurboQuantIndex
 from tqindex.codec import TurboQuantCodec
-from tqindex.kernels import TRITON_FMA_MAX_QUERIES, Chunk, candidate_count, encode, scan_topk, search_resident
+from tqindex.kernels import Chunk, candidate_count, encode, get_scanner, scan_topk, search_resident
 from tqindex.kernels.gemm import GemmScanner
 from tqindex.kernels.triton_scan import FMA, MMA, ScanConfig, TritonScanner
 
@@ -165,8 +165,8 @@ def scan_rows(args, device, timer, copy_bps, n: int, bits: float) -> list[dict[s
     for m in args.batches:
         queries = codec.rotate_queries(torch.randn((m, args.dim), generator=torch.Generator().manual_seed(m)).to(device))
         brute = brute_force_seconds(n, args.dim, m, args.k, args.brute_chunk, device, timer, args.seed + 1)
-        form = "fma" if m <= TRITON_FMA_MAX_QUERIES else "mma"
-        scanner = TritonScanner(codec, FMA if form == "fma" else MMA)
+        scanner = get_scanner(codec, "triton", device, m)
+        form = config_name(scanner.config)
         prepared = scanner.cast(queries)
         scan = timer(lambda: scanner.candidates(prepared, packed, factors, None, candidate_count(args.k)))
         search = timer(lambda: search_resident(codec, scanner, queries, packed, factors, None, args.k))
@@ -192,17 +192,14 @@ def _config(mma: bool, m: int, n: int, d: int, w: int, p: int, s: int = 3) -> Sc
 
 
 #: tilings timed at the largest size: batch -> configs (batch 1 at every width, the others at the
-#: largest); the defaults (``FMA``, ``MMA``) are among them
+#: largest): the defaults (``FMA``, ``MMA``) against their neighbours and each other where
+#: ``get_scanner`` switches form. The wider sweep that chose them (tile
+#: shapes, warps, programs per SM, pipelining) is kept in docs/results/bench_gpu_h200/sweep.
 SWEEP: dict[int, list[ScanConfig]] = {
-    1: [FMA, _config(False, 4, 64, 64, 4, 4), _config(False, 4, 64, 64, 4, 16, 1), _config(False, 4, 128, 64, 4, 16),
-        _config(False, 4, 64, 128, 4, 16), _config(False, 4, 128, 128, 8, 8), _config(False, 4, 256, 64, 8, 8),
-        _config(False, 4, 32, 128, 4, 32)],
-    4: [FMA, _config(False, 4, 128, 64, 4, 16), MMA, _config(True, 64, 64, 64, 4, 16)],
-    16: [FMA, _config(False, 4, 128, 64, 4, 16), MMA, _config(True, 64, 64, 64, 4, 16)],
-    32: [MMA, _config(True, 64, 64, 64, 4, 16), _config(True, 64, 128, 64, 8, 8), _config(True, 64, 64, 128, 8, 8)],
-    1024: [MMA, _config(True, 64, 64, 64, 8, 8), _config(True, 128, 64, 64, 16, 4), _config(True, 64, 128, 64, 16, 4),
-           _config(True, 128, 128, 64, 16, 2), _config(True, 64, 64, 64, 8, 4, 1)],
-}  # fmt: skip
+    1: [FMA, _config(False, 4, 64, 64, 4, 16), _config(False, 4, 128, 64, 4, 32), _config(False, 4, 256, 64, 8, 8)],
+    2: [FMA, MMA],
+    1024: [MMA, _config(True, 128, 64, 64, 16, 4)],
+}
 
 
 def config_name(config: ScanConfig) -> str:
@@ -219,15 +216,13 @@ def sweep_rows(args, codec, packed, factors, code_bytes, copy_bps, timer, n) -> 
         if m > 1 and bits != max(args.bits):
             continue
         queries = codec.rotate_queries(torch.randn((m, args.dim), generator=torch.Generator().manual_seed(m)).to(packed.device))
-        variants = [(c, True, None, "") for c in configs]
-        if m in (1, 1024) and bits > 2:  # codebook gathers by tl.load (their own register layout) instead of inline PTX
-            variants.append((configs[0], True, False, " tl.load gather"))
-        if m == 1 and bits <= 2:  # the 4-level select tree against a gather
-            variants.append((FMA, False, None, " gather"))
-        for config, select, gather_asm, label in variants:
+        variants = [(c, None, None, "") for c in configs]
+        if m == 1 and bits > 2:  # float16 queries (a conversion per value); codebook gathers by tl.load
+            variants += [(FMA, torch.float16, None, " fp16 queries"), (FMA, None, False, " tl.load gather")]
+        for config, dtype, gather_asm, label in variants:
             name = config_name(config) + label
             try:
-                scanner = TritonScanner(codec, config, select=select, gather_asm=gather_asm)
+                scanner = TritonScanner(codec, config, dtype, gather_asm=gather_asm)
                 prepared = scanner.cast(queries)
                 scan = timer(lambda: scanner.candidates(prepared, packed, factors, None, candidate_count(args.k)))
                 rows.append(dict(kind="sweep", n=n, bits=bits, batch=m, config=name, scan_s=scan, of_copy=code_bytes / scan / copy_bps))
@@ -262,7 +257,7 @@ def index_rows(args, device, timer, bits: float) -> list[dict[str, Any]]:
     rows = [{"kind": "add", "n": args.index_size, "bits": bits, "seconds": add_s, "vectors_per_s": args.index_size / add_s}]
     for m in args.batches:
         queries = np.random.default_rng(m).standard_normal((m, args.dim)).astype(np.float32)
-        scanner = TritonScanner(index.codec, FMA if m <= TRITON_FMA_MAX_QUERIES else MMA)
+        scanner = get_scanner(index.codec, "triton", device, m)
         prepared = scanner.cast(index.codec.rotate_queries(torch.from_numpy(queries).to(device)))
         kernel = timer(lambda: scanner.candidates(prepared, packed, factors, None, candidate_count(args.k)))
         search = timer(lambda: index.search(queries, args.k))
@@ -291,7 +286,7 @@ def summary(results: dict[str, Any]) -> str:
     for r in results["rows"]:
         if r["kind"] == "scan":
             torch_part = f" | {r['vs_torch']:.2f}x torch" if r.get("vs_torch") else ""
-            lines.append(f"scan   n={r['n']:>10,} b={r['bits']:g} m={r['batch']:>4} {r['form']} "
+            lines.append(f"scan   n={r['n']:>10,} b={r['bits']:g} m={r['batch']:>4} {r['form']:<30} "
                          f"scan {1e3 * r['scan_s']:8.3f} ms {100 * r['of_copy']:5.1f}% copy | search {1e3 * r['search_s']:8.3f} ms"
                          f" | {r['vs_brute']:.2f}x fp16 ({1e3 * r['brute_s']:.3f} ms){torch_part}")  # fmt: skip
         elif r["kind"] == "sweep" and "error" not in r:

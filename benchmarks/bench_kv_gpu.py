@@ -18,9 +18,10 @@ Every figure is also given as a ratio to the uncompressed baseline of the same r
    head_dim 128, MLP 14336, vocab 128256; --layers of them, bf16): prefill of a random prompt of
    each --e2e-contexts length (``logits_to_keep=1``), then greedy decode, with ``DynamicCache``
    (sdpa) and with ``TurboQuantCache`` ("turboquant" attention). Prefill time (the cache's includes
-   encoding the prompt once), decode tokens/s (after --warmup-steps, so every kernel variant is
-   compiled and a chunk flush is inside the timed steps in proportion), bytes the cache holds,
-   and the peak GPU memory above the weights during decode.
+   encoding the prompt once), decode tokens/s from the median of the timed steps (each
+   synchronised; after --warmup-steps, so every kernel variant is compiled) and the slowest step
+   (a chunk flush falls inside the timed steps in proportion), bytes the cache holds, and the
+   peak GPU memory above the weights during decode.
 
 Usage: python benchmarks/bench_kv_gpu.py [--contexts T ...] [--batches B ...] [--e2e-contexts T ...]
        [--layers N] [--decode-steps N] [--no-variants] [--json PATH]
@@ -59,12 +60,13 @@ warnings.filterwarnings("ignore", message=".*past_key_values.*", category=Future
 
 VARIANTS = {
     "default": KernelOptions(),
+    "8 warps": KernelOptions(num_warps=8),
     "tensor cores": KernelOptions(dot=True),
-    "2 programs/SM": KernelOptions(programs_per_sm=2),
-    "8 programs/SM": KernelOptions(programs_per_sm=8),
-    "block_t 32": KernelOptions(block_t=32),
-    "block_t 128": KernelOptions(block_t=128),
-    "4 warps": KernelOptions(num_warps=4),
+    "tensor cores, 8 warps": KernelOptions(dot=True, num_warps=8),
+    "tensor cores, block_t 128": KernelOptions(dot=True, block_t=128),
+    "token slots": KernelOptions(slots=True),
+    "token slots, 8 warps, block_t 32": KernelOptions(slots=True, num_warps=8, block_t=32),
+    "token slots, block_t 16": KernelOptions(slots=True, block_t=16),
     "tl.load gather": KernelOptions(gather_asm=False),
 }
 SMOKE = dict(
@@ -224,7 +226,7 @@ def attention_row(
     row["ours_gbps"] = row["ours_bytes"] / best / 1e6
     row["sdpa_gbps"] = row["sdpa_bytes"] / (row["sdpa_graph_ms"] or row["sdpa_ms"]) / 1e6
     print(f"attention T={tokens} B={batch}: {json.dumps({k: v for k, v in row.items() if k != 'plan'})}", flush=True)
-    if args.variants and batch == 1 and tokens in args.contexts[:2]:
+    if args.variants and batch == 1:
         variants += variant_rows(query, k_codes, v_codes, scale, out, device, tokens)
     return row
 
@@ -297,15 +299,18 @@ def end_to_end(args: argparse.Namespace, model: LlamaForCausalLM, tokens: int, d
             base = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
-            start = time.perf_counter()
+            steps = []  # each step timed alone (synchronised): the median is the steady state, the sum shows stalls
             for _ in range(args.decode_steps):
+                start = time.perf_counter()
                 token = model(input_ids=token, past_key_values=cache).logits[:, -1].argmax(-1, keepdim=True)
-            sync(device)
-            elapsed = time.perf_counter() - start
+                sync(device)
+                steps.append(time.perf_counter() - start)
         weights = sum(p.nbytes for p in model.parameters())
         row[kind] = dict(
             prefill_s=statistics.median(prefill[1:]),
-            decode_tokens_per_s=args.decode_steps * args.e2e_batch / elapsed,
+            decode_tokens_per_s=args.e2e_batch / statistics.median(steps),
+            decode_tokens_per_s_mean=args.decode_steps * args.e2e_batch / sum(steps),
+            decode_step_ms_max=1e3 * max(steps),
             kv_bytes=kv_bytes(cache),
             decode_peak_above_weights=(torch.cuda.max_memory_allocated(device) - weights) if device.type == "cuda" else None,
             held_before_decode_above_weights=base - weights if device.type == "cuda" else None,
@@ -357,11 +362,12 @@ def tables(results: dict[str, Any]) -> str:
         )]  # fmt: skip
     parts += ["End to end (random Llama-shaped model):", markdown_table(
         ["T", "prefill s dynamic", "prefill s cache", "prefill overhead", "decode tok/s dynamic", "decode tok/s cache",
-         "cache/dynamic speed", "KV bytes dynamic/cache", "decode peak dynamic/cache"],
+         "cache/dynamic speed", "slowest step ms dynamic / cache", "KV bytes dynamic/cache", "decode peak dynamic/cache"],
         [[r["tokens"], fmt(r["dynamic"]["prefill_s"]), fmt(r["turboquant"]["prefill_s"]), f"{100 * r['prefill_overhead']:.1f}%",
           fmt(r["dynamic"]["decode_tokens_per_s"]), fmt(r["turboquant"]["decode_tokens_per_s"]), fmt(r["decode_speed_ratio"]),
+          f"{fmt(r['dynamic']['decode_step_ms_max'])} / {fmt(r['turboquant']['decode_step_ms_max'])}",
           fmt(r["kv_memory_ratio"]), fmt(r["decode_peak_ratio"])] for r in results["end_to_end"] if "error" not in r]
-        + [[r["tokens"], r["error"]] + [""] * 7 for r in results["end_to_end"] if "error" in r],
+        + [[r["tokens"], r["error"]] + [""] * 8 for r in results["end_to_end"] if "error" in r],
     )]  # fmt: skip
     return "\n\n".join(parts)
 

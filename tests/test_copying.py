@@ -74,7 +74,8 @@ def test_an_in_memory_index_copies_whole_and_independently(how):
     assert (twin.ntotal, index.ntotal) == (67, 58)
     index.add_with_ids(X[70:72], np.arange(3000, 3002))  # the original goes on by itself
     assert index.ntotal == 60 and 2000 not in index.search(X[60:70], 1)[1]
-    np.testing.assert_array_equal(twin.reconstruct(2005), twin.codec.decode(twin.codec.encode(X[65:66]))[0])
+    # one row here, ten in the add: BLAS may round the rotation differently by shape (seen with MKL)
+    np.testing.assert_allclose(twin.reconstruct(2005), twin.codec.decode(twin.codec.encode(X[65:66]))[0], rtol=1e-5, atol=1e-6)
 
 
 def test_the_codec_pickles_without_its_device_cache():

@@ -8,6 +8,7 @@ import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton (transformers does)
 
+import dataclasses
 import math
 import subprocess
 import sys
@@ -50,6 +51,8 @@ CASES = {
     "mse4-mse2.5": (dict(bits=(4, 2.5), factor_dtype=torch.float16), 6, 1, "padding", KernelOptions(block_t=16, splits=2)),
     # prod keys and values, log factors, centred keys, no window: all 40 tokens are codes; causal reaches into them
     "prod3-prod3": (dict(bits=(3, 3), variants=("prod", "prod"), window=0, chunk=1, factor_dtype="log8"), 4, 3, "causal", KernelOptions(block_t=16)),
+    # the same, 3 rows (one query head per KV head): causal masking in the token-slot decode
+    "prod3-prod3-3rows": (dict(bits=(3, 3), variants=("prod", "prod"), window=0, chunk=1, factor_dtype="log8"), 2, 3, "causal", KernelOptions(block_t=16)),
     # 1-bit keys (8 coordinates per byte), 8-bit values (one per byte), additive float mask, one split
     "mse1-mse8": (dict(bits=(1, 8), center_keys=False), 4, 2, "float", KernelOptions(block_t=32, splits=1)),
     # fractional keys with their extra-bit field, prod 2-bit values, head dim 48 (dense rotation, padded to 64)
@@ -57,9 +60,12 @@ CASES = {
 }  # fmt: skip
 
 
+@pytest.mark.parametrize("slots", [False, True])
 @pytest.mark.parametrize("case", CASES)
-def test_kernels_equal_the_torch_path(case):
+def test_kernels_equal_the_torch_path(case, slots):
+    """Each case with the token-slot decode (`_split_slots`, where it has at most 4 rows) and without."""
     options, q_heads, q_len, masking, kernel_options = CASES[case]
+    kernel_options = dataclasses.replace(kernel_options, slots=slots)
     keys, values = layer_states(**options)
     batch, dim, tokens = keys.shape[0], keys.shape[-1], keys.shape[2]
     query = torch.randn(batch, q_heads, q_len, dim, generator=torch.Generator().manual_seed(1)).to(DEVICE)
@@ -80,11 +86,13 @@ def test_many_rows_run_on_tensor_cores_and_agree_to_float16_rounding():
     query = torch.randn(1, 4, 12, 32).to(DEVICE)  # 24 rows per KV head: tl.dot on blocks of 32
     assert plan(2, 24, 40, 32, DEFAULT_SMS).dot
     expected = codes_attention(query, keys, values, scaling=0.2, causal=True, backend="torch")
-    got = triton_codes_attention(query, keys, values, None, scaling=0.2, causal=True, options=KernelOptions(block_t=16, splits=2))
+    got = triton_codes_attention(query, keys, values, None, scaling=0.2, causal=True, options=KernelOptions(block_t=32, splits=2))
     assert float((got - expected).norm() / expected.norm()) < 3e-3  # float16 operands, float32 sums
     decode = query[:, :, -1:]  # and one position, forced onto tensor cores
-    forced = triton_codes_attention(decode, keys, values, None, scaling=0.2, causal=True, options=KernelOptions(dot=True, block_t=16))
+    forced = triton_codes_attention(decode, keys, values, None, scaling=0.2, causal=True, options=KernelOptions(dot=True, block_t=32))
     assert float((forced - expected[:, :, -1:]).norm() / expected[:, :, -1:].norm()) < 3e-3
+    with pytest.raises(ValueError, match="tensor-core blocks need block_t >= 32"):  # wrong on an H200 (Triton 3.6)
+        triton_codes_attention(decode, keys, values, None, scaling=0.2, causal=True, options=KernelOptions(dot=True, block_t=16))
 
 
 def test_plan_fills_the_sms_with_whole_power_of_two_splits():
@@ -97,6 +105,9 @@ def test_plan_fills_the_sms_with_whole_power_of_two_splits():
         assert programs <= 4 * 132 or launch.splits == 1
         assert programs * 2 > 4 * 132 or launch.split_blocks == 1  # at least half the target, unless splits are one block
     assert not plan(8, 4, 4096, 128, 132).dot and plan(8, 64, 4096, 128, 132).dot
+    slots = KernelOptions(slots=True)  # the token-slot decode: CUDA cores, at most 4 rows
+    assert plan(8, 4, 4096, 128, 132, slots).slots and plan(8, 3, 4096, 128, 132, slots).slots
+    assert not plan(8, 6, 4096, 128, 132, slots).slots and not plan(8, 4, 4096, 128, 132, KernelOptions(slots=True, dot=True)).slots
     assert plan(8, 4, 4096, 128, 132, KernelOptions(splits=1)).splits == 1
     assert 2 <= plan(8, 4, 4096, 128, 132, KernelOptions(splits=3)).splits <= 3
 
@@ -157,3 +168,24 @@ def test_8bit_cache_generates_the_dynamic_cache_tokens_on_the_gpu(model):
             do_sample=False, pad_token_id=0,
         )  # fmt: skip
     assert torch.equal(outputs["codes"], outputs["exact"])
+
+
+@pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU (CUDA graphs)")
+def test_decode_attention_replays_in_a_cuda_graph():
+    """No host synchronisation inside a decode call: it is captured in a CUDA graph, and replays
+    follow new query values (how serving engines run decode)."""
+    keys, values = layer_states(batch=2, bits=(4, 4), window=8, chunk=4, tokens=300)
+    static = torch.randn(2, 4, 1, 32, device=DEVICE)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        codes_attention(static, keys, values, scaling=0.2)  # compiles outside the capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = codes_attention(static, keys, values, scaling=0.2)
+    for seed in (1, 2):
+        fresh = torch.randn(2, 4, 1, 32, generator=torch.Generator().manual_seed(seed)).to(DEVICE)
+        static.copy_(fresh)
+        graph.replay()
+        torch.testing.assert_close(out, codes_attention(fresh, keys, values, scaling=0.2), atol=1e-6, rtol=1e-5)

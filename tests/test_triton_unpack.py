@@ -91,7 +91,7 @@ def test_unpack_equals_the_codec(bits, variant, dim, block_d):
 def test_every_index_value_is_looked_up(select):
     """Rows holding each index value in turn: both lookups (select tree, gather) over every entry,
     both codebooks of a fractional layout."""
-    for bits in (1.5, 2, 3.5):  # 2/4 levels: select tree (unless select=False); 8/16: gather
+    for bits in (1.5, 2, 3.5):  # 2 levels: a select (unless select=False); 4, 8, 16: gather
         codec = TurboQuantCodec(32, bits)
         layout = codec.layout
         high = 1 << (layout.base_bits + 1)

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from tqindex._arrays import as_float_rows, as_id_array, is_torch, like, power_of_two_scaled, times_power_of_two, unit_rows
 from tqindex.codec import CodecConfig, Codes, TurboQuantCodec
 from tqindex.kernels import BACKENDS, Chunk, encode, get_scanner, scan_topk, search_resident
+from tqindex.kernels.graphs import SearchGraphs
 from tqindex.kernels.fastscan import FastScanner, KeyColumns
 from tqindex.memstore import MemoryStore
 from tqindex.errors import CorruptIndexError
@@ -169,6 +170,9 @@ class TurboQuantIndex:
         self._live: torch.Tensor | None = None
         #: the fast-scan's key columns of codes in RAM (``_key_columns``), made at the first such search
         self._columns: KeyColumns | None = None
+        #: CUDA graphs of unfiltered resident searches (`kernels.graphs`), and the L2 bias of the resident norms
+        self._graphs = SearchGraphs()
+        self._bias: tuple[torch.Tensor, torch.Tensor] | None = None
         self._rows = 0
         self._n_deleted = 0
         self._deleted_mask = np.zeros(0, dtype=bool)  # capacity grows by doubling; see _deleted
@@ -408,8 +412,9 @@ class TurboQuantIndex:
         rotated = self.codec.rotate_rows(rows.to(self.device))  # rows are checked: no second pass over them
         if self._resident is not None and hasattr(scanner, "candidates"):  # one kernel over every row, no chunk loop
             packed, factors = self._resident[:2]
-            bias = _l2_bias(self._resident[2]) if self.metric == "l2" else None
-            scores, found = search_resident(self.codec, scanner, rotated, packed, factors, self._valid_rows(allowed), k, bias)
+            bias = self._resident_bias() if self.metric == "l2" else None
+            search = self._graphs.search if allowed is None else search_resident  # a filter's mask is new each search
+            scores, found = search(self.codec, scanner, rotated, packed, factors, self._valid_rows(allowed), k, bias)
         else:
             fetch_bias = self._fetch_bias if self.metric == "l2" else None
             scores, found = scan_topk(self.codec, scanner, rotated, self._chunks(allowed, scanner), k, self._fetch, fetch_bias)
@@ -420,6 +425,13 @@ class TurboQuantIndex:
         ids = self._store.read_at("ids", np.maximum(found, 0).ravel()).reshape(found.shape)
         ids[found < 0] = -1
         return scores.cpu(), ids
+
+    def _resident_bias(self) -> torch.Tensor:
+        """The L2 scan bias of the resident norms, made once per resident tensor (the graphs read it by address)."""
+        norms = self._resident[2]
+        if self._bias is None or self._bias[0] is not norms:
+            self._bias = (norms, _l2_bias(norms))
+        return self._bias[1]
 
     def _scan_step(self) -> int:
         """Rows per scan step: ``chunk_rows``, or at least ``_RESIDENT_CHUNK_ROWS`` on an accelerator."""

@@ -16,13 +16,10 @@ from tqindex.kernels.scan import Chunk, QueryChunk, Scanner, candidate_count, sc
 BACKENDS = ("auto", "torch", "lut", "fastscan", "triton")
 
 #: the Triton scan's form by batch size: CUDA-core FMAs (``triton_scan.FMA``) up to this many
-#: queries, the tensor-core dequantize-GEMM form (``triton_scan.MMA``) above. Not measured (no GPU
-#: was at hand): from the operation count. A 4-bit scan at the issue-12 H200 rate (4.2 TB/s) must
-#: decode 7.7 G values in ~1 ms, about 4 ALU operations per value; each query adds an FMA per value
-#: on the CUDA cores but nearly nothing on the tensor cores, whose only extra cost is staging the
-#: decoded tile (~2 operations per value). So FMAs win for 1-2 queries, tie near 4, and lose above.
-#: benchmarks/bench_gpu.py times both at each batch size.
-TRITON_FMA_MAX_QUERIES = 4
+#: queries, the tensor-core dequantize-GEMM form (``triton_scan.MMA``) above. Measured on an H200
+#: over 10M x 768 4-bit codes (benchmarks/bench_gpu.py): FMAs 2.6 ms for 1 query, 6.3 for 2;
+#: tensor cores 4.0 for 2.
+TRITON_FMA_MAX_QUERIES = 1
 
 #: "auto" on the CPU scans with look-up tables (where the layout allows) while queries x bits
 #: <= this, else decodes + GEMMs. Table work grows with the code bytes per query, decode work

@@ -168,19 +168,60 @@ def search_resident(
     scanner's precision). Same arguments and results as ``scan_topk``; ``valid`` bool ``(n,)`` or
     None, ``bias`` float32 ``(n,)`` or None.
     """
+    scores, found, flags = resident_candidates(codec, scanner, rotated_queries, packed, factors, valid, k, bias)
+    return finish_resident(codec, scanner, rotated_queries, packed, factors, valid, k, bias, scores, found, flags.cpu())
+
+
+def resident_candidates(
+    codec: TurboQuantCodec,
+    scanner: Any,
+    rotated_queries: torch.Tensor,
+    packed: torch.Tensor,
+    factors: torch.Tensor,
+    valid: torch.Tensor | None,
+    k: int,
+    bias: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The device part of `search_resident`, with no synchronisation (so a CUDA graph can hold it):
+    rescored ``(scores, rows)`` and ``flags`` bool ``(m + 1,)``: the queries whose candidates may
+    miss a row (they need `finish_resident`'s exact rescan), then whether the queries were finite
+    in the scanner's precision."""
     queries = scanner.cast(rotated_queries)
     finite = torch.isfinite(queries).all()
-    fetch, fetch_bias = (lambda at: (packed[at], factors[at])), (None if bias is None else lambda at: bias[at])
     _, rows, overflow = scanner.candidates(queries, packed, factors, valid, candidate_count(k), bias)
+    fetch, fetch_bias = _resident_fetch(packed, factors, bias)
     scores, found = _rescore(codec, rotated_queries, rows, fetch, fetch_bias, k, dedupe=False)
-    flags = torch.cat([overflow, finite[None]]).cpu()  # the one synchronisation
+    return scores, found, torch.cat([overflow, finite[None]])
+
+
+def finish_resident(
+    codec: TurboQuantCodec,
+    scanner: Any,
+    rotated_queries: torch.Tensor,
+    packed: torch.Tensor,
+    factors: torch.Tensor,
+    valid: torch.Tensor | None,
+    k: int,
+    bias: torch.Tensor | None,
+    scores: torch.Tensor,
+    found: torch.Tensor,
+    flags: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The host part of `search_resident`: ``flags`` (on the CPU) checked, the flagged queries
+    rescanned exactly (rare); ``scores`` and ``found`` updated in place and returned."""
     if not bool(flags[-1]):
         raise scanner.overflow_error()
-    redo = flags[:-1].nonzero().flatten().to(rows.device)
+    redo = flags[:-1].nonzero().flatten().to(found.device)
     if redo.numel():
+        fetch, fetch_bias = _resident_fetch(packed, factors, bias)
         _, exact_rows = exact_topk(codec, rotated_queries[redo], packed, factors, valid, candidate_count(k), bias)
         scores[redo], found[redo] = _rescore(codec, rotated_queries[redo], exact_rows, fetch, fetch_bias, k)
     return scores, found
+
+
+def _resident_fetch(packed: torch.Tensor, factors: torch.Tensor, bias: torch.Tensor | None) -> tuple[Callable, Callable | None]:
+    """`_rescore`'s fetch functions over resident columns."""
+    return (lambda at: (packed[at], factors[at])), (None if bias is None else lambda at: bias[at])
 
 
 def scan_groups_topk(

@@ -86,10 +86,15 @@ class ScanConfig:
         return self.block_n if self.mma else max(16, self.block_n // block_m)
 
 
-#: a few queries: CUDA-core FMAs, one decode per value serves them all; bound by reading the codes
-FMA = ScanConfig(mma=False, max_block_m=4, block_n=64, block_d=64, num_warps=4, programs_per_sm=16)
-#: more queries: decode to fp16 and ``tl.dot``; bound by the tensor cores from a few hundred queries
-MMA = ScanConfig(mma=True, max_block_m=64, block_n=64, block_d=64, num_warps=8)
+# Tilings measured on an H200 (benchmarks/bench_gpu.py sweeps over 10M x 768 4-bit codes, k = 10;
+# docs/benchmarks.md): the best of each batch's sweep.
+#: one query: CUDA-core FMAs on float32 queries (2.59 ms, vs 2.96 with 64-row tiles and 3.61 with 4
+#: programs per SM; two queries take 6.3 ms this way and 4.0 on the tensor cores)
+FMA = ScanConfig(mma=False, max_block_m=4, block_n=128, block_d=64, num_warps=4, programs_per_sm=16)
+#: two queries and more: decode to fp16 and ``tl.dot`` (batch 4 / 64 / 128 / 1024: 3.9 / 7.2 / 13.8 /
+#: 107 ms; 8 warps and 4 programs per SM: 6.4 ms at 4; 128 queries per program with 16 warps: 12.1
+#: / 14.4 / 117 ms at 64 / 128 / 1024)
+MMA = ScanConfig(mma=True, max_block_m=64, block_n=64, block_d=64, num_warps=4, programs_per_sm=16)
 
 
 @triton.jit
@@ -214,13 +219,14 @@ class TritonScanner:
     Args:
         codec: the codec whose layout and levels the codes follow.
         config: the kernel's tiling, ``FMA`` or ``MMA`` (``get_scanner`` picks by batch size).
-        dtype: query precision: float16 (default), bfloat16 or float32 (the ``tl.dot`` operands,
-            and what the FMA form reads); sums are fp32 either way, and ``kernels.scan`` rescores
+        dtype: query precision: float16, bfloat16 or float32 (the ``tl.dot`` operands, and what
+            the FMA form reads); None: float32 for the FMA form (no conversion in its inner loop),
+            float16 for the tensor cores. Sums are fp32 either way, and ``kernels.scan`` rescores
             the candidates exactly.
         tiles_per_program: row tiles per program; None: enough programs for the config's
             ``programs_per_sm`` and enough buckets for the candidates (``_BUCKETS_PER_CANDIDATE``).
-        select: look codebooks of up to 4 levels up by a select tree in registers (True) or by a
-            gather like larger ones (False); see ``triton_unpack``.
+        select: look 2-level (1-bit) codebooks up by a select in registers (True) or by a gather
+            like larger ones (False); see ``triton_unpack``.
         gather_asm: gathers as inline PTX loads (None: wherever compiled); see ``unpack_constants``.
     """
 
@@ -228,12 +234,14 @@ class TritonScanner:
         self,
         codec: TurboQuantCodec,
         config: ScanConfig = MMA,
-        dtype: torch.dtype = torch.float16,
+        dtype: torch.dtype | None = None,
         *,
         tiles_per_program: int | None = None,
         select: bool = True,
         gather_asm: bool | None = None,
     ):
+        if dtype is None:
+            dtype = torch.float16 if config.mma else torch.float32
         if dtype not in (torch.float16, torch.bfloat16, torch.float32):
             raise ValueError(f"dtype must be float16, bfloat16 or float32, got {dtype}")
         if tiles_per_program is not None and tiles_per_program < 1:

@@ -22,15 +22,14 @@ and ``tl.interleave`` puts them in coordinate order, all in registers. Fields ar
 index at their bit shift; the extra-bit field of a fractional layout covers a prefix, and its
 coordinates take levels from the second codebook (``N_LO`` entries on).
 
-How a level is looked up: a codebook of at most ``SELECT_LEVELS`` (4) entries is a constexpr
-select tree (1 select for 2 levels, 3 for 4): no memory access at all. A larger one (3 bits and
-up) is one gather per value from the float32 table at ``levels_ptr``: at most 2^8 + 2^9 floats,
-and at 4 bits the 16 entries share one 64-byte line, so a warp's 32 gathers are one L1 wavefront.
-A select tree for 16 levels costs 15 selects per value, about 4x the ALU work of the gather's
-address arithmetic, and the memory-bound scan at 4 bits has only ~4 ALU operations per value to
-spend (H200: 3.8 GB at 4.2 TB/s is 0.9 ms for 7.7 G values against ~17 T integer op/s); so the
-gather is used from 8 levels up. Not measured (no GPU here): benchmarks/bench_gpu.py times the
-2-bit scan both ways (``select=False``).
+How a level is looked up: a 1-bit codebook (2 levels) is one select, no memory access; a larger one
+is one gather per value from the float32 table at ``levels_ptr`` (at most 2^8 + 2^9 floats; at 4
+bits the 16 entries share one 64-byte line, so a warp's 32 gathers hit one L1 line). Compiled, the
+gather is an inline PTX load (``ld.global.nc``): being elementwise, it keeps the unpack's register
+layout, where a ``tl.load`` of a gathered pointer tensor gets a layout of its own and every tile
+crosses shared memory to reach it. Measured on an H200 (benchmarks/bench_gpu.py, 10M x 768, one
+query): 4 bits 2.8 ms with the PTX gather, 7.7 with ``tl.load``; 2 bits 2.75 ms gathering vs 3.57
+with a 3-select tree, so select trees stop at 2 levels.
 """
 
 from __future__ import annotations
@@ -41,8 +40,8 @@ import triton.language as tl
 
 from tqindex.codec import TurboQuantCodec
 
-#: codebooks of at most this many levels are looked up by a constexpr select tree, larger ones by a gather
-SELECT_LEVELS = tl.constexpr(4)
+#: codebooks of at most this many levels are looked up by a constexpr select, larger ones by a gather
+SELECT_LEVELS = tl.constexpr(2)
 
 
 def unpack_constants(codec: TurboQuantCodec, select: bool = True, gather_asm: bool | None = None) -> dict[str, object]:
@@ -141,13 +140,8 @@ def _lookup(index, levels_ptr, LEVELS: tl.constexpr, START: tl.constexpr, COUNT:
         return tl.load(levels_ptr + START + index)
     elif COUNT == 1:
         return tl.zeros(index.shape, dtype=tl.float32) + LEVELS[START]
-    elif COUNT == 2:
+    else:
         return tl.where(index != 0, LEVELS[START + 1], LEVELS[START])
-    elif COUNT == 4:
-        odd = (index & 1) != 0
-        low = tl.where(odd, LEVELS[START + 1], LEVELS[START])
-        high = tl.where(odd, LEVELS[START + 3], LEVELS[START + 2])
-        return tl.where(index >= 2, high, low)
 
 
 @triton.jit

@@ -127,7 +127,7 @@ def _torch_attention(
     # (B, Hq, l, d) -> (N, M, d): the query heads of a KV head's group, then positions
     q = query.float().reshape(batch * heads, group * length, dim)
 
-    rotated = key.codec.rotate_queries(q.reshape(-1, dim)).view(batch * heads, group * length, -1)
+    rotated = key.codec.rotate_rows(q.reshape(-1, dim)).view(batch * heads, group * length, -1)  # unchecked, as in the Triton path
     acc, top, total = _partial_torch(rotated, key_codes, value_codes, bias[..., :encoded], heads, scaling, key.codec, value.codec)
     if key.offset is not None:  # the codes hold keys minus the offset: add q . offset to their logits
         offset_logits = q.view(batch, heads, group * length, dim) @ key.offset.float().view(batch, heads, dim, 1)

@@ -44,9 +44,12 @@ from tqindex.kv.factors import STEPS_PER_OCTAVE
 
 DEFAULT_SMS = 132  # an H200's SM count: the split plan when no GPU is at hand (the interpreter)
 PROGRAMS_PER_SM = 4  # split-kernel programs the grid aims at per SM
+SLOT_MAX_ROWS = 4  # the token-slot decode keeps a (tokens, dim) value sum per row: up to this many rows
 FMA_MAX_ROWS = 8  # up to this many rows per (batch, KV head): CUDA-core products; beyond: tensor cores
-SPLIT_WARPS = 8  # ptxas for sm_90 (benchmarks/kv_kernel_resources.py): 4 rows x 64 tokens x 128 coordinates fit
-# in 127 registers with 8 warps and spill with 4; 8 rows take 255 without spilling
+SPLIT_WARPS = 4  # measured on an H200 (benchmarks/bench_kv_gpu.py, 4 rows, head_dim 128, CUDA graph): 0.089 /
+# 0.299 ms at 4k / 32k tokens with 4 warps, 0.108 / 0.443 with 8
+DOT_MIN_BLOCK_T = 32  # tensor-core blocks of 16 tokens computed wrong results on an H200 (Triton 3.6; right
+# in the interpreter, and with 32 or 64 tokens): not established whether Triton's or ours, so not run
 _DOT_BLOCK_M = 64
 _MERGE_TILE = 8192  # elements of one (splits, rows, coordinates) tile in the merge
 _NONE, _BOOL, _FLOAT = 0, 1, 2  # mask modes
@@ -126,14 +129,15 @@ def _scaled_weighted(p, scale, values, BLOCK_M: tl.constexpr, DOT: tl.constexpr)
 
 
 @triton.jit
-def _keep(s, offs_m, mmask, keys, kmask, MASK, m_base, s_ml, s_mt, q_len, causal_shift, MASK_MODE: tl.constexpr, CAUSAL: tl.constexpr):
-    """Logits ``s`` ``(BM, BT)`` with the mask applied: -inf where a key is excluded."""
-    keep = mmask[:, None] & kmask[None, :]
-    pos = offs_m % q_len
+def _keep(s, pos, row_ok, keys, kmask, MASK, m_base, s_ml, s_mt, causal_shift, MASK_MODE: tl.constexpr, CAUSAL: tl.constexpr):
+    """Logits ``s`` with the mask applied: -inf where a key is excluded. ``s`` ``(BM, BT)`` with ``pos``
+    / ``row_ok`` ``(BM, 1)`` and ``keys`` / ``kmask`` ``(1, BT)``, or ``s`` ``(BT,)`` of one row with
+    scalar ``pos`` and ``row_ok``: ``pos`` is the row's query position."""
+    keep = row_ok & kmask
     if CAUSAL:  # query position l sees keys <= T - L + l
-        keep &= keys[None, :] <= (causal_shift + pos)[:, None]
+        keep &= keys <= causal_shift + pos
     if MASK_MODE != 0:
-        ptrs = MASK + m_base + pos[:, None].to(tl.int64) * s_ml + keys[None, :].to(tl.int64) * s_mt
+        ptrs = MASK + m_base + pos.to(tl.int64) * s_ml + keys.to(tl.int64) * s_mt
         mask = tl.load(ptrs, mask=keep, other=0)
         if MASK_MODE == 1:
             keep &= mask != 0
@@ -150,7 +154,117 @@ def _online(top, s):
     return new_top, tl.exp(top - shift), tl.exp(s - shift[:, None])
 
 
+@triton.jit
+def _slot_row(
+    acc, acc_qjl, top, total, q_row, row, rows, pos, d, keys, k_scale, k_signs, k_qjl, values, v_scale, v_signs, v_qjl,
+    offs_t, tmask, MASK, m_base, s_ml, s_mt, causal_shift, scaling,
+    D: tl.constexpr, K_SIGN_OFFSET: tl.constexpr, V_SIGN_OFFSET: tl.constexpr, MASK_MODE: tl.constexpr, CAUSAL: tl.constexpr,
+):  # fmt: skip
+    """One query row (``q_row`` points at it) over one block: an online softmax per token slot.
+
+    Each of the ``BT`` slots keeps its own running max ``top``, sum ``total`` and value sum ``acc``
+    ``(BT, D_PAD)``: every update is elementwise in the layout the codes were unpacked in, and the
+    only reduction is along the coordinates (within a token's threads). `_slot_store` folds the
+    slots once per split.
+    """
+    row_ok = row + tl.zeros_like(offs_t) < rows  # tensors, not a scalar: the interpreter's masks must be bool
+    qmask = (row + tl.zeros_like(d) < rows) & (d < D)
+    s = tl.sum(keys * tl.load(q_row + d, mask=qmask, other=0.0)[None, :], axis=1) * k_scale
+    if K_SIGN_OFFSET >= 0:
+        s += tl.sum(k_signs * tl.load(q_row + D + d, mask=qmask, other=0.0)[None, :], axis=1) * k_qjl
+    s = _keep(s * scaling, pos, row_ok, offs_t, tmask, MASK, m_base, s_ml, s_mt, causal_shift, MASK_MODE, CAUSAL)
+    new_top = tl.maximum(top, s)
+    shift = tl.where(new_top == float("-inf"), 0.0, new_top)
+    alpha = tl.exp(top - shift)
+    p = tl.exp(s - shift)
+    acc = acc * alpha[:, None] + (p * v_scale)[:, None] * values
+    if V_SIGN_OFFSET >= 0:
+        acc_qjl = acc_qjl * alpha[:, None] + (p * v_qjl)[:, None] * v_signs
+    return acc, acc_qjl, new_top, total * alpha + p
+
+
+@triton.jit
+def _slot_store(acc, acc_qjl, top, total, acc_row, stats_at, TOP, TOTAL, row, rows, d, D: tl.constexpr, V_SIGN_OFFSET: tl.constexpr):
+    """Fold row ``row``'s token slots into its split partial and store it (``acc_row`` points at its ACC row)."""
+    best = tl.max(top, axis=0)
+    w = tl.exp(top - tl.where(best == float("-inf"), 0.0, best))
+    dmask = (row + tl.zeros_like(d) < rows) & (d < D)
+    row_ok = row < rows
+    tl.store(acc_row + d, tl.sum(acc * w[:, None], axis=0), mask=dmask)
+    if V_SIGN_OFFSET >= 0:
+        tl.store(acc_row + D + d, tl.sum(acc_qjl * w[:, None], axis=0), mask=dmask)
+    tl.store(TOP + stats_at, best, mask=row_ok)
+    tl.store(TOTAL + stats_at, tl.sum(total * w, axis=0), mask=row_ok)
+
+
 # ---- kernels ------------------------------------------------------------------------------
+
+
+@triton.jit
+def _split_slots(
+    Q, KP, KF, VP, VF, MASK, ACC, TOP, TOTAL, K_TABLE, V_TABLE, n, split, b, h,
+    k_low, v_low, scaling, tokens, rows, q_len, causal_shift,
+    s_qn, s_qm, s_kpb, s_kph, s_kpt, s_kfb, s_kfh, s_kft, s_vpb, s_vph, s_vpt, s_vfb, s_vfh, s_vft,
+    s_mb, s_ml, s_mt, s_an, s_as, s_am, D: tl.constexpr, D_PAD: tl.constexpr,
+    K_FIELDS: tl.constexpr, K_LEVELS: tl.constexpr, K_N_LO: tl.constexpr, K_EXTRA: tl.constexpr, K_SIGN_OFFSET: tl.constexpr, K_LOG: tl.constexpr,
+    V_FIELDS: tl.constexpr, V_LEVELS: tl.constexpr, V_N_LO: tl.constexpr, V_EXTRA: tl.constexpr, V_SIGN_OFFSET: tl.constexpr, V_LOG: tl.constexpr,
+    MASK_MODE: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr, SPLIT_BLOCKS: tl.constexpr,
+    GATHER_ASM: tl.constexpr,
+):  # fmt: skip
+    """`_split_kernel` for 1, 2 or 4 rows (``BLOCK_M``) on CUDA cores, token slot by token slot (`_slot_row`):
+    no reduction across tokens, so no barrier, until each row's slots are folded at the end."""
+    row0 = tl.program_id(2) * BLOCK_M
+    q_row = Q + n.to(tl.int64) * s_qn + row0.to(tl.int64) * s_qm
+    d = tl.arange(0, D_PAD)
+    m_base = b * s_mb
+    qjl_cols: tl.constexpr = D_PAD if V_SIGN_OFFSET >= 0 else 1  # the QJL value sums, where the values have signs
+    acc0 = tl.zeros((BLOCK_T, D_PAD), dtype=tl.float32)
+    qjl0 = tl.zeros((BLOCK_T, qjl_cols), dtype=tl.float32)
+    top0 = tl.full((BLOCK_T,), float("-inf"), dtype=tl.float32)
+    total0 = tl.zeros((BLOCK_T,), dtype=tl.float32)
+    acc1, qjl1, top1, total1 = acc0, qjl0, top0, total0
+    acc2, qjl2, top2, total2 = acc0, qjl0, top0, total0
+    acc3, qjl3, top3, total3 = acc0, qjl0, top0, total0
+    for i in range(SPLIT_BLOCKS):
+        offs_t = (split * SPLIT_BLOCKS + i) * BLOCK_T + tl.arange(0, BLOCK_T)
+        tmask = offs_t < tokens
+        keys, k_scale, k_signs, k_qjl = _rows(
+            KP, b * s_kpb + h * s_kph, offs_t, tmask, s_kpt, KF, b * s_kfb + h * s_kfh, s_kft, K_TABLE, k_low,
+            K_FIELDS, K_LEVELS, K_N_LO, K_EXTRA, K_SIGN_OFFSET, K_LOG, D, D_PAD, GATHER_ASM,
+        )  # fmt: skip
+        values, v_scale, v_signs, v_qjl = _rows(
+            VP, b * s_vpb + h * s_vph, offs_t, tmask, s_vpt, VF, b * s_vfb + h * s_vfh, s_vft, V_TABLE, v_low,
+            V_FIELDS, V_LEVELS, V_N_LO, V_EXTRA, V_SIGN_OFFSET, V_LOG, D, D_PAD, GATHER_ASM,
+        )  # fmt: skip
+        acc0, qjl0, top0, total0 = _slot_row(
+            acc0, qjl0, top0, total0, q_row, row0, rows, row0 % q_len, d, keys, k_scale, k_signs, k_qjl, values, v_scale, v_signs,
+            v_qjl, offs_t, tmask, MASK, m_base, s_ml, s_mt, causal_shift, scaling, D, K_SIGN_OFFSET, V_SIGN_OFFSET, MASK_MODE, CAUSAL,
+        )  # fmt: skip
+        if BLOCK_M > 1:
+            acc1, qjl1, top1, total1 = _slot_row(
+                acc1, qjl1, top1, total1, q_row + s_qm, row0 + 1, rows, (row0 + 1) % q_len, d, keys, k_scale, k_signs, k_qjl, values,
+                v_scale, v_signs, v_qjl, offs_t, tmask, MASK, m_base, s_ml, s_mt, causal_shift, scaling, D, K_SIGN_OFFSET,
+                V_SIGN_OFFSET, MASK_MODE, CAUSAL,
+            )  # fmt: skip
+        if BLOCK_M > 2:
+            acc2, qjl2, top2, total2 = _slot_row(
+                acc2, qjl2, top2, total2, q_row + 2 * s_qm, row0 + 2, rows, (row0 + 2) % q_len, d, keys, k_scale, k_signs, k_qjl,
+                values, v_scale, v_signs, v_qjl, offs_t, tmask, MASK, m_base, s_ml, s_mt, causal_shift, scaling, D, K_SIGN_OFFSET,
+                V_SIGN_OFFSET, MASK_MODE, CAUSAL,
+            )  # fmt: skip
+            acc3, qjl3, top3, total3 = _slot_row(
+                acc3, qjl3, top3, total3, q_row + 3 * s_qm, row0 + 3, rows, (row0 + 3) % q_len, d, keys, k_scale, k_signs, k_qjl,
+                values, v_scale, v_signs, v_qjl, offs_t, tmask, MASK, m_base, s_ml, s_mt, causal_shift, scaling, D, K_SIGN_OFFSET,
+                V_SIGN_OFFSET, MASK_MODE, CAUSAL,
+            )  # fmt: skip
+    acc_row = ACC + n.to(tl.int64) * s_an + split.to(tl.int64) * s_as + row0.to(tl.int64) * s_am
+    stats = (n * tl.num_programs(1) + split).to(tl.int64) * rows + row0
+    _slot_store(acc0, qjl0, top0, total0, acc_row, stats, TOP, TOTAL, row0, rows, d, D, V_SIGN_OFFSET)
+    if BLOCK_M > 1:
+        _slot_store(acc1, qjl1, top1, total1, acc_row + s_am, stats + 1, TOP, TOTAL, row0 + 1, rows, d, D, V_SIGN_OFFSET)
+    if BLOCK_M > 2:
+        _slot_store(acc2, qjl2, top2, total2, acc_row + 2 * s_am, stats + 2, TOP, TOTAL, row0 + 2, rows, d, D, V_SIGN_OFFSET)
+        _slot_store(acc3, qjl3, top3, total3, acc_row + 3 * s_am, stats + 3, TOP, TOTAL, row0 + 3, rows, d, D, V_SIGN_OFFSET)
 
 
 @triton.jit
@@ -163,56 +277,66 @@ def _split_kernel(
     K_FIELDS: tl.constexpr, K_LEVELS: tl.constexpr, K_N_LO: tl.constexpr, K_EXTRA: tl.constexpr, K_SIGN_OFFSET: tl.constexpr, K_LOG: tl.constexpr,
     V_FIELDS: tl.constexpr, V_LEVELS: tl.constexpr, V_N_LO: tl.constexpr, V_EXTRA: tl.constexpr, V_SIGN_OFFSET: tl.constexpr, V_LOG: tl.constexpr,
     MASK_MODE: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr, SPLIT_BLOCKS: tl.constexpr, DOT: tl.constexpr,
-    GATHER_ASM: tl.constexpr,
+    GATHER_ASM: tl.constexpr, SLOTS: tl.constexpr,
 ):  # fmt: skip
     """Partial attention of rows ``(n, row block)`` over split ``s``'s tokens -> ACC, TOP, TOTAL ``[n, s, rows]``."""
     n = tl.program_id(0)
     split = tl.program_id(1)
     b = (n // heads).to(tl.int64)
     h = (n % heads).to(tl.int64)
-    offs_m = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
-    mmask = offs_m < rows
-    d = tl.arange(0, D_PAD)
-    q_ptrs = Q + n.to(tl.int64) * s_qn + offs_m[:, None].to(tl.int64) * s_qm + d[None, :]
-    qmask = mmask[:, None] & (d < D)[None, :]
-    q = tl.load(q_ptrs, mask=qmask, other=0.0)
-    if K_SIGN_OFFSET >= 0:
-        q_qjl = tl.load(q_ptrs + D, mask=qmask, other=0.0)
-    m_base = b * s_mb
-
-    top = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
-    total = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    acc = tl.zeros((BLOCK_M, D_PAD), dtype=tl.float32)
-    acc_qjl = tl.zeros((BLOCK_M, D_PAD), dtype=tl.float32)
-    for i in range(SPLIT_BLOCKS):
-        offs_t = (split * SPLIT_BLOCKS + i) * BLOCK_T + tl.arange(0, BLOCK_T)
-        tmask = offs_t < tokens
-        lev, scale, signs, qjl = _rows(
-            KP, b * s_kpb + h * s_kph, offs_t, tmask, s_kpt, KF, b * s_kfb + h * s_kfh, s_kft, K_TABLE, k_low,
-            K_FIELDS, K_LEVELS, K_N_LO, K_EXTRA, K_SIGN_OFFSET, K_LOG, D, D_PAD, GATHER_ASM,
+    if SLOTS:
+        _split_slots(
+            Q, KP, KF, VP, VF, MASK, ACC, TOP, TOTAL, K_TABLE, V_TABLE, n, split, b, h,
+            k_low, v_low, scaling, tokens, rows, q_len, causal_shift,
+            s_qn, s_qm, s_kpb, s_kph, s_kpt, s_kfb, s_kfh, s_kft, s_vpb, s_vph, s_vpt, s_vfb, s_vfh, s_vft,
+            s_mb, s_ml, s_mt, s_an, s_as, s_am, D, D_PAD,
+            K_FIELDS, K_LEVELS, K_N_LO, K_EXTRA, K_SIGN_OFFSET, K_LOG, V_FIELDS, V_LEVELS, V_N_LO, V_EXTRA, V_SIGN_OFFSET, V_LOG,
+            MASK_MODE, CAUSAL, BLOCK_M, BLOCK_T, SPLIT_BLOCKS, GATHER_ASM,
         )  # fmt: skip
-        s = _scores(q, lev, BLOCK_M, DOT) * scale[None, :]
+    else:
+        offs_m = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
+        mmask = offs_m < rows
+        d = tl.arange(0, D_PAD)
+        q_ptrs = Q + n.to(tl.int64) * s_qn + offs_m[:, None].to(tl.int64) * s_qm + d[None, :]
+        qmask = mmask[:, None] & (d < D)[None, :]
+        q = tl.load(q_ptrs, mask=qmask, other=0.0)
         if K_SIGN_OFFSET >= 0:
-            s += _scores(q_qjl, signs, BLOCK_M, DOT) * qjl[None, :]
-        s = _keep(s * scaling, offs_m, mmask, offs_t, tmask, MASK, m_base, s_ml, s_mt, q_len, causal_shift, MASK_MODE, CAUSAL)
-        top, alpha, p = _online(top, s)
-        total = total * alpha + tl.sum(p, axis=1)
+            q_qjl = tl.load(q_ptrs + D, mask=qmask, other=0.0)
+        m_base = b * s_mb
 
-        lev, scale, signs, qjl = _rows(
-            VP, b * s_vpb + h * s_vph, offs_t, tmask, s_vpt, VF, b * s_vfb + h * s_vfh, s_vft, V_TABLE, v_low,
-            V_FIELDS, V_LEVELS, V_N_LO, V_EXTRA, V_SIGN_OFFSET, V_LOG, D, D_PAD, GATHER_ASM,
-        )  # fmt: skip
-        acc = acc * alpha[:, None] + _scaled_weighted(p, scale, lev, BLOCK_M, DOT)
+        top = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+        total = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        acc = tl.zeros((BLOCK_M, D_PAD), dtype=tl.float32)
+        acc_qjl = tl.zeros((BLOCK_M, D_PAD), dtype=tl.float32)
+        for i in range(SPLIT_BLOCKS):
+            offs_t = (split * SPLIT_BLOCKS + i) * BLOCK_T + tl.arange(0, BLOCK_T)
+            tmask = offs_t < tokens
+            lev, scale, signs, qjl = _rows(
+                KP, b * s_kpb + h * s_kph, offs_t, tmask, s_kpt, KF, b * s_kfb + h * s_kfh, s_kft, K_TABLE, k_low,
+                K_FIELDS, K_LEVELS, K_N_LO, K_EXTRA, K_SIGN_OFFSET, K_LOG, D, D_PAD, GATHER_ASM,
+            )  # fmt: skip
+            s = _scores(q, lev, BLOCK_M, DOT) * scale[None, :]
+            if K_SIGN_OFFSET >= 0:
+                s += _scores(q_qjl, signs, BLOCK_M, DOT) * qjl[None, :]
+            s = _keep(s * scaling, (offs_m % q_len)[:, None], mmask[:, None], offs_t[None, :], tmask[None, :], MASK, m_base, s_ml, s_mt, causal_shift, MASK_MODE, CAUSAL)
+            top, alpha, p = _online(top, s)
+            total = total * alpha + tl.sum(p, axis=1)
+
+            lev, scale, signs, qjl = _rows(
+                VP, b * s_vpb + h * s_vph, offs_t, tmask, s_vpt, VF, b * s_vfb + h * s_vfh, s_vft, V_TABLE, v_low,
+                V_FIELDS, V_LEVELS, V_N_LO, V_EXTRA, V_SIGN_OFFSET, V_LOG, D, D_PAD, GATHER_ASM,
+            )  # fmt: skip
+            acc = acc * alpha[:, None] + _scaled_weighted(p, scale, lev, BLOCK_M, DOT)
+            if V_SIGN_OFFSET >= 0:
+                acc_qjl = acc_qjl * alpha[:, None] + _scaled_weighted(p, qjl, signs, BLOCK_M, DOT)
+
+        out = n.to(tl.int64) * s_an + split.to(tl.int64) * s_as + offs_m[:, None].to(tl.int64) * s_am + d[None, :]
+        tl.store(ACC + out, acc, mask=qmask)
         if V_SIGN_OFFSET >= 0:
-            acc_qjl = acc_qjl * alpha[:, None] + _scaled_weighted(p, qjl, signs, BLOCK_M, DOT)
-
-    out = n.to(tl.int64) * s_an + split.to(tl.int64) * s_as + offs_m[:, None].to(tl.int64) * s_am + d[None, :]
-    tl.store(ACC + out, acc, mask=qmask)
-    if V_SIGN_OFFSET >= 0:
-        tl.store(ACC + out + D, acc_qjl, mask=qmask)
-    stats = (n * tl.num_programs(1) + split).to(tl.int64) * rows + offs_m
-    tl.store(TOP + stats, top, mask=mmask)
-    tl.store(TOTAL + stats, total, mask=mmask)
+            tl.store(ACC + out + D, acc_qjl, mask=qmask)
+        stats = (n * tl.num_programs(1) + split).to(tl.int64) * rows + offs_m
+        tl.store(TOP + stats, top, mask=mmask)
+        tl.store(TOTAL + stats, total, mask=mmask)
 
 
 @triton.jit
@@ -268,7 +392,7 @@ def _merge_kernel(
         tmask = offs_t < window
         keys = tl.load(KW + b * s_kwb + h * s_kwh + offs_t[:, None].to(tl.int64) * s_kwt + dk[None, :], mask=tmask[:, None] & (dk < DK)[None, :], other=0.0)
         s = _scores(q, keys.to(tl.float32), BLOCK_M, DOT) * scaling
-        s = _keep(s, offs_m, mmask, encoded + offs_t, tmask, MASK, m_base, s_ml, s_mt, q_len, causal_shift, MASK_MODE, CAUSAL)
+        s = _keep(s, (offs_m % q_len)[:, None], mmask[:, None], (encoded + offs_t)[None, :], tmask[None, :], MASK, m_base, s_ml, s_mt, causal_shift, MASK_MODE, CAUSAL)
         top, alpha, p = _online(top, s)
         total = total * alpha + tl.sum(p, axis=1)
         code_scale *= alpha
@@ -296,6 +420,8 @@ class KernelOptions:
     splits per row block instead (None: from the SM count). block_t: tokens per step. dot: tensor
     cores (True), CUDA cores (False) or by row count (None). num_warps: per program. gather_asm:
     codebook gathers as inline PTX loads (None: wherever compiled; `triton_unpack.unpack_constants`).
+    slots: on CUDA cores with at most `SLOT_MAX_ROWS` rows, an online softmax per token slot
+    (`_split_slots`: no reduction across tokens inside the loop).
     """
 
     programs_per_sm: int = PROGRAMS_PER_SM
@@ -305,6 +431,7 @@ class KernelOptions:
     num_warps: int = SPLIT_WARPS
     merge_warps: int = 4
     gather_asm: bool | None = None
+    slots: bool = False
 
 
 @dataclass(frozen=True)
@@ -313,6 +440,7 @@ class Plan:
 
     block_m: int
     dot: bool
+    slots: bool
     block_t: int
     split_blocks: int  # token blocks per split (a power of two: few compiled variants as T grows)
     splits: int
@@ -331,14 +459,18 @@ def plan(pairs: int, rows: int, tokens: int, dim_pad: int, sms: int, options: Ke
 
     Each split covers a power of two of ``block_t``-token blocks; the splits are at most
     ``programs_per_sm * sms / (pairs * row blocks)`` and at least half that (or one per block).
+    Raises ValueError for tensor cores with ``block_t`` under `DOT_MIN_BLOCK_T`.
     """
     dot = rows > FMA_MAX_ROWS if options.dot is None else options.dot
     block_m = max(16, min(_DOT_BLOCK_M, triton.next_power_of_2(rows))) if dot else triton.next_power_of_2(rows)
     block_t = options.block_t or (64 if dim_pad <= 128 else 32)
+    if dot and block_t < DOT_MIN_BLOCK_T:
+        raise ValueError(f"tensor-core blocks need block_t >= {DOT_MIN_BLOCK_T}, got {block_t}")
     row_blocks = triton.cdiv(rows, block_m)
     wanted = options.splits or max(1, triton.cdiv(options.programs_per_sm * sms, pairs * row_blocks))
     split_blocks = triton.next_power_of_2(triton.cdiv(triton.cdiv(max(tokens, 1), wanted), block_t))
-    return Plan(block_m, dot, block_t, split_blocks, triton.cdiv(max(tokens, 1), split_blocks * block_t))
+    slots = options.slots and not dot and block_m <= SLOT_MAX_ROWS
+    return Plan(block_m, dot, slots, block_t, split_blocks, triton.cdiv(max(tokens, 1), split_blocks * block_t))
 
 
 @lru_cache(maxsize=64)
@@ -388,7 +520,8 @@ def triton_codes_attention(
     rows, window = group * q_len, tokens - encoded
     device = query.device
     queries = _unit_last(query.reshape(pairs, rows, head_dim))  # (N, M, d): rows are (query head of the group, position)
-    rotated = key_codec.rotate_queries(queries.reshape(-1, head_dim).float()).view(pairs, rows, -1)
+    # unchecked (a finiteness check waits for the GPU and breaks CUDA graph capture): NaN flows through, as in sdpa
+    rotated = key_codec.rotate_rows(queries.reshape(-1, head_dim).float()).view(pairs, rows, -1)
     d_pad = max(16, triton.next_power_of_2(dim))
     launch = plan(pairs, rows, encoded, d_pad, sm_count(device), options)
     acc_dim = dim * value_codec.n_factors
@@ -408,7 +541,7 @@ def triton_codes_attention(
         D=dim, D_PAD=d_pad, **_codes_args("K", key_codec, key.log_factors is not None),
         **_codes_args("V", value_codec, value.log_factors is not None),
         MASK_MODE=mask_mode, CAUSAL=causal, BLOCK_M=launch.block_m, BLOCK_T=launch.block_t,
-        SPLIT_BLOCKS=launch.split_blocks, DOT=launch.dot, num_warps=options.num_warps,
+        SPLIT_BLOCKS=launch.split_blocks, DOT=launch.dot, SLOTS=launch.slots, num_warps=options.num_warps,
         GATHER_ASM=resolve_gather_asm(options.gather_asm),
     )  # fmt: skip
 

@@ -1,0 +1,121 @@
+"""CUDA graphs of the resident search: the device part captured once per batch shape, then replayed.
+
+A search over codes resident on a GPU (`scan.search_resident`) is one scan kernel and a few dozen
+small torch operations (candidate merge, exact rescoring, top-k); launched one by one from
+Python they cost more than the scan at a million rows. `SearchGraphs` captures the device part
+(`scan.resident_candidates`) in a ``torch.cuda.CUDAGraph`` for each (scanner, batch size, k,
+mask, bias) and replays it with the new queries copied into its input buffer, as serving engines
+do for decode; the host part (`scan.finish_resident`) runs after the one synchronisation.
+
+The captured graph reads the resident columns by address: when they change (rows added,
+removed, moved), `SearchGraphs` drops every graph (see ``_Resident``). Batches above
+``max_queries`` are not captured (their buffers grow with the batch, and launches matter less),
+and a capture that fails leaves that shape to the eager path.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from tqindex.codec import TurboQuantCodec
+from tqindex.kernels.scan import finish_resident, resident_candidates, search_resident
+
+#: batches of up to this many queries are captured (the candidate buffers grow with the batch)
+GRAPH_MAX_QUERIES = 32
+#: graphs kept (least recently used dropped first): each holds its own buffers
+GRAPH_CACHE = 8
+
+
+@dataclass
+class _Captured:
+    graph: torch.cuda.CUDAGraph
+    queries: torch.Tensor  # the input buffer: rotated float32 queries (m, W)
+    scores: torch.Tensor
+    found: torch.Tensor
+    flags: torch.Tensor
+
+
+class SearchGraphs:
+    """`scan.search_resident` through CUDA graphs, for one resident index.
+
+    Args:
+        max_queries: larger batches run eagerly.
+        max_graphs: graphs kept, least recently used dropped first.
+    """
+
+    def __init__(self, max_queries: int = GRAPH_MAX_QUERIES, max_graphs: int = GRAPH_CACHE):
+        self.max_queries, self.max_graphs = max_queries, max_graphs
+        self._graphs: OrderedDict[tuple, _Captured | None] = OrderedDict()  # None: capture failed, eager
+        self._resident: tuple | None = None
+
+    def clear(self) -> None:
+        """Drop every graph (and the buffers it holds)."""
+        self._graphs.clear()
+        self._resident = None
+
+    def search(
+        self,
+        codec: TurboQuantCodec,
+        scanner: Any,
+        rotated_queries: torch.Tensor,
+        packed: torch.Tensor,
+        factors: torch.Tensor,
+        valid: torch.Tensor | None,
+        k: int,
+        bias: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Same arguments and results as `scan.search_resident` (CUDA tensors); replays a graph where one
+        is (or can be) captured for this shape, else runs eagerly."""
+        m = rotated_queries.shape[0]
+        if packed.device.type != "cuda" or not 0 < m <= self.max_queries:
+            return search_resident(codec, scanner, rotated_queries, packed, factors, valid, k, bias)
+        resident = tuple(None if t is None else (t.data_ptr(), tuple(t.shape)) for t in (packed, factors, valid, bias))
+        if resident != self._resident:  # the graphs read the old columns by address
+            self.clear()
+            self._resident = resident
+        key = (id(scanner), tuple(rotated_queries.shape), int(k))
+        if key not in self._graphs:
+            self._graphs[key] = _capture(codec, scanner, rotated_queries, packed, factors, valid, k, bias)
+            while len(self._graphs) > self.max_graphs:
+                self._graphs.popitem(last=False)
+        self._graphs.move_to_end(key)
+        captured = self._graphs[key]
+        if captured is None:
+            return search_resident(codec, scanner, rotated_queries, packed, factors, valid, k, bias)
+        captured.queries.copy_(rotated_queries)
+        captured.graph.replay()
+        scores, found, flags = captured.scores.clone(), captured.found.clone(), captured.flags.cpu()
+        return finish_resident(codec, scanner, rotated_queries, packed, factors, valid, k, bias, scores, found, flags)
+
+    def __deepcopy__(self, memo: dict) -> "SearchGraphs":
+        """A copy starts with no graphs (they belong to the original's columns)."""
+        return SearchGraphs(self.max_queries, self.max_graphs)
+
+    def __reduce__(self) -> tuple:
+        return SearchGraphs, (self.max_queries, self.max_graphs)
+
+
+def _capture(codec, scanner, rotated_queries, packed, factors, valid, k, bias) -> _Captured | None:
+    """The device part captured for this shape (after one eager run on a side stream, which compiles
+    the kernels); None if capture fails (that shape then runs eagerly)."""
+    queries = rotated_queries.clone()
+    side = torch.cuda.Stream(packed.device)
+    side.wait_stream(torch.cuda.current_stream(packed.device))
+    try:
+        with torch.cuda.stream(side):
+            resident_candidates(codec, scanner, queries, packed, factors, valid, k, bias)
+        torch.cuda.current_stream(packed.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            scores, found, flags = resident_candidates(codec, scanner, queries, packed, factors, valid, k, bias)
+    except RuntimeError:
+        torch.cuda.synchronize(packed.device)
+        return None
+    return _Captured(graph, queries, scores, found, flags)
+
+
+__all__ = ["GRAPH_CACHE", "GRAPH_MAX_QUERIES", "SearchGraphs"]
