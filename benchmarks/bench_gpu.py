@@ -48,11 +48,13 @@ from tqindex import TurboQuantIndex
 from tqindex.codec import TurboQuantCodec
 from tqindex.kernels import Chunk, candidate_count, encode, get_scanner, scan_topk, search_resident
 from tqindex.kernels.gemm import GemmScanner
+from tqindex.kernels.graphs import SearchGraphs
 from tqindex.kernels.triton_scan import FMA, MMA, ScanConfig, TritonScanner
 
 SMOKE = {"sizes": [1000], "dim": 64, "batches": [1, 40], "index_size": 600, "repeats": 1, "brute_chunk": 400,
          "torch_chunk": 400, "encode_rows": 200, "copy_mb": 8}  # fmt: skip
 BLOCK = 1 << 18  # rows generated and encoded per step
+GRAPHED = 32  # batches of up to this many queries are also timed through CUDA graphs (kernels.graphs)
 
 
 def parse_args() -> argparse.Namespace:
@@ -216,9 +218,9 @@ def sweep_rows(args, codec, packed, factors, code_bytes, copy_bps, timer, n) -> 
         if m > 1 and bits != max(args.bits):
             continue
         queries = codec.rotate_queries(torch.randn((m, args.dim), generator=torch.Generator().manual_seed(m)).to(packed.device))
-        variants = [(c, None, None, "") for c in configs]
-        if m == 1 and bits > 2:  # float16 queries (a conversion per value); codebook gathers by tl.load
-            variants += [(FMA, torch.float16, None, " fp16 queries"), (FMA, None, False, " tl.load gather")]
+        variants = [(c, torch.float16, None, "") for c in configs]
+        if m == 1 and bits > 2:  # float32 queries (no conversion per value); codebook gathers by tl.load
+            variants += [(FMA, torch.float32, None, " fp32 queries"), (FMA, torch.float16, False, " tl.load gather")]
         for config, dtype, gather_asm, label in variants:
             name = config_name(config) + label
             try:
@@ -260,10 +262,14 @@ def index_rows(args, device, timer, bits: float) -> list[dict[str, Any]]:
         scanner = get_scanner(index.codec, "triton", device, m)
         prepared = scanner.cast(index.codec.rotate_queries(torch.from_numpy(queries).to(device)))
         kernel = timer(lambda: scanner.candidates(prepared, packed, factors, None, candidate_count(args.k)))
+        index._graphs = SearchGraphs(max_queries=0)
         search = timer(lambda: index.search(queries, args.k))
+        index._graphs = SearchGraphs(max_queries=GRAPHED)  # the CUDA-graph search (off by default until measured)
+        graphed = timer(lambda: index.search(queries, args.k)) if device.type == "cuda" and m <= GRAPHED else None
         rows.append({"kind": "index", "n": args.index_size, "bits": bits, "batch": m, "search_s": search, "kernel_s": kernel,
-                     "over_kernel": search / kernel, "qps": m / search})  # fmt: skip
-        print(f"index n={args.index_size} bits={bits:g} batch={m}: search {1e3 * search:.3f} ms, kernel {1e3 * kernel:.3f} ms", flush=True)
+                     "over_kernel": search / kernel, "qps": m / search, "graphed_s": graphed})  # fmt: skip
+        print(f"index n={args.index_size} bits={bits:g} batch={m}: search {1e3 * search:.3f} ms, kernel {1e3 * kernel:.3f} ms, "
+              f"with CUDA graphs {'-' if graphed is None else f'{1e3 * graphed:.3f} ms'}", flush=True)
     index.close()
     return rows
 
@@ -294,8 +300,9 @@ def summary(results: dict[str, Any]) -> str:
         elif r["kind"] == "sweep":
             lines.append(f"sweep  n={r['n']:>10,} b={r['bits']:g} m={r['batch']:>4} {r['config']:<34} failed: {r['error'][:80]}")
         elif r["kind"] == "index":
+            graphed = "" if r.get("graphed_s") is None else f"; with CUDA graphs {1e3 * r['graphed_s']:.3f} ms = {r['graphed_s'] / r['kernel_s']:.2f}x"
             lines.append(f"index  n={r['n']:>10,} b={r['bits']:g} m={r['batch']:>4} search {1e3 * r['search_s']:8.3f} ms = "
-                         f"{r['over_kernel']:.2f}x its kernel ({1e3 * r['kernel_s']:.3f} ms), {r['qps']:,.0f} QPS")  # fmt: skip
+                         f"{r['over_kernel']:.2f}x its kernel ({1e3 * r['kernel_s']:.3f} ms), {r['qps']:,.0f} QPS{graphed}")  # fmt: skip
         elif r["kind"] == "encode":
             lines.append(f"encode {r['n']:>7,} x {r['dim']} b={r['bits']} search={r['search']}: {1e3 * r['seconds']:.2f} ms, "
                          f"{r['vectors_per_s'] / 1e6:.1f} M vectors/s")  # fmt: skip

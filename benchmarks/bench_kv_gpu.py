@@ -60,13 +60,14 @@ warnings.filterwarnings("ignore", message=".*past_key_values.*", category=Future
 
 VARIANTS = {
     "default": KernelOptions(),
-    "8 warps": KernelOptions(num_warps=8),
+    "CUDA cores": KernelOptions(dot=False),
+    "CUDA cores, 8 warps": KernelOptions(dot=False, num_warps=8),
     "tensor cores": KernelOptions(dot=True),
-    "tensor cores, 8 warps": KernelOptions(dot=True, num_warps=8),
+    "tensor cores, 4 warps": KernelOptions(dot=True, num_warps=4),
     "tensor cores, block_t 128": KernelOptions(dot=True, block_t=128),
-    "token slots": KernelOptions(slots=True),
-    "token slots, 8 warps, block_t 32": KernelOptions(slots=True, num_warps=8, block_t=32),
-    "token slots, block_t 16": KernelOptions(slots=True, block_t=16),
+    "token slots": KernelOptions(dot=False, slots=True),
+    "token slots, 8 warps, block_t 32": KernelOptions(dot=False, slots=True, num_warps=8, block_t=32),
+    "token slots, block_t 16": KernelOptions(dot=False, slots=True, block_t=16),
     "tl.load gather": KernelOptions(gather_asm=False),
 }
 SMOKE = dict(

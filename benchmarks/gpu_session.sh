@@ -3,9 +3,10 @@
 #   1. every Triton test compiled on the GPU (TRITON_INTERPRET=0): scan, unpack, encode, KV attention;
 #   2. benchmarks/bench_gpu.py at issue 12's sizes, with its tiling sweep;
 #   3. benchmarks/bench_kv_gpu.py at issue 13's sizes;
-#   4. the rest of the suite (not marked triton: part 1 ran those compiled, and the interpreter of
+#   4. benchmarks/gpu_profile.py: kernel times inside one decode step and one index search;
+#   5. the rest of the suite (not marked triton: part 1 ran those compiled, and the interpreter of
 #      the machine's triton 3.6 is older than the triton>=3.8 the project supports for it).
-# Each part has its own time limit (at most 9.5 minutes in all), so a part that hangs costs only its
+# Each part has its own time limit (at most 9.5 minutes in all; about 4 used on an H200 in 2026-12), so a part that hangs costs only its
 # own share; logs and results go under $OUT (the device tool's folder: at most 8 files come back)
 # or results/gpu_session.
 #
@@ -29,17 +30,21 @@ echo "tests exit: $?" >>"$out/tests.log"
 tail -n 25 "$out/tests.log"
 
 stamp "2. bench_gpu.py"
-TRITON_INTERPRET=0 timeout 230 python3 benchmarks/bench_gpu.py --out "$out/bench" >"$out/bench.log" 2>&1
+TRITON_INTERPRET=0 timeout 200 python3 benchmarks/bench_gpu.py --out "$out/bench" >"$out/bench.log" 2>&1
 echo "bench exit: $?" | tee -a "$out/bench.log"
 
 stamp "3. bench_kv_gpu.py"
-TRITON_INTERPRET=0 timeout 150 python3 benchmarks/bench_kv_gpu.py --json "$out/kv.json" >"$out/kv.log" 2>&1
+TRITON_INTERPRET=0 timeout 140 python3 benchmarks/bench_kv_gpu.py --json "$out/kv.json" >"$out/kv.log" 2>&1
 echo "kv exit: $?" | tee -a "$out/kv.log"
 
-stamp "4. the rest of the suite"
+stamp "4. gpu_profile.py"
+TRITON_INTERPRET=0 timeout 60 python3 benchmarks/gpu_profile.py >"$out/profile.log" 2>&1
+echo "profile exit: $?" | tee -a "$out/profile.log"
+
+stamp "5. the rest of the suite"
 wait "$build"
 echo "extension build exit: $?" >>"$out/suite.log"
-env -u TRITON_INTERPRET timeout 90 python3 -m pytest -q -m "not triton" -n 14 -p no:cacheprovider tests/ >>"$out/suite.log" 2>&1
+env -u TRITON_INTERPRET timeout 70 python3 -m pytest -q -m "not triton" -n 14 -p no:cacheprovider tests/ >>"$out/suite.log" 2>&1
 echo "suite exit: $?" >>"$out/suite.log"
 
 stamp "done"

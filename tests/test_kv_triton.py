@@ -105,6 +105,8 @@ def test_plan_fills_the_sms_with_whole_power_of_two_splits():
         assert programs <= 4 * 132 or launch.splits == 1
         assert programs * 2 > 4 * 132 or launch.split_blocks == 1  # at least half the target, unless splits are one block
     assert not plan(8, 4, 4096, 128, 132).dot and plan(8, 64, 4096, 128, 132).dot
+    assert plan(8, 4, 32768, 128, 132).dot  # long decode: tensor cores (measured faster from 32k tokens)
+    assert plan(8, 4, 4096, 128, 132).num_warps == 4 and plan(8, 4, 32768, 128, 132).num_warps == 8
     slots = KernelOptions(slots=True)  # the token-slot decode: CUDA cores, at most 4 rows
     assert plan(8, 4, 4096, 128, 132, slots).slots and plan(8, 3, 4096, 128, 132, slots).slots
     assert not plan(8, 6, 4096, 128, 132, slots).slots and not plan(8, 4, 4096, 128, 132, KernelOptions(slots=True, dot=True)).slots

@@ -7,10 +7,14 @@ Python they cost more than the scan at a million rows. `SearchGraphs` captures t
 mask, bias) and replays it with the new queries copied into its input buffer, as serving engines
 do for decode; the host part (`scan.finish_resident`) runs after the one synchronisation.
 
-The captured graph reads the resident columns by address: when they change (rows added,
-removed, moved), `SearchGraphs` drops every graph (see ``_Resident``). Batches above
-``max_queries`` are not captured (their buffers grow with the batch, and launches matter less),
-and a capture that fails leaves that shape to the eager path.
+The captured graph reads the resident columns by address: when they change (rows added or
+moved), `SearchGraphs` drops every graph. Batches above ``max_queries`` are not captured (their
+buffers grow with the batch, and launches matter less), and a capture that fails leaves that
+shape to the eager path.
+
+Off by default (``GRAPH_MAX_QUERIES = 0``): this was written after the last GPU session of its
+round and has run only in its CPU fallback. tests/test_triton_scan.py compares it with the eager
+search on a GPU, and benchmarks/bench_gpu.py times both; turn it on once those pass there.
 """
 
 from __future__ import annotations
@@ -24,8 +28,9 @@ import torch
 from tqindex.codec import TurboQuantCodec
 from tqindex.kernels.scan import finish_resident, resident_candidates, search_resident
 
-#: batches of up to this many queries are captured (the candidate buffers grow with the batch)
-GRAPH_MAX_QUERIES = 32
+#: batches of up to this many queries are captured (the candidate buffers grow with the batch); 0: off,
+#: until measured on a GPU (32 is what tests/test_triton_scan.py and benchmarks/bench_gpu.py use)
+GRAPH_MAX_QUERIES = 0
 #: graphs kept (least recently used dropped first): each holds its own buffers
 GRAPH_CACHE = 8
 

@@ -88,8 +88,8 @@ class ScanConfig:
 
 # Tilings measured on an H200 (benchmarks/bench_gpu.py sweeps over 10M x 768 4-bit codes, k = 10;
 # docs/benchmarks.md): the best of each batch's sweep.
-#: one query: CUDA-core FMAs on float32 queries (2.59 ms, vs 2.96 with 64-row tiles and 3.61 with 4
-#: programs per SM; two queries take 6.3 ms this way and 4.0 on the tensor cores)
+#: one query: CUDA-core FMAs (2.59 ms, vs 2.96 with 64-row tiles and 3.61 with 4 programs per SM;
+#: two queries take 6.3 ms this way and 4.0 on the tensor cores)
 FMA = ScanConfig(mma=False, max_block_m=4, block_n=128, block_d=64, num_warps=4, programs_per_sm=16)
 #: two queries and more: decode to fp16 and ``tl.dot`` (batch 4 / 64 / 128 / 1024: 3.9 / 7.2 / 13.8 /
 #: 107 ms; 8 warps and 4 programs per SM: 6.4 ms at 4; 128 queries per program with 16 warps: 12.1
@@ -219,9 +219,8 @@ class TritonScanner:
     Args:
         codec: the codec whose layout and levels the codes follow.
         config: the kernel's tiling, ``FMA`` or ``MMA`` (``get_scanner`` picks by batch size).
-        dtype: query precision: float16, bfloat16 or float32 (the ``tl.dot`` operands, and what
-            the FMA form reads); None: float32 for the FMA form (no conversion in its inner loop),
-            float16 for the tensor cores. Sums are fp32 either way, and ``kernels.scan`` rescores
+        dtype: query precision: float16 (default), bfloat16 or float32 (the ``tl.dot`` operands,
+            and what the FMA form reads); sums are fp32 either way, and ``kernels.scan`` rescores
             the candidates exactly.
         tiles_per_program: row tiles per program; None: enough programs for the config's
             ``programs_per_sm`` and enough buckets for the candidates (``_BUCKETS_PER_CANDIDATE``).
@@ -234,14 +233,12 @@ class TritonScanner:
         self,
         codec: TurboQuantCodec,
         config: ScanConfig = MMA,
-        dtype: torch.dtype | None = None,
+        dtype: torch.dtype = torch.float16,
         *,
         tiles_per_program: int | None = None,
         select: bool = True,
         gather_asm: bool | None = None,
     ):
-        if dtype is None:
-            dtype = torch.float16 if config.mma else torch.float32
         if dtype not in (torch.float16, torch.bfloat16, torch.float32):
             raise ValueError(f"dtype must be float16, bfloat16 or float32, got {dtype}")
         if tiles_per_program is not None and tiles_per_program < 1:

@@ -17,10 +17,11 @@ the query positions: ``M = g * L``) and ``Tc`` encoded tokens, then ``Tw`` dense
    and the window part (model space) of every row.
 3. ``codec.finish`` rotates the code part back (one matrix product) and the window part is added.
 
-Products: with at most 8 rows per (batch, KV head) (decode: ``g`` rows per position), one row at
-a time on CUDA cores in float32, exact; with more rows (speculative decode, extend, prefill after
-earlier codes), blocks of up to 64 rows on tensor cores (``tl.dot``, float16 operands, float32
-sums). The number of splits ``S`` aims the grid at a few programs per SM (`plan`): flash-decoding
+Products: with at most 8 rows per (batch, KV head) (decode: ``g`` rows per position) over fewer
+than `DOT_MIN_TOKENS` codes, one row at a time on CUDA cores in float32, exact; with more rows
+(speculative decode, extend, prefill after earlier codes) or codes, blocks of 16 to 64 rows on
+tensor cores (``tl.dot``, float16 operands, float32 sums; faster from 32k tokens on an H200).
+The number of splits ``S`` aims the grid at a few programs per SM (`plan`): flash-decoding
 (Dao et al. 2023).
 
 Loop counts are compile-time constants (powers of two of blocks, masked at the ends), so no loop
@@ -46,8 +47,12 @@ DEFAULT_SMS = 132  # an H200's SM count: the split plan when no GPU is at hand (
 PROGRAMS_PER_SM = 4  # split-kernel programs the grid aims at per SM
 SLOT_MAX_ROWS = 4  # the token-slot decode keeps a (tokens, dim) value sum per row: up to this many rows
 FMA_MAX_ROWS = 8  # up to this many rows per (batch, KV head): CUDA-core products; beyond: tensor cores
-SPLIT_WARPS = 4  # measured on an H200 (benchmarks/bench_kv_gpu.py, 4 rows, head_dim 128, CUDA graph): 0.089 /
-# 0.299 ms at 4k / 32k tokens with 4 warps, 0.108 / 0.443 with 8
+# Measured on an H200 (benchmarks/bench_kv_gpu.py: batch 1, 32 query / 8 KV heads, head_dim 128, 4-bit
+# codes, CUDA graph replay; docs/kv-cache.md): CUDA cores with 4 warps 0.089 / 0.299 ms a step at 4k /
+# 32k tokens (8 warps: 0.108 / 0.443), tensor cores with 8 warps 0.149 / 0.218 ms.
+SPLIT_WARPS = 4  # split-kernel warps on CUDA cores
+DOT_WARPS = 8  # on tensor cores
+DOT_MIN_TOKENS = 16384  # decode runs on tensor cores from this many encoded tokens (between the two measured)
 DOT_MIN_BLOCK_T = 32  # tensor-core blocks of 16 tokens computed wrong results on an H200 (Triton 3.6; right
 # in the interpreter, and with 32 or 64 tokens): not established whether Triton's or ours, so not run
 _DOT_BLOCK_M = 64
@@ -418,17 +423,20 @@ class KernelOptions:
 
     programs_per_sm: split-kernel programs the grid aims at per SM. splits: at most this many
     splits per row block instead (None: from the SM count). block_t: tokens per step. dot: tensor
-    cores (True), CUDA cores (False) or by row count (None). num_warps: per program. gather_asm:
+    cores (True), CUDA cores (False) or by rows and tokens (None: tensor cores above `FMA_MAX_ROWS`
+    rows or from `DOT_MIN_TOKENS` tokens). num_warps: per split program (None: `SPLIT_WARPS` on
+    CUDA cores, `DOT_WARPS` on tensor cores). gather_asm:
     codebook gathers as inline PTX loads (None: wherever compiled; `triton_unpack.unpack_constants`).
     slots: on CUDA cores with at most `SLOT_MAX_ROWS` rows, an online softmax per token slot
-    (`_split_slots`: no reduction across tokens inside the loop).
+    (`_split_slots`: no reduction across tokens inside the loop). Checked against the torch path in
+    the interpreter only so far; benchmarks/bench_kv_gpu.py times it on a GPU.
     """
 
     programs_per_sm: int = PROGRAMS_PER_SM
     splits: int | None = None
     block_t: int | None = None
     dot: bool | None = None
-    num_warps: int = SPLIT_WARPS
+    num_warps: int | None = None
     merge_warps: int = 4
     gather_asm: bool | None = None
     slots: bool = False
@@ -441,6 +449,7 @@ class Plan:
     block_m: int
     dot: bool
     slots: bool
+    num_warps: int
     block_t: int
     split_blocks: int  # token blocks per split (a power of two: few compiled variants as T grows)
     splits: int
@@ -461,7 +470,7 @@ def plan(pairs: int, rows: int, tokens: int, dim_pad: int, sms: int, options: Ke
     ``programs_per_sm * sms / (pairs * row blocks)`` and at least half that (or one per block).
     Raises ValueError for tensor cores with ``block_t`` under `DOT_MIN_BLOCK_T`.
     """
-    dot = rows > FMA_MAX_ROWS if options.dot is None else options.dot
+    dot = (rows > FMA_MAX_ROWS or tokens >= DOT_MIN_TOKENS) if options.dot is None else options.dot
     block_m = max(16, min(_DOT_BLOCK_M, triton.next_power_of_2(rows))) if dot else triton.next_power_of_2(rows)
     block_t = options.block_t or (64 if dim_pad <= 128 else 32)
     if dot and block_t < DOT_MIN_BLOCK_T:
@@ -470,7 +479,8 @@ def plan(pairs: int, rows: int, tokens: int, dim_pad: int, sms: int, options: Ke
     wanted = options.splits or max(1, triton.cdiv(options.programs_per_sm * sms, pairs * row_blocks))
     split_blocks = triton.next_power_of_2(triton.cdiv(triton.cdiv(max(tokens, 1), wanted), block_t))
     slots = options.slots and not dot and block_m <= SLOT_MAX_ROWS
-    return Plan(block_m, dot, slots, block_t, split_blocks, triton.cdiv(max(tokens, 1), split_blocks * block_t))
+    warps = options.num_warps or (DOT_WARPS if dot else SPLIT_WARPS)
+    return Plan(block_m, dot, slots, warps, block_t, split_blocks, triton.cdiv(max(tokens, 1), split_blocks * block_t))
 
 
 @lru_cache(maxsize=64)
@@ -541,7 +551,7 @@ def triton_codes_attention(
         D=dim, D_PAD=d_pad, **_codes_args("K", key_codec, key.log_factors is not None),
         **_codes_args("V", value_codec, value.log_factors is not None),
         MASK_MODE=mask_mode, CAUSAL=causal, BLOCK_M=launch.block_m, BLOCK_T=launch.block_t,
-        SPLIT_BLOCKS=launch.split_blocks, DOT=launch.dot, SLOTS=launch.slots, num_warps=options.num_warps,
+        SPLIT_BLOCKS=launch.split_blocks, DOT=launch.dot, SLOTS=launch.slots, num_warps=launch.num_warps,
         GATHER_ASM=resolve_gather_asm(options.gather_asm),
     )  # fmt: skip
 
