@@ -322,3 +322,50 @@ def test_auto_picks_the_fast_scan_on_the_cpu_and_not_on_cuda():
     assert isinstance(get_scanner(codec, "torch", "cpu", queries=1), GemmScanner)
     with pytest.raises(ValueError, match="CPU only"):
         get_scanner(codec, "fastscan", "cuda")
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_search_lists_equals_the_groups_scanned_one_call_each(threads):
+    """`FastScanner.search_lists`, one kernel call over groups of rows with their key columns, a
+    bias per (group, query) and a mask, returns what `search_groups` returns scanning each group
+    in its own call: the same rows and exact scores."""
+    rng = np.random.default_rng(11)
+    codec = TurboQuantCodec(40, 4)
+    n = 32 * 12
+    codes = codec.encode(rng.standard_normal((n, 40)).astype(np.float32))
+    packed, factors = np.asarray(codes.packed), np.asarray(codes.factors)
+    scanner = FastScanner(codec)
+    queries = codec.rotate_queries(torch.from_numpy(rng.standard_normal((5, 40)).astype(np.float32)))
+    starts, stops = np.array([0, 64, 128, 320]), np.array([50, 134, 300, 384])  # lists of 50, 70, 172 and 64 rows
+    members = [[0, 2], [1, 2, 3, 4], [0, 4], [3]]
+    offsets, who = np.cumsum([0] + [len(m) for m in members]), np.concatenate(members)
+    bias = rng.standard_normal(len(who)).astype(np.float32)
+    valid = rng.random(n) > 0.2
+    got = scanner.search_lists(queries, packed, factors, scanner.key_columns(packed), starts, stops, offsets, who, bias, 7, valid, threads)
+    groups = [
+        QueryChunk(torch.tensor(m), Chunk(int(s), torch.from_numpy(packed[s:e]), torch.from_numpy(factors[s:e]), torch.from_numpy(valid[s:e])),
+                   torch.from_numpy(bias[o : o + len(m)]))
+        for s, e, m, o in zip(starts, stops, members, offsets)
+    ]  # fmt: skip
+    want = scanner.search_groups(queries, groups, 7)
+    np.testing.assert_array_equal(got[1].numpy(), want[1].numpy())
+    np.testing.assert_allclose(got[0].numpy(), want[0].numpy(), rtol=1e-6)
+    assert (got[1].numpy() >= 0).all() and valid[got[1].numpy()].all()
+
+
+def test_search_lists_refuses_groups_it_cannot_scan():
+    codec = TurboQuantCodec(40, 4)
+    codes = codec.encode(np.random.default_rng(0).standard_normal((100, 40)).astype(np.float32))
+    packed, factors = np.asarray(codes.packed), np.asarray(codes.factors)
+    scanner = FastScanner(codec)
+    queries = codec.rotate_queries(torch.randn(3, 40))
+    columns = scanner.key_columns(packed)
+    one = np.array([0, 1])
+    with pytest.raises(ValueError, match="multiples of 32"):
+        scanner.search_lists(queries, packed, factors, columns, np.array([10]), np.array([50]), one, np.array([0]), None, 5)
+    with pytest.raises(ValueError, match="a group outside the rows"):
+        scanner.search_lists(queries, packed, factors, None, np.array([64]), np.array([101]), one, np.array([0]), None, 5)
+    with pytest.raises(ValueError, match="distinct positions"):
+        scanner.search_lists(queries, packed, factors, None, np.array([0]), np.array([50]), np.array([0, 2]), np.array([1, 1]), None, 5)
+    with pytest.raises(ValueError, match="distinct positions"):
+        scanner.search_lists(queries, packed, factors, None, np.array([0]), np.array([50]), one, np.array([3]), None, 5)

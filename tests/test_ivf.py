@@ -275,9 +275,10 @@ def test_search_runs_ops_on_one_thread_and_restores_the_count(data, monkeypatch)
     before = torch.get_num_threads()
     seen = []
     scan = ivf._search_block
-    monkeypatch.setattr(ivf, "_search_block", lambda *a: seen.append(torch.get_num_threads()) or scan(*a))
+    monkeypatch.setattr(ivf, "_search_block", lambda *a: seen.append((torch.get_num_threads(), a[-1])) or scan(*a))
     ivf.search(q, 3, nprobe=2)
-    assert seen and set(seen) == {1} and torch.get_num_threads() == before
+    # torch's ops on one thread; the fast-scan over the lists gets the caller's count
+    assert seen and set(seen) == {(1, before)} and torch.get_num_threads() == before
 
     def fail(*a):
         raise RuntimeError("scan failed")

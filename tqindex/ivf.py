@@ -27,7 +27,7 @@ from __future__ import annotations
 import math
 import os
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 import numpy as np
@@ -39,6 +39,7 @@ from tqindex.codec import CodecConfig, TurboQuantCodec
 from tqindex.errors import CorruptIndexError
 from tqindex.index import TurboQuantIndex, _check_scan_args, _column_specs
 from tqindex.kernels import Chunk, QueryChunk, get_scanner, scan_groups_topk
+from tqindex.kernels.fastscan import BLOCK_ROWS, FastScanner
 from tqindex.kernels.lut import LutScanner
 from tqindex.memstore import MemoryStore
 from tqindex.storage import ColumnSpec, ColumnStore
@@ -151,6 +152,38 @@ class _Lists:
     ids: np.ndarray  # int64 (live,): the id of each slot
     packed: torch.Tensor | None  # uint8 (live, code_bytes) in slot order, held in RAM; None: read from the store
     factors: torch.Tensor | None  # float32 (live, F), the same
+    blocks: dict = field(default_factory=dict)  # "blocks": the fast-scan's `_Blocks`, made at its first search
+
+
+@dataclass(frozen=True)
+class _Blocks:
+    """The lists in RAM laid out again for the fast-scan: each list starts at a multiple of
+    ``BLOCK_ROWS`` positions, so its key columns are a run of whole blocks (the pads between lists
+    are never scanned: a list's rows end where it does)."""
+
+    packed: np.ndarray  # uint8 (positions, code_bytes)
+    factors: np.ndarray  # float32 (positions, F)
+    key_columns: np.ndarray  # uint8 (positions / BLOCK_ROWS, n_keys / 2, BLOCK_ROWS)
+    starts: np.ndarray  # int64 (nlist,): the first position of each list
+    slots: np.ndarray  # int64 (positions,): the slot at each position, -1 at pads
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in (self.packed, self.factors, self.key_columns, self.starts, self.slots))
+
+    @classmethod
+    def of(cls, lists: _Lists, scanner: FastScanner) -> "_Blocks":
+        sizes = np.diff(lists.offsets)
+        padded = -(-sizes // BLOCK_ROWS) * BLOCK_ROWS
+        starts = np.concatenate([[0], np.cumsum(padded)[:-1]]).astype(np.int64)
+        slots = np.full(int(padded.sum()), -1, dtype=np.int64)
+        slot = np.arange(len(lists.order))
+        positions = np.repeat(starts - lists.offsets[:-1], sizes) + slot
+        slots[positions] = slot
+        packed = np.zeros((len(slots), lists.packed.shape[1]), np.uint8)
+        factors = np.zeros((len(slots), lists.factors.shape[1]), np.float32)
+        packed[positions], factors[positions] = lists.packed.numpy(), lists.factors.numpy()
+        return cls(packed, factors, scanner.key_columns(packed), starts, slots)
 
 
 class TurboQuantIVFIndex(TurboQuantIndex):
@@ -336,6 +369,7 @@ class TurboQuantIVFIndex(TurboQuantIndex):
             held += lists.order.nbytes + lists.offsets.nbytes + lists.ids.nbytes
             if lists.packed is not None and not isinstance(self._store, MemoryStore):
                 held += lists.packed.numel() + lists.factors.numel() * 4
+            held += sum(blocks.nbytes for blocks in lists.blocks.values())
         return held
 
     def to(self, device: str | torch.device) -> "TurboQuantIVFIndex":
@@ -398,23 +432,30 @@ class TurboQuantIVFIndex(TurboQuantIndex):
         scores = torch.full((m, k), float("-inf"))
         found = np.full((m, k), -1, dtype=np.int64)
 
+        threads = torch.get_num_threads()
+
         def run(start: int) -> None:
             stop = min(start + block, m)
-            scores[start:stop], slots = self._search_block(scanner, rows[start:stop], k, nprobe, lists, allowed, query_major)
+            # the few large products on the caller's threads; the rest, many small operations, on one
+            # (see _OneIntraOpThread), except the fast-scan over lists in RAM, which spreads the lists over them
+            coarse = rows[start:stop] @ self._centroids.t()  # (b, nlist): <q, c> of every list
+            rotated = self.codec.rotate_queries(rows[start:stop])
+            with _ONE_INTRA_OP_THREAD:
+                scores[start:stop], slots = self._search_block(scanner, rotated, coarse, k, nprobe, lists, allowed, query_major, threads)
             slots = slots.numpy()
             found[start:stop] = np.where(slots >= 0, lists.ids[np.maximum(slots, 0)], -1)
 
-        with _ONE_INTRA_OP_THREAD:
-            for start in range(0, m, block):
-                run(start)
+        for start in range(0, m, block):
+            run(start)
         scores = self._rescaled_scores(scores, found, exponents)
         return like(scores, is_torch(queries)), like(torch.from_numpy(found), is_torch(queries))
 
     def _search_block(
-        self, scanner: Any, queries: torch.Tensor, k: int, nprobe: int, lists: _Lists, allowed: np.ndarray | None, query_major: bool
+        self, scanner: Any, rotated: torch.Tensor, coarse: torch.Tensor, k: int, nprobe: int, lists: _Lists, allowed: np.ndarray | None,
+        query_major: bool, threads: int,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Scores float32 ``(b, k)`` and slots int64 ``(b, k)`` of a block of queries ``(b, dim)``."""
-        coarse = queries @ self._centroids.t()  # (b, nlist): <q, c> of every list
+        """Scores float32 ``(b, k)`` and slots int64 ``(b, k)`` of a block of queries, rotated ``(b, W)``,
+        with ``coarse`` ``(b, nlist)`` their inner products with the centroids."""
         probe_scores, probes = coarse.topk(nprobe, dim=1)
         bias_of = None
         if self.by_residual:
@@ -425,12 +466,38 @@ class TurboQuantIVFIndex(TurboQuantIndex):
                 return coarse.gather(1, torch.from_numpy(owner))
 
         bias = probe_scores if self.by_residual else None
+        if isinstance(scanner, FastScanner) and lists.packed is not None:
+            return self._search_blocks(scanner, rotated, k, probes, bias, lists, allowed, threads)
         if query_major:
             groups = self._query_groups(lists, probes, bias, allowed)
         else:
             groups = self._list_groups(lists, probes, bias, allowed)
-        rotated = self.codec.rotate_queries(queries)
         return scan_groups_topk(self.codec, scanner, rotated, groups, k, self._fetch_slots, bias_of)
+
+    def _search_blocks(
+        self, scanner: FastScanner, rotated: torch.Tensor, k: int, probes: torch.Tensor, bias: torch.Tensor | None, lists: _Lists,
+        allowed: np.ndarray | None, threads: int,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`_search_block` for the fast-scan over lists in RAM: every probed list scanned for the
+        queries that probe it, with its key columns, in one kernel call (`FastScanner.search_lists`)."""
+        blocks = lists.blocks.get("blocks")
+        if blocks is None:
+            blocks = lists.blocks["blocks"] = _Blocks.of(lists, scanner)
+        nprobe = probes.shape[1]
+        flat = probes.reshape(-1).numpy()
+        order = np.argsort(flat, kind="stable")  # (query, probe) pairs by list, queries ascending within a list
+        used, first = np.unique(flat[order], return_index=True)
+        offsets = np.append(first, len(order))
+        sizes = np.diff(lists.offsets)[used]
+        starts = blocks.starts[used]
+        valid = None if allowed is None else np.isin(lists.ids[np.maximum(blocks.slots, 0)], allowed) & (blocks.slots >= 0)
+        query_bias = None if bias is None else bias.reshape(-1).numpy()[order]
+        scores, positions = scanner.search_lists(
+            rotated, blocks.packed, blocks.factors, blocks.key_columns, starts, starts + sizes, offsets, order // nprobe, query_bias, k, valid,
+            threads,
+        )  # fmt: skip
+        positions = positions.numpy()
+        return scores, torch.from_numpy(np.where(positions >= 0, blocks.slots[np.maximum(positions, 0)], -1))
 
     def _query_groups(self, lists: _Lists, probes: torch.Tensor, bias: torch.Tensor | None, allowed: np.ndarray | None) -> Iterator[QueryChunk]:
         """Query-major: each query's probed lists gathered into chunks of at most ``chunk_rows``

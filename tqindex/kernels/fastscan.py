@@ -273,10 +273,11 @@ class FastScanner:
         #: QJL signs), and whether they are the nibbles of the packed bytes as they stand
         self.n_keys, self.index_keys, self.direct = len(keys), index_keys, direct is not None
 
-    def begin(self, rotated_queries: torch.Tensor, k: int):
-        """A search over rotated float32 queries ``(m, W)``: call ``scan`` per chunk, then ``result``."""
+    def begin(self, rotated_queries: torch.Tensor, k: int, threads: int | None = None):
+        """A search over rotated float32 queries ``(m, W)``: call ``scan`` per chunk, then ``result``.
+        The queries' tables are built on ``threads`` (None: ``torch.get_num_threads()``)."""
         queries = np.ascontiguousarray(rotated_queries.detach().cpu().numpy(), dtype=np.float32)
-        return self._module.Search(self._plan, queries, int(k), self.z)
+        return self._module.Search(self._plan, queries, int(k), self.z, torch.get_num_threads() if threads is None else threads)
 
     def key_columns(self, packed: np.ndarray) -> np.ndarray:
         """The keys of packed rows ``(n, code_bytes)`` in the layout the kernel scans fastest:
@@ -303,6 +304,41 @@ class FastScanner:
         search = self.begin(rotated_queries, k)
         for group in groups:
             _scan(search, group.chunk, group.rows, group.queries, group.bias)
+        return _result(search)
+
+
+    def search_lists(
+        self,
+        rotated_queries: torch.Tensor,
+        packed: np.ndarray,
+        factors: np.ndarray,
+        key_columns: np.ndarray | None,
+        starts: np.ndarray,
+        stops: np.ndarray,
+        offsets: np.ndarray,
+        queries: np.ndarray,
+        query_bias: np.ndarray | None,
+        k: int,
+        valid: np.ndarray | None = None,
+        threads: int | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`search_groups` in one kernel call: group ``g`` is rows ``[starts[g], stops[g])`` of
+        ``packed`` uint8 ``(n, code_bytes)`` / ``factors`` float32 ``(n, F)``, scanned for the
+        queries ``queries[offsets[g]:offsets[g + 1]]`` (int64 positions, distinct within a group),
+        each scoring the group's rows ``query_bias`` (float32, one per entry of ``queries``, or None)
+        higher; ``valid`` bool ``(n,)`` or None. With ``key_columns`` (of all ``n`` rows) every start
+        is a multiple of ``BLOCK_ROWS``. Whole groups go to the ``threads`` (None:
+        ``torch.get_num_threads()``), so small groups (an inverted file's lists) scan in parallel. Returns scores float32 ``(m, k)``
+        and row positions int64 ``(m, k)`` (``-1`` past the rows that qualified). ValueError for
+        groups outside the rows, unaligned starts, or a query twice in a group.
+        """
+        search = self.begin(rotated_queries, k, threads)
+        mask = None if valid is None else np.ascontiguousarray(valid).view(np.uint8)
+        bias = None if query_bias is None else np.ascontiguousarray(query_bias, dtype=np.float32)
+        search.scan_groups(
+            packed, factors, mask, key_columns, *(np.ascontiguousarray(a, dtype=np.int64) for a in (starts, stops, offsets, queries)),
+            bias, torch.get_num_threads() if threads is None else threads,
+        )  # fmt: skip
         return _result(search)
 
 

@@ -83,13 +83,14 @@ std::shared_ptr<tq::Plan> make_plan(int dim, int code_bytes, int n_factors, int 
 
 class PySearch {
  public:
-  PySearch(std::shared_ptr<tq::Plan> plan, const Array<float>& queries, int k, double z) : plan_(plan) {
+  PySearch(std::shared_ptr<tq::Plan> plan, const Array<float>& queries, int k, double z, int threads) : plan_(plan) {
     if (queries.ndim() != 2 || queries.shape(1) != plan->query_width())
       throw std::invalid_argument("queries: expected (m, " + std::to_string(plan->query_width()) + ") float32");
     if (k < 1) throw std::invalid_argument("k must be >= 1");
     m_ = queries.shape(0);
     k_ = k;
-    search_ = std::make_unique<tq::Search>(plan, queries.data(), m_, k, z);
+    py::gil_scoped_release release;
+    search_ = std::make_unique<tq::Search>(plan, queries.data(), m_, k, z, threads);
   }
 
   // packed rows (n, code_bytes); key_columns: None or their key columns (key_columns() of the
@@ -147,6 +148,55 @@ class PySearch {
     }
     py::gil_scoped_release release;
     search_->scan(tq::Codes{packed.data(), n, columns_ptr}, factors.data(), valid_ptr, bias_ptr, row0, rows_ptr, subset, threads);
+  }
+
+  // groups of rows, each scanned for its own queries (tq::Search::scan_groups): packed (n,
+  // code_bytes), factors (n, n_factors), valid None or (n,), key_columns None or the rows' key
+  // columns (every start then a multiple of the block); starts, stops int64 (g,): each group's
+  // rows; offsets int64 (g + 1,) into queries int64 (total,): each group's query positions;
+  // query_bias None or float32 (total,)
+  void scan_groups(const Array<uint8_t>& packed, const Array<float>& factors, const py::object& valid, const py::object& key_columns,
+                   const Array<int64_t>& starts, const Array<int64_t>& stops, const Array<int64_t>& offsets, const Array<int64_t>& queries,
+                   const py::object& query_bias, int threads) {
+    if (packed.ndim() != 2 || packed.shape(1) != plan_->code_bytes)
+      throw std::invalid_argument("packed: expected (n, " + std::to_string(plan_->code_bytes) + ") uint8");
+    const int64_t n = packed.shape(0), groups = starts.size();
+    if (factors.ndim() != 2 || factors.shape(0) != n || factors.shape(1) != plan_->n_factors) throw std::invalid_argument("factors: expected (n, n_factors) float32");
+    const int64_t* lo = data_of(starts, groups, "starts");
+    const int64_t* hi = data_of(stops, groups, "stops");
+    const int64_t* off = data_of(offsets, groups + 1, "offsets");
+    const int64_t* who = data_of(queries, off[groups], "queries");
+    Array<uint8_t> mask, columns;
+    Array<float> per_query;
+    const uint8_t* valid_ptr = nullptr;
+    const uint8_t* columns_ptr = nullptr;
+    const float* bias_ptr = nullptr;
+    if (!valid.is_none()) {
+      mask = valid.cast<Array<uint8_t>>();
+      valid_ptr = data_of(mask, n, "valid");
+    }
+    if (!key_columns.is_none()) {
+      columns = key_columns.cast<Array<uint8_t>>();
+      columns_ptr = data_of(columns, (n + tq::kBlock - 1) / tq::kBlock * (plan_->n_keys / 2) * tq::kBlock, "key_columns");
+    }
+    if (!query_bias.is_none()) {
+      per_query = query_bias.cast<Array<float>>();
+      bias_ptr = data_of(per_query, off[groups], "query_bias");
+    }
+    if (off[0] != 0) throw std::invalid_argument("offsets: expected to start at 0");
+    std::vector<int64_t> seen(m_, -1);  // the last group each query was seen in
+    for (int64_t g = 0; g < groups; ++g) {
+      if (lo[g] < 0 || hi[g] < lo[g] || hi[g] > n) throw std::invalid_argument("starts, stops: a group outside the rows");
+      if (columns_ptr != nullptr && lo[g] % tq::kBlock) throw std::invalid_argument("starts: with key columns, multiples of " + std::to_string(tq::kBlock));
+      if (off[g + 1] < off[g]) throw std::invalid_argument("offsets: expected non-decreasing");
+      for (int64_t j = off[g]; j < off[g + 1]; ++j) {
+        if (who[j] < 0 || who[j] >= m_ || seen[who[j]] == g)
+          throw std::invalid_argument("queries: expected distinct positions in 0.." + std::to_string(m_ - 1) + " within a group");
+        seen[who[j]] = g;
+      }
+    }
+    py::gil_scoped_release release;
+    search_->scan_groups(tq::Codes{packed.data(), n, columns_ptr}, factors.data(), valid_ptr, lo, hi, groups, off, who, bias_ptr, threads);
   }
 
   py::tuple result() const {
@@ -214,10 +264,13 @@ PYBIND11_MODULE(TQ_MODULE_NAME, m) {
   m.def("make_plan", &make_plan);
   m.def("key_columns", &key_columns, py::arg("plan"), py::arg("packed"), py::arg("threads"));
   py::class_<PySearch>(m, "Search", py::module_local())
-      .def(py::init<std::shared_ptr<tq::Plan>, const Array<float>&, int, double>(), py::arg("plan"), py::arg("queries"), py::arg("k"), py::arg("z"))
+      .def(py::init<std::shared_ptr<tq::Plan>, const Array<float>&, int, double, int>(), py::arg("plan"), py::arg("queries"), py::arg("k"),
+           py::arg("z"), py::arg("threads") = 1)
       .def("scan", &PySearch::scan, py::arg("packed"), py::arg("factors"), py::arg("valid"), py::arg("row0"), py::arg("threads"),
            py::arg("key_columns") = py::none(), py::arg("bias") = py::none(), py::arg("rows") = py::none(), py::arg("queries") = py::none(),
            py::arg("query_bias") = py::none())
+      .def("scan_groups", &PySearch::scan_groups, py::arg("packed"), py::arg("factors"), py::arg("valid"), py::arg("key_columns"),
+           py::arg("starts"), py::arg("stops"), py::arg("offsets"), py::arg("queries"), py::arg("query_bias"), py::arg("threads"))
       .def("result", &PySearch::result)
       .def("tables", &PySearch::tables)
       .def("rescored", &PySearch::rescored);

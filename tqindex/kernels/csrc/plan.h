@@ -52,6 +52,7 @@ struct Plan {
   std::vector<float> key_errvar;    // (n_keys, 4): mean squared such error
   std::vector<int32_t> key_slots;   // (n_keys,): slots in use (a prefix), from index_keys()
   std::vector<int32_t> key_span;    // (n_keys,): reachable values 0 .. span - 1
+  std::vector<uint8_t> key_monotone;  // (n_keys,): one coordinate whose values rise with the key
   std::vector<float> slot_values;   // (n_keys, 4, 16): key_values slot-major
   std::vector<Field> fields;        // index fields
   Field sign_field{-1, 1, 0, 0};    // offset -1: no signs
@@ -78,7 +79,15 @@ struct Plan {
         approx_max[s] += std::fabs(qc) * key_errmax[g * 4 + slot];
         approx_var[s] += qc * qc * key_errvar[g * 4 + slot];
       }
-      const double low = *std::min_element(t, t + span), high = *std::max_element(t, t + span);
+      double low, high;
+      if (key_monotone[g]) {  // one coordinate, levels in order: its extremes are at the ends
+        const bool up = q[key_coord[g * 4]] >= 0;
+        low = up ? t[0] : t[span - 1];
+        high = up ? t[span - 1] : t[0];
+      } else {
+        low = *std::min_element(t, t + span);
+        high = *std::max_element(t, t + span);
+      }
       lo[g] = low;
       max_range[s] = std::max(max_range[s], high - low);
       sum_range[s] += high - low;
@@ -94,11 +103,7 @@ struct Plan {
     for (int g = 0; g < n_keys; ++g) {
       const int s = g < n_index_keys ? 0 : 1, span = key_span[g];
       double err_max = 0, err_sq = 0;
-      for (int v = 0; v < 16; ++v) {
-        if (v >= span) {  // a value no packed row holds
-          lut[g * 16 + v] = 0;
-          continue;
-        }
+      for (int v = 0; v < span; ++v) {  // no branch inside: the compiler vectorises it
         const double t = table[g * 16 + v];
         const int level = std::min(kTableMax, static_cast<int>((t - lo[g]) * a[s] + 0.5));  // t >= lo: rounds to nearest
         lut[g * 16 + v] = static_cast<uint8_t>(level);
@@ -106,6 +111,7 @@ struct Plan {
         err_max = std::max(err_max, std::fabs(err));
         err_sq += err * err;
       }
+      for (int v = span; v < 16; ++v) lut[g * 16 + v] = 0;  // values no packed row holds
       worst[s] += err_max;
       var[s] += err_sq / span;
     }
@@ -124,6 +130,7 @@ struct Plan {
   void index_keys() {
     key_slots.assign(n_keys, 0);
     key_span.assign(n_keys, 0);
+    key_monotone.assign(n_keys, 0);
     slot_values.assign(static_cast<size_t>(n_keys) * 64, 0.0f);
     for (int g = 0; g < n_keys; ++g) {
       while (key_slots[g] < 4 && key_coord[g * 4 + key_slots[g]] >= 0) ++key_slots[g];
@@ -135,6 +142,8 @@ struct Plan {
       if (key_span[g] == 0) throw std::invalid_argument("every key must reach value 0");
       for (int slot = 0; slot < 4; ++slot)
         for (int v = 0; v < 16; ++v) slot_values[(g * 4 + slot) * 16 + v] = key_values[(g * 16 + v) * 4 + slot];
+      const float* values = &slot_values[g * 64];
+      key_monotone[g] = key_slots[g] == 1 && std::is_sorted(values, values + key_span[g]);
     }
   }
 

@@ -26,6 +26,7 @@
 #include <functional>
 #include <limits>
 #include <memory>
+#include <numeric>
 #include <vector>
 
 #include "plan.h"
@@ -97,6 +98,13 @@ class LowerK {
 // A row that may enter the top-k, with the upper bound of its score.
 struct Candidate {
   float upper;
+  int64_t row;
+};
+
+// A candidate kept for rescoring at the end of a search over groups: the upper bound of its score,
+// the bias its group adds, and its row.
+struct Deferred {
+  float upper, bias;
   int64_t row;
 };
 
@@ -343,13 +351,17 @@ struct Subset {
 // One search: m rotated queries, top-k kept across the chunks passed to scan().
 class Search {
  public:
-  Search(std::shared_ptr<const Plan> plan, const float* queries, int64_t m, int k, double z)
+  Search(std::shared_ptr<const Plan> plan, const float* queries, int64_t m, int k, double z, int threads = 1)
       : plan_(std::move(plan)), m_(m), k_(k) {
     const int width = plan_->query_width();
     queries_.assign(queries, queries + m * width);
     lut_.resize(static_cast<size_t>(m) * lut_stride() + 64);
     tables_.resize(m);
-    for (int64_t i = 0; i < m; ++i) tables_[i] = plan_->build_tables(&queries_[i * width], z, mutable_lut(i));
+    const int tasks = static_cast<int>(std::min<int64_t>(threads, m / kQueriesPerTableTask));  // tables of many queries: in parallel
+    Pool::get().run(std::max(tasks, 1), [&](int task) {
+      const int parts = std::max(tasks, 1);
+      for (int64_t i = m * task / parts; i < m * (task + 1) / parts; ++i) tables_[i] = plan_->build_tables(&queries_[i * width], z, mutable_lut(i));
+    });
     for (int64_t i = 0; i < m; ++i) best_.emplace_back(k), lower_.emplace_back(k);
   }
 
@@ -384,6 +396,86 @@ class Search {
       }
   }
 
+  // Groups of rows, each scanned for its own queries (an inverted file's lists, each for the
+  // queries that probe it): group g is rows [starts[g], stops[g]) of `codes`, numbered by position,
+  // for the queries query_of[offsets[g]..offsets[g + 1]) (distinct within a group), each with its
+  // query_bias (nullptr: 0) added to its scores of the group's rows. With key columns, every start
+  // is a multiple of kBlock. Whole groups go to up to `threads` workers, the costliest first; a
+  // worker keeps its own top-k per query, so a query's k-th best so far prunes every later group
+  // of that worker; the workers' results are merged at the end.
+  void scan_groups(Codes codes, const float* factors, const uint8_t* valid, const int64_t* starts, const int64_t* stops, int64_t groups,
+                   const int64_t* offsets, const int64_t* query_of, const float* query_bias, int threads) {
+    std::vector<int64_t> order(groups);
+    std::iota(order.begin(), order.end(), int64_t{0});
+    std::sort(order.begin(), order.end(), [&](int64_t a, int64_t b) {
+      return (stops[a] - starts[a]) * (offsets[a + 1] - offsets[a]) > (stops[b] - starts[b]) * (offsets[b + 1] - offsets[b]);
+    });
+    double lookups = 0;
+    for (int64_t g = 0; g < groups; ++g) lookups += static_cast<double>(std::max<int64_t>(0, stops[g] - starts[g])) * (offsets[g + 1] - offsets[g]);
+    const int64_t useful = std::max<int64_t>(1, static_cast<int64_t>(lookups * plan_->n_keys / kMinLookupsPerTask));
+    const int tasks = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>({static_cast<int64_t>(std::max(threads, 1)), groups, useful})));
+    const int nf = plan_->n_factors;
+    const size_t column_block = static_cast<size_t>(plan_->n_keys / 2) * kBlock;
+    std::atomic<int64_t> next{0};
+    // per worker and query: the k best lower bounds seen, and the candidates above them; rescored
+    // once at the end, best upper bound first, so a query's rescoring stops as a flat scan's does
+    std::vector<std::vector<LowerK>> lower(tasks);
+    std::vector<std::vector<std::vector<Deferred>>> pending(tasks, std::vector<std::vector<Deferred>>(m_));
+    Pool::get().run(tasks, [&](int task) {
+      std::vector<LowerK>& my_lower = lower[task];
+      std::vector<std::vector<Deferred>>& my_pending = pending[task];
+      for (int64_t i = 0; i < m_; ++i) my_lower.emplace_back(k_);
+      std::vector<std::vector<Deferred>> part_pending;
+      for (int64_t at = next.fetch_add(1); at < groups; at = next.fetch_add(1)) {
+        const int64_t g = order[at], lo = starts[g], n = stops[g] - lo;
+        if (n <= 0 || offsets[g + 1] <= offsets[g]) continue;
+        Who who;
+        for (int64_t j = offsets[g]; j < offsets[g + 1]; ++j) {
+          const int64_t i = query_of[j];
+          who.query.push_back(i);
+          who.bias.push_back(query_bias != nullptr ? query_bias[j] : 0.0f);
+          who.floor.push_back(std::max({best_[i].threshold(), lower_[i].threshold(), my_lower[i].threshold()}));
+        }
+        const Codes part{codes.packed + lo * plan_->code_bytes, n, codes.key_columns != nullptr ? codes.key_columns + (lo / kBlock) * column_block : nullptr};
+        part_pending.assign(who.query.size(), {});
+        std::vector<Found> found = scan_steps(part, factors + lo * nf, valid != nullptr ? valid + lo : nullptr, nullptr, Numbering{lo, nullptr},
+                                              who, 0, (n + kRows - 1) / kRows, part_pending.data());
+        for (size_t j = 0; j < who.query.size(); ++j) {
+          const int64_t i = who.query[j];
+          for (float value : found[j].lower.values()) my_lower[i].push(value);
+          std::vector<Deferred>& list = my_pending[i];
+          list.insert(list.end(), part_pending[j].begin(), part_pending[j].end());
+          if (list.size() > kCompactAt + 4 * static_cast<size_t>(k_)) {
+            const float tau = slack(my_lower[i].threshold());
+            list.erase(std::remove_if(list.begin(), list.end(), [tau](const Deferred& c) { return c.upper < tau; }), list.end());
+          }
+        }
+      }
+    });
+    for (int task = 0; task < tasks; ++task)
+      for (int64_t i = 0; i < static_cast<int64_t>(lower[task].size()); ++i)
+        for (float value : lower[task][i].values()) lower_[i].push(value);
+    const int rescorers = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(std::max(threads, 1), m_ / kQueriesPerTableTask)));
+    Pool::get().run(rescorers, [&](int task) {
+      std::vector<int32_t> idx(plan_->dim);
+      std::vector<Deferred> list;
+      int64_t rescored = 0;
+      for (int64_t i = m_ * task / rescorers; i < m_ * (task + 1) / rescorers; ++i) {
+        list.clear();
+        for (int t = 0; t < tasks; ++t) list.insert(list.end(), pending[t][i].begin(), pending[t][i].end());
+        std::sort(list.begin(), list.end(), [](const Deferred& a, const Deferred& b) { return a.upper > b.upper; });
+        const float* query = &queries_[i * plan_->query_width()];
+        for (const Deferred& c : list) {
+          if (c.upper < slack(std::max(lower_[i].threshold(), best_[i].threshold()))) break;
+          const double score = plan_->exact_score(query, codes.packed + c.row * plan_->code_bytes, factors + c.row * nf, idx.data()) + c.bias;
+          best_[i].push(Hit{static_cast<float>(score), c.row});
+          ++rescored;
+        }
+      }
+      rescored_ += rescored;
+    });
+  }
+
   // scores (m, k) best first and rows (m, k); -inf and -1 past the rows that qualified
   void result(float* scores, int64_t* rows) const {
     for (int64_t i = 0; i < m_; ++i) {
@@ -402,6 +494,7 @@ class Search {
 
  private:
   static constexpr double kMinLookupsPerTask = 2e6;  // below this a worker costs more than it saves
+  static constexpr int64_t kQueriesPerTableTask = 16;  // tables of fewer queries per worker are built on one thread
   static constexpr int64_t kPrefetchSteps = 2;
   static constexpr int kQueriesPerPass = 4;  // queries sharing each column load
   static constexpr size_t kCompactAt = 4096;  // candidates kept per query before the stale ones are dropped
@@ -427,7 +520,7 @@ class Search {
   // where the upper bound falls below the k-th exact score: the rows rescored are few even
   // where the first rows of a scan would all pass a threshold that is still low.
   std::vector<Found> scan_steps(Codes codes, const float* factors, const uint8_t* valid, const float* bias, Numbering numbering,
-                                const Who& who, int64_t first, int64_t last) {
+                                const Who& who, int64_t first, int64_t last, std::vector<Deferred>* deferred = nullptr) {
     const Plan& plan = *plan_;
     const int nf = plan.n_factors;
     const size_t padded_block = static_cast<size_t>((plan.code_bytes + 15) & ~15) * kBlock;  // a transposed block
@@ -440,7 +533,7 @@ class Search {
     // a tile of steps whose bytes every query pass of the tile reads again (from L2)
     const size_t step_bytes = columns ? column_block * kBlocksPerStep : cols_bytes + key_bytes;
     const int64_t q_all = static_cast<int64_t>(who.query.size());
-    const int64_t tile = q_all == 1 ? 1 : std::max<int64_t>(1, (128 << 10) / static_cast<int64_t>(step_bytes));
+    const int64_t tile = q_all == 1 ? 1 : std::min<int64_t>(std::max<int64_t>(1, last - first), std::max<int64_t>(1, (128 << 10) / static_cast<int64_t>(step_bytes)));
     Scratch cols(cols_bytes * tile), keys(key_bytes * tile), tail(std::max(padded_block, column_block) * kBlocksPerStep);
     std::vector<Found> found;
     for (int64_t j = 0; j < q_all; ++j) found.emplace_back(k_);
@@ -500,6 +593,14 @@ class Search {
           }
         }
       }
+    }
+    if (deferred != nullptr) {  // the caller rescores: hand over the candidates still above the bounds
+      for (int64_t i = 0; i < q_all; ++i) {
+        const float tau = slack(std::max(who.floor[i], found[i].lower.threshold()));
+        for (const Candidate& c : candidates[i])
+          if (c.upper >= tau) deferred[i].push_back(Deferred{c.upper, who.bias[i], numbering(c.row)});
+      }
+      return found;
     }
     std::vector<int32_t> idx(plan.dim);
     int64_t rescored = 0;
