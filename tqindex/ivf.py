@@ -7,10 +7,12 @@ bytes: WordNet 100k x 384, nlist 1024, nprobe 32, 10-recall@10 0.844 / 0.887 / 0
 0.830 / 0.880 / 0.905 at 2 / 3 / 4 bits, benchmarks/ivf_sweep.py), its residual to that centroid.
 A search scores the centroids,
 probes the ``nprobe`` lists of largest inner product with each query and scans only their rows,
-with the flat index's scan kernels (`kernels.scan_groups_topk`: the compiled fast-scan, the
-default on the CPU, makes each query's tables once per search and keeps its exact top-k across
-its lists; the other scanners' candidates are rescored exactly); with residuals a row scores
-``<q, c_list> + <q, residual>``. This is IVFADC
+with the flat index's scan kernels: over lists in RAM the compiled fast-scan (the default on the
+CPU) scans every probed list for the queries that probe it in one call
+(`FastScanner.search_lists`: lists spread over the threads, each with its key columns, each
+query's tables made once and its candidates rescored once at the end); on disk and with the
+other scanners, `kernels.scan_groups_topk` list by list or query by query, candidates rescored
+exactly. With residuals a row scores ``<q, c_list> + <q, residual>``. This is IVFADC
 (Jégou, Douze, Schmid, "Product quantization for nearest neighbor search", TPAMI 2011, sec. IV)
 with TurboQuant codes in place of PQ.
 
@@ -53,6 +55,7 @@ _COPY_ROWS = 1 << 16  # rows per step when saving
 #: 2-core machine, one thread): with the numba/torch scanners, at 3.9 queries per list query-major
 #: ran 1.4x list-major, at 7.8 list-major ran 1.4x query-major; with the fast-scan the orders tie
 #: near 4 queries per list at nprobe 8 and near 12 at nprobe 32, within 20% of each other from 4 to 16
+#: (measured before the fast-scan over lists in RAM made one call of both; it still scans lists on disk)
 _LIST_MAJOR_QUERIES = 6.0
 
 
@@ -249,7 +252,9 @@ class TurboQuantIVFIndex(TurboQuantIndex):
         self.nprobe, self.backend, self.chunk_rows = nprobe, backend, chunk_rows
         #: a search is scanned list by list (each list once, for all the queries probing it) when
         #: its queries probe each list at least this many times on average (``m * nprobe / nlist``),
-        #: else query by query (each query's lists gathered into one chunk, one scan per query)
+        #: else query by query (each query's lists gathered into one chunk, one scan per query).
+        #: On disk and for the numba/torch scanners; the fast-scan over lists in RAM does both in one call
+        #: (`FastScanner.search_lists`)
         self.list_major_queries = _LIST_MAJOR_QUERIES
         _check_nprobe(nprobe)
         self.device = torch.device("cpu")
