@@ -325,7 +325,8 @@ def test_auto_picks_the_fast_scan_on_the_cpu_and_not_on_cuda():
 
 
 @pytest.mark.parametrize("threads", [1, 2])
-def test_search_lists_equals_the_groups_scanned_one_call_each(threads):
+@pytest.mark.parametrize("build", list(BUILDS))
+def test_search_lists_equals_the_groups_scanned_one_call_each(build, threads):
     """`FastScanner.search_lists`, one kernel call over groups of rows with their key columns, a
     bias per (group, query) and a mask, returns what `search_groups` returns scanning each group
     in its own call: the same rows and exact scores."""
@@ -334,9 +335,9 @@ def test_search_lists_equals_the_groups_scanned_one_call_each(threads):
     n = 32 * 12
     codes = codec.encode(rng.standard_normal((n, 40)).astype(np.float32))
     packed, factors = np.asarray(codes.packed), np.asarray(codes.factors)
-    scanner = FastScanner(codec)
+    scanner = _scanner(codec, build)
     queries = codec.rotate_queries(torch.from_numpy(rng.standard_normal((5, 40)).astype(np.float32)))
-    starts, stops = np.array([0, 64, 128, 320]), np.array([50, 134, 300, 384])  # lists of 50, 70, 172 and 64 rows
+    starts, stops = np.array([0, 64, 128, 320]), np.array([50, 134, 300, 384])  # odd block counts: AVX-512's two-block steps  # lists of 50, 70, 172 and 64 rows
     members = [[0, 2], [1, 2, 3, 4], [0, 4], [3]]
     offsets, who = np.cumsum([0] + [len(m) for m in members]), np.concatenate(members)
     bias = rng.standard_normal(len(who)).astype(np.float32)
