@@ -484,23 +484,29 @@ class TurboQuantIVFIndex(TurboQuantIndex):
         allowed: np.ndarray | None, threads: int,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """`_search_block` for the fast-scan over lists in RAM: every probed list scanned for the
-        queries that probe it, with its key columns, in one kernel call (`FastScanner.search_lists`)."""
+        queries that probe it, with its key columns, in two kernel calls (`FastScanner.scan_lists`):
+        each query's nearest list, then the others."""
         blocks = lists.blocks.get("blocks")
         if blocks is None:
             blocks = lists.blocks["blocks"] = _Blocks.of(lists, scanner)
-        nprobe = probes.shape[1]
-        flat = probes.reshape(-1).numpy()
-        order = np.argsort(flat, kind="stable")  # (query, probe) pairs by list, queries ascending within a list
-        used, first = np.unique(flat[order], return_index=True)
-        offsets = np.append(first, len(order))
-        sizes = np.diff(lists.offsets)[used]
-        starts = blocks.starts[used]
         valid = None if allowed is None else np.isin(lists.ids[np.maximum(blocks.slots, 0)], allowed) & (blocks.slots >= 0)
-        query_bias = None if bias is None else bias.reshape(-1).numpy()[order]
-        scores, positions = scanner.search_lists(
-            rotated, blocks.packed, blocks.factors, blocks.key_columns, starts, starts + sizes, offsets, order // nprobe, query_bias, k, valid,
-            threads,
-        )  # fmt: skip
+        search = scanner.begin(rotated, k, threads)
+        # each query's nearest list first, for every query: its k-th best score then prunes the
+        # rows of its other lists (scanned first, a query's rows would all be candidates)
+        for ranks in (slice(0, 1), slice(1, None)):
+            pairs = probes[:, ranks]
+            if pairs.numel() == 0:
+                continue
+            flat = pairs.reshape(-1).numpy()
+            order = np.argsort(flat, kind="stable")  # (query, probe) pairs by list, queries ascending within a list
+            used, first = np.unique(flat[order], return_index=True)
+            starts = blocks.starts[used]
+            query_bias = None if bias is None else bias[:, ranks].reshape(-1).numpy()[order]
+            scanner.scan_lists(
+                search, blocks.packed, blocks.factors, blocks.key_columns, starts, starts + np.diff(lists.offsets)[used],
+                np.append(first, len(order)), order // pairs.shape[1], query_bias, valid, threads,
+            )  # fmt: skip
+        scores, positions = scanner.finish(search)
         positions = positions.numpy()
         return scores, torch.from_numpy(np.where(positions >= 0, blocks.slots[np.maximum(positions, 0)], -1))
 

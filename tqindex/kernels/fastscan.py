@@ -328,17 +328,42 @@ class FastScanner:
         each scoring the group's rows ``query_bias`` (float32, one per entry of ``queries``, or None)
         higher; ``valid`` bool ``(n,)`` or None. With ``key_columns`` (of all ``n`` rows) every start
         is a multiple of ``BLOCK_ROWS``. Whole groups go to the ``threads`` (None:
-        ``torch.get_num_threads()``), so small groups (an inverted file's lists) scan in parallel. Returns scores float32 ``(m, k)``
-        and row positions int64 ``(m, k)`` (``-1`` past the rows that qualified). ValueError for
-        groups outside the rows, unaligned starts, or a query twice in a group.
+        ``torch.get_num_threads()``), so small groups (an inverted file's lists) scan in parallel.
+        Returns scores float32 ``(m, k)`` and row positions int64 ``(m, k)`` (``-1`` past the rows
+        that qualified). ValueError for groups outside the rows, unaligned starts, or a query twice
+        in a group. `scan_lists` does the same in passes on one search.
         """
         search = self.begin(rotated_queries, k, threads)
+        self.scan_lists(search, packed, factors, key_columns, starts, stops, offsets, queries, query_bias, valid, threads)
+        return _result(search)
+
+    def scan_lists(
+        self,
+        search: Any,
+        packed: np.ndarray,
+        factors: np.ndarray,
+        key_columns: np.ndarray | None,
+        starts: np.ndarray,
+        stops: np.ndarray,
+        offsets: np.ndarray,
+        queries: np.ndarray,
+        query_bias: np.ndarray | None,
+        valid: np.ndarray | None = None,
+        threads: int | None = None,
+    ) -> None:
+        """One pass of `search_lists` on a search from `begin` (``finish`` it for the results): a
+        query's best scores so far prune its rows in later passes, so a first pass over each
+        query's most promising group leaves few rows to rescore in the rest."""
         mask = None if valid is None else np.ascontiguousarray(valid).view(np.uint8)
         bias = None if query_bias is None else np.ascontiguousarray(query_bias, dtype=np.float32)
         search.scan_groups(
             packed, factors, mask, key_columns, *(np.ascontiguousarray(a, dtype=np.int64) for a in (starts, stops, offsets, queries)),
             bias, torch.get_num_threads() if threads is None else threads,
         )  # fmt: skip
+
+    @staticmethod
+    def finish(search: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """A search's results (`search_lists`)."""
         return _result(search)
 
 
