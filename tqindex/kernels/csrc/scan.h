@@ -357,11 +357,15 @@ class Search {
     queries_.assign(queries, queries + m * width);
     lut_.resize(static_cast<size_t>(m) * lut_stride() + 64);
     tables_.resize(m);
-    const int tasks = static_cast<int>(std::min<int64_t>(threads, m / kQueriesPerTableTask));  // tables of many queries: in parallel
-    Pool::get().run(std::max(tasks, 1), [&](int task) {
-      const int parts = std::max(tasks, 1);
-      for (int64_t i = m * task / parts; i < m * (task + 1) / parts; ++i) tables_[i] = plan_->build_tables(&queries_[i * width], z, mutable_lut(i));
+    // tables of many queries: in parallel, claimed a few queries at a time, so that a worker slowed
+    // by another process's thread on its core (an OpenMP team still spinning) holds no one up
+    const int tasks = static_cast<int>(std::min<int64_t>(threads, m / kQueriesPerTableTask));
+    std::atomic<int64_t> next{0};
+    Pool::get().run(std::max(tasks, 1), [&](int) {
+      for (int64_t i0 = next.fetch_add(kQueriesPerClaim); i0 < m; i0 = next.fetch_add(kQueriesPerClaim))
+        for (int64_t i = i0; i < std::min(m, i0 + kQueriesPerClaim); ++i) tables_[i] = plan_->build_tables(&queries_[i * width], z, mutable_lut(i));
     });
+    best_.reserve(m), lower_.reserve(m);
     for (int64_t i = 0; i < m; ++i) best_.emplace_back(k), lower_.emplace_back(k);
   }
 
@@ -456,11 +460,12 @@ class Search {
       for (int64_t i = 0; i < static_cast<int64_t>(lower[task].size()); ++i)
         for (float value : lower[task][i].values()) lower_[i].push(value);
     const int rescorers = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(std::max(threads, 1), m_ / kQueriesPerTableTask)));
-    Pool::get().run(rescorers, [&](int task) {
+    std::atomic<int64_t> claimed{0};
+    Pool::get().run(rescorers, [&](int) {
       std::vector<int32_t> idx(plan_->dim);
       std::vector<Deferred> list;
       int64_t rescored = 0;
-      for (int64_t i = m_ * task / rescorers; i < m_ * (task + 1) / rescorers; ++i) {
+      for (int64_t i = claimed.fetch_add(1); i < m_; i = claimed.fetch_add(1)) {  // claimed one query at a time, as the tables
         list.clear();
         for (int t = 0; t < tasks; ++t) list.insert(list.end(), pending[t][i].begin(), pending[t][i].end());
         std::sort(list.begin(), list.end(), [](const Deferred& a, const Deferred& b) { return a.upper > b.upper; });
@@ -495,6 +500,7 @@ class Search {
  private:
   static constexpr double kMinLookupsPerTask = 2e6;  // below this a worker costs more than it saves
   static constexpr int64_t kQueriesPerTableTask = 16;  // tables of fewer queries per worker are built on one thread
+  static constexpr int64_t kQueriesPerClaim = 4;  // queries whose tables a worker claims at a time
   static constexpr int64_t kPrefetchSteps = 2;
   static constexpr int kQueriesPerPass = 4;  // queries sharing each column load
   static constexpr size_t kCompactAt = 4096;  // candidates kept per query before the stale ones are dropped
