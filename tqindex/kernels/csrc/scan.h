@@ -470,8 +470,12 @@ class Search {
         for (int t = 0; t < tasks; ++t) list.insert(list.end(), pending[t][i].begin(), pending[t][i].end());
         std::sort(list.begin(), list.end(), [](const Deferred& a, const Deferred& b) { return a.upper > b.upper; });
         const float* query = &queries_[i * plan_->query_width()];
-        for (const Deferred& c : list) {
+        for (size_t at = 0; at < list.size(); ++at) {
+          const Deferred& c = list[at];
           if (c.upper < slack(std::max(lower_[i].threshold(), best_[i].threshold()))) break;
+          // the rows were scanned as key columns: their packed bytes are far from the cache
+          for (size_t ahead = at == 0 ? 1 : kRescoreAhead; ahead <= kRescoreAhead && at + ahead < list.size(); ++ahead)
+            prefetch_row(codes.packed + list[at + ahead].row * plan_->code_bytes, factors + list[at + ahead].row * nf);
           const double score = plan_->exact_score(query, codes.packed + c.row * plan_->code_bytes, factors + c.row * nf, idx.data()) + c.bias;
           best_[i].push(Hit{static_cast<float>(score), c.row});
           ++rescored;
@@ -502,6 +506,7 @@ class Search {
   static constexpr int64_t kQueriesPerTableTask = 16;  // tables of fewer queries per worker are built on one thread
   static constexpr int64_t kQueriesPerClaim = 4;  // queries whose tables a worker claims at a time
   static constexpr int64_t kPrefetchSteps = 2;
+  static constexpr size_t kRescoreAhead = 2;  // candidates whose rows are prefetched ahead of their rescoring
   static constexpr int kQueriesPerPass = 4;  // queries sharing each column load
   static constexpr size_t kCompactAt = 4096;  // candidates kept per query before the stale ones are dropped
 
@@ -626,6 +631,13 @@ class Search {
     }
     rescored_ += rescored;
     return found;
+  }
+
+  // bring a packed row and its factors toward the cache
+  void prefetch_row(const uint8_t* row, const float* factors) const {
+    for (int line = 0; line < plan_->code_bytes; line += 64) __builtin_prefetch(row + line, 0, 1);
+    __builtin_prefetch(row + plan_->code_bytes - 1, 0, 1);
+    __builtin_prefetch(factors, 0, 1);
   }
 
   // a float at tau may stand for a float64 score just below it, and bounds are float-rounded
