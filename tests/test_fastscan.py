@@ -370,3 +370,32 @@ def test_search_lists_refuses_groups_it_cannot_scan():
         scanner.search_lists(queries, packed, factors, None, np.array([0]), np.array([50]), np.array([0, 2]), np.array([1, 1]), None, 5)
     with pytest.raises(ValueError, match="distinct positions"):
         scanner.search_lists(queries, packed, factors, None, np.array([0]), np.array([50]), one, np.array([3]), None, 5)
+
+
+@pytest.mark.parametrize("k", [1, 3, 32, 100, 257])
+def test_top_k_rows_equals_torch_topk_with_ties_to_the_lower_column(k):
+    rng = np.random.default_rng(k)
+    scores = torch.from_numpy(rng.standard_normal((70, 257)).astype(np.float32))
+    scores[3] = 1.0  # all tied
+    scores[4, ::2] = 9.0  # ties at the top
+    scores[5, :10] = -0.0
+    scores[5, 10:] = -1.0
+    values, columns = fastscan.top_k_rows(scores, k, threads=2)
+    expected_values, _ = scores.topk(k, dim=1)
+    assert values.dtype == torch.float32 and columns.dtype == torch.int64 and values.shape == columns.shape == (70, k)
+    torch.testing.assert_close(values, expected_values, rtol=0, atol=0)
+    assert torch.equal(torch.gather(scores, 1, columns), values)
+    # ties to the lower column: every row's (value desc, column asc) order
+    for row in range(70):
+        pairs = list(zip((-values[row]).tolist(), columns[row].tolist()))
+        assert pairs == sorted(pairs)
+    assert columns[3].tolist() == list(range(k))
+    assert columns[4, : min(k, 129)].tolist() == list(range(0, 2 * min(k, 129), 2))
+    assert columns[5, : min(k, 10)].tolist() == list(range(min(k, 10)))
+
+
+def test_top_k_rows_refuses_k_outside_the_row():
+    scores = torch.zeros(2, 5)
+    for k in (0, 6):
+        with pytest.raises(ValueError, match="k must be in 1..5"):
+            fastscan.top_k_rows(scores, k)

@@ -41,7 +41,7 @@ from tqindex.codec import CodecConfig, TurboQuantCodec
 from tqindex.errors import CorruptIndexError
 from tqindex.index import TurboQuantIndex, _check_scan_args, _column_specs
 from tqindex.kernels import Chunk, QueryChunk, get_scanner, scan_groups_topk
-from tqindex.kernels.fastscan import BLOCK_ROWS, FastScanner
+from tqindex.kernels.fastscan import BLOCK_ROWS, FastScanner, top_k_rows
 from tqindex.kernels.lut import LutScanner
 from tqindex.memstore import MemoryStore
 from tqindex.storage import ColumnSpec, ColumnStore
@@ -461,7 +461,7 @@ class TurboQuantIVFIndex(TurboQuantIndex):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Scores float32 ``(b, k)`` and slots int64 ``(b, k)`` of a block of queries, rotated ``(b, W)``,
         with ``coarse`` ``(b, nlist)`` their inner products with the centroids."""
-        probe_scores, probes = coarse.topk(nprobe, dim=1)
+        probe_scores, probes = top_k_rows(coarse, nprobe, threads)
         bias_of = None
         if self.by_residual:
             offsets = lists.offsets
