@@ -287,3 +287,23 @@ def test_search_runs_ops_on_one_thread_and_restores_the_count(data, monkeypatch)
     with pytest.raises(RuntimeError, match="scan failed"):
         ivf.search(q, 3, nprobe=2)
     assert torch.get_num_threads() == before
+
+
+@pytest.mark.skipif(not fastscan.available(), reason="the compiled fast-scan is not built")
+@pytest.mark.parametrize("by_residual", [True, False])
+def test_fast_scan_over_lists_gives_the_same_results_in_one_pass_and_in_two(data, by_residual, monkeypatch):
+    """Each query's nearest list in a pass of its own first (from `_TWO_PASSES_FROM` probes) or all
+    probed lists at once: the same ids and scores, with removed rows and a filter."""
+    import tqindex.ivf as ivf_module
+
+    x, q, centroids = data
+    ivf = ivf_index(centroids, x, by_residual=by_residual, backend="fastscan")
+    ivf.remove_ids(np.arange(0, len(x), 7))
+    found = {}
+    for passes_from in (1, NLIST + 1):
+        monkeypatch.setattr(ivf_module, "_TWO_PASSES_FROM", passes_from)
+        cases = ((2, None), (5, np.arange(0, len(x), 2)), (NLIST, None))
+        found[passes_from] = [ivf.search(q, 10, nprobe=nprobe, filter=allowed) for nprobe, allowed in cases]
+    for (D, I), (D2, I2) in zip(found[1], found[NLIST + 1]):
+        np.testing.assert_array_equal(I, I2)
+        np.testing.assert_allclose(D, D2, rtol=1e-6, atol=1e-6)
