@@ -74,6 +74,8 @@ std::shared_ptr<tq::Plan> make_plan(int dim, int code_bytes, int n_factors, int 
   if (fields.ndim() != 2 || fields.shape(1) != 4) throw std::invalid_argument("fields: expected (F, 4)");
   for (py::ssize_t f = 0; f < fields.shape(0); ++f) {
     const int32_t* v = fields.data(f, 0);
+    if (v[1] != 1 && v[1] != 2 && v[1] != 4 && v[1] != 8) throw std::invalid_argument("fields: widths must be 1, 2, 4 or 8 bits");
+    if (v[2] < 0 || v[2] > dim) throw std::invalid_argument("fields: a field's stop must be within 0..dim");
     plan->fields.push_back(tq::Field{v[0], v[1], v[2], v[3]});
   }
   const int32_t* sf = data_of(sign_field, 4, "sign_field");
