@@ -34,6 +34,15 @@ const T* data_of(const Array<T>& a, py::ssize_t size, const char* name) {
   return a.data();
 }
 
+// An optional array argument's data: nullptr for None, else the array (kept alive in `holder`),
+// checked to hold `size` values
+template <class T>
+const T* optional_data(const py::object& value, Array<T>& holder, py::ssize_t size, const char* name) {
+  if (value.is_none()) return nullptr;
+  holder = value.cast<Array<T>>();
+  return data_of(holder, size, name);
+}
+
 std::shared_ptr<tq::Plan> make_plan(int dim, int code_bytes, int n_factors, int n_index_keys, bool direct, const Array<int32_t>& parts,
                                     const Array<int32_t>& part_start, const Array<int32_t>& key_coord, const Array<float>& key_values,
                                     const Array<uint8_t>& reachable, const Array<float>& key_errmax, const Array<float>& key_errvar,
@@ -107,35 +116,16 @@ class PySearch {
   void scan(const Array<uint8_t>& packed, const Array<float>& factors, const py::object& valid, int64_t row0, int threads,
             const py::object& key_columns, const py::object& bias, const py::object& rows, const py::object& queries,
             const py::object& query_bias) {
-    if (packed.ndim() != 2 || packed.shape(1) != plan_->code_bytes)
-      throw std::invalid_argument("packed: expected (n, " + std::to_string(plan_->code_bytes) + ") uint8");
-    const int64_t n = packed.shape(0);
-    if (factors.ndim() != 2 || factors.shape(0) != n || factors.shape(1) != plan_->n_factors) throw std::invalid_argument("factors: expected (n, n_factors) float32");
+    const int64_t n = checked_rows(packed, factors);
     Array<uint8_t> mask, columns;
     Array<float> row_bias;
-    const uint8_t* valid_ptr = nullptr;
-    const uint8_t* columns_ptr = nullptr;
-    const float* bias_ptr = nullptr;
-    if (!valid.is_none()) {
-      mask = valid.cast<Array<uint8_t>>();
-      valid_ptr = data_of(mask, n, "valid");
-    }
-    if (!key_columns.is_none()) {
-      columns = key_columns.cast<Array<uint8_t>>();
-      columns_ptr = data_of(columns, (n + tq::kBlock - 1) / tq::kBlock * (plan_->n_keys / 2) * tq::kBlock, "key_columns");
-    }
-    if (!bias.is_none()) {
-      row_bias = bias.cast<Array<float>>();
-      bias_ptr = data_of(row_bias, n, "bias");
-    }
+    const uint8_t* valid_ptr = optional_data(valid, mask, n, "valid");
+    const uint8_t* columns_ptr = optional_data(key_columns, columns, column_bytes(n), "key_columns");
+    const float* bias_ptr = optional_data(bias, row_bias, n, "bias");
     Array<int64_t> numbers, positions;
     Array<float> per_query;
-    const int64_t* rows_ptr = nullptr;
+    const int64_t* rows_ptr = optional_data(rows, numbers, n, "rows");
     tq::Subset subset;
-    if (!rows.is_none()) {
-      numbers = rows.cast<Array<int64_t>>();
-      rows_ptr = data_of(numbers, n, "rows");
-    }
     if (!queries.is_none()) {
       positions = queries.cast<Array<int64_t>>();
       if (positions.ndim() != 1) throw std::invalid_argument("queries: expected (q,) int64");
@@ -164,31 +154,16 @@ class PySearch {
   void scan_groups(const Array<uint8_t>& packed, const Array<float>& factors, const py::object& valid, const py::object& key_columns,
                    const Array<int64_t>& starts, const Array<int64_t>& stops, const Array<int64_t>& offsets, const Array<int64_t>& queries,
                    const py::object& query_bias, int threads) {
-    if (packed.ndim() != 2 || packed.shape(1) != plan_->code_bytes)
-      throw std::invalid_argument("packed: expected (n, " + std::to_string(plan_->code_bytes) + ") uint8");
-    const int64_t n = packed.shape(0), groups = starts.size();
-    if (factors.ndim() != 2 || factors.shape(0) != n || factors.shape(1) != plan_->n_factors) throw std::invalid_argument("factors: expected (n, n_factors) float32");
+    const int64_t n = checked_rows(packed, factors), groups = starts.size();
     const int64_t* lo = data_of(starts, groups, "starts");
     const int64_t* hi = data_of(stops, groups, "stops");
     const int64_t* off = data_of(offsets, groups + 1, "offsets");
     const int64_t* who = data_of(queries, off[groups], "queries");
     Array<uint8_t> mask, columns;
     Array<float> per_query;
-    const uint8_t* valid_ptr = nullptr;
-    const uint8_t* columns_ptr = nullptr;
-    const float* bias_ptr = nullptr;
-    if (!valid.is_none()) {
-      mask = valid.cast<Array<uint8_t>>();
-      valid_ptr = data_of(mask, n, "valid");
-    }
-    if (!key_columns.is_none()) {
-      columns = key_columns.cast<Array<uint8_t>>();
-      columns_ptr = data_of(columns, (n + tq::kBlock - 1) / tq::kBlock * (plan_->n_keys / 2) * tq::kBlock, "key_columns");
-    }
-    if (!query_bias.is_none()) {
-      per_query = query_bias.cast<Array<float>>();
-      bias_ptr = data_of(per_query, off[groups], "query_bias");
-    }
+    const uint8_t* valid_ptr = optional_data(valid, mask, n, "valid");
+    const uint8_t* columns_ptr = optional_data(key_columns, columns, column_bytes(n), "key_columns");
+    const float* bias_ptr = optional_data(query_bias, per_query, off[groups], "query_bias");
     if (off[0] != 0) throw std::invalid_argument("offsets: expected to start at 0");
     std::vector<int64_t> seen(m_, -1);  // the last group each query was seen in
     for (int64_t g = 0; g < groups; ++g) {
@@ -232,6 +207,18 @@ class PySearch {
   int64_t rescored() const { return search_->rescored(); }
 
  private:
+  // the row count of packed rows (n, code_bytes) with their factors (n, n_factors), checked
+  int64_t checked_rows(const Array<uint8_t>& packed, const Array<float>& factors) const {
+    if (packed.ndim() != 2 || packed.shape(1) != plan_->code_bytes)
+      throw std::invalid_argument("packed: expected (n, " + std::to_string(plan_->code_bytes) + ") uint8");
+    const int64_t n = packed.shape(0);
+    if (factors.ndim() != 2 || factors.shape(0) != n || factors.shape(1) != plan_->n_factors) throw std::invalid_argument("factors: expected (n, n_factors) float32");
+    return n;
+  }
+
+  // bytes of the key columns of n rows
+  int64_t column_bytes(int64_t n) const { return (n + tq::kBlock - 1) / tq::kBlock * (plan_->n_keys / 2) * tq::kBlock; }
+
   std::shared_ptr<tq::Plan> plan_;
   std::unique_ptr<tq::Search> search_;
   int64_t m_ = 0;
