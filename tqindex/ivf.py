@@ -8,9 +8,9 @@ bytes: WordNet 100k x 384, nlist 1024, nprobe 32, 10-recall@10 0.844 / 0.887 / 0
 A search scores the centroids,
 probes the ``nprobe`` lists of largest inner product with each query and scans only their rows,
 with the flat index's scan kernels: over lists in RAM the compiled fast-scan (the default on the
-CPU) scans every probed list for the queries that probe it in one call
-(`FastScanner.search_lists`: lists spread over the threads, each with its key columns, each
-query's tables made once and its candidates rescored once at the end); on disk and with the
+CPU) scans every probed list for the queries that probe it in one or two kernel calls
+(`FastScanner.scan_lists`: lists spread over the threads, each with its key columns, each
+query's tables made once and its candidates rescored once a call); on disk and with the
 other scanners, `kernels.scan_groups_topk` list by list or query by query, candidates rescored
 exactly. With residuals a row scores ``<q, c_list> + <q, residual>``. This is IVFADC
 (Jégou, Douze, Schmid, "Product quantization for nearest neighbor search", TPAMI 2011, sec. IV)
@@ -257,8 +257,8 @@ class TurboQuantIVFIndex(TurboQuantIndex):
         #: a search is scanned list by list (each list once, for all the queries probing it) when
         #: its queries probe each list at least this many times on average (``m * nprobe / nlist``),
         #: else query by query (each query's lists gathered into one chunk, one scan per query).
-        #: On disk and for the numba/torch scanners; the fast-scan over lists in RAM does both in one call
-        #: (`FastScanner.search_lists`)
+        #: On disk and for the numba/torch scanners; the fast-scan over lists in RAM does both at once
+        #: (`FastScanner.scan_lists`)
         self.list_major_queries = _LIST_MAJOR_QUERIES
         _check_nprobe(nprobe)
         self.device = torch.device("cpu")
