@@ -11,7 +11,7 @@ import platform
 from pybind11.setup_helpers import Pybind11Extension, build_ext
 from setuptools import setup
 
-DEPENDS = [f"tqindex/kernels/csrc/{name}" for name in ("module.cpp", "plan.h", "pool.h", "scan.h", "simd.h")]
+DEPENDS = [f"tqindex/kernels/csrc/{name}" for name in ("exact.h", "module.cpp", "plan.h", "pool.h", "scan.h", "simd.h")]
 VARIANTS = {"generic": ([], [])}
 if platform.machine().lower() in ("x86_64", "amd64"):
     VARIANTS["avx2"] = (["-mavx2", "-mfma", "-mbmi2"], [("TQ_ISA_AVX2", "1")])

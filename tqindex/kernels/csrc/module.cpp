@@ -81,17 +81,17 @@ std::shared_ptr<tq::Plan> make_plan(int dim, int code_bytes, int n_factors, int 
   const float* ev = data_of(key_errvar, g * 4, "key_errvar");
   plan->key_errvar.assign(ev, ev + g * 4);
   if (fields.ndim() != 2 || fields.shape(1) != 4) throw std::invalid_argument("fields: expected (F, 4)");
+  std::vector<tq::Field> index_fields;
   for (py::ssize_t f = 0; f < fields.shape(0); ++f) {
     const int32_t* v = fields.data(f, 0);
     if (v[1] != 1 && v[1] != 2 && v[1] != 4 && v[1] != 8) throw std::invalid_argument("fields: widths must be 1, 2, 4 or 8 bits");
     if (v[2] < 0 || v[2] > dim) throw std::invalid_argument("fields: a field's stop must be within 0..dim");
-    plan->fields.push_back(tq::Field{v[0], v[1], v[2], v[3]});
+    index_fields.push_back(tq::Field{v[0], v[1], v[2], v[3]});
   }
   const int32_t* sf = data_of(sign_field, 4, "sign_field");
-  plan->sign_field = tq::Field{sf[0], sf[1], sf[2], sf[3]};
-  plan->levels.assign(levels.data(), levels.data() + levels.size());
   const int32_t* lo = data_of(level_offset, dim, "level_offset");
-  plan->level_offset.assign(lo, lo + dim);
+  plan->exact = tq::ExactScorer(dim, std::move(index_fields), tq::Field{sf[0], sf[1], sf[2], sf[3]},
+                                std::vector<float>(levels.data(), levels.data() + levels.size()), std::vector<int32_t>(lo, lo + dim));
   plan->index_keys();
   return plan;
 }

@@ -1,6 +1,6 @@
 // The fast-scan plan of one codec layout, and what it computes per query:
 // quantized look-up tables (one scale and bias per query and segment), their error bound,
-// and the exact (float64) score of a packed row, used to rescore candidates.
+// and the exact (float64) score of a packed row (exact.h), used to rescore candidates.
 //
 // Keys. A row's score is a sum over keys g of T_g[key_g(row)], where key_g is a 4-bit value
 // gathered from the packed row by a few "parts" (byte column, shift, mask) and T_g is a 16-entry
@@ -17,6 +17,8 @@
 #include <stdexcept>
 #include <vector>
 
+#include "exact.h"
+
 namespace tq {
 
 struct Part {
@@ -24,10 +26,6 @@ struct Part {
   int32_t rshift;  // shift right by this (or left by lshift): moves the bits to their key position
   int32_t lshift;
   uint8_t mask;    // the key bits this part sets, after the shift
-};
-
-struct Field {
-  int32_t offset, width, stop, shift;  // as in tqindex/packing.py
 };
 
 // Largest table entry: the two entries of a key pair add in 8 bits (scan.h, accumulate).
@@ -82,12 +80,9 @@ struct Plan {
   std::vector<int32_t> key_span;    // (n_keys,): reachable values 0 .. span - 1
   std::vector<uint8_t> key_monotone;  // (n_keys,): one coordinate whose values rise with the key
   std::vector<float> slot_values;   // (n_keys, 4, 16): key_values slot-major
-  std::vector<Field> fields;        // index fields
-  Field sign_field{-1, 1, 0, 0};    // offset -1: no signs
-  std::vector<float> levels;
-  std::vector<int32_t> level_offset;  // (D,)
+  ExactScorer exact;                // the exact estimator, which rescores candidates
 
-  int query_width() const { return sign_field.offset >= 0 ? 2 * dim : dim; }
+  int query_width() const { return exact.has_signs() ? 2 * dim : dim; }
 
   // Fill lut (n_keys * 16 bytes) and the scales, biases and error margins for one rotated query.
   // z > 0: margins are min(worst case, z standard deviations of the rounding error); z <= 0: worst case.
@@ -196,66 +191,6 @@ struct Plan {
       const float* values = &slot_values[g * 64];
       key_monotone[g] = key_slots[g] == 1 && std::is_sorted(values, values + key_span[g]);
     }
-  }
-
-  // Exact estimator of one packed row: f0 * <q, c[idx]> + f1 * <q2, signs>, in float64, with four
-  // partial sums (one chain of float64 adds would wait on each add's latency): coordinate j goes
-  // to sum j % 4, in order. The common layouts (whole fields of W0 and W1 bits, dim a multiple of
-  // 8) read the codes as the sum goes, 2.6x faster at 4 bits than unpacking into idx first.
-  double exact_score(const float* q, const uint8_t* row, const float* factors, int32_t* idx) const {
-    const bool whole = dim % 8 == 0 && fields.size() <= 2 && std::all_of(fields.begin(), fields.end(), [&](const Field& f) { return f.stop == dim; }) &&
-                       (fields.empty() || fields[0].shift == 0) && (fields.size() < 2 || fields[1].shift == fields[0].width);
-    const int w0 = !fields.empty() ? fields[0].width : 0, w1 = fields.size() > 1 ? fields[1].width : 0;
-    double score;
-    if (whole && w0 == 1 && w1 == 0) score = fused_score<1, 0>(q, row);
-    else if (whole && w0 == 2 && w1 == 0) score = fused_score<2, 0>(q, row);
-    else if (whole && w0 == 4 && w1 == 0) score = fused_score<4, 0>(q, row);
-    else if (whole && w0 == 8 && w1 == 0) score = fused_score<8, 0>(q, row);
-    else if (whole && w0 == 2 && w1 == 1) score = fused_score<2, 1>(q, row);
-    else if (whole && w0 == 4 && w1 == 1) score = fused_score<4, 1>(q, row);
-    else if (whole && w0 == 4 && w1 == 2) score = fused_score<4, 2>(q, row);
-    else score = unpacked_score(q, row, idx);
-    score *= static_cast<double>(factors[0]);
-    if (sign_field.offset < 0) return score;
-    double s1[2] = {0, 0};
-    const float* q2 = q + dim;
-    for (int i = 0, byte = sign_field.offset; i < dim; ++byte) {
-      unsigned bits = row[byte];
-      for (int slot = 0; slot < 8 && i < dim; ++slot, ++i, bits >>= 1) s1[slot & 1] += (bits & 1) ? q2[i] : -static_cast<double>(q2[i]);
-    }
-    return score + static_cast<double>(factors[1]) * (s1[0] + s1[1]);
-  }
-
-  // <q, c[idx]> where every coordinate's code is a W0-bit value of field 0 plus (W1 > 0) a W1-bit
-  // value of field 1 above it, 8 coordinates at a time
-  template <int W0, int W1>
-  double fused_score(const float* q, const uint8_t* row) const {
-    const uint8_t* bytes0 = row + fields[0].offset;
-    const uint8_t* bytes1 = W1 > 0 ? row + fields[1].offset : row;
-    double part[4] = {0, 0, 0, 0};
-    for (int j = 0; j < dim; j += 8) {
-      for (int t = 0; t < 8; ++t) {
-        uint32_t code = (static_cast<uint32_t>(bytes0[(j + t) / (8 / W0)]) >> (((j + t) % (8 / W0)) * W0)) & ((1u << W0) - 1);
-        if (W1 > 0) code |= ((static_cast<uint32_t>(bytes1[(j + t) / (8 / W1)]) >> (((j + t) % (8 / W1)) * W1)) & ((1u << W1) - 1)) << W0;
-        part[t % 4] += static_cast<double>(q[j + t]) * levels[level_offset[j + t] + code];
-      }
-    }
-    return (part[0] + part[1]) + (part[2] + part[3]);
-  }
-
-  // <q, c[idx]> for any layout: the row unpacked into idx (dim int32 scratch) first
-  double unpacked_score(const float* q, const uint8_t* row, int32_t* idx) const {
-    std::fill(idx, idx + dim, 0);
-    for (const Field& f : fields) {
-      const int per_byte = 8 / f.width, mask = (1 << f.width) - 1;
-      for (int j = 0, byte = f.offset; j < f.stop; ++byte) {
-        unsigned bits = row[byte];
-        for (int slot = 0; slot < per_byte && j < f.stop; ++slot, ++j, bits >>= f.width) idx[j] |= (bits & mask) << f.shift;
-      }
-    }
-    double part[4] = {0, 0, 0, 0};
-    for (int j = 0; j < dim; ++j) part[j % 4] += static_cast<double>(q[j]) * levels[level_offset[j] + idx[j]];
-    return (part[0] + part[1]) + (part[2] + part[3]);
   }
 };
 

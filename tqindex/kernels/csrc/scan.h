@@ -476,7 +476,7 @@ class Search {
           // the rows were scanned as key columns: their packed bytes are far from the cache
           for (size_t ahead = at == 0 ? 1 : kRescoreAhead; ahead <= kRescoreAhead && at + ahead < list.size(); ++ahead)
             prefetch_row(codes.packed + list[at + ahead].row * plan_->code_bytes, factors + list[at + ahead].row * nf);
-          const double score = plan_->exact_score(query, codes.packed + c.row * plan_->code_bytes, factors + c.row * nf, idx.data()) + c.bias;
+          const double score = plan_->exact(query, codes.packed + c.row * plan_->code_bytes, factors + c.row * nf, idx.data()) + c.bias;
           best_[i].push(Hit{static_cast<float>(score), c.row});
           ++rescored;
         }
@@ -623,7 +623,7 @@ class Search {
       for (const Candidate& c : list) {
         if (c.upper < slack(std::max({who.floor[i], found[i].lower.threshold(), exact.threshold()}))) break;
         const uint8_t* bytes = codes.packed + c.row * plan.code_bytes;
-        const double score = plan.exact_score(query, bytes, factors + c.row * nf, idx.data()) + (bias != nullptr ? bias[c.row] : 0.0) +
+        const double score = plan.exact(query, bytes, factors + c.row * nf, idx.data()) + (bias != nullptr ? bias[c.row] : 0.0) +
                              static_cast<double>(who.bias[i]);
         exact.push(Hit{static_cast<float>(score), numbering(c.row)});
         ++rescored;
