@@ -19,6 +19,10 @@
 
 #include "exact.h"
 
+#if defined(__AVX512F__) || defined(__AVX__)
+#include <immintrin.h>
+#endif
+
 namespace tq {
 
 struct Part {
@@ -49,6 +53,24 @@ constexpr int kVectorBytes = 16;
 constexpr int kLanes = kVectorBytes / 4, kParts = 16 / kLanes;
 typedef float FV __attribute__((vector_size(kVectorBytes)));
 typedef int32_t IV __attribute__((vector_size(kVectorBytes)));
+typedef uint8_t BV __attribute__((vector_size(kLanes)));
+
+// The largest lane of v: a shuffle tree where the build has x86 vectors (GCC kept a loop over
+// lanes in memory, a chain of store forwards)
+inline float lane_max(FV v) {
+#if defined(__AVX512F__)
+  return _mm512_reduce_max_ps(reinterpret_cast<__m512>(v));
+#elif defined(__AVX__)
+  const __m256 w = reinterpret_cast<__m256>(v);
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(w), _mm256_extractf128_ps(w, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  return _mm_cvtss_f32(_mm_max_ss(m, _mm_shuffle_ps(m, m, 1)));
+#else
+  float m = v[0];
+  for (int lane = 1; lane < kLanes; ++lane) m = std::max(m, v[lane]);
+  return m;
+#endif
+}
 
 // lanes[span][h]: 1 for the values v = h * kLanes + lane below span, else 0
 struct SpanMask {
@@ -78,6 +100,7 @@ struct Plan {
   std::vector<float> key_errvar;    // (n_keys, 4): mean squared such error
   std::vector<int32_t> key_slots;   // (n_keys,): slots in use (a prefix), from index_keys()
   std::vector<int32_t> key_span;    // (n_keys,): reachable values 0 .. span - 1
+  std::vector<float> key_share;      // (n_keys,): 1 / key_span
   std::vector<uint8_t> key_monotone;  // (n_keys,): one coordinate whose values rise with the key
   std::vector<float> slot_values;   // (n_keys, 4, 16): key_values slot-major
   ExactScorer exact;                // the exact estimator, which rescores candidates
@@ -96,37 +119,43 @@ struct Plan {
     float* lo = reinterpret_cast<float*>(table + kParts * static_cast<size_t>(n_keys));
     double max_range[2] = {0, 0}, sum_range[2] = {0, 0}, approx_max[2] = {0, 0}, approx_var[2] = {0, 0};
     double magnitude[2] = {0, 0};  // sum over keys of |low| + range: the float32 roundings scale with it
-    for (int g = 0; g < n_keys; ++g) {
-      const int s = g < n_index_keys ? 0 : 1, span = key_span[g];
-      FV* t = table + kParts * g;
-      for (int h = 0; h < kParts; ++h) t[h] = FV{};
-      for (int slot = 0; slot < key_slots[g]; ++slot) {
-        const float qc = q[key_coord[g * 4 + slot]];
-        const float* values = &slot_values[(g * 4 + slot) * 16];
-        for (int h = 0; h < kParts; ++h) {
-          FV v;
-          std::memcpy(&v, values + kLanes * h, sizeof v);
-          t[h] += qc * v;
+    for (int s = 0; s < 2; ++s) {  // index keys, then sign keys; sums in locals (in the arrays, each
+      // key's sum would wait on the last one's store)
+      double s_max_range = 0, s_sum_range = 0, s_approx_max = 0, s_approx_var = 0, s_bias = 0, s_magnitude = 0;
+      for (int g = s == 0 ? 0 : n_index_keys; g < (s == 0 ? n_index_keys : n_keys); ++g) {
+        const int span = key_span[g];
+        FV* t = table + kParts * g;
+        for (int h = 0; h < kParts; ++h) t[h] = FV{};
+        for (int slot = 0; slot < key_slots[g]; ++slot) {
+          const float qc = q[key_coord[g * 4 + slot]];
+          const float* values = &slot_values[(g * 4 + slot) * 16];
+          for (int h = 0; h < kParts; ++h) {
+            FV v;
+            std::memcpy(&v, values + kLanes * h, sizeof v);
+            t[h] += qc * v;
+          }
+          s_approx_max += std::fabs(qc) * key_errmax[g * 4 + slot];
+          s_approx_var += static_cast<double>(qc) * qc * key_errvar[g * 4 + slot];
         }
-        approx_max[s] += std::fabs(qc) * key_errmax[g * 4 + slot];
-        approx_var[s] += static_cast<double>(qc) * qc * key_errvar[g * 4 + slot];
+        const float* tv = reinterpret_cast<const float*>(t);
+        float low, high;
+        if (key_monotone[g]) {  // one coordinate, levels in order: its extremes are at the ends
+          // (min / max, not a branch on the query's sign, which the CPU would mispredict half the time)
+          low = std::min(tv[0], tv[span - 1]);
+          high = std::max(tv[0], tv[span - 1]);
+        } else {
+          low = *std::min_element(tv, tv + span);
+          high = *std::max_element(tv, tv + span);
+        }
+        lo[g] = low;
+        const double range = static_cast<double>(high) - low;
+        s_max_range = std::max(s_max_range, range);
+        s_sum_range += range;
+        s_bias += low;
+        s_magnitude += std::fabs(low) + range;
       }
-      const float* tv = reinterpret_cast<const float*>(t);
-      float low, high;
-      if (key_monotone[g]) {  // one coordinate, levels in order: its extremes are at the ends
-        // (min / max, not a branch on the query's sign, which the CPU would mispredict half the time)
-        low = std::min(tv[0], tv[span - 1]);
-        high = std::max(tv[0], tv[span - 1]);
-      } else {
-        low = *std::min_element(tv, tv + span);
-        high = *std::max_element(tv, tv + span);
-      }
-      lo[g] = low;
-      const double range = static_cast<double>(high) - low;
-      max_range[s] = std::max(max_range[s], range);
-      sum_range[s] += range;
-      out.bias[s] += low;
-      magnitude[s] += std::fabs(low) + range;
+      max_range[s] = s_max_range, sum_range[s] = s_sum_range, approx_max[s] = s_approx_max, approx_var[s] = s_approx_var;
+      out.bias[s] = s_bias, magnitude[s] = s_magnitude;
     }
     double a[2];
     for (int s = 0; s < 2; ++s) {
@@ -138,9 +167,10 @@ struct Plan {
     for (int s = 0; s < 2; ++s) {  // index keys, then sign keys
       const float scale = static_cast<float>(out.scale[s]), as = static_cast<float>(a[s]);
       FV var_lanes[kParts] = {};  // per value 0..15: the sum over keys of err^2 / span (the same in every build)
+      double worst_s = 0;
       for (int g = s == 0 ? 0 : n_index_keys; g < (s == 0 ? n_index_keys : n_keys); ++g) {
         const int span = key_span[g];
-        const float low = lo[g], share = 1.0f / span;
+        const float low = lo[g], share = key_share[g];
         IV err_max = {};  // |err| as bit patterns, which order non-negative floats alike
         for (int h = 0; h < kParts; ++h) {
           const FV t = table[kParts * g + h], in = kSpanMask.lanes[span][h];
@@ -148,17 +178,16 @@ struct Plan {
           IV level = __builtin_convertvector((t - low) * as * in + 0.5f, IV);
           const IV over = level > kTableMax;
           level = (level & ~over) | (kTableMax & over);
-          for (int lane = 0; lane < kLanes; ++lane) lut[g * 16 + h * kLanes + lane] = static_cast<uint8_t>(level[lane]);
+          const BV bytes = __builtin_convertvector(level, BV);
+          std::memcpy(lut + g * 16 + h * kLanes, &bytes, sizeof bytes);
           const FV err = (t - (__builtin_convertvector(level, FV) * scale + low)) * in;
           var_lanes[h] += err * err * share;
           const IV size = reinterpret_cast<IV>(err) & 0x7fffffff, larger = size > err_max;
           err_max = (err_max & ~larger) | (size & larger);
         }
-        const FV widest = reinterpret_cast<FV>(err_max);
-        float m = 0;
-        for (int lane = 0; lane < kLanes; ++lane) m = std::max(m, widest[lane]);
-        worst[s] += m;
+        worst_s += lane_max(reinterpret_cast<FV>(err_max));
       }
+      worst[s] = worst_s;
       for (int v = 0; v < 16; ++v) var[s] += var_lanes[v / kLanes][v % kLanes];
     }
     for (int s = 0; s < 2; ++s) {
@@ -177,6 +206,7 @@ struct Plan {
     key_slots.assign(n_keys, 0);
     key_span.assign(n_keys, 0);
     key_monotone.assign(n_keys, 0);
+    key_share.assign(n_keys, 0.0f);
     slot_values.assign(static_cast<size_t>(n_keys) * 64, 0.0f);
     for (int g = 0; g < n_keys; ++g) {
       while (key_slots[g] < 4 && key_coord[g * 4 + key_slots[g]] >= 0) ++key_slots[g];
@@ -186,6 +216,7 @@ struct Plan {
       for (int slot = key_slots[g]; slot < 4; ++slot)
         if (key_coord[g * 4 + slot] >= 0) throw std::invalid_argument("a key's query columns must be a prefix of its slots");
       if (key_span[g] == 0) throw std::invalid_argument("every key must reach value 0");
+      key_share[g] = 1.0f / key_span[g];
       for (int slot = 0; slot < 4; ++slot)
         for (int v = 0; v < key_span[g]; ++v) slot_values[(g * 4 + slot) * 16 + v] = key_values[(g * 16 + v) * 4 + slot];  // 0 past the span
       const float* values = &slot_values[g * 64];
