@@ -355,7 +355,10 @@ class Search {
       : plan_(std::move(plan)), m_(m), k_(k) {
     const int width = plan_->query_width();
     queries_.assign(queries, queries + m * width);
-    lut_.resize(static_cast<size_t>(m) * lut_stride() + 64);
+    // not zeroed (build_tables writes every entry; zeroing megabytes cost more than the scan at
+    // nprobe 1), except the 64 bytes of padding past the last table
+    lut_.reset(new uint8_t[static_cast<size_t>(m) * lut_stride() + 64]);
+    std::memset(lut_.get() + static_cast<size_t>(m) * lut_stride(), 0, 64);
     tables_.resize(m);
     // tables of many queries: in parallel, claimed a few queries at a time, so that a worker slowed
     // by another process's thread on its core (an OpenMP team still spinning) holds no one up
@@ -498,7 +501,7 @@ class Search {
   }
 
   const QueryTables& tables(int64_t i) const { return tables_[i]; }
-  const uint8_t* lut(int64_t i) const { return lut_.data() + i * lut_stride(); }
+  const uint8_t* lut(int64_t i) const { return lut_.get() + i * lut_stride(); }
   int64_t rescored() const { return rescored_.load(); }
 
  private:
@@ -524,7 +527,7 @@ class Search {
   };
 
   size_t lut_stride() const { return static_cast<size_t>(plan_->n_keys) * 16; }
-  uint8_t* mutable_lut(int64_t i) { return lut_.data() + i * lut_stride(); }
+  uint8_t* mutable_lut(int64_t i) { return lut_.get() + i * lut_stride(); }
 
   // Rows [first, last) steps: candidates are collected with their bounds as the steps go (the k
   // best lower bounds so far prune the rest), then rescored best upper bound first, stopping
@@ -689,7 +692,7 @@ class Search {
   int64_t m_;
   int k_;
   std::vector<float> queries_;
-  std::vector<uint8_t> lut_;
+  std::unique_ptr<uint8_t[]> lut_;
   std::vector<QueryTables> tables_;
   std::vector<TopK> best_;
   std::vector<LowerK> lower_;
