@@ -237,6 +237,19 @@ Array<uint8_t> key_columns(const std::shared_ptr<tq::Plan>& plan, const Array<ui
   return out;
 }
 
+// The largest of row[start, stop), stop > start, finite
+float row_max(const float* row, int64_t start, int64_t stop) {
+  float lanes[8];
+  for (int t = 0; t < 8; ++t) lanes[t] = row[start];
+  int64_t j = start;
+  for (; j + 8 <= stop; j += 8)  // 8 independent maxima: no chain of dependent compares
+    for (int t = 0; t < 8; ++t) lanes[t] = row[j + t] > lanes[t] ? row[j + t] : lanes[t];
+  for (; j < stop; ++j) lanes[0] = row[j] > lanes[0] ? row[j] : lanes[0];
+  float top = lanes[0];
+  for (int t = 1; t < 8; ++t) top = std::max(top, lanes[t]);
+  return top;
+}
+
 // The k best entries (larger, then lower column) of one row of n finite floats into scores[0..k)
 // and columns[0..k). The least of the maxima of >= k blocks of the row is at most its k-th
 // largest, so the entries at or above it hold the k best: a pass for the maxima, a pass
@@ -244,27 +257,17 @@ Array<uint8_t> key_columns(const std::shared_ptr<tq::Plan>& plan, const Array<ui
 // selection among those (a heap of k costs a mispredicted branch and a sift per insertion
 // instead: 2.4x slower at k = 32 of 1,024).
 void top_k_of_row(const float* row, int64_t n, int k, std::vector<uint64_t>& keys, float* scores, int64_t* columns) {
-  if (k == 1) {  // one pass: the first largest
+  if (k == 1) {  // the maximum, then its first column (a running arg-max waits on each compare: 4x slower)
+    const float top = row_max(row, 0, n);
     int64_t best = 0;
-    for (int64_t j = 1; j < n; ++j) best = row[j] > row[best] ? j : best;
-    scores[0] = row[best] == 0.0f ? 0.0f : row[best];  // -0.0 ties with 0.0, as below
+    while (row[best] != top) ++best;
+    scores[0] = top == 0.0f ? 0.0f : top;  // -0.0 ties with 0.0, as below
     columns[0] = best;
     return;
   }
   const int64_t block = std::max<int64_t>(1, n / k);  // ceil(n / block) >= k blocks
   float floor = std::numeric_limits<float>::infinity();
-  for (int64_t start = 0; start < n; start += block) {
-    const int64_t stop = std::min(n, start + block);
-    float lanes[8];
-    for (int t = 0; t < 8; ++t) lanes[t] = row[start];
-    int64_t j = start;
-    for (; j + 8 <= stop; j += 8)  // 8 independent maxima: no chain of dependent compares
-      for (int t = 0; t < 8; ++t) lanes[t] = row[j + t] > lanes[t] ? row[j + t] : lanes[t];
-    for (; j < stop; ++j) lanes[0] = row[j] > lanes[0] ? row[j] : lanes[0];
-    float top = lanes[0];
-    for (int t = 1; t < 8; ++t) top = std::max(top, lanes[t]);
-    floor = std::min(floor, top);
-  }
+  for (int64_t start = 0; start < n; start += block) floor = std::min(floor, row_max(row, start, std::min(n, start + block)));
   keys.clear();
   for (int64_t j = 0; j < n; ++j) {
     if (row[j] < floor) continue;  // most entries: a branch the CPU predicts (6x faster than a branch-free store)
