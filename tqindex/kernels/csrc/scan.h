@@ -587,21 +587,36 @@ class Search {
             const int64_t i = i0 + qi;
             const QueryTables& t = tables_[who.query[i]];
             LowerK& lower = found[i].lower;
-            const float tau = slack(std::max(who.floor[i], lower.threshold()));
-            uint64_t bits =
-                may_enter(sums[qi], &f0[slot * kRows], &f1[slot * kRows], &row_bias[slot * kRows], who.bias[i], t, tau, nf) & live[slot];
-            while (bits) {
-              const int r = __builtin_ctzll(bits);
-              bits &= bits - 1;
-              const int64_t j = slot * kRows + r;
+            const int64_t j0 = slot * kRows;
+            // the bounds of row r of the step for this query: its estimate -+ the margin
+            auto bounds = [&](int r) {
+              const int64_t j = j0 + r;
               double approx = f0[j] * (sums[qi][0][r] * t.scale[0] + t.bias[0]) + row_bias[j] + who.bias[i];
               double margin = std::fabs(f0[j]) * t.margin[0];
               if (nf > 1) {
                 approx += f1[j] * (sums[qi][1][r] * t.scale[1] + t.bias[1]);
                 margin += std::fabs(f1[j]) * t.margin[1];
               }
-              lower.push(static_cast<float>(approx - margin));
-              candidates[i].push_back(Candidate{static_cast<float>(approx + margin), step * kRows + r});
+              return std::make_pair(static_cast<float>(approx - margin), static_cast<float>(approx + margin));
+            };
+            float tau = slack(std::max(who.floor[i], lower.threshold()));
+            if (tau == -std::numeric_limits<float>::infinity() && __builtin_popcountll(live[slot]) >= k_) {
+              // no floor yet (a query's first rows): the k-th best lower bound of this step's rows,
+              // what `lower` would hold once they were all pushed, prunes them before any is kept
+              // (at nprobe 1 a query's list is its only rows: most would be kept, then dropped)
+              float lows[kRows];
+              int count = 0;
+              for (uint64_t bits = live[slot]; bits; bits &= bits - 1) lows[count++] = bounds(__builtin_ctzll(bits)).first;
+              std::nth_element(lows, lows + (k_ - 1), lows + count, std::greater<float>());
+              tau = slack(lows[k_ - 1]);
+            }
+            uint64_t bits = may_enter(sums[qi], &f0[j0], &f1[j0], &row_bias[j0], who.bias[i], t, tau, nf) & live[slot];
+            while (bits) {
+              const int r = __builtin_ctzll(bits);
+              bits &= bits - 1;
+              const auto [low, high] = bounds(r);
+              lower.push(low);
+              candidates[i].push_back(Candidate{high, step * kRows + r});
             }
             if (candidates[i].size() > kCompactAt + 4 * static_cast<size_t>(k_)) compact(candidates[i], slack(lower.threshold()));
           }
