@@ -448,7 +448,7 @@ class TurboQuantIVFIndex(TurboQuantIndex):
             # the few large products on the caller's threads; the rest, many small operations, on one
             # (see _OneIntraOpThread), except the fast-scan over lists in RAM, which spreads the lists over them
             coarse = rows[start:stop] @ self._centroids.t()  # (b, nlist): <q, c> of every list
-            rotated = self.codec.rotate_queries(rows[start:stop])
+            rotated = self.codec.rotate_rows(rows[start:stop])  # rows checked above: no second pass over them
             with _ONE_INTRA_OP_THREAD:
                 scores[start:stop], slots = self._search_block(scanner, rotated, coarse, k, nprobe, lists, allowed, query_major, threads)
             slots = slots.numpy()
