@@ -402,3 +402,23 @@ def test_top_k_rows_refuses_k_outside_the_row():
     for k in (0, 6):
         with pytest.raises(ValueError, match="k must be in 1..5"):
             fastscan.top_k_rows(scores, k)
+
+
+def test_make_plan_refuses_levels_and_fields_outside_their_arrays():
+    """A plan whose rows or levels would be read out of bounds is refused when it is made."""
+    codec = TurboQuantCodec(64, 4, variant="prod")
+    scanner = FastScanner(codec)
+    args = list(scanner._plan_args)  # ..., fields (12), sign_field (13), levels (14), level_offset (15)
+    bad_offsets = args[15].copy()
+    bad_offsets[5] = len(args[14]) - 1  # its 3-bit codes would reach past the end
+    with pytest.raises(ValueError, match="level_offset: a code past the levels"):
+        scanner._module.make_plan(*args[:15], bad_offsets)
+    bad_fields = args[12].copy()
+    bad_fields[0, 0] = codec.code_bytes - 1  # the field's bytes would run past the row
+    with pytest.raises(ValueError, match="fields: a field outside the row"):
+        scanner._module.make_plan(*args[:12], bad_fields, *args[13:])
+    bad_sign = args[13].copy()
+    bad_sign[0] = codec.code_bytes - 2
+    with pytest.raises(ValueError, match="sign_field: outside the row"):
+        scanner._module.make_plan(*args[:13], bad_sign, *args[14:])
+    scanner._module.make_plan(*args)  # the codec's own arguments pass

@@ -31,7 +31,7 @@ class ExactScorer {
   ExactScorer() = default;
 
   // fields: the index fields; sign_field offset -1 for none; levels (L,) and level_offset (dim,):
-  // coordinate j's code c has level levels[level_offset[j] + c] (the caller checks the bounds)
+  // coordinate j's code c has level levels[level_offset[j] + c] (make_plan checks every index is in bounds)
   ExactScorer(int dim, std::vector<Field> fields, Field sign_field, std::vector<float> levels, std::vector<int32_t> level_offset)
       : dim_(dim), fields_(std::move(fields)), sign_field_(sign_field), levels_(std::move(levels)), level_offset_(std::move(level_offset)) {
     const bool whole = dim_ % 8 == 0 && fields_.size() <= 2 &&

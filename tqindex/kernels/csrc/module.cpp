@@ -86,10 +86,19 @@ std::shared_ptr<tq::Plan> make_plan(int dim, int code_bytes, int n_factors, int 
     const int32_t* v = fields.data(f, 0);
     if (v[1] != 1 && v[1] != 2 && v[1] != 4 && v[1] != 8) throw std::invalid_argument("fields: widths must be 1, 2, 4 or 8 bits");
     if (v[2] < 0 || v[2] > dim) throw std::invalid_argument("fields: a field's stop must be within 0..dim");
+    if (v[0] < 0 || v[3] < 0 || v[3] + v[1] > 30 || v[0] + (static_cast<int64_t>(v[2]) * v[1] + 7) / 8 > code_bytes)
+      throw std::invalid_argument("fields: a field outside the row");
     index_fields.push_back(tq::Field{v[0], v[1], v[2], v[3]});
   }
   const int32_t* sf = data_of(sign_field, 4, "sign_field");
+  if (sf[0] >= 0 && sf[0] + (dim + 7) / 8 > code_bytes) throw std::invalid_argument("sign_field: outside the row");
   const int32_t* lo = data_of(level_offset, dim, "level_offset");
+  for (int j = 0; j < dim; ++j) {  // the largest code of coordinate j must index a level
+    int64_t top = 0;
+    for (const tq::Field& f : index_fields)
+      if (j < f.stop) top |= ((int64_t{1} << f.width) - 1) << f.shift;
+    if (lo[j] < 0 || lo[j] + top >= static_cast<int64_t>(levels.size())) throw std::invalid_argument("level_offset: a code past the levels");
+  }
   plan->exact = tq::ExactScorer(dim, std::move(index_fields), tq::Field{sf[0], sf[1], sf[2], sf[3]},
                                 std::vector<float>(levels.data(), levels.data() + levels.size()), std::vector<int32_t>(lo, lo + dim));
   plan->index_keys();
