@@ -397,6 +397,16 @@ def test_top_k_rows_equals_torch_topk_with_ties_to_the_lower_column(k):
     assert columns[5, : min(k, 10)].tolist() == list(range(min(k, 10)))
 
 
+@pytest.mark.parametrize("k", [1, 4])
+def test_top_k_rows_with_a_nan_stays_in_the_row(k):
+    """Rows must be finite; one with a NaN still gets columns of the row (no read past it)."""
+    scores = torch.randn(3, 40)
+    scores[1, 0] = float("nan")
+    scores[2, :] = float("nan")
+    _, columns = fastscan.top_k_rows(scores, k, threads=1)
+    assert ((columns >= 0) & (columns < 40)).all()
+
+
 def test_top_k_rows_refuses_k_outside_the_row():
     scores = torch.zeros(2, 5)
     for k in (0, 6):

@@ -269,7 +269,7 @@ void top_k_of_row(const float* row, int64_t n, int k, std::vector<uint64_t>& key
   if (k == 1) {  // the maximum, then its first column (a running arg-max waits on each compare: 4x slower)
     const float top = row_max(row, 0, n);
     int64_t best = 0;
-    while (row[best] != top) ++best;
+    while (best + 1 < n && row[best] != top) ++best;  // bounded: a NaN (not for these rows) ends at the last column
     scores[0] = top == 0.0f ? 0.0f : top;  // -0.0 ties with 0.0, as below
     columns[0] = best;
     return;
