@@ -4,11 +4,12 @@
 // Every build sums in the same order, so all give the same scores: coordinate j goes to partial
 // sum j % 8, in order, and the eight partial sums add as ((0 + 1) + (2 + 3)) + ((4 + 5) + (6 + 7)).
 // Products of a float32 query value and a float32 level are exact in float64, so an AVX-512
-// register of eight float64 lanes is these eight sums. The AVX-512 build scores the common
-// layouts (whole fields of 1 + 0, 2 + 0, 4 + 0, 2 + 1 or 1 + 1 bits, one codebook of at most 16
-// levels, dim a multiple of 16) 16 coordinates a step, the levels from one register
-// (vpermps); the others read the codes 8 coordinates at a time (whole fields up to 8 + 0 and
-// 4 + 2 bits) or unpack the row first (any layout).
+// register of eight float64 lanes, or two AVX2 registers of four, are these eight sums. The
+// SIMD builds score the common layouts (whole fields of 1 + 0, 2 + 0, 4 + 0, 2 + 1 or 1 + 1
+// bits, one codebook of at most 16 levels, dim a multiple of kSimdCoords) kSimdCoords
+// coordinates a step, the levels from registers (vpermps); the others read the codes 8
+// coordinates at a time (whole fields up to 8 + 0 and 4 + 2 bits) or unpack the row first (any
+// layout).
 #pragma once
 
 #include <algorithm>
@@ -16,11 +17,17 @@
 #include <cstring>
 #include <vector>
 
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
 
 namespace tq {
+
+#if defined(__AVX512F__)
+constexpr int kSimdCoords = 16;  // coordinates a step of the SIMD index sum
+#else
+constexpr int kSimdCoords = 8;
+#endif
 
 struct Field {
   int32_t offset, width, stop, shift;  // as in tqindex/packing.py
@@ -42,7 +49,7 @@ class ExactScorer {
     const int n_levels = 1 << (w0_ + w1_);
     const bool one_codebook = !level_offset_.empty() && level_offset_[0] >= 0 && level_offset_[0] + n_levels <= static_cast<int>(levels_.size()) &&
                               std::all_of(level_offset_.begin(), level_offset_.end(), [&](int32_t o) { return o == level_offset_[0]; });
-    simd_ = whole && w0_ > 0 && w0_ + w1_ <= 4 && w0_ <= 4 && w1_ <= 2 && dim_ % 16 == 0 && one_codebook;
+    simd_ = whole && w0_ > 0 && w0_ + w1_ <= 4 && w0_ <= 4 && w1_ <= 2 && dim_ % kSimdCoords == 0 && one_codebook;
     if (simd_) std::copy_n(levels_.begin() + level_offset_[0], n_levels, table_);
     signs_simd_ = sign_field_.offset >= 0 && dim_ % 8 == 0;
   }
@@ -61,7 +68,7 @@ class ExactScorer {
 
   // <q, c[idx]>
   double index_sum(const float* q, const uint8_t* row, int32_t* idx) const {
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || defined(__AVX2__)
     if (simd_) {
       if (w0_ == 1 && w1_ == 0) return simd_sum<1, 0>(q, row);
       if (w0_ == 2 && w1_ == 0) return simd_sum<2, 0>(q, row);
@@ -136,11 +143,29 @@ class ExactScorer {
       _mm512_storeu_pd(part, acc);
       return total(part);
     }
-#endif
-    for (int i = 0; i < dim_; ++i) {
-      const double v = q2[i];
-      part[i % 8] += (bytes[i / 8] >> (i % 8)) & 1 ? v : -v;
+#elif defined(__AVX2__)
+    if (signs_simd_) {
+      __m256d acc_lo = _mm256_setzero_pd(), acc_hi = _mm256_setzero_pd();
+      const __m256d sign = _mm256_set1_pd(-0.0);
+      const __m256i bit_lo = _mm256_setr_epi64x(1, 2, 4, 8), bit_hi = _mm256_setr_epi64x(16, 32, 64, 128);
+      for (int i = 0; i < dim_; i += 8) {
+        const __m256i byte = _mm256_set1_epi64x(bytes[i / 8]);
+        const __m256d clear_lo = _mm256_castsi256_pd(_mm256_cmpeq_epi64(_mm256_and_si256(byte, bit_lo), _mm256_setzero_si256()));
+        const __m256d clear_hi = _mm256_castsi256_pd(_mm256_cmpeq_epi64(_mm256_and_si256(byte, bit_hi), _mm256_setzero_si256()));
+        acc_lo = _mm256_add_pd(acc_lo, _mm256_xor_pd(_mm256_cvtps_pd(_mm_loadu_ps(q2 + i)), _mm256_and_pd(clear_lo, sign)));
+        acc_hi = _mm256_add_pd(acc_hi, _mm256_xor_pd(_mm256_cvtps_pd(_mm_loadu_ps(q2 + i + 4)), _mm256_and_pd(clear_hi, sign)));
+      }
+      _mm256_storeu_pd(part, acc_lo);
+      _mm256_storeu_pd(part + 4, acc_hi);
+      return total(part);
     }
+#endif
+    // times +-1: exact, and no branch on random bits; 8 coordinates a step keep the sums in registers
+    auto add = [&](int i, int t) { part[t] += static_cast<double>(static_cast<int>((bytes[i / 8] >> t) & 1) * 2 - 1) * q2[i + t]; };
+    int i = 0;
+    for (; i + 8 <= dim_; i += 8)
+      for (int t = 0; t < 8; ++t) add(i, t);
+    for (int t = 0; i + t < dim_; ++t) add(i, t);
     return total(part);
   }
 
@@ -175,6 +200,37 @@ class ExactScorer {
     _mm512_storeu_pd(part, acc);
     return total(part);
   }
+#elif defined(__AVX2__)
+  // The W-bit codes of coordinates j .. j + 7 of a whole field starting at `bytes`, one per lane
+  template <int W>
+  static __m256i codes8(const uint8_t* bytes, int j) {
+    uint32_t word = 0;
+    std::memcpy(&word, bytes + j / 8 * W, W);
+    const __m256i bit = _mm256_setr_epi32(0, W, 2 * W, 3 * W, 4 * W, 5 * W, 6 * W, 7 * W);  // lane t's bits start at t * W
+    return _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int>(word)), bit), _mm256_set1_epi32((1 << W) - 1));
+  }
+
+  template <int W0, int W1>
+  double simd_sum(const float* q, const uint8_t* row) const {
+    const uint8_t* bytes0 = row + fields_[0].offset;
+    const uint8_t* bytes1 = W1 > 0 ? row + fields_[1].offset : row;
+    const __m256 table_lo = _mm256_loadu_ps(table_), table_hi = _mm256_loadu_ps(table_ + 8);
+    __m256d acc_lo = _mm256_setzero_pd(), acc_hi = _mm256_setzero_pd();  // partial sums 0-3 and 4-7
+    for (int j = 0; j < dim_; j += 8) {
+      __m256i code = codes8<W0>(bytes0, j);
+      if (W1 > 0) code = _mm256_or_si256(code, _mm256_slli_epi32(codes8<W1>(bytes1, j), W0));
+      __m256 level = _mm256_permutevar8x32_ps(table_lo, code);
+      if (W0 + W1 > 3)  // codes 8-15 from the second register: bit 3 moved to the sign bit selects it
+        level = _mm256_blendv_ps(level, _mm256_permutevar8x32_ps(table_hi, code), _mm256_castsi256_ps(_mm256_slli_epi32(code, 28)));
+      const __m256 value = _mm256_loadu_ps(q + j);
+      acc_lo = _mm256_add_pd(acc_lo, _mm256_mul_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(value)), _mm256_cvtps_pd(_mm256_castps256_ps128(level))));
+      acc_hi = _mm256_add_pd(acc_hi, _mm256_mul_pd(_mm256_cvtps_pd(_mm256_extractf128_ps(value, 1)), _mm256_cvtps_pd(_mm256_extractf128_ps(level, 1))));
+    }
+    double part[8];
+    _mm256_storeu_pd(part, acc_lo);
+    _mm256_storeu_pd(part + 4, acc_hi);
+    return total(part);
+  }
 #endif
 
   int dim_ = 0;
@@ -183,8 +239,8 @@ class ExactScorer {
   std::vector<float> levels_;
   std::vector<int32_t> level_offset_;
   int w0_ = 0, w1_ = 0;     // widths of whole fields (0: not whole)
-  bool simd_ = false;       // the AVX-512 index sum applies
-  bool signs_simd_ = false;  // the AVX-512 sign sum applies
+  bool simd_ = false;       // the SIMD index sum applies
+  bool signs_simd_ = false;  // the SIMD sign sum applies
   float table_[16] = {};    // the one codebook, for simd_
 };
 
