@@ -21,6 +21,8 @@
 
 #if defined(__AVX512F__) || defined(__AVX__)
 #include <immintrin.h>
+#elif defined(__SSE2__)
+#include <emmintrin.h>
 #endif
 
 namespace tq {
@@ -53,7 +55,25 @@ constexpr int kVectorBytes = 16;
 constexpr int kLanes = kVectorBytes / 4, kParts = 16 / kLanes;
 typedef float FV __attribute__((vector_size(kVectorBytes)));
 typedef int32_t IV __attribute__((vector_size(kVectorBytes)));
-typedef uint8_t BV __attribute__((vector_size(kLanes)));
+
+// A key's 16 table entries (kParts vectors of int32 in 0..kTableMax) -> 16 bytes at out, with
+// packing instructions (GCC narrows a vector of int32 to bytes one lane at a time)
+inline void store_entries(uint8_t* out, const IV* level) {
+#if defined(__AVX512F__)
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(out), _mm512_cvtepi32_epi8(reinterpret_cast<__m512i>(level[0])));
+#elif defined(__AVX2__)
+  // packs works within 128-bit halves: entries 0-3, 8-11, 4-7, 12-15 as int16, put in order by the permute
+  const __m256i words = _mm256_permute4x64_epi64(_mm256_packs_epi32(reinterpret_cast<__m256i>(level[0]), reinterpret_cast<__m256i>(level[1])), 0xD8);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(out), _mm_packus_epi16(_mm256_castsi256_si128(words), _mm256_extracti128_si256(words, 1)));
+#elif defined(__SSE2__) && !defined(__AVX__)
+  const __m128i low = _mm_packs_epi32(reinterpret_cast<__m128i>(level[0]), reinterpret_cast<__m128i>(level[1]));
+  const __m128i high = _mm_packs_epi32(reinterpret_cast<__m128i>(level[2]), reinterpret_cast<__m128i>(level[3]));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(out), _mm_packus_epi16(low, high));
+#else
+  for (int h = 0; h < kParts; ++h)
+    for (int lane = 0; lane < kLanes; ++lane) out[h * kLanes + lane] = static_cast<uint8_t>(level[h][lane]);
+#endif
+}
 
 // The largest lane of v: a shuffle tree where the build has x86 vectors (GCC kept a loop over
 // lanes in memory, a chain of store forwards)
@@ -172,19 +192,19 @@ struct Plan {
         const int span = key_span[g];
         const float low = lo[g], share = key_share[g];
         IV err_max = {};  // |err| as bit patterns, which order non-negative floats alike
+        IV levels[kParts];
         for (int h = 0; h < kParts; ++h) {
           const FV t = table[kParts * g + h], in = kSpanMask.lanes[span][h];
           // t >= low on the span: rounds to nearest, to 0..kTableMax; past the span (in = 0) 0 and no error
           IV level = __builtin_convertvector((t - low) * as * in + 0.5f, IV);
           const IV over = level > kTableMax;
-          level = (level & ~over) | (kTableMax & over);
-          const BV bytes = __builtin_convertvector(level, BV);
-          std::memcpy(lut + g * 16 + h * kLanes, &bytes, sizeof bytes);
+          level = levels[h] = (level & ~over) | (kTableMax & over);
           const FV err = (t - (__builtin_convertvector(level, FV) * scale + low)) * in;
           var_lanes[h] += err * err * share;
           const IV size = reinterpret_cast<IV>(err) & 0x7fffffff, larger = size > err_max;
           err_max = (err_max & ~larger) | (size & larger);
         }
+        store_entries(lut + g * 16, levels);
         worst_s += lane_max(reinterpret_cast<FV>(err_max));
       }
       worst[s] = worst_s;
