@@ -6,7 +6,9 @@ imports the best one the CPU runs. Every extension is optional: where one fails 
 compiler, an old one), the package installs without it and searches with the numba/torch kernels.
 """
 
+import os
 import platform
+import tempfile
 
 from pybind11.setup_helpers import Pybind11Extension, build_ext
 from setuptools import setup
@@ -33,7 +35,33 @@ def _extension(isa: str, flags: list[str], macros: list[tuple[str, str]]) -> Pyb
     return extension
 
 
+def _has_openmp(compiler) -> bool:
+    """True when the compiler builds and links a shared object with -fopenmp."""
+    with tempfile.TemporaryDirectory() as tmp:
+        source = os.path.join(tmp, "omp.cpp")
+        with open(source, "w") as f:
+            f.write("#include <omp.h>\nint threads() { int n = 0;\n#pragma omp parallel\n n = omp_get_num_threads();\n return n; }\n")
+        try:
+            objects = compiler.compile([source], output_dir=tmp, extra_postargs=["-fopenmp"])
+            compiler.link_shared_object(objects, os.path.join(tmp, "omp.so"), extra_postargs=["-fopenmp"])
+        except Exception:  # distutils' CompileError / LinkError, or no compiler at all
+            return False
+    return True
+
+
+class BuildExt(build_ext):
+    """pybind11's build_ext, with OpenMP where the compiler has it: the kernels' threads are then
+    the team of torch's OpenMP runtime (csrc/pool.h); without it, a pool of std::threads."""
+
+    def build_extensions(self) -> None:
+        if _has_openmp(self.compiler):
+            for extension in self.extensions:
+                extension.extra_compile_args.append("-fopenmp")
+                extension.extra_link_args.append("-fopenmp")
+        super().build_extensions()
+
+
 setup(
     ext_modules=[_extension(isa, *spec) for isa, spec in VARIANTS.items()],
-    cmdclass={"build_ext": build_ext},
+    cmdclass={"build_ext": BuildExt},
 )

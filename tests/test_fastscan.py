@@ -2,6 +2,8 @@
 
 import importlib
 import os
+import select
+import signal
 
 import numpy as np
 import pytest
@@ -151,6 +153,45 @@ def test_statistical_margin_rescores_fewer_rows():
         counts[z] = search.rescored()
         assert torch.equal(torch.from_numpy(search.result()[1]), _exact_topk(codec, rotated, codes, 10)[1])
     assert counts[4.0] < counts[0.0] < 4 * 4000 // 4
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="os.fork is POSIX only")
+def test_a_forked_child_searches_on_threads_of_its_own():
+    """A child forked after the parent's threaded searches gets the parent's results on two
+    threads: its own pool (GNU OpenMP, whose team the parent's searches used, hangs there)."""
+    codec = TurboQuantCodec(64, 4)
+    rng = np.random.default_rng(7)
+    codes = codec.encode(rng.standard_normal((20000, 64)).astype(np.float32))
+    rotated = codec.rotate_queries(torch.from_numpy(rng.standard_normal((9, 64)).astype(np.float32)))
+    scanner = FastScanner(codec)
+
+    def rows_on_two_threads() -> np.ndarray:
+        search = scanner.begin(rotated, 10, 2)
+        search.scan(codes.packed, codes.factors, None, 0, 2, None)
+        return np.ascontiguousarray(search.result()[1])
+
+    want = rows_on_two_threads()
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: the search, its rows down the pipe, and out (no pytest machinery)
+        status = 1
+        try:
+            os.write(write, rows_on_two_threads().tobytes())
+            status = 0
+        finally:
+            os._exit(status)
+    os.close(write)
+    try:
+        ready, _, _ = select.select([read], [], [], 120)
+        if not ready:
+            os.kill(pid, signal.SIGKILL)
+        assert ready, "the forked child's search hung"
+        got = os.read(read, want.nbytes)
+    finally:
+        os.close(read)
+        _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    np.testing.assert_array_equal(np.frombuffer(got, dtype=want.dtype).reshape(want.shape), want)
 
 
 def test_threads_and_query_batches_do_not_change_results():

@@ -1,18 +1,30 @@
-// A small persistent thread pool: run(n, fn) calls fn(0..n-1) on up to n threads (the caller
-// is one of them) and returns when all are done. Workers are created on first need and kept;
-// after a fork the child starts a fresh pool (the parent's workers do not exist there).
+// The kernels' threads: run(n, fn) calls fn(0..n-1) on up to n threads (the caller is one of
+// them), tasks claimed in order, and returns when all are done; the first exception a task
+// throws is rethrown to the caller once the others have finished.
+//
+// Where the build has OpenMP, the threads are an OpenMP team of the process's runtime: torch's
+// libgomp, which the extension binds to (same soname, loaded before it). The team that ran
+// torch's last product, spinning for more work, then runs the tasks at once, where a second
+// pool's workers would share the cores with it (an IVF search at nprobe 1-8, 2 cores: 15-30%
+// faster). Otherwise, and in a forked child (where GNU OpenMP hangs once the parent has used its
+// threads), a small persistent pool of std::threads, created on first need and kept; a forked
+// child starts a fresh one (the parent's workers do not exist there).
 #pragma once
 
 #include <unistd.h>
 
 #include <atomic>
 #include <condition_variable>
+#include <exception>
 #include <functional>
 #include <mutex>
 #include <thread>
 #include <vector>
 
 namespace tq {
+
+// the process the extension was loaded in (set as it loads): OpenMP is used there only
+inline const pid_t kLoadedIn = getpid();
 
 class Pool {
  public:
@@ -25,10 +37,36 @@ class Pool {
   }
 
   void run(int n, const std::function<void(int)>& fn) {
+    std::exception_ptr error;
+    std::mutex error_mutex;
+    const std::function<void(int)> guarded = [&](int task) {
+      try {
+        fn(task);
+      } catch (...) {
+        std::lock_guard<std::mutex> lock(error_mutex);
+        if (!error) error = std::current_exception();
+      }
+    };
+    dispatch(n, guarded);
+    if (error) std::rethrow_exception(error);
+  }
+
+ private:
+  Pool() : pid_(getpid()) {}
+
+  void dispatch(int n, const std::function<void(int)>& fn) {
     if (n <= 1) {
       if (n == 1) fn(0);
       return;
     }
+#if defined(_OPENMP)
+    if (pid_ == kLoadedIn) {
+      std::atomic<int> next{0};
+#pragma omp parallel num_threads(n)
+      for (int task = next.fetch_add(1); task < n; task = next.fetch_add(1)) fn(task);
+      return;
+    }
+#endif
     std::lock_guard<std::mutex> one_job(run_mutex_);  // concurrent callers take turns
     grow(n - 1);
     {
@@ -44,9 +82,6 @@ class Pool {
     done_.wait(lock, [&] { return active_ == 0; });  // every task is claimed: wait for those still running
     job_ = nullptr;  // a worker that wakes late finds no job
   }
-
- private:
-  Pool() : pid_(getpid()) {}
 
   void grow(int workers) {
     while (static_cast<int>(started_) < workers) {
