@@ -3,7 +3,8 @@
 Per bit width, every method of ``--ivf-methods`` is built with the same ``--nlist`` (train on the
 whole train set + add, timed) and kept in memory. Then, per nprobe, each method is warmed up and
 its batched search (all queries in one call) is timed in turn, ``--rounds`` times, so that the
-load of a shared machine falls on every method alike; the median is reported. With
+load of a shared machine falls on every method alike, each after a rest of ``SETTLE_S``; the
+median is reported. With
 ``--flat-reference`` the exhaustive tqindex index at the same bits is timed once in each nprobe
 step, the speed an IVF index has to beat. Single-query QPS (``--ivf-single`` queries, one per
 call, interleaved the same way) is optional.
@@ -59,13 +60,21 @@ def build(
     return built, skipped
 
 
+#: seconds of rest before each timed search: the OpenMP threads of the method timed before (torch's
+#: runtime for tqindex, FAISS's own for FAISS) spin for a few milliseconds after their last work,
+#: and would otherwise share the cores with the next method's timed search
+SETTLE_S = 0.1
+
+
 def _timed_search(method: Method, queries: np.ndarray, k: int) -> tuple[float, np.ndarray]:
+    time.sleep(SETTLE_S)
     start = time.perf_counter()
     _, ids = method.search(queries, k)
     return time.perf_counter() - start, np.asarray(ids)
 
 
 def _single_qps(method: Method, queries: np.ndarray, k: int) -> float:
+    time.sleep(SETTLE_S)
     start = time.perf_counter()
     for row in queries:
         method.search(row[None, :], k)
