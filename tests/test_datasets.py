@@ -139,6 +139,27 @@ def test_write_hdf5_computes_ground_truth_and_maps_dot_to_ip(tmp_path, small):
         write_hdf5(tmp_path / "x.hdf5", small.train, small.test, distance="ip")
 
 
+def test_writers_create_the_folders_they_write_into(tmp_path, small):
+    from tqindex.datasets import read_vecs, write_vecs
+
+    path = write_hdf5(tmp_path / "a" / "b" / "d.hdf5", small.train, small.test, distance="dot", k=5, progress=False)
+    np.testing.assert_array_equal(read_hdf5(path, progress=False).train, small.train)
+    vecs = write_vecs(tmp_path / "c" / "x.fvecs", small.train)
+    np.testing.assert_array_equal(read_vecs(vecs), small.train)
+
+
+def test_build_corpus_dataset_fails_on_its_folder_before_embedding(tmp_path):
+    from tqindex.datasets import build_corpus_dataset
+
+    class NeverCalled:
+        def encode(self, *args, **kwargs):
+            raise AssertionError("embedded before the output folder was checked")
+
+    (tmp_path / "file").write_text("not a folder")
+    with pytest.raises(OSError):
+        build_corpus_dataset(["a", "b", "c"], tmp_path / "file" / "sub" / "x.hdf5", n_queries=1, model=NeverCalled(), progress=False)
+
+
 def _write_raw(path, skip=(), **override):
     rng = np.random.default_rng(0)
     arrays = {

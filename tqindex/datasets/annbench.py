@@ -41,7 +41,8 @@ def write_hdf5(
 
     distance: "angular", "euclidean" or "dot" (ann-benchmarks' names). neighbors int (m, K)
     and distances (m, K) are computed with `exact_knn` (K = min(k, n)) unless both are given.
-    The file is written beside ``path`` and renamed over it when complete. Returns the path.
+    The file is written beside ``path`` (its folder created where missing) and renamed over it
+    when complete. Returns the path.
     """
     if distance not in DISTANCE_TO_METRIC:
         raise ValueError(f"distance must be one of {sorted(DISTANCE_TO_METRIC)}, got {distance!r}")
@@ -57,6 +58,7 @@ def write_hdf5(
         raise ValueError(f"neighbors {neighbors.shape} and distances {distances.shape} must both be (m={len(test)}, K)")
 
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     h5py = _h5py()
     try:

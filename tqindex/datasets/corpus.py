@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import os
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 
@@ -64,12 +65,14 @@ def build_corpus_dataset(
     Queries are either ``n_queries`` passages held out of ``texts`` (chosen with ``seed`` and
     removed from train) or the separate ``query_texts``. The embeddings are unit vectors, so
     the file says distance "angular": its neighbour order is the exact inner-product order and
-    its distances are 1 - <q, x>. Returns the `Dataset` as written to ``out_path``.
+    its distances are 1 - <q, x>. Returns the `Dataset` as written to ``out_path``; its folder is
+    created first, so a folder that cannot be made raises OSError before the embedding.
     """
     if (n_queries is None) == (query_texts is None):
         raise ValueError("give exactly one of n_queries (held out of texts) and query_texts")
     if n_queries is not None and not 0 < n_queries < len(texts):
         raise ValueError(f"n_queries must be in [1, {len(texts) - 1}], got {n_queries}")
+    Path(out_path).parent.mkdir(parents=True, exist_ok=True)
     vectors = embed_corpus(texts, model=model, batch_size=batch_size, progress=progress)
     if query_texts is None:
         order = np.random.default_rng(seed).permutation(len(texts))

@@ -68,7 +68,7 @@ def write_vecs(path: str | os.PathLike, array: np.ndarray) -> Path:
     Values are converted to the file's type: numbers to float32 for .fvecs (ValueError naming
     the row for a finite value beyond the float32 range, which would become inf); .ivecs and
     .bvecs take integers that fit int32 / uint8 (ValueError otherwise). Written beside ``path``
-    and renamed over it when complete.
+    (its folder created where missing) and renamed over it when complete.
     """
     path = Path(path)
     values = _value_dtype(path)
@@ -86,6 +86,7 @@ def write_vecs(path: str | os.PathLike, array: np.ndarray) -> Path:
     records = np.empty(len(array), dtype=[("dim", _DIM), ("vec", values, (array.shape[1],))])
     records["dim"] = array.shape[1]
     records["vec"] = as_float32(array, str(path), finite=False) if values.kind == "f" else array
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     try:
         records.tofile(tmp)
