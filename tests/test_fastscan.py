@@ -4,6 +4,8 @@ import importlib
 import os
 import select
 import signal
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -192,6 +194,109 @@ def test_a_forked_child_searches_on_threads_of_its_own():
         _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
     np.testing.assert_array_equal(np.frombuffer(got, dtype=want.dtype).reshape(want.shape), want)
+
+
+# A parent that ran torch's threaded products, then a child whose first search loads the extension:
+# GNU OpenMP hangs in such a child, so that search must not use the team the parent's OpenMP ran.
+# The child only searches (codes and queries from files): torch's and numba's own threaded work
+# hangs there as well.
+_PARENT_USES_TORCH_THREADS = """
+import os, sys, torch
+torch.set_num_threads(2)
+a = torch.randn(600, 600)
+for _ in range(3):
+    a @ a
+"""
+_SEARCH_ON_TWO_THREADS = """
+import numpy as np, torch
+from tqindex.codec import TurboQuantCodec
+from tqindex.kernels.fastscan import FastScanner
+data = np.load(sys.argv[1])
+search = FastScanner(TurboQuantCodec(64, 4)).begin(torch.from_numpy(data["rotated"]), 10, 2)
+search.scan(data["packed"], data["factors"], None, 0, 2, None)
+np.save(sys.argv[2], search.result()[1])
+"""
+_LATE_LOAD_SCRIPTS = {
+    # imported in the parent, loaded in an os.fork child
+    "os.fork": _PARENT_USES_TORCH_THREADS
+    + "import tqindex.kernels.fastscan\n"
+    + "pid = os.fork()\n"
+    + "if pid == 0:\n"
+    + "".join("    " + line + "\n" for line in _SEARCH_ON_TWO_THREADS.strip().splitlines())
+    + "    os._exit(0)\n"
+    + "sys.exit(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))\n",
+    # imported for the first time in a multiprocessing child forked from a parent that never did
+    "multiprocessing": _PARENT_USES_TORCH_THREADS
+    + "import multiprocessing as mp\n"
+    + "def child():\n"
+    + "".join("    " + line + "\n" for line in _SEARCH_ON_TWO_THREADS.strip().splitlines())
+    + "if __name__ == '__main__':\n"
+    + "    process = mp.get_context('fork').Process(target=child)\n"
+    + "    process.start()\n"
+    + "    process.join()\n"
+    + "    sys.exit(process.exitcode)\n",
+}
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="os.fork is POSIX only")
+@pytest.mark.parametrize("how", sorted(_LATE_LOAD_SCRIPTS))
+def test_a_child_whose_first_search_loads_the_extension_does_not_hang(how, tmp_path):
+    """The extension is loaded on the first search: in a child forked from a parent that ran
+    torch's OpenMP threads, that search runs on threads of its own (it hung in libgomp) and finds
+    the rows this process finds."""
+    codec = TurboQuantCodec(64, 4)
+    rng = np.random.default_rng(7)
+    codes = codec.encode(rng.standard_normal((20000, 64)).astype(np.float32))
+    rotated = codec.rotate_queries(torch.from_numpy(rng.standard_normal((9, 64)).astype(np.float32)))
+    np.savez(tmp_path / "data.npz", rotated=rotated.numpy(), packed=codes.packed, factors=codes.factors)
+    search = FastScanner(codec).begin(rotated, 10, 2)
+    search.scan(codes.packed, codes.factors, None, 0, 2, None)
+    script = tmp_path / "late_load.py"
+    script.write_text(_LATE_LOAD_SCRIPTS[how])
+    try:
+        done = subprocess.run(
+            [sys.executable, str(script), str(tmp_path / "data.npz"), str(tmp_path / "rows.npy")], capture_output=True, text=True, timeout=120
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"the {how} child's first search hung")
+    assert done.returncode == 0, done.stderr
+    np.testing.assert_array_equal(np.load(tmp_path / "rows.npy"), search.result()[1])
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="counts threads in /proc (Linux)")
+def test_searches_on_fewer_threads_than_torch_do_not_restart_its_threads():
+    """A search on 2 threads while torch runs 4: no thread ends (GNU OpenMP ended the team's
+    threads beyond a smaller team, and torch's next product started new ones)."""
+    codec = TurboQuantCodec(64, 4)
+    rng = np.random.default_rng(8)
+    codes = codec.encode(rng.standard_normal((20000, 64)).astype(np.float32))
+    rotated = codec.rotate_queries(torch.from_numpy(rng.standard_normal((9, 64)).astype(np.float32)))
+    a = torch.randn(600, 600)
+    saved = torch.get_num_threads()
+    torch.set_num_threads(4)
+    try:
+
+        def search_then_product() -> None:
+            search = FastScanner(codec).begin(rotated, 10, 2)
+            search.scan(codes.packed, codes.factors, None, 0, 2, None)
+            a @ a
+
+        search_then_product()  # a pool of std::threads starts here where that is the pool
+        before = set(os.listdir("/proc/self/task"))
+        for _ in range(3):
+            search_then_product()
+        assert set(os.listdir("/proc/self/task")) == before
+    finally:
+        torch.set_num_threads(saved)
+
+
+def test_openmp_can_be_turned_off_and_is_off_in_children(monkeypatch):
+    assert fastscan._openmp_is_safe() == (os.environ.get("TQINDEX_OPENMP", "1") != "0")
+    monkeypatch.setenv("TQINDEX_OPENMP", "0")
+    assert not fastscan._openmp_is_safe()
+    monkeypatch.setenv("TQINDEX_OPENMP", "1")
+    monkeypatch.setattr(fastscan, "_IMPORTED_IN", os.getpid() + 1)  # as in a child forked after the import
+    assert not fastscan._openmp_is_safe()
 
 
 def test_threads_and_query_batches_do_not_change_results():

@@ -30,6 +30,8 @@ scanned for the queries that probe it; each query's tables are made once per sea
 from __future__ import annotations
 
 import importlib
+import multiprocessing
+import os
 import warnings
 from dataclasses import dataclass
 from types import ModuleType
@@ -52,6 +54,22 @@ _KEY_BITS = 4
 
 _MODULE: ModuleType | None = None
 _LOAD_ERROR: str | None = None
+#: the process this module was imported in: the only one whose searches may use the OpenMP team
+_IMPORTED_IN = os.getpid()
+
+
+def _openmp_is_safe() -> bool:
+    """True where the kernels' threads may be torch's OpenMP team (GNU OpenMP hangs in a child
+    forked after the parent used it): in the process that imported this module, when that is no
+    multiprocessing child (its parent may have run torch's threads before it imported tqindex),
+    unless ``TQINDEX_OPENMP=0``. A process forked by ``os.fork`` from a parent that ran threaded
+    torch products and never imported tqindex is not recognised: set ``TQINDEX_OPENMP=0`` there
+    (torch's own threaded products hang in such a child as well)."""
+    return (
+        os.getpid() == _IMPORTED_IN
+        and multiprocessing.parent_process() is None
+        and os.environ.get("TQINDEX_OPENMP", "1") != "0"
+    )
 
 
 def _load() -> ModuleType | None:
@@ -73,6 +91,8 @@ def _load() -> ModuleType | None:
                 break
             except ImportError:
                 continue
+    if _openmp_is_safe():
+        _MODULE.set_openmp_pid(os.getpid())
     return _MODULE
 
 

@@ -344,6 +344,8 @@ PYBIND11_MODULE(TQ_MODULE_NAME, m) {
   m.def("make_plan", &make_plan);
   m.def("key_columns", &key_columns, py::arg("plan"), py::arg("packed"), py::arg("threads"));
   m.def("top_k_rows", &top_k_rows, py::arg("scores"), py::arg("k"), py::arg("threads"));
+  m.def("set_openmp_pid", &tq::set_openmp_pid, py::arg("pid"),
+        "Searches of process pid (0: of none) run on the OpenMP team of torch's runtime, the others on std::threads");
   py::class_<PySearch>(m, "Search", py::module_local())
       .def(py::init<std::shared_ptr<tq::Plan>, const Array<float>&, int, double, int>(), py::arg("plan"), py::arg("queries"), py::arg("k"),
            py::arg("z"), py::arg("threads") = 1)

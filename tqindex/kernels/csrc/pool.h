@@ -6,13 +6,20 @@
 // libgomp, which the extension binds to (same soname, loaded before it). The team that ran
 // torch's last product, spinning for more work, then runs the tasks at once, where a second
 // pool's workers would share the cores with it (an IVF search at nprobe 1-8, 2 cores: 10-30%
-// faster). Otherwise, and in a forked child (where GNU OpenMP hangs once the parent has used its
-// threads), a small persistent pool of std::threads, created on first need and kept; a forked
-// child starts a fresh one (the parent's workers do not exist there).
+// faster). The team is used only in the process the caller named (set_openmp_pid): GNU OpenMP
+// hangs in a child forked after the parent used its threads (torch's products included, whether
+// or not the parent ever searched), and only the Python side can know where the package was
+// imported. Elsewhere, a small persistent pool of std::threads, created on first need and kept; a
+// forked child starts a fresh one (the parent's workers do not exist there).
 #pragma once
 
 #include <unistd.h>
 
+#if defined(_OPENMP)
+#include <omp.h>
+#endif
+
+#include <algorithm>
 #include <atomic>
 #include <condition_variable>
 #include <exception>
@@ -23,8 +30,10 @@
 
 namespace tq {
 
-// the process the extension was loaded in (set as it loads): OpenMP is used there only
-inline const pid_t kLoadedIn = getpid();
+// the one process whose searches run on the OpenMP team (0: none, the default)
+inline std::atomic<pid_t> openmp_pid{0};
+
+inline void set_openmp_pid(pid_t pid) { openmp_pid.store(pid); }
 
 class Pool {
  public:
@@ -60,9 +69,11 @@ class Pool {
       return;
     }
 #if defined(_OPENMP)
-    if (pid_ == kLoadedIn) {
+    if (pid_ == openmp_pid.load()) {
+      // the team at torch's size at least (idle members find no task): a team of another size makes
+      // libgomp end the threads beyond it, and torch's next product start them again
       std::atomic<int> next{0};
-#pragma omp parallel num_threads(n)
+#pragma omp parallel num_threads(std::max(n, omp_get_max_threads()))
       for (int task = next.fetch_add(1); task < n; task = next.fetch_add(1)) fn(task);
       return;
     }
