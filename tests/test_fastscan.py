@@ -253,13 +253,17 @@ def test_a_child_whose_first_search_loads_the_extension_does_not_hang(how, tmp_p
     search.scan(codes.packed, codes.factors, None, 0, 2, None)
     script = tmp_path / "late_load.py"
     script.write_text(_LATE_LOAD_SCRIPTS[how])
+    process = subprocess.Popen(
+        [sys.executable, str(script), str(tmp_path / "data.npz"), str(tmp_path / "rows.npy")],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )  # fmt: skip
     try:
-        done = subprocess.run(
-            [sys.executable, str(script), str(tmp_path / "data.npz"), str(tmp_path / "rows.npy")], capture_output=True, text=True, timeout=120
-        )
+        _, stderr = process.communicate(timeout=120)
     except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)  # the hung child too
+        process.communicate()
         pytest.fail(f"the {how} child's first search hung")
-    assert done.returncode == 0, done.stderr
+    assert process.returncode == 0, stderr
     np.testing.assert_array_equal(np.load(tmp_path / "rows.npy"), search.result()[1])
 
 
