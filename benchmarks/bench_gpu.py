@@ -18,7 +18,8 @@ events around each run):
   baseline the tensor-core form must beat at large batches.
 * index: ``TurboQuantIndex(d, bits, device="cuda")`` end to end (``add`` of ``--index-size`` rows,
   then ``search`` from numpy queries to numpy ids) against its own kernel time.
-* encode: the fused GPU encoder (``kernels.encode``) in vectors/s at d, and on 100k x 1536.
+* encode: the fused GPU encoder (``kernels.encode``) in vectors/s at d, and on 100k x 1536, with the
+  rotation GEMM in float32 and in TF32 (``torch.set_float32_matmul_precision("high")``).
 * agreement: the fraction of ids ``search_resident`` shares with an exact float32 scan of the same
   codes (``GemmScanner(float32)`` + rescoring), ties aside.
 
@@ -275,14 +276,29 @@ def index_rows(args, device, timer, bits: float) -> list[dict[str, Any]]:
 
 
 def encode_rows(args, device, timer) -> list[dict[str, Any]]:
+    """Encode throughput at torch's float32 matmul precisions: "highest" (float32 rotation GEMM, the
+    default) and "high" (TF32 on the tensor cores), with the fraction of code bytes equal to the
+    float32 rotation's."""
     rows = []
+    saved = torch.get_float32_matmul_precision()
     for dim, n, bits, search in ((args.dim, args.encode_rows, 4, False), (args.dim, args.encode_rows, 4, True), (2 * args.dim, 100_000, 4, False)):
         n = min(n, args.encode_rows)
         codec = TurboQuantCodec(dim, bits, search=search)
         x = torch.randn((n, dim), device=device)
-        seconds = timer(lambda: encode(codec, x))
-        rows.append({"kind": "encode", "dim": dim, "n": n, "bits": bits, "search": search, "seconds": seconds, "vectors_per_s": n / seconds})
-        print(f"encode {n} x {dim} at {bits} bits (search={search}): {1e3 * seconds:.2f} ms, {n / seconds / 1e6:.1f} M vectors/s", flush=True)
+        reference = None
+        for precision in ("highest", "high"):
+            torch.set_float32_matmul_precision(precision)
+            try:
+                seconds = timer(lambda: encode(codec, x))
+                packed = encode(codec, x).packed
+            finally:
+                torch.set_float32_matmul_precision(saved)
+            reference = packed if reference is None else reference
+            same = float((packed == reference).float().mean())
+            rows.append({"kind": "encode", "dim": dim, "n": n, "bits": bits, "search": search, "precision": precision, "seconds": seconds,
+                         "vectors_per_s": n / seconds, "same_bytes": same})  # fmt: skip
+            print(f"encode {n} x {dim} at {bits} bits (search={search}, matmul {precision}): {1e3 * seconds:.2f} ms, "
+                  f"{n / seconds / 1e6:.1f} M vectors/s, {same:.4f} of code bytes as float32's", flush=True)  # fmt: skip
     return rows
 
 
@@ -304,8 +320,8 @@ def summary(results: dict[str, Any]) -> str:
             lines.append(f"index  n={r['n']:>10,} b={r['bits']:g} m={r['batch']:>4} search {1e3 * r['search_s']:8.3f} ms = "
                          f"{r['over_kernel']:.2f}x its kernel ({1e3 * r['kernel_s']:.3f} ms), {r['qps']:,.0f} QPS{graphed}")  # fmt: skip
         elif r["kind"] == "encode":
-            lines.append(f"encode {r['n']:>7,} x {r['dim']} b={r['bits']} search={r['search']}: {1e3 * r['seconds']:.2f} ms, "
-                         f"{r['vectors_per_s'] / 1e6:.1f} M vectors/s")  # fmt: skip
+            lines.append(f"encode {r['n']:>7,} x {r['dim']} b={r['bits']} search={r['search']} matmul {r['precision']}: {1e3 * r['seconds']:.2f} ms, "
+                         f"{r['vectors_per_s'] / 1e6:.1f} M vectors/s, {r['same_bytes']:.4f} of bytes as float32's")  # fmt: skip
         elif r["kind"] == "add":
             lines.append(f"add    n={r['n']:>10,} b={r['bits']:g}: {r['seconds']:.2f} s, {r['vectors_per_s'] / 1e6:.2f} M vectors/s")
         elif r["kind"] == "agreement":

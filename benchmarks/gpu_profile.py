@@ -5,6 +5,8 @@ of a resident index search, next to their uncompressed baselines.
    under each kernel plan of `PLANS`, and sdpa over the same keys and values in fp16.
 2. ``TurboQuantIndex.search`` of one query over ``--rows`` x 768 4-bit codes resident on the GPU,
    eager and through CUDA graphs (`tqindex.kernels.graphs`).
+3. The fused encode (`tqindex.kernels.encode`) of ``--rows`` x 768 at 4 bits, without and with code
+   search: the rotation GEMM's share against the quantize kernel's (issue 12's encode target).
 
 Prints one torch.profiler table per call (sorted by CUDA time; per call = total / ``--reps``).
 Needs a CUDA GPU. Usage: python benchmarks/gpu_profile.py [--tokens T] [--rows N] [--reps R]
@@ -19,7 +21,8 @@ import numpy as np
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from tqindex import TurboQuantIndex
+from tqindex import TurboQuantCodec, TurboQuantIndex
+from tqindex.kernels import encode
 from tqindex.kernels.graphs import SearchGraphs
 from tqindex.kv import TurboQuantCache
 from tqindex.kv.triton_attention import KernelOptions, triton_codes_attention
@@ -68,6 +71,11 @@ def main() -> None:
     table(lambda: index.search(q, 10), f"index.search, {args.rows} x 768 4-bit, 1 query, eager", args.reps)
     index._graphs = SearchGraphs(max_queries=1)
     table(lambda: index.search(q, 10), f"index.search, {args.rows} x 768 4-bit, 1 query, CUDA graphs", args.reps)
+
+    x = torch.randn(args.rows, 768, device="cuda", generator=g)
+    for search in (False, True):
+        codec = TurboQuantCodec(768, 4, search=search)
+        table(lambda codec=codec: encode(codec, x), f"encode {args.rows} x 768 4-bit, search={search}", 3)
 
 
 if __name__ == "__main__":
