@@ -20,6 +20,7 @@ import tqindex
 from conftest import unit_rows
 from tqindex import TurboQuantCodec, TurboQuantIndex
 from tqindex.errors import IndexLockedError
+from tqindex.kernels import fastscan
 from tqindex.storage import ColumnStore
 
 D = 16
@@ -59,6 +60,24 @@ def test_a_worker_gets_its_own_index_by_path_not_another_indexs_rows(tmp_path):
     a.close()
     with tqindex.open(tmp_path / "b") as b, tqindex.open(tmp_path / "a") as reopened:
         assert not np.array_equal(b.search(Q, 3)[0], reopened.search(Q, 3)[0])
+
+
+@pytest.mark.parametrize("how", list(COPIES))
+@pytest.mark.parametrize("backend", ["auto", "fastscan", "lut", "torch"])
+def test_an_index_searched_before_it_is_copied_copies_whole(how, backend):
+    """A search leaves caches on the index (the fast-scan's key columns hold the compiled
+    scanner, which does not pickle): the copy is made without them and searches the same."""
+    if backend == "fastscan" and not fastscan.available():
+        pytest.skip("the compiled fast-scan is not built")
+    index = TurboQuantIndex(D, 4, backend=backend)
+    index.add(X)
+    before = index.search(Q, 5)
+    twin = COPIES[how](index)
+    for a, b in zip(twin.search(Q, 5), before):
+        np.testing.assert_array_equal(a, b)
+    twin.add(X[:5])
+    for a, b in zip(index.search(Q, 5), before):  # the original's caches are its own
+        np.testing.assert_array_equal(a, b)
 
 
 @pytest.mark.parametrize("how", list(COPIES))

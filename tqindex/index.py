@@ -610,6 +610,11 @@ class TurboQuantIndex:
             )
         return super().__reduce_ex__(protocol)
 
+    def __getstate__(self) -> dict[str, Any]:
+        """The state pickled and copied, less the fast-scan's key columns (a cache holding the
+        compiled scanner: rebuilt at the copy's first search)."""
+        return {**self.__dict__, "_columns": None}
+
     def __copy__(self) -> "TurboQuantIndex":
         """A deep copy: a shallow one would share the rows and could not add to them safely."""
         return copy.deepcopy(self)
