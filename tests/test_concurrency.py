@@ -2,6 +2,8 @@
 whole batches; a second writer is refused; one read-only index serves concurrent searches."""
 
 import multiprocessing as mp
+import os
+import signal
 import subprocess
 import sys
 import threading
@@ -11,6 +13,7 @@ import pytest
 
 import tqindex
 from tqindex.errors import IndexLockedError
+from tqindex.kernels import fastscan
 
 DIM, BATCH, BATCHES = 32, 64, 40
 TIMEOUT = 120  # seconds any reader may take: a hang fails the test instead of stalling the suite
@@ -111,6 +114,49 @@ def test_reader_processes_see_whole_batches_while_a_writer_adds(index_path):
     for kind, value in outcomes:
         assert kind == "ok", value
         assert value == sorted(value)
+
+
+# A parent that built and searched an index on two torch threads, then a fork pool searching it:
+# GNU OpenMP hung the workers' first threaded torch operation (the query rotation)
+_FORK_POOL_SCRIPT = """
+import multiprocessing as mp, sys
+import numpy as np, torch, tqindex
+torch.set_num_threads(2)
+x = np.random.default_rng(0).standard_normal((20000, 64)).astype(np.float32)
+index = tqindex.TurboQuantIndex(64, 4, backend=sys.argv[1])
+index.add(x)
+a = torch.randn(600, 600)
+a @ a
+want = index.search(x[:8], 5)[1]
+
+def search(i):
+    return index.search(x[i : i + 2], 5)[1], torch.get_num_threads()
+
+if __name__ == "__main__":
+    with mp.get_context("fork").Pool(2) as pool:
+        found = pool.map(search, range(0, 8, 2))
+    assert np.array_equal(np.concatenate([ids for ids, _ in found]), want)
+    assert {threads for _, threads in found} == {1}
+"""
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="GNU OpenMP's fork hazard: Linux")
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_fork_pool_workers_search_an_index_the_threaded_parent_built(backend, tmp_path):
+    """Workers forked from a process whose torch ran threads search on one torch thread and find
+    what the parent finds (they hung in libgomp)."""
+    if backend == "auto" and not fastscan.available():
+        pytest.skip("without the compiled fast-scan, 'auto' searches with numba, whose OpenMP layer ends forked children")
+    script = tmp_path / "fork_pool.py"
+    script.write_text(_FORK_POOL_SCRIPT)
+    process = subprocess.Popen([sys.executable, str(script), backend], stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        _, stderr = process.communicate(timeout=TIMEOUT)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)  # the hung workers too
+        process.communicate()
+        pytest.fail("the fork pool's searches hung")
+    assert process.returncode == 0, stderr
 
 
 def test_a_second_writer_is_refused_in_this_process_and_in_another(index_path):

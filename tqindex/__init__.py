@@ -1,5 +1,6 @@
 """tqindex: vector search and KV caches over TurboQuant codes (rotation + Lloyd-Max codebook, no training)."""
 
+from tqindex import _fork  # noqa: F401  (a forked child of a threaded process: torch on one thread)
 from tqindex.codec import CodecConfig, Codes, TurboQuantCodec
 from tqindex.index import TurboQuantIndex
 from tqindex.ivf import TurboQuantIVFIndex
