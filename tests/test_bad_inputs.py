@@ -143,7 +143,7 @@ def _a_file(tmp_path: Path) -> Path:
 
 
 INDEX_PATH = {
-    "TurboQuantIndex-path-nonempty-dir": (_nonempty_dir, StorageError, "directory is not empty"),
+    "TurboQuantIndex-path-nonempty-dir": (_nonempty_dir, StorageError, "directory is not empty: a new store needs a missing or empty one"),
     "TurboQuantIndex-path-is-a-file": (_a_file, StorageError, "exists and is not a directory"),
     "TurboQuantIndex-path-not-a-path": (lambda tmp_path: 5, TypeError, "path must be a str or os.PathLike, got int"),
 }

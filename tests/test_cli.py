@@ -181,7 +181,7 @@ def test_failed_build_leaves_nothing_behind(files, capsys):
         (["build", "{tmp}/bad.npy", "--out", "{tmp}/o"], ["bad.npy", "not a readable .npy"]),
         (["build", "{tmp}/ints1d.npy", "--out", "{tmp}/o"], ["ints1d.npy", "(n, d)"]),
         (["build", "{tmp}/x.npy", "--out", "{tmp}/o", "--bits", "9"], ["bits"]),
-        (["build", "{tmp}/x.npy", "--out", "{tmp}/idx"], ["idx", "not empty"]),
+        (["build", "{tmp}/x.npy", "--out", "{tmp}/idx"], ["idx", "not empty", "give another --out"]),
         (["search", "{tmp}/nothing", "--queries", "{tmp}/q.npy"], ["nothing"]),
         (["search", "{tmp}/idx", "--queries", "{tmp}/q.npy", "-k", "601"], ["k=601"]),
         (["search", "{tmp}/idx", "--queries", "{tmp}/q16.npy"], ["shape"]),
@@ -269,6 +269,16 @@ def test_installed_entry_point_exit_codes(files):
     failed = subprocess.run(command + ["info", str(tmp / "nowhere")], capture_output=True, text=True)
     assert failed.returncode == 1 and failed.stdout == ""
     assert failed.stderr.count("\n") == 1 and failed.stderr.startswith("tqindex: error: ") and "nowhere" in failed.stderr
+
+
+def test_a_closed_output_pipe_ends_the_command_silently(files):
+    """`tqindex info DIR | head -1`: the reader goes away; no error line (it printed "Broken pipe")."""
+    tmp, _, _ = files
+    assert main(["-q", "build", str(tmp / "x.npy"), "--out", str(tmp / "idx")]) == 0
+    process = subprocess.Popen([sys.executable, "-m", "tqindex.cli", "info", str(tmp / "idx")], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    process.stdout.close()  # before it writes
+    stderr = process.stderr.read()
+    assert process.wait(timeout=60) == 141 and stderr == b""
 
 
 @pytest.mark.parametrize("command", ["build", "search"])

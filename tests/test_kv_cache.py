@@ -247,6 +247,9 @@ def test_skip_layers_and_config_layer_types(model):
     assert type(cache.layers[0]) is DynamicLayer and isinstance(cache.layers[1], TurboQuantLayer)
     report = cache.memory_report()
     assert report.uncompressed_bytes == 2 * 1 * 2 * 10 * 64 * 4  # layer 0 keys and values, float32
+    # float32 states against the 16-bit reference, nothing encoded yet: larger, and said so
+    assert report.total_bytes > report.reference_bytes
+    assert str(report).endswith(f"{report.total_bytes / report.reference_bytes:.2f}x larger")
 
     cache = TurboQuantCache(config=model.config, skip_layers=[-1])
     assert isinstance(cache.layers[0], TurboQuantLayer) and type(cache.layers[1]) is DynamicLayer

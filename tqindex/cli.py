@@ -25,7 +25,8 @@ bytes/vector, recall and QPS; --faiss adds FAISS's TurboQuant (RR,SQtqmse{b}) at
 
 Exit status: 0 success; 1 the operation failed (a missing, unreadable or corrupt file or index,
 bad input), reported as one line "tqindex: error: MESSAGE" on stderr (TQINDEX_DEBUG=1 shows the
-traceback instead); 2 a usage error (argparse's message); 130 interrupted.
+traceback instead); 2 a usage error (argparse's message); 130 interrupted; 141 the reader of its
+output went away (a closed pipe), silently.
 """
 
 from __future__ import annotations
@@ -114,6 +115,8 @@ def _build(args: argparse.Namespace) -> None:
         distance, metric = _file_distance(args.input, h5) or (None, args.metric or "ip")
         if args.metric not in (None, metric):
             raise ValueError(f"{args.input}: its distance is {distance!r}, which needs --metric {metric}, not {args.metric}")
+        if args.out.is_dir() and any(args.out.iterdir()):
+            raise ValueError(f"{args.out}: exists and is not empty: remove it or give another --out")
         existed, start = args.out.exists(), time.perf_counter()
         index = TurboQuantIndex(dim, args.bits, metric=metric, variant=args.variant, seed=args.seed, path=args.out)
         try:
@@ -284,9 +287,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if exit.code is None else exit.code if isinstance(exit.code, int) else 2
     try:
         args.run(args)
+        sys.stdout.flush()  # a closed pipe shows here, not at the interpreter's exit
     except KeyboardInterrupt:
         print("tqindex: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (`tqindex info DIR | head -1`): quietly, as Unix tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # what is still buffered goes nowhere
+        return 141
     except FAILURES as error:
         if os.environ.get("TQINDEX_DEBUG"):
             raise

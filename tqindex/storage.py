@@ -163,7 +163,7 @@ class ColumnStore:
         try:
             if any(path.iterdir()):
                 if not overwrite:
-                    raise StorageError(f"{path}: directory is not empty (overwrite=True replaces a store)")
+                    raise StorageError(f"{path}: directory is not empty: a new store needs a missing or empty one")
                 _remove_store(path, format_name)
             fixed_entries = {}
             for name, data in blobs.items():

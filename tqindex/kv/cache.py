@@ -304,8 +304,15 @@ class MemoryReport:
             f"{self.tokens} tokens: {self.total_bytes * mib:.3f} MiB stored "
             f"(codes {self.code_bytes * mib:.3f}, scales {self.factor_bytes * mib:.3f}, "
             f"window {self.window_bytes * mib:.3f}, uncompressed layers {self.uncompressed_bytes * mib:.3f}) "
-            f"vs {self.reference_bytes * mib:.3f} MiB at 16 bits: {self.ratio:.2f}x smaller"
+            f"vs {self.reference_bytes * mib:.3f} MiB at 16 bits: {self._comparison()}"
         )
+
+    def _comparison(self) -> str:
+        """"4.00x smaller", or, where the full-precision window outweighs the codes (a short
+        context, a float32 model), "1.50x larger"."""
+        if self.total_bytes <= self.reference_bytes:
+            return f"{self.ratio:.2f}x smaller"
+        return f"{1 / self.ratio:.2f}x larger"
 
 
 def cache_keyword(model: Any) -> str:
