@@ -11,7 +11,9 @@ events around each run):
   the programs' candidates), in the form ``get_scanner`` picks for each batch; achieved code
   bandwidth = code + factor bytes / time, as a fraction of the copy bandwidth.
 * sweep: the same at the largest size under each tiling of ``SWEEP`` (both forms, rows and
-  coordinates per step, warps, programs per SM, pipelining; gathers by inline PTX vs ``tl.load``).
+  coordinates per step, warps, programs per SM, pipelining; gathers by inline PTX vs ``tl.load``),
+  and the int8 form (``TritonScanner(dtype=torch.int8)``, ``triton_int8``) at 2 and 4 bits, with its
+  whole ``search_resident`` and the fraction of its ids equal to the default form's.
 * search: ``search_resident`` (scan, exact rescoring on the device, one synchronisation), the path
   ``TurboQuantIndex.search`` takes on a resident GPU index.
 * torch: the same codes decoded to fp16 chunk by chunk + one matmul + topk (``GemmScanner``), the
@@ -198,6 +200,9 @@ def _config(mma: bool, m: int, n: int, d: int, w: int, p: int, s: int = 3) -> Sc
 #: largest): the defaults (``FMA``, ``MMA``) against their neighbours and each other where
 #: ``get_scanner`` switches form. The wider sweep that chose them (tile
 #: shapes, warps, programs per SM, pipelining) is kept in docs/results/bench_gpu_h200/sweep.
+#: the int8 form with 128 coordinates a step (fewer instructions per coordinate at 2 bits:
+#: benchmarks/scan_kernel_sass.py)
+INT8_WIDE = _config(False, 4, 128, 128, 4, 16)
 SWEEP: dict[int, list[ScanConfig]] = {
     1: [FMA, _config(False, 4, 64, 64, 4, 16), _config(False, 4, 128, 64, 4, 32), _config(False, 4, 256, 64, 8, 8)],
     2: [FMA, MMA],
@@ -222,13 +227,21 @@ def sweep_rows(args, codec, packed, factors, code_bytes, copy_bps, timer, n) -> 
         variants = [(c, torch.float16, None, "") for c in configs]
         if m == 1 and bits > 2:  # float32 queries (no conversion per value); codebook gathers by tl.load
             variants += [(FMA, torch.float32, None, " fp32 queries"), (FMA, torch.float16, False, " tl.load gather")]
+        if m <= FMA.max_block_m and bits in (2, 4):  # the int8 form (byte-permute look-ups, DP4A), 64 and 128 coordinates a step
+            variants += [(c, torch.int8, None, " int8 dp4a") for c in (FMA, INT8_WIDE)]
         for config, dtype, gather_asm, label in variants:
             name = config_name(config) + label
             try:
                 scanner = TritonScanner(codec, config, dtype, gather_asm=gather_asm)
                 prepared = scanner.cast(queries)
                 scan = timer(lambda: scanner.candidates(prepared, packed, factors, None, candidate_count(args.k)))
-                rows.append(dict(kind="sweep", n=n, bits=bits, batch=m, config=name, scan_s=scan, of_copy=code_bytes / scan / copy_bps))
+                row = dict(kind="sweep", n=n, bits=bits, batch=m, config=name, scan_s=scan, of_copy=code_bytes / scan / copy_bps)
+                if dtype == torch.int8:  # the whole search, and its ids against the default form's
+                    row["search_s"] = timer(lambda: search_resident(codec, scanner, queries, packed, factors, None, args.k))
+                    _, ids = search_resident(codec, scanner, queries, packed, factors, None, args.k)
+                    _, want = search_resident(codec, get_scanner(codec, "triton", packed.device, m), queries, packed, factors, None, args.k)
+                    row["ids_equal"] = float((ids == want).float().mean())
+                rows.append(row)
                 print(f"sweep n={n} bits={bits:g} batch={m} {name}: {1e3 * scan:.3f} ms ({100 * code_bytes / scan / copy_bps:.1f}% copy)", flush=True)
             except Exception as failure:  # noqa: BLE001 - a tiling that does not compile is a result
                 rows.append(dict(kind="sweep", n=n, bits=bits, batch=m, config=name, error=repr(failure)[:300]))
@@ -312,7 +325,9 @@ def summary(results: dict[str, Any]) -> str:
                          f"scan {1e3 * r['scan_s']:8.3f} ms {100 * r['of_copy']:5.1f}% copy | search {1e3 * r['search_s']:8.3f} ms"
                          f" | {r['vs_brute']:.2f}x fp16 ({1e3 * r['brute_s']:.3f} ms){torch_part}")  # fmt: skip
         elif r["kind"] == "sweep" and "error" not in r:
-            lines.append(f"sweep  n={r['n']:>10,} b={r['bits']:g} m={r['batch']:>4} {r['config']:<34} {1e3 * r['scan_s']:8.3f} ms {100 * r['of_copy']:5.1f}% copy")
+            search = f" | search {1e3 * r['search_s']:8.3f} ms, {r['ids_equal']:.4f} ids as the default's" if "search_s" in r else ""
+            lines.append(f"sweep  n={r['n']:>10,} b={r['bits']:g} m={r['batch']:>4} {r['config']:<45} {1e3 * r['scan_s']:8.3f} ms "
+                         f"{100 * r['of_copy']:5.1f}% copy{search}")  # fmt: skip
         elif r["kind"] == "sweep":
             lines.append(f"sweep  n={r['n']:>10,} b={r['bits']:g} m={r['batch']:>4} {r['config']:<34} failed: {r['error'][:80]}")
         elif r["kind"] == "index":

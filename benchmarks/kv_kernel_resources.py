@@ -79,14 +79,16 @@ def recorded_launches(cache_options: dict, q_heads: int, q_len: int, tokens: int
 
 
 def compile_for(kernel, args: tuple, kwargs: dict, arch: int):
-    """Compile ``kernel`` for ``args`` as the JIT would specialise them (16-byte divisibility of pointers and ints)."""
+    """Compile ``kernel`` for ``args`` as the JIT would specialise them (16-byte divisibility of pointers
+    and ints; None and 1 as constants); ``num_warps`` and ``num_stages`` from ``kwargs``."""
     kwargs = dict(kwargs)
     num_warps = kwargs.pop("num_warps", 4)
+    launch = {"num_warps": num_warps} | ({"num_stages": kwargs.pop("num_stages")} if "num_stages" in kwargs else {})
     values = dict(zip(kernel.arg_names, args)) | kwargs
     signature, constexprs, attrs = {}, {}, {}
     for i, name in enumerate(kernel.arg_names):
         value = values[name]
-        if kernel.params[i].is_constexpr or (isinstance(value, int) and not isinstance(value, bool) and value == 1):
+        if kernel.params[i].is_constexpr or value is None or (isinstance(value, int) and not isinstance(value, bool) and value == 1):
             signature[name], constexprs[name] = "constexpr", value
         elif isinstance(value, torch.Tensor):
             signature[name], attrs[(i,)] = "*" + _DTYPES[value.dtype], [["tt.divisibility", 16]]
@@ -97,7 +99,7 @@ def compile_for(kernel, args: tuple, kwargs: dict, arch: int):
             if value % 16 == 0 and value:
                 attrs[(i,)] = [["tt.divisibility", 16]]
     target = GPUTarget("cuda", arch, 32)
-    options = triton.compiler.make_backend(target).parse_options({"num_warps": num_warps})
+    options = triton.compiler.make_backend(target).parse_options(launch)
     source = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
     return triton.compile(source, target=target, options=options.__dict__), num_warps
 

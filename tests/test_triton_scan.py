@@ -218,16 +218,19 @@ from tqindex.codec import TurboQuantCodec
 from tqindex.kernels.triton_scan import FMA, MMA, _scan_kernel
 from tqindex.kernels.triton_unpack import unpack_constants
 
-for bits, variant, config in [(3.5, "prod", MMA), (2, "mse", FMA)]:  # several index fields and signs; the FMA form
+# several index fields and signs; the FMA form; the int8 form at 4 and 2 bits
+for bits, variant, config, int8 in [(3.5, "prod", MMA, 0), (2, "mse", FMA, 0), (4, "mse", FMA, 4), (2, "mse", FMA, 2)]:
     constants = unpack_constants(TurboQuantCodec(768, bits, variant=variant))
     signature = {
-        "queries_ptr": "*fp16", "packed_ptr": "*u8", "factors_ptr": "*fp32", "valid_ptr": "*u8", "bias_ptr": "*fp32", "levels_ptr": "*fp32",
+        "queries_ptr": "*i32" if int8 else "*fp16", "packed_ptr": "*i32" if int8 else "*u8", "factors_ptr": "*fp32", "valid_ptr": "*u8",
+        "bias_ptr": "*fp32", "levels_ptr": "*fp32", "terms_ptr": "*fp32", "tables_ptr": "*i32",
         "out_scores_ptr": "*fp32", "out_rows_ptr": "*i32", "out_dropped_ptr": "*fp32",
         **{name: "i32" for name in ("n_rows", "n_queries", "tiles_per_program", "stride_q", "stride_p", "stride_f")},
     }
     block_m = 64 if config.mma else 1
     constants.update(HAS_VALID=True, HAS_BIAS=True, MMA=config.mma, BLOCK_M=block_m, BLOCK_N=config.block_rows(block_m), BLOCK_D=config.block_d, PRECISION="tf32")
-    constants["GATHER_ASM"] = constants.pop("GATHER_ASM")  # the kernel's last parameter
+    constants["GATHER_ASM"] = constants.pop("GATHER_ASM")
+    constants["INT8_WIDTH"] = int8  # the kernel's last parameter
     assert constants["GATHER_ASM"], "compiled kernels gather by inline PTX"
     signature.update({name: "constexpr" for name in constants})
     names = list(signature)
@@ -238,7 +241,10 @@ for bits, variant, config in [(3.5, "prod", MMA), (2, "mse", FMA)]:  # several i
     assert kernel.asm["cubin"], "no cubin"
     assert ("mma" in ptx) == config.mma, "tensor-core instructions where none were asked for, or none where they were"
     assert re.search(r"ld\\.global(\\.[a-z]+)*\\.v[24]\\.b32|ld\\.global(\\.[a-z]+)*\\.b32", ptx), "no wide loads of code bytes"
-    assert "ld.global.nc.f32" in ptx, "codebooks of 4+ levels gather by inline PTX loads"
+    if int8:
+        assert "prmt.b32" in ptx and "dp4a.s32.s32" in ptx and "ld.global.nc.f32" not in ptx, "the int8 form looks levels up in registers"
+    else:
+        assert "ld.global.nc.f32" in ptx, "codebooks of 4+ levels gather by inline PTX loads"
 
 from tqindex.kernels.triton_encode import _BLOCK_D, _BLOCK_R, _quantize_kernel
 for bits, variant, search in [(2.5, "prod", True)]:  # two codebooks, residual, code search

@@ -187,11 +187,24 @@ def resident_candidates(
     miss a row (they need `finish_resident`'s exact rescan), then whether the queries were finite
     in the scanner's precision."""
     queries = scanner.cast(rotated_queries)
-    finite = torch.isfinite(queries).all()
-    _, rows, overflow = scanner.candidates(queries, packed, factors, valid, candidate_count(k), bias)
-    fetch, fetch_bias = _resident_fetch(packed, factors, bias)
-    scores, found = _rescore(codec, rotated_queries, rows, fetch, fetch_bias, k, dedupe=False)
+    finite = scanner.finite(queries)
+    count = candidate_count(k)
+    bounds, rows, overflow = scanner.candidates(queries, packed, factors, valid, count, bias)
+    scores, found = rescore_resident(codec, rotated_queries, rows, packed, factors, bias, k)
+    if getattr(scanner, "bounds", False):  # candidates by upper bounds: a row left out is below the last
+        overflow = overflow | below_bounds(bounds, count, scores, k)
     return scores, found, torch.cat([overflow, finite[None]])
+
+
+def below_bounds(bounds: torch.Tensor, count: int, scores: torch.Tensor, k: int) -> torch.Tensor:
+    """bool ``(m,)``: queries where a row outside the candidates might beat the ``k``-th best.
+
+    ``bounds`` float32 ``(m, c)``: the candidates' upper bounds, best first, ``c <= count`` (fewer:
+    every row that could qualify was kept); ``scores`` float32 ``(m, >= 1)``: the rescored best, best first.
+    """
+    if bounds.shape[1] < count or scores.shape[1] == 0:
+        return torch.zeros(bounds.shape[0], dtype=torch.bool, device=bounds.device)
+    return scores[:, min(k, scores.shape[1]) - 1] < bounds[:, -1]
 
 
 def finish_resident(
@@ -213,15 +226,24 @@ def finish_resident(
         raise scanner.overflow_error()
     redo = flags[:-1].nonzero().flatten().to(found.device)
     if redo.numel():
-        fetch, fetch_bias = _resident_fetch(packed, factors, bias)
         _, exact_rows = exact_topk(codec, rotated_queries[redo], packed, factors, valid, candidate_count(k), bias)
-        scores[redo], found[redo] = _rescore(codec, rotated_queries[redo], exact_rows, fetch, fetch_bias, k)
+        scores[redo], found[redo] = rescore_resident(codec, rotated_queries[redo], exact_rows, packed, factors, bias, k)
     return scores, found
 
 
-def _resident_fetch(packed: torch.Tensor, factors: torch.Tensor, bias: torch.Tensor | None) -> tuple[Callable, Callable | None]:
-    """`_rescore`'s fetch functions over resident columns."""
-    return (lambda at: (packed[at], factors[at])), (None if bias is None else lambda at: bias[at])
+def rescore_resident(
+    codec: TurboQuantCodec,
+    rotated_queries: torch.Tensor,
+    rows: torch.Tensor,
+    packed: torch.Tensor,
+    factors: torch.Tensor,
+    bias: torch.Tensor | None,
+    k: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact scores (+ ``bias``) of each query's candidate ``rows`` int64 ``(m, c)`` (``-1``: none) of
+    resident columns, the best ``min(k, c)`` kept: float32 scores and rows, best first, no synchronisation."""
+    fetch_bias = None if bias is None else lambda at: bias[at]
+    return _rescore(codec, rotated_queries, rows, lambda at: (packed[at], factors[at]), fetch_bias, k, dedupe=False)
 
 
 def scan_groups_topk(

@@ -9,7 +9,10 @@ helper (``triton_unpack``) turns the packed bytes into levels in registers, and
 * ``MMA=False`` (a few queries: memory-bound): the levels multiply the fp32 queries on the CUDA
   cores into a ``[BLOCK_N, BLOCK_M, BLOCK_D]`` partial sum, reduced once per tile;
 * ``MMA=True`` (more queries: the dequantize-GEMM form): the levels, cast to fp16/bf16, are the A
-  operand of ``tl.dot`` against the transposed query tile, fp32 accumulation on the tensor cores.
+  operand of ``tl.dot`` against the transposed query tile, fp32 accumulation on the tensor cores;
+* ``INT8_WIDTH`` 2 or 4 (the int8 form, ``triton_int8``; opt-in, not yet timed on a GPU): int8
+  levels looked up by byte permutes in registers, int8 queries, ``dp4a``; each row scored by an
+  upper bound, which callers check after rescoring (``scan.below_bounds``).
 
 ``prod`` adds the same product of the QJL queries with the sign bits as +-1. The per-vector factors
 scale the sums, a per-row ``bias`` (where given) is added; rows past the chunk or not ``valid`` score -inf.
@@ -35,7 +38,10 @@ import triton
 import triton.language as tl
 
 from tqindex.codec import TurboQuantCodec
-from tqindex.kernels.scan import exact_topk
+from tqindex.kernels.fastscan import DEFAULT_Z
+from tqindex.kernels.scan import below_bounds, candidate_count, exact_topk, rescore_resident
+from tqindex.kernels import triton_int8
+from tqindex.kernels.triton_int8 import int8_dot
 from tqindex.kernels.triton_unpack import levels_table, unpack_constants, unpack_levels, unpack_signs
 
 _INTERPRETER_PROGRAMS = 4
@@ -98,18 +104,53 @@ MMA = ScanConfig(mma=True, max_block_m=64, block_n=64, block_d=64, num_warps=4, 
 
 
 @triton.jit
+def _int8_scores(
+    queries_ptr, row_ptrs, row_mask, terms_ptr, tables_ptr, q_rows, q_ok, n_queries, stride_q,
+    WIDTH: tl.constexpr, DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """The int8 form (``triton_int8``): ``s_q s_c sum L Q`` float32 ``[BLOCK_N, BLOCK_M]`` and the
+    queries' margins ``[BLOCK_M]``; ``row_ptrs`` point to int32 code words."""
+    WORDS: tl.constexpr = DIM * WIDTH // 32
+    BLOCK_W: tl.constexpr = BLOCK_D * WIDTH // 32
+    query_of = tl.arange(0, BLOCK_M)[None, :]
+    first = tl.program_id(0) * BLOCK_M
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.int32)
+    for w0 in range(0, WORDS, BLOCK_W):
+        at = (w0 // BLOCK_W) * BLOCK_W + tl.arange(0, BLOCK_W)  # written so its alignment is known
+        if WORDS % BLOCK_W == 0:
+            words = tl.load(row_ptrs + at[None, :], mask=row_mask, other=0)
+        else:
+            words = tl.load(row_ptrs + at[None, :], mask=row_mask & (at < WORDS)[None, :], other=0)
+        for j in tl.static_range(BLOCK_M):
+            q_mask = (at < WORDS) & (first + j + tl.zeros_like(at) < n_queries)
+            dot = int8_dot(words, at, q_mask, queries_ptr + (first + j).to(tl.int64) * stride_q, tables_ptr, WIDTH, DIM)
+            acc += tl.where(query_of == j, dot[:, None], 0)
+    scale = tl.load(terms_ptr + 2 * q_rows, mask=q_ok, other=0.0)
+    margin = tl.load(terms_ptr + 2 * q_rows + 1, mask=q_ok, other=0.0)
+    return acc.to(tl.float32) * scale[None, :], margin
+
+
+@triton.jit
 def _tile_scores(
-    queries_ptr, packed_ptr, factors_ptr, valid_ptr, bias_ptr, levels_ptr,
+    queries_ptr, packed_ptr, factors_ptr, valid_ptr, bias_ptr, levels_ptr, terms_ptr, tables_ptr,
     rows, q_rows, q_ok, n_rows, n_queries, stride_q, stride_p, stride_f,
     FIELDS: tl.constexpr, LEVELS: tl.constexpr, N_LO: tl.constexpr, EXTRA: tl.constexpr, SIGN_OFFSET: tl.constexpr,
     DIM: tl.constexpr, HAS_VALID: tl.constexpr, HAS_BIAS: tl.constexpr, MMA: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, GATHER_ASM: tl.constexpr,
+    INT8_WIDTH: tl.constexpr,
 ):  # fmt: skip
-    """Scores of rows ``(BLOCK_N,)`` against the query tile: float32 ``[BLOCK_N, BLOCK_M]``, -inf where excluded."""
+    """Scores of rows ``(BLOCK_N,)`` against the query tile: float32 ``[BLOCK_N, BLOCK_M]``, -inf
+    where excluded; in the int8 form (``INT8_WIDTH`` 2 or 4), each row's upper bound."""
     row_ok = rows < n_rows
     row_mask = row_ok[:, None]
     row_ptrs = packed_ptr + rows.to(tl.int64)[:, None] * stride_p
-    if MMA:
+    if INT8_WIDTH > 0:
+        dots, margin = _int8_scores(
+            queries_ptr, row_ptrs, row_mask, terms_ptr, tables_ptr, q_rows, q_ok, n_queries, stride_q, INT8_WIDTH, DIM, BLOCK_M, BLOCK_N, BLOCK_D
+        )  # fmt: skip
+        factor = tl.load(factors_ptr + rows * stride_f, mask=row_ok, other=0.0)[:, None]
+        scores = dots * factor + tl.abs(factor) * margin[None, :]
+    elif MMA:
         q_ptrs = queries_ptr + q_rows.to(tl.int64)[None, :] * stride_q  # [1, BLOCK_M]: the tile is transposed
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
         acc_signs = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
@@ -144,9 +185,10 @@ def _tile_scores(
                 if SIGN_OFFSET >= 0:
                     q_signs = tl.load(q_ptr + DIM + cols, mask=q_mask, other=0.0).to(tl.float32)
                     acc_signs += tl.where(query_of == j, tl.sum(signs * q_signs[None, :], axis=1)[:, None], 0.0)
-    scores = acc * tl.load(factors_ptr + rows * stride_f, mask=row_ok, other=0.0)[:, None]
-    if SIGN_OFFSET >= 0:
-        scores += acc_signs * tl.load(factors_ptr + rows * stride_f + 1, mask=row_ok, other=0.0)[:, None]
+    if INT8_WIDTH == 0:
+        scores = acc * tl.load(factors_ptr + rows * stride_f, mask=row_ok, other=0.0)[:, None]
+        if SIGN_OFFSET >= 0:
+            scores += acc_signs * tl.load(factors_ptr + rows * stride_f + 1, mask=row_ok, other=0.0)[:, None]
     keep = row_ok
     if HAS_BIAS:
         scores += tl.load(bias_ptr + rows, mask=row_ok, other=0.0)[:, None]
@@ -157,11 +199,12 @@ def _tile_scores(
 
 @triton.jit
 def _scan_kernel(
-    queries_ptr, packed_ptr, factors_ptr, valid_ptr, bias_ptr, levels_ptr, out_scores_ptr, out_rows_ptr, out_dropped_ptr,
-    n_rows, n_queries, tiles_per_program, stride_q, stride_p, stride_f,
+    queries_ptr, packed_ptr, factors_ptr, valid_ptr, bias_ptr, levels_ptr, terms_ptr, tables_ptr, out_scores_ptr, out_rows_ptr,
+    out_dropped_ptr, n_rows, n_queries, tiles_per_program, stride_q, stride_p, stride_f,
     FIELDS: tl.constexpr, LEVELS: tl.constexpr, N_LO: tl.constexpr, EXTRA: tl.constexpr, SIGN_OFFSET: tl.constexpr,
     DIM: tl.constexpr, HAS_VALID: tl.constexpr, HAS_BIAS: tl.constexpr, MMA: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, GATHER_ASM: tl.constexpr,
+    INT8_WIDTH: tl.constexpr,
 ):  # fmt: skip
     """Per query of the tile and bucket of the row group: the two best (score, row), unordered, in
     ``out[q, group, slot * BLOCK_N + lane]``; and the best score any bucket dropped, ``out_dropped[q, group]``."""
@@ -179,9 +222,10 @@ def _scan_kernel(
     while tile < end:  # not range(): Triton 3.6's interpreter cannot take tensor bounds under NumPy >= 2.5 (issue 17)
         rows = tile * BLOCK_N + lanes
         scores = _tile_scores(
-            queries_ptr, packed_ptr, factors_ptr, valid_ptr, bias_ptr, levels_ptr,
+            queries_ptr, packed_ptr, factors_ptr, valid_ptr, bias_ptr, levels_ptr, terms_ptr, tables_ptr,
             rows, q_rows, q_ok, n_rows, n_queries, stride_q, stride_p, stride_f,
             FIELDS, LEVELS, N_LO, EXTRA, SIGN_OFFSET, DIM, HAS_VALID, HAS_BIAS, MMA, BLOCK_M, BLOCK_N, BLOCK_D, PRECISION, GATHER_ASM,
+            INT8_WIDTH,
         )  # fmt: skip
         row = rows[:, None] + tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.int32)
         above1 = scores > best1
@@ -221,12 +265,18 @@ class TritonScanner:
         config: the kernel's tiling, ``FMA`` or ``MMA`` (``get_scanner`` picks by batch size).
         dtype: query precision: float16 (default), bfloat16 or float32 (the ``tl.dot`` operands,
             and what the FMA form reads); sums are fp32 either way, and ``kernels.scan`` rescores
-            the candidates exactly.
+            the candidates exactly. ``torch.int8``: the int8 form (``triton_int8``: levels and
+            queries rounded to int8, byte-permute look-ups and DP4A), FMA configs and mse codes
+            of 2 or 4 bits only; its candidate scores are upper bounds (``bounds``), and rows are
+            exact up to the margin ``z``. ValueError for other dtypes, an MMA config or layouts
+            the int8 form does not take.
         tiles_per_program: row tiles per program; None: enough programs for the config's
             ``programs_per_sm`` and enough buckets for the candidates (``_BUCKETS_PER_CANDIDATE``).
         select: look 2-level (1-bit) codebooks up by a select in registers (True) or by a gather
             like larger ones (False); see ``triton_unpack``.
         gather_asm: gathers as inline PTX loads (None: wherever compiled); see ``unpack_constants``.
+        z: the int8 form's margin in standard deviations of its rounding error (<= 0: the worst
+            case, and the results are provably the codec's own top-k); as the CPU fast-scan's.
     """
 
     def __init__(
@@ -238,12 +288,19 @@ class TritonScanner:
         tiles_per_program: int | None = None,
         select: bool = True,
         gather_asm: bool | None = None,
+        z: float = DEFAULT_Z,
     ):
-        if dtype not in (torch.float16, torch.bfloat16, torch.float32):
-            raise ValueError(f"dtype must be float16, bfloat16 or float32, got {dtype}")
+        if dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.int8):
+            raise ValueError(f"dtype must be float16, bfloat16, float32 or int8, got {dtype}")
         if tiles_per_program is not None and tiles_per_program < 1:
             raise ValueError(f"tiles_per_program must be >= 1, got {tiles_per_program}")
-        self.codec, self.config, self.dtype, self.tiles_per_program = codec, config, dtype, tiles_per_program
+        #: the int8 form's code width (2 or 4), 0 for the float forms
+        self.int8_width = 0
+        if dtype == torch.int8:
+            if config.mma:
+                raise ValueError("the int8 form runs on CUDA cores: give it an FMA config (mma=False)")
+            self.int8_width = triton_int8.check_layout(codec)
+        self.codec, self.config, self.dtype, self.tiles_per_program, self.z = codec, config, dtype, tiles_per_program, z
         self._constants = unpack_constants(codec, select, gather_asm)
         del self._constants["SIGN_OFFSET"], self._constants["DIM"]  # passed by name below
         layout = codec.layout
@@ -251,24 +308,49 @@ class TritonScanner:
         self._sign_offset = layout.sign_field.offset if layout.sign_field is not None else -1
         self._width = layout.dim * (2 if layout.sign_field is not None else 1)
 
-    def prepare(self, rotated_queries: torch.Tensor) -> torch.Tensor:
-        """Rotated float32 queries ``(m, W)`` -> contiguous ``dtype`` ``(m, W)``; raises if they overflow ``dtype``."""
+    @property
+    def bounds(self) -> bool:
+        """Whether ``candidates`` scores rows by upper bounds (the int8 form): a caller that rescores
+        them checks ``scan.below_bounds``."""
+        return self.int8_width > 0
+
+    def prepare(self, rotated_queries: torch.Tensor) -> torch.Tensor | triton_int8.Int8Queries:
+        """Rotated float32 queries ``(m, W)`` -> contiguous ``dtype`` ``(m, W)`` (the int8 form:
+        `triton_int8.Int8Queries`); raises if they overflow ``dtype`` or are not finite."""
         queries = self.cast(rotated_queries)
-        if not bool(torch.isfinite(queries).all()):
+        if not bool(self.finite(queries)):
             raise self.overflow_error()
         return queries
 
-    def cast(self, rotated_queries: torch.Tensor) -> torch.Tensor:
-        """``prepare`` without the check (which waits for the device): the caller checks ``isfinite`` later."""
+    def cast(self, rotated_queries: torch.Tensor) -> torch.Tensor | triton_int8.Int8Queries:
+        """``prepare`` without the check (which waits for the device): the caller checks ``finite`` later."""
+        if self.int8_width:
+            return triton_int8.quantize_queries(self.codec, rotated_queries, self.z)
         return rotated_queries.to(self.dtype).contiguous()
+
+    def finite(self, queries: torch.Tensor | triton_int8.Int8Queries) -> torch.Tensor:
+        """bool 0-dim tensor on the queries' device: ``cast`` output holds no inf or nan."""
+        return torch.isfinite(queries.terms if self.int8_width else queries).all()
+
+    def float_queries(self, queries: torch.Tensor | triton_int8.Int8Queries) -> torch.Tensor:
+        """The float32 queries ``(m, W)`` behind ``prepare`` output, for exact scoring."""
+        return queries.rotated if self.int8_width else queries.to(torch.float32)
+
+    def take_queries(self, prepared: torch.Tensor | triton_int8.Int8Queries, at: torch.Tensor) -> torch.Tensor | triton_int8.Int8Queries:
+        """The ``prepare`` output of the queries at positions ``at`` (int64 ``(q,)``)."""
+        if self.int8_width:
+            return triton_int8.Int8Queries(*(part.index_select(0, at.to(part.device)) for part in prepared))
+        return prepared.index_select(0, at.to(prepared.device))
 
     def overflow_error(self) -> ValueError:
         """The error for rotated queries that overflow ``dtype``."""
+        if self.int8_width:
+            return ValueError("rotated queries must be finite")
         return ValueError(f"rotated queries overflow {self.dtype}: make the TritonScanner with dtype=torch.float32")
 
     def candidates(
         self,
-        queries: torch.Tensor,
+        queries: torch.Tensor | triton_int8.Int8Queries,
         packed: torch.Tensor,
         factors: torch.Tensor,
         valid: torch.Tensor | None,
@@ -278,16 +360,14 @@ class TritonScanner:
         """The best ``count`` rows per query by the kernel's scores (+ ``bias``), without synchronising with the device.
 
         ``queries`` from ``prepare``; ``packed`` uint8 ``(n, B)``, ``factors`` float32 ``(n, F)``,
-        ``valid`` bool ``(n,)`` or None, ``bias`` float32 ``(n,)`` or None, on one device. Returns scores float32 ``(m, c)`` best first,
-        rows int64 ``(m, c)`` (``-1`` with ``-inf`` past the valid rows), ``c = min(count, candidates
+        ``valid`` bool ``(n,)`` or None, ``bias`` float32 ``(n,)`` or None, on one device. Returns scores float32 ``(m, c)`` best first
+        (the int8 form: upper bounds), rows int64 ``(m, c)`` (``-1`` with ``-inf`` past the valid rows), ``c = min(count, candidates
         kept)``, and ``overflow`` bool ``(m,)``: True where a row the buckets dropped might belong
         among the ``count`` best (those queries need ``exact_topk``).
         """
-        m, n, device = queries.shape[0], packed.shape[0], packed.device
+        m, n, device = self._check_queries(queries), packed.shape[0], packed.device
         if device.type != "cuda" and not _INTERPRETED:
             raise ValueError("the Triton scan needs CUDA tensors, or TRITON_INTERPRET=1 set before triton is imported")
-        if queries.shape[1] != self._width or queries.dtype != self.dtype:
-            raise ValueError(f"queries must be {self.dtype} (m, {self._width}) from prepare(), got {queries.dtype} {tuple(queries.shape)}")
         config = self.config
         block_m = config.block_m(m)
         block_n = config.block_rows(block_m)
@@ -305,15 +385,21 @@ class TritonScanner:
         out_rows = torch.empty((m, groups * slots), dtype=torch.int32, device=device)
         out_dropped = torch.empty((m, groups), dtype=torch.float32, device=device)
         factors = factors.to(torch.float32).contiguous()
+        packed = packed.contiguous()
+        if self.int8_width:  # the int8 form reads whole 32-bit code words (check_layout: rows are whole words)
+            packed, words, terms, tables = packed.view(torch.int32), queries.words, queries.terms, self._tables(device)
+        else:
+            words, terms, tables = queries, None, None
         _scan_kernel[(query_tiles, groups)](
-            queries, packed.contiguous(), factors, None if valid is None else valid.contiguous().view(torch.uint8),
+            words, packed, factors, None if valid is None else valid.contiguous().view(torch.uint8),
             None if bias is None else bias.to(torch.float32).contiguous(),
-            levels_table(self.codec, device), out_scores, out_rows, out_dropped,
-            n, m, per_program, queries.stride(0), packed.shape[1], factors.shape[1],
+            levels_table(self.codec, device), terms, tables, out_scores, out_rows, out_dropped,
+            n, m, per_program, words.stride(0), packed.shape[1], factors.shape[1],
             **self._constants, SIGN_OFFSET=self._sign_offset, DIM=self._dim, HAS_VALID=valid is not None,
             HAS_BIAS=bias is not None, MMA=config.mma,
             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=config.block_d,
-            PRECISION="ieee" if self.dtype == torch.float32 else "tf32", num_warps=config.num_warps, num_stages=config.num_stages,
+            PRECISION="ieee" if self.dtype == torch.float32 else "tf32", INT8_WIDTH=self.int8_width,
+            num_warps=config.num_warps, num_stages=config.num_stages,
         )  # fmt: skip
         kept = min(count, groups * slots)
         scores, at = out_scores.topk(kept, dim=1)
@@ -322,9 +408,27 @@ class TritonScanner:
         dropped = out_dropped.max(dim=1).values
         return scores, rows, (dropped > float("-inf")) & (dropped >= floor)
 
+    def _check_queries(self, queries: torch.Tensor | triton_int8.Int8Queries) -> int:
+        """The batch size of ``prepare`` output; ValueError for anything else."""
+        if self.int8_width:
+            if not isinstance(queries, tuple) or len(queries) != 3 or queries[0].dtype != torch.int32 or queries[0].shape[1] != self._dim // 4:
+                raise ValueError(f"queries must be the int8 form's (words, terms, rotated) from prepare(), got {type(queries).__name__}")
+            return queries[0].shape[0]
+        if not isinstance(queries, torch.Tensor) or queries.shape[1] != self._width or queries.dtype != self.dtype:
+            got = f"{queries.dtype} {tuple(queries.shape)}" if isinstance(queries, torch.Tensor) else type(queries).__name__
+            raise ValueError(f"queries must be {self.dtype} (m, {self._width}) from prepare(), got {got}")
+        return queries.shape[0]
+
+    def _tables(self, device: torch.device) -> torch.Tensor:
+        """The int8 form's table words on ``device`` (made once per device)."""
+        cache = self.__dict__.setdefault("_table_cache", {})
+        if device not in cache:
+            cache[device] = triton_int8.table_words(self.codec, device)
+        return cache[device]
+
     def chunk_topk(
         self,
-        queries: torch.Tensor,
+        queries: torch.Tensor | triton_int8.Int8Queries,
         packed: torch.Tensor,
         factors: torch.Tensor,
         valid: torch.Tensor | None,
@@ -335,17 +439,25 @@ class TritonScanner:
         scores float32 ``(m, min(k, n))``, chunk-local rows int64, best first.
 
         ``candidates``, then the exact rescan for the queries whose buckets overflowed (one
-        synchronisation). Where fewer rows are valid, the remaining entries are ``(-inf, -1)``.
+        synchronisation). The int8 form takes ``candidate_count(k)`` candidates, rescores them
+        exactly and rescans where ``below_bounds``; its scores are then the codec's own.
+        Where fewer rows are valid, the remaining entries are ``(-inf, -1)``.
         """
-        m, n, device = queries.shape[0], packed.shape[0], packed.device
+        m, n, device = self._check_queries(queries), packed.shape[0], packed.device
         k = min(k, n)
         if m == 0 or k <= 0:
             return torch.empty((m, max(k, 0)), device=device), torch.empty((m, max(k, 0)), dtype=torch.int64, device=device)
-        scores, rows, overflow = self.candidates(queries, packed, factors, valid, k, bias)
+        if self.bounds:
+            count = candidate_count(k)
+            bounds, rows, overflow = self.candidates(queries, packed, factors, valid, count, bias)
+            scores, rows = rescore_resident(self.codec, queries.rotated, rows, packed, factors, bias, k)
+            overflow = overflow | below_bounds(bounds, count, scores, k)
+        else:
+            scores, rows, overflow = self.candidates(queries, packed, factors, valid, k, bias)
         scores, rows = _padded(scores, rows, k)
         redo = overflow.nonzero().flatten()
         if redo.numel():
-            scores[redo], rows[redo] = exact_topk(self.codec, queries[redo].to(torch.float32), packed, factors, valid, k, bias)
+            scores[redo], rows[redo] = exact_topk(self.codec, self.float_queries(queries)[redo], packed, factors, valid, k, bias)
         return scores, rows
 
 

@@ -1,0 +1,208 @@
+"""Integer dot products of packed 2- and 4-bit codes with int8 queries: byte-permute look-ups and DP4A.
+
+The float form of the Triton scan spends ~6.6 SASS instructions per coordinate at 4 bits (sm_90,
+``benchmarks/scan_kernel_sass.py``): extract the index, form an address, gather the float level,
+multiply, add, convert the query. Here the levels are rounded to int8, ``L = round(c / s_c)``
+with ``s_c = max |c| / 127``, and held in registers as the bytes of up to four 32-bit *table
+words*; each query is rounded the same way, ``Q = round(q / s_q)``, one scale per query. One
+32-bit word of packed codes then takes, in registers and without a memory gather:
+
+* 4 bits (8 coordinates, the index of coordinate ``j`` in bits ``4j..4j+3``): per half word, two
+  ``prmt`` pick each index's level by its low 3 bits from the table words of levels 0-7 and of
+  levels 8-15, and a third ``prmt`` chooses between them per byte by the index's bit 3 (the
+  look-up of llama.cpp's IQ4_NL kernels); the four level bytes are in coordinate order.
+* 2 bits (16 coordinates in bits ``2j..2j+1``): the even and the odd coordinates' indices are
+  masked into nibbles and each ``prmt`` looks four of them up in the one table word; the query
+  bytes are stored in that order (``query_order``).
+
+and ``dp4a`` adds four int8 products into an int32, exactly: about 2 instructions per coordinate.
+
+Exactness (as the CPU fast-scan, ``kernels.fastscan``): per query, the error of ``s_q s_c sum L Q``
+against the float estimate ``sum c q`` is bounded per coordinate by ``max_i |c_i q_d - s_c L_i
+s_q Q_d|`` over the levels ``i``; the *margin* is the sum of these (``z <= 0``: worst case), or
+``min(worst case, z`` standard deviations of the error, levels taken as equally likely``)``, plus
+float32 slack. The kernel scores each row by its upper bound ``f (s_q s_c sum L Q) + |f| margin``
+(``f`` the row's length factor), so a row the scan leaves out cannot beat the k-th best rescored
+candidate when that is at least the last candidate's bound; the caller checks that
+(``scan.below_bounds``) and rescans the queries where it fails exactly.
+
+Compiled, ``prmt`` and ``dp4a`` are inline PTX (sm_61 and later); the interpreter
+(``TRITON_INTERPRET=1``) runs the same kernel with both emulated by shifts and masks, so the
+CPU tests check the data flow, and the PTX instructions are those of the PTX ISA's definitions.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+from tqindex.codec import TurboQuantCodec
+
+#: the largest int8 magnitude used: levels and queries are symmetric, round(x / s) in -127..127
+_INT8_MAX = 127
+#: rows' float32 scoring (int32 sum to float, two products, one fused add) against the float64 bound
+_FLOAT_SLACK = 8.0 / (1 << 24)
+#: queries per step of the margin computation ((q, D, levels) float64 errors at once)
+_MARGIN_BLOCK = 64
+#: 2-bit words: query bytes in the order the look-ups produce levels (even coordinates, then odd)
+_ORDER_2BIT = (0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15)
+
+
+class Int8Queries(NamedTuple):
+    """Queries prepared for the int8 scan: ``words`` int32 ``(m, D / 4)`` (the int8 ``Q`` in
+    ``query_order``, four to a word; word ``r`` of code word ``w`` at ``r (D width / 32) + w``), ``terms`` float32 ``(m, 2)``: the scale ``s_q s_c`` and the
+    margin of each query, and ``rotated`` float32 ``(m, D)``: the queries themselves, for rescoring."""
+
+    words: torch.Tensor
+    terms: torch.Tensor
+    rotated: torch.Tensor
+
+
+def check_layout(codec: TurboQuantCodec) -> int:
+    """The code width (2 or 4) of a layout the int8 scan takes; ValueError for any other.
+
+    Taken: mse codes of 2 or 4 bits (one index field over every coordinate), ``D`` a multiple
+    of ``32 / width`` so that rows are whole 32-bit words.
+    """
+    layout = codec.layout
+    fields = layout.index_fields
+    width = fields[0].width if len(fields) == 1 else 0
+    if width not in (2, 4) or layout.sign_field is not None or layout.extra_coords:
+        raise ValueError(f"the int8 scan takes mse codes of 2 or 4 bits, got {codec.config.bits} bits, {codec.config.variant}")
+    if layout.dim % (32 // width):
+        raise ValueError(f"the int8 scan needs a rotated dimension that is a multiple of {32 // width} at {width} bits, got {layout.dim}")
+    return width
+
+
+def level_scale(codec: TurboQuantCodec) -> tuple[float, torch.Tensor]:
+    """``s_c`` and the int8 levels ``L`` ``(2^bits,)``."""
+    levels = codec.levels.to(torch.float64)
+    scale = float(levels.abs().max()) / _INT8_MAX
+    return scale, torch.round(levels / scale).to(torch.int8)
+
+
+def table_words(codec: TurboQuantCodec, device: torch.device | str) -> torch.Tensor:
+    """The int8 levels as int32 ``(4,)`` table words (byte ``b`` of word ``w``: level ``4 w + b``; 0-padded)."""
+    _, levels = level_scale(codec)
+    padded = torch.zeros(16, dtype=torch.int8)
+    padded[: levels.numel()] = levels
+    return padded.view(torch.int32).to(device)
+
+
+def query_order(dim: int, width: int) -> torch.Tensor:
+    """int64 ``(dim,)``: the coordinate of each query byte, so that byte ``4 i + b`` of the query
+    meets the level that the look-ups put in byte ``b`` of their ``i``-th result word."""
+    if width == 4:
+        return torch.arange(dim)
+    return (torch.arange(dim // 16)[:, None] * 16 + torch.tensor(_ORDER_2BIT)).flatten()
+
+
+def quantize_queries(codec: TurboQuantCodec, rotated: torch.Tensor, z: float) -> Int8Queries:
+    """Rotated float32 queries ``(m, D)`` -> `Int8Queries` (on their device; no synchronisation).
+
+    A query of zeros has scale 0; a non-finite one gets non-finite ``terms`` (the caller checks).
+    """
+    width = check_layout(codec)
+    rotated = rotated.to(torch.float32).contiguous()
+    c_scale, levels = level_scale(codec)
+    amax = rotated.abs().amax(dim=1, keepdim=True)
+    q_scale = amax / _INT8_MAX
+    steps = torch.where(amax > 0, rotated / q_scale.clamp_min(torch.finfo(torch.float32).tiny), 0.0)
+    q = torch.round(steps).clamp(-_INT8_MAX, _INT8_MAX)
+    margin = torch.cat([
+        _margins(rotated[s : s + _MARGIN_BLOCK], q[s : s + _MARGIN_BLOCK], q_scale[s : s + _MARGIN_BLOCK], c_scale, levels, codec, z)
+        for s in range(0, rotated.shape[0], _MARGIN_BLOCK)
+    ]) if rotated.shape[0] else torch.zeros(0, device=rotated.device)  # fmt: skip
+    order = query_order(codec.layout.dim, width).to(rotated.device)
+    per_word = 8 // width  # query words per code word, stored apart so that each part loads as one vector
+    words = q.to(torch.int8)[:, order].contiguous().view(torch.int32)
+    words = words.view(-1, words.shape[1] // per_word, per_word).transpose(1, 2).reshape(words.shape)
+    terms = torch.stack([(q_scale[:, 0].to(torch.float64) * c_scale).to(torch.float32), margin.to(torch.float32)], dim=1)
+    return Int8Queries(words, terms, rotated)
+
+
+def _margins(
+    rotated: torch.Tensor, q: torch.Tensor, q_scale: torch.Tensor, c_scale: float, levels: torch.Tensor, codec: TurboQuantCodec, z: float
+) -> torch.Tensor:
+    """float64 ``(b,)``: each query's error bound (module docstring)."""
+    device = rotated.device
+    exact = codec.levels.to(device, torch.float64)
+    rounded = levels.to(device, torch.float64) * c_scale
+    err = rotated.to(torch.float64)[:, :, None] * exact - (q.to(torch.float64) * q_scale.to(torch.float64))[:, :, None] * rounded
+    bound = err.abs().amax(dim=2).sum(dim=1)
+    if z > 0:
+        bound = torch.minimum(bound, z * err.square().mean(dim=2).sum(dim=1).sqrt())
+    magnitude = q_scale[:, 0].to(torch.float64) * c_scale * _INT8_MAX * q.abs().sum(dim=1).to(torch.float64)
+    return bound + _FLOAT_SLACK * magnitude + 1e-30
+
+
+# decided when triton decorates: TRITON_INTERPRET=1 at import runs the kernels in the interpreter
+@triton.jit
+def _probe():
+    pass
+
+
+PTX = tl.constexpr(isinstance(_probe, triton.runtime.JITFunction))
+
+
+@triton.jit
+def prmt(a, b, sel):
+    """PTX ``prmt.b32`` (default mode) on int32 tensors: byte ``n`` of the result is byte
+    ``sel[4n : 4n + 3]`` of the eight bytes ``b:a`` (``a`` bytes 0-3). Selector nibbles must be below 8."""
+    if PTX:
+        return tl.inline_asm_elementwise("prmt.b32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, sel], dtype=tl.int32, is_pure=True, pack=1)
+    else:
+        out = tl.zeros_like(sel)
+        for n in tl.static_range(4):
+            pick = (sel >> (4 * n)) & 7
+            byte = (tl.where(pick < 4, a, b) >> ((pick & 3) * 8)) & 0xFF
+            out |= byte << (8 * n)
+        return out
+
+
+@triton.jit
+def dp4a(a, b, c):
+    """PTX ``dp4a.s32.s32`` on int32 tensors: ``c`` plus the products of the four signed bytes of ``a`` and of ``b``."""
+    if PTX:
+        return tl.inline_asm_elementwise("dp4a.s32.s32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, c], dtype=tl.int32, is_pure=True, pack=1)
+    else:
+        out = c
+        for n in tl.static_range(4):
+            out += ((a << (24 - 8 * n)) >> 24) * ((b << (24 - 8 * n)) >> 24)
+        return out
+
+
+@triton.jit
+def int8_dot(words, words_at, word_ok, q_ptr, tables_ptr, WIDTH: tl.constexpr, DIM: tl.constexpr):
+    """Per row, ``sum L Q`` over its code ``words`` (int32 ``[R, W]``: word ``words_at`` ``[W]``
+    of each row, ``word_ok`` ``[W]``) with the query words at ``q_ptr`` (``query_order``): int32 ``[R]``."""
+    WORDS: tl.constexpr = DIM * WIDTH // 32  # code words per row; the query's part r at r * WORDS
+    zeros = tl.zeros_like(words)
+    t0 = tl.load(tables_ptr) + zeros
+    if WIDTH == 4:
+        t1 = tl.load(tables_ptr + 1) + zeros
+        t2 = tl.load(tables_ptr + 2) + zeros
+        t3 = tl.load(tables_ptr + 3) + zeros
+        sel = words & 0x77777777
+        blend = ((words >> 1) & 0x44444444) | 0x32103210  # byte n from lo (0-3) or hi (4-7) by bit 3 of index n
+        part = zeros
+        for half in tl.static_range(2):
+            s = sel >> (16 * half)
+            levels = prmt(prmt(t0, t1, s), prmt(t2, t3, s), blend >> (16 * half))
+            q = tl.load(q_ptr + half * WORDS + words_at, mask=word_ok, other=0)
+            part = dp4a(levels, q[None, :] + zeros, part)
+    else:
+        even = words & 0x33333333
+        odd = (words >> 2) & 0x33333333
+        part = zeros
+        for i in tl.static_range(4):
+            if i < 2:
+                s = even >> (16 * i)
+            else:
+                s = odd >> (16 * (i - 2))
+            q = tl.load(q_ptr + i * WORDS + words_at, mask=word_ok, other=0)
+            part = dp4a(prmt(t0, t0, s), q[None, :] + zeros, part)
+    return tl.sum(part, axis=1)
