@@ -151,6 +151,13 @@ def test_candidates_whose_bounds_reach_past_the_k_th_best_are_rescanned():
     assert rows[0].unique().numel() == k and all(int(r) % 3 == 0 or int(r) == best for r in rows[0])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.int8])
+def test_an_empty_batch_gives_empty_results(dtype):
+    codec, packed, factors, queries = encoded(4, 64, n=30, m=1)
+    scores, rows = search_resident(codec, TritonScanner(codec, SMALL_FMA, dtype), queries[:0], packed, factors, None, 5)
+    assert scores.shape == rows.shape == (0, 5) and rows.dtype == torch.int64
+
+
 def test_int8_arguments_are_checked():
     codec, packed, factors, queries = encoded(4, 64, n=10, m=1)
     with pytest.raises(ValueError, match="FMA config"):

@@ -368,6 +368,9 @@ class TritonScanner:
         m, n, device = self._check_queries(queries), packed.shape[0], packed.device
         if device.type != "cuda" and not _INTERPRETED:
             raise ValueError("the Triton scan needs CUDA tensors, or TRITON_INTERPRET=1 set before triton is imported")
+        if m == 0:  # no grid to launch
+            empty = torch.empty((0, min(count, n)), device=device)
+            return empty, empty.to(torch.int64), torch.zeros(0, dtype=torch.bool, device=device)
         config = self.config
         block_m = config.block_m(m)
         block_n = config.block_rows(block_m)
