@@ -12,8 +12,9 @@ events around each run):
   bandwidth = code + factor bytes / time, as a fraction of the copy bandwidth.
 * sweep: the same at the largest size under each tiling of ``SWEEP`` (both forms, rows and
   coordinates per step, warps, programs per SM, pipelining; gathers by inline PTX vs ``tl.load``),
-  and the int8 form (``TritonScanner(dtype=torch.int8)``, ``triton_int8``) at 2 and 4 bits, with its
-  whole ``search_resident`` and the fraction of its ids equal to the default form's.
+  and the int8 form (``TritonScanner(dtype=torch.int8)``, ``triton_int8``: DP4A on CUDA cores, int8
+  ``tl.dot`` on tensor cores) at 2 and 4 bits, with its whole ``search_resident`` and the fraction
+  of its ids equal to the default form's.
 * search: ``search_resident`` (scan, exact rescoring on the device, one synchronisation), the path
   ``TurboQuantIndex.search`` takes on a resident GPU index.
 * torch: the same codes decoded to fp16 chunk by chunk + one matmul + topk (``GemmScanner``), the
@@ -52,7 +53,7 @@ from tqindex.codec import TurboQuantCodec
 from tqindex.kernels import Chunk, candidate_count, encode, get_scanner, scan_topk, search_resident
 from tqindex.kernels.gemm import GemmScanner
 from tqindex.kernels.graphs import SearchGraphs
-from tqindex.kernels.triton_scan import FMA, MMA, ScanConfig, TritonScanner
+from tqindex.kernels.triton_scan import FMA, INT8_MMA, MMA, ScanConfig, TritonScanner
 
 SMOKE = {"sizes": [1000], "dim": 64, "batches": [1, 40], "index_size": 600, "repeats": 1, "brute_chunk": 400,
          "torch_chunk": 400, "encode_rows": 200, "copy_mb": 8}  # fmt: skip
@@ -206,6 +207,7 @@ INT8_WIDE = _config(False, 4, 128, 128, 4, 16)
 SWEEP: dict[int, list[ScanConfig]] = {
     1: [FMA, _config(False, 4, 64, 64, 4, 16), _config(False, 4, 128, 64, 4, 32), _config(False, 4, 256, 64, 8, 8)],
     2: [FMA, MMA],
+    32: [MMA],
     1024: [MMA, _config(True, 128, 64, 64, 16, 4)],
 }
 
@@ -227,8 +229,9 @@ def sweep_rows(args, codec, packed, factors, code_bytes, copy_bps, timer, n) -> 
         variants = [(c, torch.float16, None, "") for c in configs]
         if m == 1 and bits > 2:  # float32 queries (no conversion per value); codebook gathers by tl.load
             variants += [(FMA, torch.float32, None, " fp32 queries"), (FMA, torch.float16, False, " tl.load gather")]
-        if m <= FMA.max_block_m and bits in (2, 4):  # the int8 form (byte-permute look-ups, DP4A), 64 and 128 coordinates a step
-            variants += [(c, torch.int8, None, " int8 dp4a") for c in (FMA, INT8_WIDE)]
+        if bits in (2, 4):  # the int8 form: CUDA cores (DP4A; 64 and 128 coordinates a step) to 4 queries, tensor cores from 2
+            variants += [(c, torch.int8, None, " int8 dp4a") for c in (FMA, INT8_WIDE) if m <= FMA.max_block_m]
+            variants += [(INT8_MMA, torch.int8, None, " int8 tensor cores")] if m > 1 else []
         for config, dtype, gather_asm, label in variants:
             name = config_name(config) + label
             try:

@@ -3,11 +3,13 @@
 Each case's kernel is compiled ahead of time (default sm_90, the H100/H200) for the arguments of
 a real `TritonScanner.candidates` call on CPU tensors, whose launch is recorded instead of run
 (as ``kv_kernel_resources.py``). The SASS (``cuobjdump -sass``) is split at its backward
-branches; the innermost loop is the step over ``BLOCK_D`` coordinates of ``BLOCK_N`` rows, and
+branches; the innermost loop is the step over ``BLOCK_D`` coordinates of ``BLOCK_N`` rows (or,
+where ptxas unrolled those steps, the loop over row tiles: all ``D`` coordinates), and
 
-    instructions per coordinate = loop instructions x 32 threads x warps / (BLOCK_N x BLOCK_D)
+    instructions per coordinate = loop instructions x 32 threads x warps / (BLOCK_N x BLOCK_D or D)
 
-is what every thread of the GPU issues per code coordinate scanned, with the loop's opcode mix.
+is what every thread of the GPU issues per code coordinate scanned (for all the queries of a
+program: one in the default FMA form, up to 64 on tensor cores), with the loop's opcode mix.
 It ranks kernel forms before a GPU times them (``bench_gpu.py``); it does not time anything.
 The H200 issues ~3.3e13 thread-instructions/s (132 SMs x 4 schedulers x 32 lanes x 1.98 GHz), so
 at 10M x 768 one instruction per coordinate costs ~0.23 ms, and reading the 4-bit codes at the
@@ -43,6 +45,10 @@ CASES = {  # name: (bits, config, query dtype, queries)
     "2-bit, FMA (default, 1 query)": (2, _ONE, torch.float16, 1),
     "2-bit, int8 dp4a": (2, _ONE, torch.int8, 1),
     "2-bit, int8 dp4a, 128 coordinates/step": (2, _INT8_128, torch.int8, 1),
+    "4-bit, tensor cores (default, 32 queries)": (4, scan.MMA, torch.float16, 32),
+    "4-bit, int8 tensor cores, 32 queries": (4, scan.INT8_MMA, torch.int8, 32),
+    "2-bit, tensor cores (default, 32 queries)": (2, scan.MMA, torch.float16, 32),
+    "2-bit, int8 tensor cores, 32 queries": (2, scan.INT8_MMA, torch.int8, 32),
 }
 _INSTRUCTION = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);")
 
@@ -73,8 +79,10 @@ def sass(cubin: bytes, path: str) -> list[tuple[int, str, str]]:
     return [(int(m.group(1), 16), m.group(3), m.group(4)) for m in _INSTRUCTION.finditer(text)]
 
 
-def innermost_loop(code: list[tuple[int, str, str]]) -> list[tuple[int, str, str]]:
-    """The instructions of the smallest loop (a backward branch and its target) holding no other loop."""
+def innermost_loop(code: list[tuple[int, str, str]]) -> tuple[list[tuple[int, str, str]], bool]:
+    """The instructions of the largest loop (a backward branch and its target) holding no other
+    loop, and whether another loop holds it: then it is the step over coordinates inside the
+    loop over row tiles; else ptxas unrolled the steps and it is the row-tile loop, over all coordinates."""
     loops = []
     for address, opcode, operands in code:
         target = re.search(r"0x([0-9a-f]+)", operands)
@@ -82,7 +90,8 @@ def innermost_loop(code: list[tuple[int, str, str]]) -> list[tuple[int, str, str
             loops.append((int(target.group(1), 16), address))
     inner = [(a, b) for a, b in loops if not any(a <= c and d <= b and (c, d) != (a, b) for c, d in loops)]
     start, stop = max(inner, key=lambda span: span[1] - span[0])
-    return [ins for ins in code if start <= ins[0] <= stop]
+    nested = any(a <= start and stop <= b and (a, b) != (start, stop) for a, b in loops)
+    return [ins for ins in code if start <= ins[0] <= stop], nested
 
 
 def main() -> None:
@@ -100,14 +109,15 @@ def main() -> None:
         compiled, warps = compile_for(scan._scan_kernel, call_args, call_kwargs, args.arch)
         path = os.path.join(args.scratch, "scan.cubin")
         usage = resource_usage(compiled, path)
-        loop = innermost_loop(sass(compiled.asm["cubin"], path))
+        loop, nested = innermost_loop(sass(compiled.asm["cubin"], path))
         block_m, block_n, block_d = (call_kwargs[name] for name in ("BLOCK_M", "BLOCK_N", "BLOCK_D"))
-        per_coordinate = len(loop) * 32 * warps / (block_n * block_d * block_m)
+        per_coordinate = len(loop) * 32 * warps / (block_n * (block_d if nested else call_kwargs["DIM"]))  # for all block_m queries
         mix = collections.Counter(opcode.split(".")[0] for _, opcode, _ in loop).most_common(8)
-        rows.append([case, f"{block_m}x{block_n}x{block_d}", usage["REG"], len(loop), f"{per_coordinate:.2f}", " ".join(f"{o} {c}" for o, c in mix)])
+        loop_name = f"{len(loop)} (a step)" if nested else f"{len(loop)} (a tile: steps unrolled)"
+        rows.append([case, f"{block_m}x{block_n}x{block_d}", usage["REG"], loop_name, f"{per_coordinate:.2f}", " ".join(f"{o} {c}" for o, c in mix)])
         print(rows[-1], flush=True)
-    print(f"\nsm_{args.arch}, triton {triton.__version__}, d = 768; per coordinate and query:\n")
-    print(markdown_table(["case", "queries x rows x coordinates per step", "registers", "loop instructions", "instructions / coordinate", "top opcodes"], rows))
+    print(f"\nsm_{args.arch}, triton {triton.__version__}, d = 768; per code coordinate, for all the queries of a program:\n")
+    print(markdown_table(["case", "queries x rows x coordinates a step", "registers", "loop instructions", "instructions / coordinate", "top opcodes"], rows))
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ from tqindex.kernels.triton_scan import MMA, ScanConfig, TritonScanner
 pytestmark = pytest.mark.triton
 
 SMALL_FMA = ScanConfig(mma=False, max_block_m=4, block_n=32, block_d=32, num_warps=4)
+SMALL_MMA = ScanConfig(mma=True, max_block_m=16, block_n=16, block_d=128, num_warps=4)  # 32 or 64 code bytes a step
 # (bits, dim): 4 bits over whole steps, over a last step of 1 of 4 words (dim 40), 2 bits over
 # 2-word steps and a Hadamard rotation (dim 64)
 LAYOUTS = [(4, 64), (4, 40), (2, 96), (2, 64)]
@@ -70,15 +71,16 @@ def encoded(bits: int, dim: int, n: int, m: int, seed: int = 0):
     return codec, codes.packed.to(DEVICE), codes.factors.to(DEVICE), queries.to(DEVICE)
 
 
+@pytest.mark.parametrize("config", [SMALL_FMA, SMALL_MMA], ids=["dp4a", "tensor-cores"])
 @pytest.mark.parametrize("bits, dim", LAYOUTS)
-def test_bounds_are_the_int8_scores_plus_the_margin_and_bound_the_estimator(bits, dim):
+def test_bounds_are_the_int8_scores_plus_the_margin_and_bound_the_estimator(bits, dim, config):
     """Every valid row's kernel score is ``f s_q s_c sum L Q + |f| margin + bias`` (computed here in
     float64 from the int8 values), and with the worst-case margin (z = 0) it is at least the codec's estimate."""
     n = 100
     codec, packed, factors, queries = encoded(bits, dim, n, m=3, seed=bits * 100 + dim)
     valid = torch.from_numpy(np.random.default_rng(dim).random(n) > 0.3).to(DEVICE)
     bias = torch.linspace(-1, 1, n, device=DEVICE)
-    scanner = TritonScanner(codec, SMALL_FMA, torch.int8, tiles_per_program=2, z=0)
+    scanner = TritonScanner(codec, config, torch.int8, tiles_per_program=2, z=0)
     prepared = scanner.prepare(queries)
     bounds, rows, overflow = scanner.candidates(prepared, packed, factors, valid, n, bias)
     assert not overflow.any() and rows.dtype == torch.int64 and (bounds[:, :-1] >= bounds[:, 1:]).all()
@@ -111,8 +113,8 @@ def fetch_from(packed: torch.Tensor, factors: torch.Tensor):
 
 
 @pytest.mark.parametrize("k", [5, 40])
-@pytest.mark.parametrize("bits, dim", [(4, 40), (2, 96)])
-def test_searches_equal_the_cpu_scan(bits, dim, k):
+@pytest.mark.parametrize("bits, dim, config", [(4, 40, SMALL_FMA), (2, 96, SMALL_FMA), (4, 64, SMALL_MMA)], ids=["4-dp4a", "2-dp4a", "4-tensor-cores"])
+def test_searches_equal_the_cpu_scan(bits, dim, config, k):
     """search_resident, scan_topk over chunks and scan_groups_topk through the int8 form give the CPU scan's top-k."""
     n = 210
     codec, packed, factors, queries = encoded(bits, dim, n, m=4, seed=dim + k)
@@ -122,7 +124,7 @@ def test_searches_equal_the_cpu_scan(bits, dim, k):
     whole = [Chunk(0, packed.cpu(), factors.cpu(), valid.cpu(), bias.cpu())]
     fetch = fetch_from(packed, factors)
     want_scores, want_rows = scan_topk(codec, cpu, queries.cpu(), whole, k, fetch, lambda at: bias.cpu()[at])
-    scanner = TritonScanner(codec, SMALL_FMA, torch.int8, tiles_per_program=2)
+    scanner = TritonScanner(codec, config, torch.int8, tiles_per_program=2)
     results = [search_resident(codec, scanner, queries, packed, factors, valid, k, bias)]
     chunks = [Chunk(0, packed[:130], factors[:130], valid[:130], bias[:130]), Chunk(130, packed[130:], factors[130:], valid[130:], bias[130:])]
     results.append(scan_topk(codec, scanner, queries, chunks, k, fetch, lambda at: bias.cpu()[at.cpu()].to(DEVICE)))
@@ -160,8 +162,8 @@ def test_an_empty_batch_gives_empty_results(dtype):
 
 def test_int8_arguments_are_checked():
     codec, packed, factors, queries = encoded(4, 64, n=10, m=1)
-    with pytest.raises(ValueError, match="FMA config"):
-        TritonScanner(codec, MMA, torch.int8)
+    with pytest.raises(ValueError, match="block_d >= 128 at 2 bits"):
+        TritonScanner(TurboQuantCodec(64, 2), MMA, torch.int8)  # 16 code bytes a step
     for bits, variant, dim, message in [(3, "mse", 64, "2 or 4 bits"), (2, "prod", 64, "2 or 4 bits"), (2.5, "mse", 64, "2 or 4 bits"), (4, "mse", 44, "multiple of 8")]:
         with pytest.raises(ValueError, match=message):
             TritonScanner(TurboQuantCodec(dim, bits, variant=variant), SMALL_FMA, torch.int8)

@@ -215,22 +215,25 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from tqindex.codec import TurboQuantCodec
-from tqindex.kernels.triton_scan import FMA, MMA, _scan_kernel
+from tqindex.kernels.triton_int8 import lookup_asm, table_constants
+from tqindex.kernels.triton_scan import FMA, INT8_MMA, MMA, _scan_kernel
 from tqindex.kernels.triton_unpack import unpack_constants
 
-# several index fields and signs; the FMA form; the int8 form at 4 and 2 bits
-for bits, variant, config, int8 in [(3.5, "prod", MMA, 0), (2, "mse", FMA, 0), (4, "mse", FMA, 4), (2, "mse", FMA, 2)]:
-    constants = unpack_constants(TurboQuantCodec(768, bits, variant=variant))
+# several index fields and signs; the FMA form; the int8 form at 4 and 2 bits, on CUDA and tensor cores
+for bits, variant, config, int8 in [(3.5, "prod", MMA, 0), (2, "mse", FMA, 0), (4, "mse", FMA, 4), (2, "mse", FMA, 2), (2, "mse", INT8_MMA, 2)]:
+    codec = TurboQuantCodec(768, bits, variant=variant)
+    constants = unpack_constants(codec)
+    words = int8 and not config.mma
     signature = {
-        "queries_ptr": "*i32" if int8 else "*fp16", "packed_ptr": "*i32" if int8 else "*u8", "factors_ptr": "*fp32", "valid_ptr": "*u8",
-        "bias_ptr": "*fp32", "levels_ptr": "*fp32", "terms_ptr": "*fp32", "tables_ptr": "*i32",
+        "queries_ptr": "*i32" if words else "*i8" if int8 else "*fp16", "packed_ptr": "*i32" if words else "*u8", "factors_ptr": "*fp32",
+        "valid_ptr": "*u8", "bias_ptr": "*fp32", "levels_ptr": "*fp32", "terms_ptr": "*fp32",
         "out_scores_ptr": "*fp32", "out_rows_ptr": "*i32", "out_dropped_ptr": "*fp32",
         **{name: "i32" for name in ("n_rows", "n_queries", "tiles_per_program", "stride_q", "stride_p", "stride_f")},
     }
     block_m = 64 if config.mma else 1
     constants.update(HAS_VALID=True, HAS_BIAS=True, MMA=config.mma, BLOCK_M=block_m, BLOCK_N=config.block_rows(block_m), BLOCK_D=config.block_d, PRECISION="tf32")
     constants["GATHER_ASM"] = constants.pop("GATHER_ASM")
-    constants["INT8_WIDTH"] = int8  # the kernel's last parameter
+    constants.update(INT8_WIDTH=int8, INT8_ASM=lookup_asm(codec) if int8 else "", INT8_TABLES=table_constants(codec) if int8 else ())
     assert constants["GATHER_ASM"], "compiled kernels gather by inline PTX"
     signature.update({name: "constexpr" for name in constants})
     names = list(signature)
@@ -242,7 +245,8 @@ for bits, variant, config, int8 in [(3.5, "prod", MMA, 0), (2, "mse", FMA, 0), (
     assert ("mma" in ptx) == config.mma, "tensor-core instructions where none were asked for, or none where they were"
     assert re.search(r"ld\\.global(\\.[a-z]+)*\\.v[24]\\.b32|ld\\.global(\\.[a-z]+)*\\.b32", ptx), "no wide loads of code bytes"
     if int8:
-        assert "prmt.b32" in ptx and "dp4a.s32.s32" in ptx and "ld.global.nc.f32" not in ptx, "the int8 form looks levels up in registers"
+        assert "prmt.b32" in ptx and "ld.global.nc.f32" not in ptx, "the int8 form looks levels up in registers"
+        assert ("dp4a.s32.s32" in ptx) != config.mma, "DP4A on CUDA cores, int8 MMA on tensor cores"
     else:
         assert "ld.global.nc.f32" in ptx, "codebooks of 4+ levels gather by inline PTX loads"
 

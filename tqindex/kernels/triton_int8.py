@@ -3,9 +3,10 @@
 The float form of the Triton scan spends ~6.6 SASS instructions per coordinate at 4 bits (sm_90,
 ``benchmarks/scan_kernel_sass.py``): extract the index, form an address, gather the float level,
 multiply, add, convert the query. Here the levels are rounded to int8, ``L = round(c / s_c)``
-with ``s_c = max |c| / 127``, and held in registers as the bytes of up to four 32-bit *table
-words*; each query is rounded the same way, ``Q = round(q / s_q)``, one scale per query. One
-32-bit word of packed codes then takes, in registers and without a memory gather:
+with ``s_c = max |c| / 127``, and held as the bytes of up to four 32-bit *table words*
+(immediates of the PTX); each query is rounded the same way, ``Q = round(q / s_q)``, one scale
+per query. One 32-bit word of packed codes then becomes words of four int8 levels each, in
+registers and without a memory gather (`lookup_asm`):
 
 * 4 bits (8 coordinates, the index of coordinate ``j`` in bits ``4j..4j+3``): per half word, two
   ``prmt`` pick each index's level by its low 3 bits from the table words of levels 0-7 and of
@@ -15,7 +16,11 @@ words*; each query is rounded the same way, ``Q = round(q / s_q)``, one scale pe
   masked into nibbles and each ``prmt`` looks four of them up in the one table word; the query
   bytes are stored in that order (``query_order``).
 
-and ``dp4a`` adds four int8 products into an int32, exactly: about 2 instructions per coordinate.
+On CUDA cores (`int8_dot`) ``dp4a`` adds four int8 products into an int32, exactly; on tensor
+cores (`int8_levels`) the level words are the int8 A operand of ``tl.dot`` against the query
+bytes (int32 sums, exact). ``benchmarks/scan_kernel_sass.py`` counts 2.8 (4-bit) and 1.6 (2-bit)
+SASS instructions per coordinate for one query on CUDA cores, and 3.4 (4-bit) for 32 queries on
+tensor cores (the float forms: 6.6, 7.6 and 8.3).
 
 Exactness (as the CPU fast-scan, ``kernels.fastscan``): per query, the error of ``s_q s_c sum L Q``
 against the float estimate ``sum c q`` is bounded per coordinate by ``max_i |c_i q_d - s_c L_i
@@ -26,9 +31,10 @@ float32 slack. The kernel scores each row by its upper bound ``f (s_q s_c sum L 
 candidate when that is at least the last candidate's bound; the caller checks that
 (``scan.below_bounds``) and rescans the queries where it fails exactly.
 
-Compiled, ``prmt`` and ``dp4a`` are inline PTX (sm_61 and later); the interpreter
-(``TRITON_INTERPRET=1``) runs the same kernel with both emulated by shifts and masks, so the
-CPU tests check the data flow, and the PTX instructions are those of the PTX ISA's definitions.
+Compiled, the look-up and ``dp4a`` are inline PTX (sm_61 and later; int8 ``tl.dot`` needs sm_80);
+the interpreter (``TRITON_INTERPRET=1``) runs the same kernel with ``prmt`` and ``dp4a`` emulated
+by shifts and masks, so the CPU tests check the data flow, and a test holds both emulations to
+the PTX ISA's definitions (on a GPU, the instructions themselves).
 """
 
 from __future__ import annotations
@@ -84,12 +90,30 @@ def level_scale(codec: TurboQuantCodec) -> tuple[float, torch.Tensor]:
     return scale, torch.round(levels / scale).to(torch.int8)
 
 
-def table_words(codec: TurboQuantCodec, device: torch.device | str) -> torch.Tensor:
-    """The int8 levels as int32 ``(4,)`` table words (byte ``b`` of word ``w``: level ``4 w + b``; 0-padded)."""
+def table_constants(codec: TurboQuantCodec) -> tuple[int, int, int, int]:
+    """The int8 levels as four int32 table words (byte ``b`` of word ``w``: level ``4 w + b``; 0-padded)."""
     _, levels = level_scale(codec)
     padded = torch.zeros(16, dtype=torch.int8)
     padded[: levels.numel()] = levels
-    return padded.view(torch.int32).to(device)
+    return tuple(int(word) for word in padded.view(torch.int32).tolist())
+
+
+def lookup_asm(codec: TurboQuantCodec) -> str:
+    """PTX of `int8_levels` for ``codec``: one 32-bit word of codes (``$`` last) -> ``8 / width``
+    words of int8 levels (``$0`` ...), the table words as immediates."""
+    width = check_layout(codec)
+    t = [f"0x{word & 0xFFFFFFFF:08x}" for word in table_constants(codec)]
+    if width == 4:
+        return (
+            "{ .reg .b32 s, b, l, h; and.b32 s, $2, 0x77777777; shr.u32 b, $2, 1; and.b32 b, b, 0x44444444; "
+            f"or.b32 b, b, 0x32103210; prmt.b32 l, {t[0]}, {t[1]}, s; prmt.b32 h, {t[2]}, {t[3]}, s; prmt.b32 $0, l, h, b; "
+            f"shr.u32 s, s, 16; shr.u32 b, b, 16; prmt.b32 l, {t[0]}, {t[1]}, s; prmt.b32 h, {t[2]}, {t[3]}, s; prmt.b32 $1, l, h, b; }}"
+        )
+    return (
+        "{ .reg .b32 e, o; and.b32 e, $4, 0x33333333; shr.u32 o, $4, 2; and.b32 o, o, 0x33333333; "
+        f"prmt.b32 $0, {t[0]}, 0, e; shr.u32 e, e, 16; prmt.b32 $1, {t[0]}, 0, e; "
+        f"prmt.b32 $2, {t[0]}, 0, o; shr.u32 o, o, 16; prmt.b32 $3, {t[0]}, 0, o; }}"
+    )
 
 
 def query_order(dim: int, width: int) -> torch.Tensor:
@@ -151,7 +175,10 @@ PTX = tl.constexpr(isinstance(_probe, triton.runtime.JITFunction))
 @triton.jit
 def prmt(a, b, sel):
     """PTX ``prmt.b32`` (default mode) on int32 tensors: byte ``n`` of the result is byte
-    ``sel[4n : 4n + 3]`` of the eight bytes ``b:a`` (``a`` bytes 0-3). Selector nibbles must be below 8."""
+    ``sel[4n : 4n + 3]`` of the eight bytes ``b:a`` (``a`` bytes 0-3). Selector nibbles must be below 8.
+
+    `level_words` runs it in the interpreter, emulating ``lookup_asm``; compiled it is the PTX
+    instruction itself, which tests hold to the same definition as the emulation on a GPU."""
     if PTX:
         return tl.inline_asm_elementwise("prmt.b32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, sel], dtype=tl.int32, is_pure=True, pack=1)
     else:
@@ -176,33 +203,72 @@ def dp4a(a, b, c):
 
 
 @triton.jit
-def int8_dot(words, words_at, word_ok, q_ptr, tables_ptr, WIDTH: tl.constexpr, DIM: tl.constexpr):
+def level_words(words, ASM: tl.constexpr, TABLES: tl.constexpr, WIDTH: tl.constexpr):
+    """int32 code words ``[R, W]`` -> ``8 / WIDTH`` int32 tensors ``[R, W]`` of four int8 levels each:
+    byte ``i`` of part ``r`` is the level that meets byte ``4 r + i`` of the word's query words
+    (`query_order`). Compiled: ``ASM`` (`lookup_asm`); in the interpreter the same steps, ``prmt``
+    emulated, from ``TABLES`` (`table_constants`)."""
+    if PTX:
+        if WIDTH == 4:
+            return tl.inline_asm_elementwise(ASM, "=r,=r,r", [words], dtype=(tl.int32, tl.int32), is_pure=True, pack=1)
+        else:
+            return tl.inline_asm_elementwise(ASM, "=r,=r,=r,=r,r", [words], dtype=(tl.int32,) * 4, is_pure=True, pack=1)
+    else:
+        zeros = tl.zeros_like(words)
+        t0 = zeros + TABLES[0]
+        if WIDTH == 4:
+            t1, t2, t3 = zeros + TABLES[1], zeros + TABLES[2], zeros + TABLES[3]
+            sel = words & 0x77777777
+            blend = ((words >> 1) & 0x44444444) | 0x32103210  # byte n from lo (0-3) or hi (4-7) by bit 3 of index n
+            low = prmt(prmt(t0, t1, sel), prmt(t2, t3, sel), blend)
+            return low, prmt(prmt(t0, t1, sel >> 16), prmt(t2, t3, sel >> 16), blend >> 16)
+        else:
+            even = words & 0x33333333
+            odd = (words >> 2) & 0x33333333
+            return prmt(t0, t0, even), prmt(t0, t0, even >> 16), prmt(t0, t0, odd), prmt(t0, t0, odd >> 16)
+
+
+@triton.jit
+def int8_dot(words, words_at, word_ok, q_ptr, ASM: tl.constexpr, TABLES: tl.constexpr, WIDTH: tl.constexpr, DIM: tl.constexpr):
     """Per row, ``sum L Q`` over its code ``words`` (int32 ``[R, W]``: word ``words_at`` ``[W]``
     of each row, ``word_ok`` ``[W]``) with the query words at ``q_ptr`` (``query_order``): int32 ``[R]``."""
     WORDS: tl.constexpr = DIM * WIDTH // 32  # code words per row; the query's part r at r * WORDS
-    zeros = tl.zeros_like(words)
-    t0 = tl.load(tables_ptr) + zeros
-    if WIDTH == 4:
-        t1 = tl.load(tables_ptr + 1) + zeros
-        t2 = tl.load(tables_ptr + 2) + zeros
-        t3 = tl.load(tables_ptr + 3) + zeros
-        sel = words & 0x77777777
-        blend = ((words >> 1) & 0x44444444) | 0x32103210  # byte n from lo (0-3) or hi (4-7) by bit 3 of index n
-        part = zeros
-        for half in tl.static_range(2):
-            s = sel >> (16 * half)
-            levels = prmt(prmt(t0, t1, s), prmt(t2, t3, s), blend >> (16 * half))
-            q = tl.load(q_ptr + half * WORDS + words_at, mask=word_ok, other=0)
-            part = dp4a(levels, q[None, :] + zeros, part)
-    else:
-        even = words & 0x33333333
-        odd = (words >> 2) & 0x33333333
-        part = zeros
-        for i in tl.static_range(4):
-            if i < 2:
-                s = even >> (16 * i)
-            else:
-                s = odd >> (16 * (i - 2))
-            q = tl.load(q_ptr + i * WORDS + words_at, mask=word_ok, other=0)
-            part = dp4a(prmt(t0, t0, s), q[None, :] + zeros, part)
+    parts = level_words(words, ASM, TABLES, WIDTH)
+    part = tl.zeros_like(words)
+    for r in tl.static_range(8 // WIDTH):
+        q = tl.load(q_ptr + r * WORDS + words_at, mask=word_ok, other=0)
+        part = dp4a(parts[r], q[None, :] + tl.zeros_like(words), part)
     return tl.sum(part, axis=1)
+
+
+@triton.jit
+def int8_levels(codes, ASM: tl.constexpr, TABLES: tl.constexpr, WIDTH: tl.constexpr):
+    """Code bytes uint8 ``[R, B]`` -> ``8 / WIDTH`` int8 level tensors ``[R, B]``: element ``4 w + i``
+    of part ``r`` is byte ``i`` of part ``r`` of `level_words` of code word ``w``, the A operands
+    of one ``tl.dot`` each."""
+    if PTX:  # four code bytes (one word) per instance, in order: the lanes hold >= 4 consecutive bytes of a row
+        if WIDTH == 4:
+            return tl.inline_asm_elementwise(ASM, "=r,=r,r", [codes], dtype=(tl.int8, tl.int8), is_pure=True, pack=4)
+        else:
+            return tl.inline_asm_elementwise(ASM, "=r,=r,=r,=r,r", [codes], dtype=(tl.int8,) * 4, is_pure=True, pack=4)
+    else:
+        R: tl.constexpr = codes.shape[0]
+        B: tl.constexpr = codes.shape[1]
+        even, odd = tl.split(tl.reshape(codes.to(tl.int32), (R, B // 4, 2, 2)))  # bytes 4w + 2a, 4w + 2a + 1
+        b0, b2 = tl.split(even)
+        b1, b3 = tl.split(odd)
+        parts = level_words(b0 | (b1 << 8) | (b2 << 16) | (b3 << 24), ASM, TABLES, WIDTH)
+        if WIDTH == 4:
+            return _level_bytes(parts[0], R, B), _level_bytes(parts[1], R, B)
+        else:
+            return _level_bytes(parts[0], R, B), _level_bytes(parts[1], R, B), _level_bytes(parts[2], R, B), _level_bytes(parts[3], R, B)
+
+
+@triton.jit
+def _level_bytes(levels, R: tl.constexpr, B: tl.constexpr):
+    """int32 ``[R, B / 4]`` words of four int8 levels -> int8 ``[R, B]``, byte ``i`` of word ``w`` at ``4 w + i``."""
+    b0 = ((levels << 24) >> 24).to(tl.int8)
+    b1 = ((levels << 16) >> 24).to(tl.int8)
+    b2 = ((levels << 8) >> 24).to(tl.int8)
+    b3 = (levels >> 24).to(tl.int8)
+    return tl.reshape(tl.join(tl.join(b0, b2), tl.join(b1, b3)), (R, B))  # join stacks on a new last axis

@@ -41,7 +41,7 @@ from tqindex.codec import TurboQuantCodec
 from tqindex.kernels.fastscan import DEFAULT_Z
 from tqindex.kernels.scan import below_bounds, candidate_count, exact_topk, rescore_resident
 from tqindex.kernels import triton_int8
-from tqindex.kernels.triton_int8 import int8_dot
+from tqindex.kernels.triton_int8 import int8_dot, int8_levels
 from tqindex.kernels.triton_unpack import levels_table, unpack_constants, unpack_levels, unpack_signs
 
 _INTERPRETER_PROGRAMS = 4
@@ -101,30 +101,52 @@ FMA = ScanConfig(mma=False, max_block_m=4, block_n=128, block_d=64, num_warps=4,
 #: 107 ms; 8 warps and 4 programs per SM: 6.4 ms at 4; 128 queries per program with 16 warps: 12.1
 #: / 14.4 / 117 ms at 64 / 128 / 1024)
 MMA = ScanConfig(mma=True, max_block_m=64, block_n=64, block_d=64, num_warps=4, programs_per_sm=16)
+#: the int8 form on tensor cores (``dtype=torch.int8``): 128 coordinates a step, so that even 2-bit
+#: codes give int8 ``tl.dot`` its least K of 32 bytes (not yet timed on a GPU)
+INT8_MMA = ScanConfig(mma=True, max_block_m=64, block_n=64, block_d=128, num_warps=4, programs_per_sm=16)
 
 
 @triton.jit
 def _int8_scores(
-    queries_ptr, row_ptrs, row_mask, terms_ptr, tables_ptr, q_rows, q_ok, n_queries, stride_q,
-    WIDTH: tl.constexpr, DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    queries_ptr, row_ptrs, row_mask, terms_ptr, q_rows, q_ok, n_queries, stride_q,
+    WIDTH: tl.constexpr, ASM: tl.constexpr, TABLES: tl.constexpr, DIM: tl.constexpr, MMA: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     """The int8 form (``triton_int8``): ``s_q s_c sum L Q`` float32 ``[BLOCK_N, BLOCK_M]`` and the
-    queries' margins ``[BLOCK_M]``; ``row_ptrs`` point to int32 code words."""
-    WORDS: tl.constexpr = DIM * WIDTH // 32
-    BLOCK_W: tl.constexpr = BLOCK_D * WIDTH // 32
-    query_of = tl.arange(0, BLOCK_M)[None, :]
-    first = tl.program_id(0) * BLOCK_M
+    queries' margins ``[BLOCK_M]``. On CUDA cores (``MMA=False``) ``row_ptrs`` point to int32 code
+    words and ``queries_ptr`` to int32 query words; on tensor cores to bytes, and each part of the
+    levels is the A operand of an int8 ``tl.dot`` against the query bytes of that part."""
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.int32)
-    for w0 in range(0, WORDS, BLOCK_W):
-        at = (w0 // BLOCK_W) * BLOCK_W + tl.arange(0, BLOCK_W)  # written so its alignment is known
-        if WORDS % BLOCK_W == 0:
-            words = tl.load(row_ptrs + at[None, :], mask=row_mask, other=0)
-        else:
-            words = tl.load(row_ptrs + at[None, :], mask=row_mask & (at < WORDS)[None, :], other=0)
-        for j in tl.static_range(BLOCK_M):
-            q_mask = (at < WORDS) & (first + j + tl.zeros_like(at) < n_queries)
-            dot = int8_dot(words, at, q_mask, queries_ptr + (first + j).to(tl.int64) * stride_q, tables_ptr, WIDTH, DIM)
-            acc += tl.where(query_of == j, dot[:, None], 0)
+    if MMA:
+        ROW_BYTES: tl.constexpr = DIM * WIDTH // 8
+        BLOCK_B: tl.constexpr = BLOCK_D * WIDTH // 8
+        q_ptrs = queries_ptr + q_rows.to(tl.int64)[None, :] * stride_q  # [1, BLOCK_M]: the tile is transposed
+        for b0 in range(0, ROW_BYTES, BLOCK_B):
+            at = (b0 // BLOCK_B) * BLOCK_B + tl.arange(0, BLOCK_B)  # written so its alignment is known
+            col_ok = at < ROW_BYTES
+            if ROW_BYTES % BLOCK_B == 0:
+                codes = tl.load(row_ptrs + at[None, :], mask=row_mask, other=0)
+            else:
+                codes = tl.load(row_ptrs + at[None, :], mask=row_mask & col_ok[None, :], other=0)
+            parts = int8_levels(codes, ASM, TABLES, WIDTH)
+            for r in tl.static_range(8 // WIDTH):
+                q = tl.load(q_ptrs + r * ROW_BYTES + at[:, None], mask=q_ok[None, :] & col_ok[:, None], other=0)
+                acc = tl.dot(parts[r], q, acc)
+    else:
+        WORDS: tl.constexpr = DIM * WIDTH // 32
+        BLOCK_W: tl.constexpr = BLOCK_D * WIDTH // 32
+        query_of = tl.arange(0, BLOCK_M)[None, :]
+        first = tl.program_id(0) * BLOCK_M
+        for w0 in range(0, WORDS, BLOCK_W):
+            at = (w0 // BLOCK_W) * BLOCK_W + tl.arange(0, BLOCK_W)  # written so its alignment is known
+            if WORDS % BLOCK_W == 0:
+                words = tl.load(row_ptrs + at[None, :], mask=row_mask, other=0)
+            else:
+                words = tl.load(row_ptrs + at[None, :], mask=row_mask & (at < WORDS)[None, :], other=0)
+            for j in tl.static_range(BLOCK_M):
+                q_mask = (at < WORDS) & (first + j + tl.zeros_like(at) < n_queries)
+                dot = int8_dot(words, at, q_mask, queries_ptr + (first + j).to(tl.int64) * stride_q, ASM, TABLES, WIDTH, DIM)
+                acc += tl.where(query_of == j, dot[:, None], 0)
     scale = tl.load(terms_ptr + 2 * q_rows, mask=q_ok, other=0.0)
     margin = tl.load(terms_ptr + 2 * q_rows + 1, mask=q_ok, other=0.0)
     return acc.to(tl.float32) * scale[None, :], margin
@@ -132,12 +154,12 @@ def _int8_scores(
 
 @triton.jit
 def _tile_scores(
-    queries_ptr, packed_ptr, factors_ptr, valid_ptr, bias_ptr, levels_ptr, terms_ptr, tables_ptr,
+    queries_ptr, packed_ptr, factors_ptr, valid_ptr, bias_ptr, levels_ptr, terms_ptr,
     rows, q_rows, q_ok, n_rows, n_queries, stride_q, stride_p, stride_f,
     FIELDS: tl.constexpr, LEVELS: tl.constexpr, N_LO: tl.constexpr, EXTRA: tl.constexpr, SIGN_OFFSET: tl.constexpr,
     DIM: tl.constexpr, HAS_VALID: tl.constexpr, HAS_BIAS: tl.constexpr, MMA: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, GATHER_ASM: tl.constexpr,
-    INT8_WIDTH: tl.constexpr,
+    INT8_WIDTH: tl.constexpr, INT8_ASM: tl.constexpr, INT8_TABLES: tl.constexpr,
 ):  # fmt: skip
     """Scores of rows ``(BLOCK_N,)`` against the query tile: float32 ``[BLOCK_N, BLOCK_M]``, -inf
     where excluded; in the int8 form (``INT8_WIDTH`` 2 or 4), each row's upper bound."""
@@ -146,7 +168,8 @@ def _tile_scores(
     row_ptrs = packed_ptr + rows.to(tl.int64)[:, None] * stride_p
     if INT8_WIDTH > 0:
         dots, margin = _int8_scores(
-            queries_ptr, row_ptrs, row_mask, terms_ptr, tables_ptr, q_rows, q_ok, n_queries, stride_q, INT8_WIDTH, DIM, BLOCK_M, BLOCK_N, BLOCK_D
+            queries_ptr, row_ptrs, row_mask, terms_ptr, q_rows, q_ok, n_queries, stride_q,
+            INT8_WIDTH, INT8_ASM, INT8_TABLES, DIM, MMA, BLOCK_M, BLOCK_N, BLOCK_D,
         )  # fmt: skip
         factor = tl.load(factors_ptr + rows * stride_f, mask=row_ok, other=0.0)[:, None]
         scores = dots * factor + tl.abs(factor) * margin[None, :]
@@ -199,12 +222,12 @@ def _tile_scores(
 
 @triton.jit
 def _scan_kernel(
-    queries_ptr, packed_ptr, factors_ptr, valid_ptr, bias_ptr, levels_ptr, terms_ptr, tables_ptr, out_scores_ptr, out_rows_ptr,
+    queries_ptr, packed_ptr, factors_ptr, valid_ptr, bias_ptr, levels_ptr, terms_ptr, out_scores_ptr, out_rows_ptr,
     out_dropped_ptr, n_rows, n_queries, tiles_per_program, stride_q, stride_p, stride_f,
     FIELDS: tl.constexpr, LEVELS: tl.constexpr, N_LO: tl.constexpr, EXTRA: tl.constexpr, SIGN_OFFSET: tl.constexpr,
     DIM: tl.constexpr, HAS_VALID: tl.constexpr, HAS_BIAS: tl.constexpr, MMA: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, GATHER_ASM: tl.constexpr,
-    INT8_WIDTH: tl.constexpr,
+    INT8_WIDTH: tl.constexpr, INT8_ASM: tl.constexpr, INT8_TABLES: tl.constexpr,
 ):  # fmt: skip
     """Per query of the tile and bucket of the row group: the two best (score, row), unordered, in
     ``out[q, group, slot * BLOCK_N + lane]``; and the best score any bucket dropped, ``out_dropped[q, group]``."""
@@ -222,10 +245,10 @@ def _scan_kernel(
     while tile < end:  # not range(): Triton 3.6's interpreter cannot take tensor bounds under NumPy >= 2.5 (issue 17)
         rows = tile * BLOCK_N + lanes
         scores = _tile_scores(
-            queries_ptr, packed_ptr, factors_ptr, valid_ptr, bias_ptr, levels_ptr, terms_ptr, tables_ptr,
+            queries_ptr, packed_ptr, factors_ptr, valid_ptr, bias_ptr, levels_ptr, terms_ptr,
             rows, q_rows, q_ok, n_rows, n_queries, stride_q, stride_p, stride_f,
             FIELDS, LEVELS, N_LO, EXTRA, SIGN_OFFSET, DIM, HAS_VALID, HAS_BIAS, MMA, BLOCK_M, BLOCK_N, BLOCK_D, PRECISION, GATHER_ASM,
-            INT8_WIDTH,
+            INT8_WIDTH, INT8_ASM, INT8_TABLES,
         )  # fmt: skip
         row = rows[:, None] + tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.int32)
         above1 = scores > best1
@@ -266,10 +289,11 @@ class TritonScanner:
         dtype: query precision: float16 (default), bfloat16 or float32 (the ``tl.dot`` operands,
             and what the FMA form reads); sums are fp32 either way, and ``kernels.scan`` rescores
             the candidates exactly. ``torch.int8``: the int8 form (``triton_int8``: levels and
-            queries rounded to int8, byte-permute look-ups and DP4A), FMA configs and mse codes
-            of 2 or 4 bits only; its candidate scores are upper bounds (``bounds``), and rows are
-            exact up to the margin ``z``. ValueError for other dtypes, an MMA config or layouts
-            the int8 form does not take.
+            queries rounded to int8, byte-permute look-ups, then DP4A on CUDA cores or an int8
+            ``tl.dot`` on tensor cores, ``INT8_MMA``), mse codes of 2 or 4 bits only; its candidate
+            scores are upper bounds (``bounds``), and rows are exact up to the margin ``z``.
+            ValueError for other dtypes, layouts the int8 form does not take, or a tensor-core
+            config with fewer than 32 code bytes a step.
         tiles_per_program: row tiles per program; None: enough programs for the config's
             ``programs_per_sm`` and enough buckets for the candidates (``_BUCKETS_PER_CANDIDATE``).
         select: look 2-level (1-bit) codebooks up by a select in registers (True) or by a gather
@@ -295,11 +319,12 @@ class TritonScanner:
         if tiles_per_program is not None and tiles_per_program < 1:
             raise ValueError(f"tiles_per_program must be >= 1, got {tiles_per_program}")
         #: the int8 form's code width (2 or 4), 0 for the float forms
-        self.int8_width = 0
-        if dtype == torch.int8:
-            if config.mma:
-                raise ValueError("the int8 form runs on CUDA cores: give it an FMA config (mma=False)")
-            self.int8_width = triton_int8.check_layout(codec)
+        self.int8_width = triton_int8.check_layout(codec) if dtype == torch.int8 else 0
+        if self.int8_width and config.mma and config.block_d * self.int8_width < 256:
+            raise ValueError(f"the int8 form on tensor cores needs block_d >= {256 // self.int8_width} at {self.int8_width} bits "
+                             f"(32 code bytes a step, int8 tl.dot's least K), got {config.block_d}")  # fmt: skip
+        asm, tables = (triton_int8.lookup_asm(codec), triton_int8.table_constants(codec)) if self.int8_width else ("", ())
+        self._int8 = {"INT8_WIDTH": self.int8_width, "INT8_ASM": asm, "INT8_TABLES": tables}
         self.codec, self.config, self.dtype, self.tiles_per_program, self.z = codec, config, dtype, tiles_per_program, z
         self._constants = unpack_constants(codec, select, gather_asm)
         del self._constants["SIGN_OFFSET"], self._constants["DIM"]  # passed by name below
@@ -389,19 +414,20 @@ class TritonScanner:
         out_dropped = torch.empty((m, groups), dtype=torch.float32, device=device)
         factors = factors.to(torch.float32).contiguous()
         packed = packed.contiguous()
-        if self.int8_width:  # the int8 form reads whole 32-bit code words (check_layout: rows are whole words)
-            packed, words, terms, tables = packed.view(torch.int32), queries.words, queries.terms, self._tables(device)
-        else:
-            words, terms, tables = queries, None, None
+        words, terms = queries, None
+        if self.int8_width and config.mma:  # bytes of codes and queries, the operands of tl.dot
+            words, terms = queries.words.view(torch.int8), queries.terms
+        elif self.int8_width:  # whole 32-bit words of codes (check_layout: rows are whole words) and queries
+            packed, words, terms = packed.view(torch.int32), queries.words, queries.terms
         _scan_kernel[(query_tiles, groups)](
             words, packed, factors, None if valid is None else valid.contiguous().view(torch.uint8),
             None if bias is None else bias.to(torch.float32).contiguous(),
-            levels_table(self.codec, device), terms, tables, out_scores, out_rows, out_dropped,
+            levels_table(self.codec, device), terms, out_scores, out_rows, out_dropped,
             n, m, per_program, words.stride(0), packed.shape[1], factors.shape[1],
             **self._constants, SIGN_OFFSET=self._sign_offset, DIM=self._dim, HAS_VALID=valid is not None,
             HAS_BIAS=bias is not None, MMA=config.mma,
             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=config.block_d,
-            PRECISION="ieee" if self.dtype == torch.float32 else "tf32", INT8_WIDTH=self.int8_width,
+            PRECISION="ieee" if self.dtype == torch.float32 else "tf32", **self._int8,
             num_warps=config.num_warps, num_stages=config.num_stages,
         )  # fmt: skip
         kept = min(count, groups * slots)
@@ -421,13 +447,6 @@ class TritonScanner:
             got = f"{queries.dtype} {tuple(queries.shape)}" if isinstance(queries, torch.Tensor) else type(queries).__name__
             raise ValueError(f"queries must be {self.dtype} (m, {self._width}) from prepare(), got {got}")
         return queries.shape[0]
-
-    def _tables(self, device: torch.device) -> torch.Tensor:
-        """The int8 form's table words on ``device`` (made once per device)."""
-        cache = self.__dict__.setdefault("_table_cache", {})
-        if device not in cache:
-            cache[device] = triton_int8.table_words(self.codec, device)
-        return cache[device]
 
     def chunk_topk(
         self,
