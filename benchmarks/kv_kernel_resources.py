@@ -113,14 +113,21 @@ def resource_usage(compiled, path: str) -> dict[str, str]:
     return dict(part.split(":") for part in line.split() if ":" in part)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def parse_arguments(doc: str, cases: dict, interpreted: bool) -> argparse.Namespace:
+    """``--arch``, ``--scratch`` and ``--cases`` (of ``cases``) of a static-analysis script; exits
+    under the interpreter, which compiles nothing."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     parser.add_argument("--arch", type=int, default=90, help="compute capability x 10 (default 90: H100/H200)")
     parser.add_argument("--scratch", default="/tmp", help="where the cubins are written")
-    parser.add_argument("--cases", nargs="+", choices=list(CASES), default=list(CASES), help="which cases (default all)")
+    parser.add_argument("--cases", nargs="+", choices=list(cases), default=list(cases), help="which cases (default all)")
     args = parser.parse_args()
-    if kernels.INTERPRETED:
+    if interpreted:
         raise SystemExit("unset TRITON_INTERPRET: the interpreter compiles nothing")
+    return args
+
+
+def main() -> None:
+    args = parse_arguments(__doc__, CASES, kernels.INTERPRETED)
     rows = []
     for case in args.cases:
         cache_options, q_heads, q_len, tokens, options = CASES[case]

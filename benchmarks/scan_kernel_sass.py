@@ -20,7 +20,6 @@ Usage: python benchmarks/scan_kernel_sass.py [--arch 90] [--cases NAME ...]   (T
 
 from __future__ import annotations
 
-import argparse
 import collections
 import os
 import re
@@ -31,7 +30,7 @@ import triton
 
 import tqindex.kernels.triton_scan as scan
 from _common import markdown_table
-from kv_kernel_resources import _Recorder, compile_for, resource_usage
+from kv_kernel_resources import _Recorder, compile_for, parse_arguments, resource_usage
 from tqindex.codec import TurboQuantCodec
 
 _ONE = scan.FMA
@@ -95,13 +94,7 @@ def innermost_loop(code: list[tuple[int, str, str]]) -> tuple[list[tuple[int, st
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--arch", type=int, default=90, help="compute capability x 10 (default 90: H100/H200)")
-    parser.add_argument("--scratch", default="/tmp", help="where the cubins are written")
-    parser.add_argument("--cases", nargs="+", choices=list(CASES), default=list(CASES), help="which cases (default all)")
-    args = parser.parse_args()
-    if scan._INTERPRETED:
-        raise SystemExit("unset TRITON_INTERPRET: the interpreter compiles nothing")
+    args = parse_arguments(__doc__, CASES, scan._INTERPRETED)
     rows = []
     for case in args.cases:
         bits, config, dtype, queries = CASES[case]

@@ -223,9 +223,8 @@ from tqindex.kernels.triton_unpack import unpack_constants
 for bits, variant, config, int8 in [(3.5, "prod", MMA, 0), (2, "mse", FMA, 0), (4, "mse", FMA, 4), (2, "mse", FMA, 2), (2, "mse", INT8_MMA, 2)]:
     codec = TurboQuantCodec(768, bits, variant=variant)
     constants = unpack_constants(codec)
-    words = int8 and not config.mma
     signature = {
-        "queries_ptr": "*i32" if words else "*i8" if int8 else "*fp16", "packed_ptr": "*i32" if words else "*u8", "factors_ptr": "*fp32",
+        "queries_ptr": ("*i8" if config.mma else "*i32") if int8 else "*fp16", "packed_ptr": "*i32" if int8 else "*u8", "factors_ptr": "*fp32",
         "valid_ptr": "*u8", "bias_ptr": "*fp32", "levels_ptr": "*fp32", "terms_ptr": "*fp32",
         "out_scores_ptr": "*fp32", "out_rows_ptr": "*i32", "out_dropped_ptr": "*fp32",
         **{name: "i32" for name in ("n_rows", "n_queries", "tiles_per_program", "stride_q", "stride_p", "stride_f")},

@@ -17,9 +17,9 @@ registers and without a memory gather (`lookup_asm`):
   bytes are stored in that order (``query_order``).
 
 On CUDA cores (`int8_dot`) ``dp4a`` adds four int8 products into an int32, exactly; on tensor
-cores (`int8_levels`) the level words are the int8 A operand of ``tl.dot`` against the query
-bytes (int32 sums, exact). ``benchmarks/scan_kernel_sass.py`` counts 2.8 (4-bit) and 1.6 (2-bit)
-SASS instructions per coordinate for one query on CUDA cores, and 3.4 (4-bit) for 32 queries on
+cores (`int8_levels`) the level words, read as bytes, are the int8 A operand of ``tl.dot``
+against the query bytes (int32 sums, exact). ``benchmarks/scan_kernel_sass.py`` counts 2.8 (4-bit) and 1.6 (2-bit)
+SASS instructions per coordinate for one query on CUDA cores, and 3.3 (4-bit) for 32 queries on
 tensor cores (the float forms: 6.6, 7.6 and 8.3).
 
 Exactness (as the CPU fast-scan, ``kernels.fastscan``): per query, the error of ``s_q s_c sum L Q``
@@ -242,26 +242,17 @@ def int8_dot(words, words_at, word_ok, q_ptr, ASM: tl.constexpr, TABLES: tl.cons
 
 
 @triton.jit
-def int8_levels(codes, ASM: tl.constexpr, TABLES: tl.constexpr, WIDTH: tl.constexpr):
-    """Code bytes uint8 ``[R, B]`` -> ``8 / WIDTH`` int8 level tensors ``[R, B]``: element ``4 w + i``
+def int8_levels(words, ASM: tl.constexpr, TABLES: tl.constexpr, WIDTH: tl.constexpr):
+    """int32 code words ``[R, W]`` -> ``8 / WIDTH`` int8 level tensors ``[R, 4 W]``: element ``4 w + i``
     of part ``r`` is byte ``i`` of part ``r`` of `level_words` of code word ``w``, the A operands
     of one ``tl.dot`` each."""
-    if PTX:  # four code bytes (one word) per instance, in order: the lanes hold >= 4 consecutive bytes of a row
-        if WIDTH == 4:
-            return tl.inline_asm_elementwise(ASM, "=r,=r,r", [codes], dtype=(tl.int8, tl.int8), is_pure=True, pack=4)
-        else:
-            return tl.inline_asm_elementwise(ASM, "=r,=r,=r,=r,r", [codes], dtype=(tl.int8,) * 4, is_pure=True, pack=4)
+    R: tl.constexpr = words.shape[0]
+    B: tl.constexpr = words.shape[1] * 4
+    parts = level_words(words, ASM, TABLES, WIDTH)
+    if WIDTH == 4:
+        return _level_bytes(parts[0], R, B), _level_bytes(parts[1], R, B)
     else:
-        R: tl.constexpr = codes.shape[0]
-        B: tl.constexpr = codes.shape[1]
-        even, odd = tl.split(tl.reshape(codes.to(tl.int32), (R, B // 4, 2, 2)))  # bytes 4w + 2a, 4w + 2a + 1
-        b0, b2 = tl.split(even)
-        b1, b3 = tl.split(odd)
-        parts = level_words(b0 | (b1 << 8) | (b2 << 16) | (b3 << 24), ASM, TABLES, WIDTH)
-        if WIDTH == 4:
-            return _level_bytes(parts[0], R, B), _level_bytes(parts[1], R, B)
-        else:
-            return _level_bytes(parts[0], R, B), _level_bytes(parts[1], R, B), _level_bytes(parts[2], R, B), _level_bytes(parts[3], R, B)
+        return _level_bytes(parts[0], R, B), _level_bytes(parts[1], R, B), _level_bytes(parts[2], R, B), _level_bytes(parts[3], R, B)
 
 
 @triton.jit

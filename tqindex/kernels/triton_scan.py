@@ -113,9 +113,9 @@ def _int8_scores(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     """The int8 form (``triton_int8``): ``s_q s_c sum L Q`` float32 ``[BLOCK_N, BLOCK_M]`` and the
-    queries' margins ``[BLOCK_M]``. On CUDA cores (``MMA=False``) ``row_ptrs`` point to int32 code
-    words and ``queries_ptr`` to int32 query words; on tensor cores to bytes, and each part of the
-    levels is the A operand of an int8 ``tl.dot`` against the query bytes of that part."""
+    queries' margins ``[BLOCK_M]``. ``row_ptrs`` point to int32 code words; ``queries_ptr`` to int32
+    query words on CUDA cores (``MMA=False``, DP4A), to their bytes on tensor cores, where each part
+    of the levels is the A operand of an int8 ``tl.dot`` against the query bytes of that part."""
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.int32)
     if MMA:
         ROW_BYTES: tl.constexpr = DIM * WIDTH // 8
@@ -123,12 +123,13 @@ def _int8_scores(
         q_ptrs = queries_ptr + q_rows.to(tl.int64)[None, :] * stride_q  # [1, BLOCK_M]: the tile is transposed
         for b0 in range(0, ROW_BYTES, BLOCK_B):
             at = (b0 // BLOCK_B) * BLOCK_B + tl.arange(0, BLOCK_B)  # written so its alignment is known
+            w_at = (b0 // BLOCK_B) * (BLOCK_B // 4) + tl.arange(0, BLOCK_B // 4)
             col_ok = at < ROW_BYTES
             if ROW_BYTES % BLOCK_B == 0:
-                codes = tl.load(row_ptrs + at[None, :], mask=row_mask, other=0)
+                words = tl.load(row_ptrs + w_at[None, :], mask=row_mask, other=0)
             else:
-                codes = tl.load(row_ptrs + at[None, :], mask=row_mask & col_ok[None, :], other=0)
-            parts = int8_levels(codes, ASM, TABLES, WIDTH)
+                words = tl.load(row_ptrs + w_at[None, :], mask=row_mask & (w_at < ROW_BYTES // 4)[None, :], other=0)
+            parts = int8_levels(words, ASM, TABLES, WIDTH)
             for r in tl.static_range(8 // WIDTH):
                 q = tl.load(q_ptrs + r * ROW_BYTES + at[:, None], mask=q_ok[None, :] & col_ok[:, None], other=0)
                 acc = tl.dot(parts[r], q, acc)
@@ -415,10 +416,8 @@ class TritonScanner:
         factors = factors.to(torch.float32).contiguous()
         packed = packed.contiguous()
         words, terms = queries, None
-        if self.int8_width and config.mma:  # bytes of codes and queries, the operands of tl.dot
-            words, terms = queries.words.view(torch.int8), queries.terms
-        elif self.int8_width:  # whole 32-bit words of codes (check_layout: rows are whole words) and queries
-            packed, words, terms = packed.view(torch.int32), queries.words, queries.terms
+        if self.int8_width:  # whole 32-bit words of codes (check_layout: rows are whole words); tl.dot takes query bytes
+            packed, words, terms = packed.view(torch.int32), queries.words.view(torch.int8) if config.mma else queries.words, queries.terms
         _scan_kernel[(query_tiles, groups)](
             words, packed, factors, None if valid is None else valid.contiguous().view(torch.uint8),
             None if bias is None else bias.to(torch.float32).contiguous(),
