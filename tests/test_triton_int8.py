@@ -175,7 +175,7 @@ def test_int8_arguments_are_checked():
     assert TritonScanner(codec, SMALL_FMA, torch.int8).bounds and not TritonScanner(codec, SMALL_FMA).bounds
 
 
-def test_the_sass_tool_finds_the_int8_inner_loop(tmp_path):
+def test_the_sass_tool_compiles_the_int8_form_and_finds_its_inner_loop(tmp_path):
     """benchmarks/scan_kernel_sass.py compiles the int8 form for sm_90 (no GPU needed) and finds its
     inner loop: DP4A (IDP) and byte permutes, no float multiply-add."""
     import os
