@@ -41,7 +41,7 @@ def measure(codec: TurboQuantCodec, x: torch.Tensor, q: torch.Tensor, z: float, 
     exact = codec.score(rotated, codes.packed, codes.factors).double()
     c_scale, _ = int8.level_scale(codec)
     levels = torch.round(codec.dequantize(codes.packed).double() / c_scale)
-    prepared = int8.quantize_queries(codec, rotated, z)
+    prepared = int8.Int8Plan(codec).quantize(rotated, z)
     quantized = torch.round(rotated / (rotated.abs().amax(dim=1, keepdim=True) / 127)).double()
     f = codes.factors[:, 0].double()
     scale, margin = prepared.terms[:, :1].double(), prepared.terms[:, 1:].double()

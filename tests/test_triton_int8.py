@@ -100,6 +100,27 @@ def test_bounds_are_the_int8_scores_plus_the_margin_and_bound_the_estimator(bits
     assert (got[valid.cpu().expand(3, -1)] >= estimate[valid.cpu().expand(3, -1)]).all()
 
 
+@pytest.mark.parametrize("config", [SMALL_FMA, SMALL_MMA], ids=["dp4a", "tensor-cores"])
+def test_worst_case_rows_stay_under_their_bound_after_float32_rescoring(config):
+    """z = 0 with each coordinate at the level whose int8 rounding errs most: the kernel's bound
+    covers the float32 rescoring's own rounding too (it fell an ulp short at D = 256 before)."""
+    from tqindex.kernels.scan import rescore_resident
+
+    dim = 256
+    codec = TurboQuantCodec(dim, 4, seed=1)
+    queries = torch.full((1, dim), 2.6255345865908475)
+    c_scale, levels = level_scale(codec)
+    q_scale = queries.abs().amax() / 127
+    err = queries.double()[0, :, None] * codec.levels.double() - (torch.round(queries / q_scale).double()[0] * q_scale.double())[:, None] * (levels.double() * c_scale)
+    packed = codec.layout.pack(err.argmax(dim=1).to(torch.uint8)[None]).expand(18, -1).contiguous().to(DEVICE)
+    factors = torch.full((18, 1), 1.4878308773040771, device=DEVICE)
+    queries = queries.to(DEVICE)
+    scanner = TritonScanner(codec, config, torch.int8, z=0)
+    bounds, rows, _ = scanner.candidates(scanner.prepare(queries), packed, factors, None, 18)
+    rescored, _ = rescore_resident(codec, queries, rows, packed, factors, None, 18)
+    assert (bounds >= rescored).all(), (bounds.max().item(), rescored.max().item())
+
+
 def test_query_bytes_follow_the_look_up_order():
     """4 bits: coordinates in order; 2 bits: each word's even coordinates, then its odd ones."""
     assert torch.equal(query_order(16, 4), torch.arange(16))
@@ -174,6 +195,14 @@ def test_int8_arguments_are_checked():
         scanner.chunk_topk(queries.half(), packed, factors, None, 3)
     with pytest.raises(ValueError, match="finite"):
         scanner.prepare(queries * float("inf"))
+    for width in (56, 72):
+        with pytest.raises(ValueError, match=r"must be \(m, 64\)"):
+            scanner.prepare(torch.zeros(1, width, device=DEVICE))
+    for dtype in (torch.int8, torch.float16):
+        with pytest.raises(ValueError, match="trellis"):
+            TritonScanner(TurboQuantCodec(64, 2, quantizer="trellis", scale="unbiased"), SMALL_FMA, dtype)
+    empty = torch.zeros((0, packed.shape[1]), dtype=torch.uint8, device=DEVICE)
+    assert search_resident(codec, scanner, queries, empty, factors[:0], None, 3)[1].shape[0] == 1  # no rows: nothing found
     assert TritonScanner(codec, SMALL_FMA, torch.int8).bounds and not TritonScanner(codec, SMALL_FMA).bounds
 
 

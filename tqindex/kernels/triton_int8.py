@@ -26,7 +26,8 @@ Exactness (as the CPU fast-scan, ``kernels.fastscan``): per query, the error of 
 against the float estimate ``sum c q`` is bounded per coordinate by ``max_i |c_i q_d - s_c L_i
 s_q Q_d|`` over the levels ``i``; the *margin* is the sum of these (``z <= 0``: worst case), or
 ``min(worst case, z`` standard deviations of the error, levels taken as equally likely``)``, plus
-float32 slack. The kernel scores each row by its upper bound ``f (s_q s_c sum L Q) + |f| margin``
+slack for float32 rounding: the kernel's scoring, and the rescoring's sum of ``D`` products (so
+that a worst-case row stays under its bound after ``codec.score``). The kernel scores each row by its upper bound ``f (s_q s_c sum L Q) + |f| margin``
 (``f`` the row's length factor), so a row the scan leaves out cannot beat the k-th best rescored
 candidate when that is at least the last candidate's bound; the caller checks that
 (``scan.below_bounds``) and rescans the queries where it fails exactly.
@@ -49,8 +50,9 @@ from tqindex.codec import TurboQuantCodec
 
 #: the largest int8 magnitude used: levels and queries are symmetric, round(x / s) in -127..127
 _INT8_MAX = 127
-#: rows' float32 scoring (int32 sum to float, two products, one fused add) against the float64 bound
-_FLOAT_SLACK = 8.0 / (1 << 24)
+#: float32 roundings of a row's score in the kernel (int32 sum to float, two products, one fused
+#: add), with room to spare; the rescoring's sum of D products adds D more (`Int8Plan._margins`)
+_FLOAT_SLACK_OPS = 8
 #: queries per step of the margin computation ((q, D, levels) float64 errors at once)
 _MARGIN_BLOCK = 64
 #: 2-bit words: query bytes in the order the look-ups produce levels (even coordinates, then odd)
@@ -124,43 +126,57 @@ def query_order(dim: int, width: int) -> torch.Tensor:
     return (torch.arange(dim // 16)[:, None] * 16 + torch.tensor(_ORDER_2BIT)).flatten()
 
 
-def quantize_queries(codec: TurboQuantCodec, rotated: torch.Tensor, z: float) -> Int8Queries:
-    """Rotated float32 queries ``(m, D)`` -> `Int8Queries` (on their device; no synchronisation).
+class Int8Plan:
+    """What the int8 form needs of a codec, made once: the code ``width``, the levels' scale and
+    int8 values, the PTX look-up (``asm``, `lookup_asm`) and its ``tables`` (`table_constants`), and
+    the constants of `quantize`, copied to each device once (so a CUDA graph can hold a search)."""
 
-    A query of zeros has scale 0; a non-finite one gets non-finite ``terms`` (the caller checks).
-    """
-    width = check_layout(codec)
-    rotated = rotated.to(torch.float32).contiguous()
-    c_scale, levels = level_scale(codec)
-    amax = rotated.abs().amax(dim=1, keepdim=True)
-    q_scale = amax / _INT8_MAX
-    steps = torch.where(amax > 0, rotated / q_scale.clamp_min(torch.finfo(torch.float32).tiny), 0.0)
-    q = torch.round(steps).clamp(-_INT8_MAX, _INT8_MAX)
-    margin = torch.cat([
-        _margins(rotated[s : s + _MARGIN_BLOCK], q[s : s + _MARGIN_BLOCK], q_scale[s : s + _MARGIN_BLOCK], c_scale, levels, codec, z)
-        for s in range(0, rotated.shape[0], _MARGIN_BLOCK)
-    ]) if rotated.shape[0] else torch.zeros(0, device=rotated.device)  # fmt: skip
-    order = query_order(codec.layout.dim, width).to(rotated.device)
-    per_word = 8 // width  # query words per code word, stored apart so that each part loads as one vector
-    words = q.to(torch.int8)[:, order].contiguous().view(torch.int32)
-    words = words.view(-1, words.shape[1] // per_word, per_word).transpose(1, 2).reshape(words.shape)
-    terms = torch.stack([(q_scale[:, 0].to(torch.float64) * c_scale).to(torch.float32), margin.to(torch.float32)], dim=1)
-    return Int8Queries(words, terms, rotated)
+    def __init__(self, codec: TurboQuantCodec):
+        self.width = check_layout(codec)
+        self.dim = codec.layout.dim
+        self.level_scale, self.levels = level_scale(codec)
+        self.asm, self.tables = lookup_asm(codec), table_constants(codec)
+        exact = codec.levels.to(torch.float64)
+        self._host = (exact, self.levels.to(torch.float64) * self.level_scale, query_order(self.dim, self.width))
+        self._devices: dict[torch.device, tuple[torch.Tensor, ...]] = {}
 
+    def _on(self, device: torch.device) -> tuple[torch.Tensor, ...]:
+        if device not in self._devices:
+            self._devices[device] = tuple(t.to(device) for t in self._host)
+        return self._devices[device]
 
-def _margins(
-    rotated: torch.Tensor, q: torch.Tensor, q_scale: torch.Tensor, c_scale: float, levels: torch.Tensor, codec: TurboQuantCodec, z: float
-) -> torch.Tensor:
-    """float64 ``(b,)``: each query's error bound (module docstring)."""
-    device = rotated.device
-    exact = codec.levels.to(device, torch.float64)
-    rounded = levels.to(device, torch.float64) * c_scale
-    err = rotated.to(torch.float64)[:, :, None] * exact - (q.to(torch.float64) * q_scale.to(torch.float64))[:, :, None] * rounded
-    bound = err.abs().amax(dim=2).sum(dim=1)
-    if z > 0:
-        bound = torch.minimum(bound, z * err.square().mean(dim=2).sum(dim=1).sqrt())
-    magnitude = q_scale[:, 0].to(torch.float64) * c_scale * _INT8_MAX * q.abs().sum(dim=1).to(torch.float64)
-    return bound + _FLOAT_SLACK * magnitude + 1e-30
+    def quantize(self, rotated: torch.Tensor, z: float) -> Int8Queries:
+        """Rotated float queries ``(m, D)`` -> `Int8Queries` (on their device; no synchronisation).
+
+        A query of zeros has scale 0; a non-finite one gets non-finite ``terms`` (the caller
+        checks). ValueError for another shape.
+        """
+        if rotated.ndim != 2 or rotated.shape[1] != self.dim:
+            raise ValueError(f"rotated queries must be (m, {self.dim}), got {tuple(rotated.shape)}")
+        rotated = rotated.to(torch.float32).contiguous()
+        exact, rounded, order = self._on(rotated.device)
+        amax = rotated.abs().amax(dim=1, keepdim=True)
+        q_scale = amax / _INT8_MAX
+        steps = torch.where(amax > 0, rotated / q_scale.clamp_min(torch.finfo(torch.float32).tiny), 0.0)
+        q = torch.round(steps).clamp(-_INT8_MAX, _INT8_MAX)
+        blocks = range(0, rotated.shape[0], _MARGIN_BLOCK)
+        margin = torch.cat([self._margins(rotated[s : s + _MARGIN_BLOCK], q[s : s + _MARGIN_BLOCK], q_scale[s : s + _MARGIN_BLOCK], exact, rounded, z) for s in blocks])
+        per_word = 8 // self.width  # query words per code word, stored apart so that each part loads as one vector
+        words = q.to(torch.int8)[:, order].contiguous().view(torch.int32)
+        words = words.view(-1, words.shape[1] // per_word, per_word).transpose(1, 2).reshape(words.shape)
+        terms = torch.stack([(q_scale[:, 0].to(torch.float64) * self.level_scale).to(torch.float32), margin.to(torch.float32)], dim=1)
+        return Int8Queries(words, terms, rotated)
+
+    def _margins(self, rotated: torch.Tensor, q: torch.Tensor, q_scale: torch.Tensor, exact: torch.Tensor, rounded: torch.Tensor, z: float) -> torch.Tensor:
+        """float64 ``(b,)``: each query's error bound (module docstring), with slack for the
+        kernel's float32 scoring and for the float32 rescoring (a sum of ``D`` products)."""
+        q_scale = q_scale.to(torch.float64)
+        err = rotated.to(torch.float64)[:, :, None] * exact - (q.to(torch.float64) * q_scale)[:, :, None] * rounded
+        bound = err.abs().amax(dim=2).sum(dim=1)
+        if z > 0:
+            bound = torch.minimum(bound, z * err.square().mean(dim=2).sum(dim=1).sqrt())
+        magnitude = (rotated.abs().to(torch.float64) * exact.abs().max()).sum(dim=1) + bound  # >= sum |q c| of any row
+        return bound + (self.dim + _FLOAT_SLACK_OPS) * 2.0**-24 * magnitude + 1e-30
 
 
 # decided when triton decorates: TRITON_INTERPRET=1 at import runs the kernels in the interpreter

@@ -319,13 +319,16 @@ class TritonScanner:
             raise ValueError(f"dtype must be float16, bfloat16, float32 or int8, got {dtype}")
         if tiles_per_program is not None and tiles_per_program < 1:
             raise ValueError(f"tiles_per_program must be >= 1, got {tiles_per_program}")
-        #: the int8 form's code width (2 or 4), 0 for the float forms
-        self.int8_width = triton_int8.check_layout(codec) if dtype == torch.int8 else 0
-        if self.int8_width and config.mma and config.block_d * self.int8_width < 256:
-            raise ValueError(f"the int8 form on tensor cores needs block_d >= {256 // self.int8_width} at {self.int8_width} bits "
+        if codec.trellis is not None:
+            raise ValueError("the Triton scan reads scalar codes; trellis codes are scanned by the torch backend")
+        #: the int8 form's plan (`triton_int8.Int8Plan`), None for the float forms
+        self.int8 = triton_int8.Int8Plan(codec) if dtype == torch.int8 else None
+        width = 0 if self.int8 is None else self.int8.width
+        if width and config.mma and config.block_d * width < 256:
+            raise ValueError(f"the int8 form on tensor cores needs block_d >= {256 // width} at {width} bits "
                              f"(32 code bytes a step, int8 tl.dot's least K), got {config.block_d}")  # fmt: skip
-        asm, tables = (triton_int8.lookup_asm(codec), triton_int8.table_constants(codec)) if self.int8_width else ("", ())
-        self._int8 = {"INT8_WIDTH": self.int8_width, "INT8_ASM": asm, "INT8_TABLES": tables}
+        asm, tables = ("", ()) if self.int8 is None else (self.int8.asm, self.int8.tables)
+        self._int8 = {"INT8_WIDTH": width, "INT8_ASM": asm, "INT8_TABLES": tables}
         self.codec, self.config, self.dtype, self.tiles_per_program, self.z = codec, config, dtype, tiles_per_program, z
         self._constants = unpack_constants(codec, select, gather_asm)
         del self._constants["SIGN_OFFSET"], self._constants["DIM"]  # passed by name below
@@ -338,7 +341,7 @@ class TritonScanner:
     def bounds(self) -> bool:
         """Whether ``candidates`` scores rows by upper bounds (the int8 form): a caller that rescores
         them checks ``scan.below_bounds``."""
-        return self.int8_width > 0
+        return self.int8 is not None
 
     def prepare(self, rotated_queries: torch.Tensor) -> torch.Tensor | triton_int8.Int8Queries:
         """Rotated float32 queries ``(m, W)`` -> contiguous ``dtype`` ``(m, W)`` (the int8 form:
@@ -350,27 +353,27 @@ class TritonScanner:
 
     def cast(self, rotated_queries: torch.Tensor) -> torch.Tensor | triton_int8.Int8Queries:
         """``prepare`` without the check (which waits for the device): the caller checks ``finite`` later."""
-        if self.int8_width:
-            return triton_int8.quantize_queries(self.codec, rotated_queries, self.z)
+        if self.int8 is not None:
+            return self.int8.quantize(rotated_queries, self.z)
         return rotated_queries.to(self.dtype).contiguous()
 
     def finite(self, queries: torch.Tensor | triton_int8.Int8Queries) -> torch.Tensor:
         """bool 0-dim tensor on the queries' device: ``cast`` output holds no inf or nan."""
-        return torch.isfinite(queries.terms if self.int8_width else queries).all()
+        return torch.isfinite(queries.terms if self.int8 is not None else queries).all()
 
     def float_queries(self, queries: torch.Tensor | triton_int8.Int8Queries) -> torch.Tensor:
         """The float32 queries ``(m, W)`` behind ``prepare`` output, for exact scoring."""
-        return queries.rotated if self.int8_width else queries.to(torch.float32)
+        return queries.rotated if self.int8 is not None else queries.to(torch.float32)
 
     def take_queries(self, prepared: torch.Tensor | triton_int8.Int8Queries, at: torch.Tensor) -> torch.Tensor | triton_int8.Int8Queries:
         """The ``prepare`` output of the queries at positions ``at`` (int64 ``(q,)``)."""
-        if self.int8_width:
+        if self.int8 is not None:
             return triton_int8.Int8Queries(*(part.index_select(0, at.to(part.device)) for part in prepared))
         return prepared.index_select(0, at.to(prepared.device))
 
     def overflow_error(self) -> ValueError:
         """The error for rotated queries that overflow ``dtype``."""
-        if self.int8_width:
+        if self.int8 is not None:
             return ValueError("rotated queries must be finite")
         return ValueError(f"rotated queries overflow {self.dtype}: make the TritonScanner with dtype=torch.float32")
 
@@ -394,9 +397,9 @@ class TritonScanner:
         m, n, device = self._check_queries(queries), packed.shape[0], packed.device
         if device.type != "cuda" and not _INTERPRETED:
             raise ValueError("the Triton scan needs CUDA tensors, or TRITON_INTERPRET=1 set before triton is imported")
-        if m == 0:  # no grid to launch
-            empty = torch.empty((0, min(count, n)), device=device)
-            return empty, empty.to(torch.int64), torch.zeros(0, dtype=torch.bool, device=device)
+        if m == 0 or n == 0:  # no grid to launch
+            empty = torch.empty((m, 0), device=device)
+            return empty, empty.to(torch.int64), torch.zeros(m, dtype=torch.bool, device=device)
         config = self.config
         block_m = config.block_m(m)
         block_n = config.block_rows(block_m)
@@ -416,7 +419,7 @@ class TritonScanner:
         factors = factors.to(torch.float32).contiguous()
         packed = packed.contiguous()
         words, terms = queries, None
-        if self.int8_width:  # whole 32-bit words of codes (check_layout: rows are whole words); tl.dot takes query bytes
+        if self.int8 is not None:  # whole 32-bit words of codes (check_layout: rows are whole words); tl.dot takes query bytes
             packed, words, terms = packed.view(torch.int32), queries.words.view(torch.int8) if config.mma else queries.words, queries.terms
         _scan_kernel[(query_tiles, groups)](
             words, packed, factors, None if valid is None else valid.contiguous().view(torch.uint8),
@@ -438,7 +441,7 @@ class TritonScanner:
 
     def _check_queries(self, queries: torch.Tensor | triton_int8.Int8Queries) -> int:
         """The batch size of ``prepare`` output; ValueError for anything else."""
-        if self.int8_width:
+        if self.int8 is not None:
             if not isinstance(queries, tuple) or len(queries) != 3 or queries[0].dtype != torch.int32 or queries[0].shape[1] != self._dim // 4:
                 raise ValueError(f"queries must be the int8 form's (words, terms, rotated) from prepare(), got {type(queries).__name__}")
             return queries[0].shape[0]
