@@ -202,7 +202,9 @@ def test_int8_arguments_are_checked():
         with pytest.raises(ValueError, match="trellis"):
             TritonScanner(TurboQuantCodec(64, 2, quantizer="trellis", scale="unbiased"), SMALL_FMA, dtype)
     empty = torch.zeros((0, packed.shape[1]), dtype=torch.uint8, device=DEVICE)
-    assert search_resident(codec, scanner, queries, empty, factors[:0], None, 3)[1].shape[0] == 1  # no rows: nothing found
+    for form in (scanner, TritonScanner(codec, SMALL_FMA)):  # no rows: nothing found, in every form
+        scores, rows = search_resident(codec, form, queries, empty, factors[:0], None, 3)
+        assert rows.tolist() == [[-1, -1, -1]] and torch.isinf(scores).all()
     assert TritonScanner(codec, SMALL_FMA, torch.int8).bounds and not TritonScanner(codec, SMALL_FMA).bounds
 
 

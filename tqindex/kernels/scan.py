@@ -241,9 +241,19 @@ def rescore_resident(
     k: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact scores (+ ``bias``) of each query's candidate ``rows`` int64 ``(m, c)`` (``-1``: none) of
-    resident columns, the best ``min(k, c)`` kept: float32 scores and rows, best first, no synchronisation."""
+    resident columns, the best ``k`` kept: float32 scores and rows ``(m, k)``, best first (``(-inf,
+    -1)`` past the candidates), no synchronisation."""
     fetch_bias = None if bias is None else lambda at: bias[at]
-    return _rescore(codec, rotated_queries, rows, lambda at: (packed[at], factors[at]), fetch_bias, k, dedupe=False)
+    return padded(*_rescore(codec, rotated_queries, rows, lambda at: (packed[at], factors[at]), fetch_bias, k, dedupe=False), k)
+
+
+def padded(scores: torch.Tensor, rows: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Results ``(m, c)``, ``c <= k``, padded to ``(m, k)`` with ``(-inf, -1)``."""
+    missing = k - scores.shape[1]
+    if missing <= 0:
+        return scores, rows
+    pad = (0, missing)
+    return torch.nn.functional.pad(scores, pad, value=float("-inf")), torch.nn.functional.pad(rows, pad, value=-1)
 
 
 def scan_groups_topk(

@@ -159,7 +159,7 @@ class Int8Plan:
         q_scale = amax / _INT8_MAX
         steps = torch.where(amax > 0, rotated / q_scale.clamp_min(torch.finfo(torch.float32).tiny), 0.0)
         q = torch.round(steps).clamp(-_INT8_MAX, _INT8_MAX)
-        blocks = range(0, rotated.shape[0], _MARGIN_BLOCK)
+        blocks = range(0, max(rotated.shape[0], 1), _MARGIN_BLOCK)  # one (empty) block for no queries
         margin = torch.cat([self._margins(rotated[s : s + _MARGIN_BLOCK], q[s : s + _MARGIN_BLOCK], q_scale[s : s + _MARGIN_BLOCK], exact, rounded, z) for s in blocks])
         per_word = 8 // self.width  # query words per code word, stored apart so that each part loads as one vector
         words = q.to(torch.int8)[:, order].contiguous().view(torch.int32)

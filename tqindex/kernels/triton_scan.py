@@ -39,7 +39,7 @@ import triton.language as tl
 
 from tqindex.codec import TurboQuantCodec
 from tqindex.kernels.fastscan import DEFAULT_Z
-from tqindex.kernels.scan import below_bounds, candidate_count, exact_topk, rescore_resident
+from tqindex.kernels.scan import below_bounds, candidate_count, exact_topk, padded, rescore_resident
 from tqindex.kernels import triton_int8
 from tqindex.kernels.triton_int8 import int8_dot, int8_levels
 from tqindex.kernels.triton_unpack import levels_table, unpack_constants, unpack_levels, unpack_signs
@@ -478,17 +478,8 @@ class TritonScanner:
             overflow = overflow | below_bounds(bounds, count, scores, k)
         else:
             scores, rows, overflow = self.candidates(queries, packed, factors, valid, k, bias)
-        scores, rows = _padded(scores, rows, k)
+        scores, rows = padded(scores, rows, k)
         redo = overflow.nonzero().flatten()
         if redo.numel():
             scores[redo], rows[redo] = exact_topk(self.codec, self.float_queries(queries)[redo], packed, factors, valid, k, bias)
         return scores, rows
-
-
-def _padded(scores: torch.Tensor, rows: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Candidates ``(m, c)``, ``c <= k``, padded to ``(m, k)`` with ``(-inf, -1)``."""
-    missing = k - scores.shape[1]
-    if missing <= 0:
-        return scores, rows
-    pad = (0, missing)
-    return torch.nn.functional.pad(scores, pad, value=float("-inf")), torch.nn.functional.pad(rows, pad, value=-1)
