@@ -18,19 +18,20 @@ registers and without a memory gather (`lookup_asm`):
 
 On CUDA cores (`int8_dot`) ``dp4a`` adds four int8 products into an int32, exactly; on tensor
 cores (`int8_levels`) the level words, read as bytes, are the int8 A operand of ``tl.dot``
-against the query bytes (int32 sums, exact). ``benchmarks/scan_kernel_sass.py`` counts 2.8 (4-bit) and 1.6 (2-bit)
-SASS instructions per coordinate for one query on CUDA cores, and 3.3 (4-bit) for 32 queries on
-tensor cores (the float forms: 6.6, 7.6 and 8.3).
+against the query bytes (int32 sums, exact). ``benchmarks/scan_kernel_sass.py`` counts 2.8
+(4-bit) and 1.6 (2-bit) SASS instructions per coordinate for one query on CUDA cores, and 3.3
+(4-bit) for 32 queries on tensor cores (the float forms: 6.6, 7.6 and 8.3).
 
 Exactness (as the CPU fast-scan, ``kernels.fastscan``): per query, the error of ``s_q s_c sum L Q``
 against the float estimate ``sum c q`` is bounded per coordinate by ``max_i |c_i q_d - s_c L_i
 s_q Q_d|`` over the levels ``i``; the *margin* is the sum of these (``z <= 0``: worst case), or
 ``min(worst case, z`` standard deviations of the error, levels taken as equally likely``)``, plus
 slack for float32 rounding: the kernel's scoring, and the rescoring's sum of ``D`` products (so
-that a worst-case row stays under its bound after ``codec.score``). The kernel scores each row by its upper bound ``f (s_q s_c sum L Q) + |f| margin``
-(``f`` the row's length factor), so a row the scan leaves out cannot beat the k-th best rescored
-candidate when that is at least the last candidate's bound; the caller checks that
-(``scan.below_bounds``) and rescans the queries where it fails exactly.
+that a worst-case row stays under its bound after ``codec.score``). The kernel scores each row
+by its upper bound ``f (s_q s_c sum L Q) + |f| margin`` (``f`` the row's length factor), so a
+row the scan leaves out cannot beat the k-th best rescored candidate when that is at least the
+last candidate's bound; the caller checks that (``scan.below_bounds``) and rescans the queries
+where it fails exactly.
 
 Compiled, the look-up and ``dp4a`` are inline PTX (sm_61 and later; int8 ``tl.dot`` needs sm_80);
 the interpreter (``TRITON_INTERPRET=1``) runs the same kernel with ``prmt`` and ``dp4a`` emulated
@@ -61,8 +62,9 @@ _ORDER_2BIT = (0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15)
 
 class Int8Queries(NamedTuple):
     """Queries prepared for the int8 scan: ``words`` int32 ``(m, D / 4)`` (the int8 ``Q`` in
-    ``query_order``, four to a word; word ``r`` of code word ``w`` at ``r (D width / 32) + w``), ``terms`` float32 ``(m, 2)``: the scale ``s_q s_c`` and the
-    margin of each query, and ``rotated`` float32 ``(m, D)``: the queries themselves, for rescoring."""
+    ``query_order``, four to a word; word ``r`` of code word ``w`` at ``r (D width / 32) + w``),
+    ``terms`` float32 ``(m, 2)``: the scale ``s_q s_c`` and the margin of each query, and
+    ``rotated`` float32 ``(m, D)``: the queries themselves, for rescoring."""
 
     words: torch.Tensor
     terms: torch.Tensor
@@ -160,14 +162,17 @@ class Int8Plan:
         steps = torch.where(amax > 0, rotated / q_scale.clamp_min(torch.finfo(torch.float32).tiny), 0.0)
         q = torch.round(steps).clamp(-_INT8_MAX, _INT8_MAX)
         blocks = range(0, max(rotated.shape[0], 1), _MARGIN_BLOCK)  # one (empty) block for no queries
-        margin = torch.cat([self._margins(rotated[s : s + _MARGIN_BLOCK], q[s : s + _MARGIN_BLOCK], q_scale[s : s + _MARGIN_BLOCK], exact, rounded, z) for s in blocks])
+        part = [slice(s, s + _MARGIN_BLOCK) for s in blocks]
+        margin = torch.cat([self._margins(rotated[at], q[at], q_scale[at], exact, rounded, z) for at in part])
         per_word = 8 // self.width  # query words per code word, stored apart so that each part loads as one vector
         words = q.to(torch.int8)[:, order].contiguous().view(torch.int32)
         words = words.view(-1, words.shape[1] // per_word, per_word).transpose(1, 2).reshape(words.shape)
         terms = torch.stack([(q_scale[:, 0].to(torch.float64) * self.level_scale).to(torch.float32), margin.to(torch.float32)], dim=1)
         return Int8Queries(words, terms, rotated)
 
-    def _margins(self, rotated: torch.Tensor, q: torch.Tensor, q_scale: torch.Tensor, exact: torch.Tensor, rounded: torch.Tensor, z: float) -> torch.Tensor:
+    def _margins(
+        self, rotated: torch.Tensor, q: torch.Tensor, q_scale: torch.Tensor, exact: torch.Tensor, rounded: torch.Tensor, z: float
+    ) -> torch.Tensor:
         """float64 ``(b,)``: each query's error bound (module docstring), with slack for the
         kernel's float32 scoring and for the float32 rescoring (a sum of ``D`` products)."""
         q_scale = q_scale.to(torch.float64)

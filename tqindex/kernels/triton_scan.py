@@ -442,7 +442,8 @@ class TritonScanner:
     def _check_queries(self, queries: torch.Tensor | triton_int8.Int8Queries) -> int:
         """The batch size of ``prepare`` output; ValueError for anything else."""
         if self.int8 is not None:
-            if not isinstance(queries, tuple) or len(queries) != 3 or queries[0].dtype != torch.int32 or queries[0].shape[1] != self._dim // 4:
+            words = queries[0] if isinstance(queries, tuple) and len(queries) == 3 else None
+            if words is None or words.dtype != torch.int32 or words.shape[1] != self._dim // 4:
                 raise ValueError(f"queries must be the int8 form's (words, terms, rotated) from prepare(), got {type(queries).__name__}")
             return queries[0].shape[0]
         if not isinstance(queries, torch.Tensor) or queries.shape[1] != self._width or queries.dtype != self.dtype:
