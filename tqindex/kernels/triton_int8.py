@@ -48,6 +48,7 @@ import triton
 import triton.language as tl
 
 from tqindex.codec import TurboQuantCodec
+from tqindex.kernels.triton_unpack import COMPILED
 
 #: the largest int8 magnitude used: levels and queries are symmetric, round(x / s) in -127..127
 _INT8_MAX = 127
@@ -103,7 +104,7 @@ def table_constants(codec: TurboQuantCodec) -> tuple[int, int, int, int]:
 
 
 def lookup_asm(codec: TurboQuantCodec) -> str:
-    """PTX of `int8_levels` for ``codec``: one 32-bit word of codes (``$`` last) -> ``8 / width``
+    """PTX of `level_words` for ``codec``: one 32-bit word of codes (``$`` last) -> ``8 / width``
     words of int8 levels (``$0`` ...), the table words as immediates."""
     width = check_layout(codec)
     t = [f"0x{word & 0xFFFFFFFF:08x}" for word in table_constants(codec)]
@@ -184,13 +185,8 @@ class Int8Plan:
         return bound + (self.dim + _FLOAT_SLACK_OPS) * 2.0**-24 * magnitude + 1e-30
 
 
-# decided when triton decorates: TRITON_INTERPRET=1 at import runs the kernels in the interpreter
-@triton.jit
-def _probe():
-    pass
-
-
-PTX = tl.constexpr(isinstance(_probe, triton.runtime.JITFunction))
+#: inline PTX runs wherever the kernels are compiled (not under TRITON_INTERPRET=1)
+PTX = tl.constexpr(COMPILED)
 
 
 @triton.jit
