@@ -23,7 +23,7 @@ import tqindex.kv.triton_attention as kernels
 from _common import markdown_table
 from tqindex.kv import TurboQuantCache
 
-_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.uint8: "u8", torch.int8: "i8", torch.int32: "i32"}
+_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.uint8: "u8", torch.int8: "i8", torch.int32: "i32", torch.int64: "i64"}
 CASES = {  # name: (cache options, query heads, query positions, tokens, kernel options)
     "decode 4/4 bits (defaults)": (dict(), 32, 1, 4096, kernels.KernelOptions()),
     "decode 4/4 bits, 4 warps": (dict(), 32, 1, 4096, kernels.KernelOptions(num_warps=4)),

@@ -9,6 +9,9 @@ import torch
 
 pytest.importorskip("triton")
 
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
 from triton_device import DEVICE
 from tqindex.codec import TurboQuantCodec
 from tqindex.kernels import triton_encode
@@ -78,3 +81,66 @@ def test_kernels_encode_takes_the_fused_path_on_cuda(monkeypatch):
 
 
 _quantize = triton_encode.quantize
+
+
+@pytest.mark.parametrize("bits, dim", [(2, 64), (4, 128), (8, 32)])
+def test_code_search_sweep_equals_codec_encode_across_launches(bits, dim, monkeypatch):
+    """Code search by crossings (`_add_crossings`, `_best_scaling`) against the numba sweep: Gaussian
+    rows, rows with one large coordinate (a level moves by many boundaries, several in one grid step),
+    one-hot rows and a zero row; several launches of few rows share one scratch (zeroed between them)."""
+    monkeypatch.setattr(triton_encode, "_SEARCH_ROWS", 32)
+    codec = TurboQuantCodec(dim, bits, search=True, rotation="hadamard", seed=3)
+    rng = np.random.default_rng(bits)
+    x = rng.standard_normal((90, dim)).astype(np.float32)
+    x[10:20] *= 1e-3
+    x[20:30, 0] = 40.0  # one coordinate carries most of the norm, but rotation spreads it: after it, u_j up to ~0.9
+    x[30:40] = 0
+    x[30:40, np.arange(10) % dim] = 1.0  # e_j: the Hadamard rotation makes every |u_j| = 1 / sqrt(D)
+    x[40] = 0
+    x = torch.from_numpy(x)
+    want = codec.encode(x)
+    got = triton_encode.encode(codec, x.to(DEVICE))
+    assert torch.equal(got.packed.cpu(), want.packed)
+    torch.testing.assert_close(got.factors.cpu(), want.factors, rtol=2e-6, atol=1e-7)
+
+
+def test_fixed_point_units_bound_the_crossing_sums():
+    """The sums of `_add_crossings` stay below 2^62 units for the worst row (all of |u| on one
+    coordinate moving across every level), at any width and dim."""
+    for dim, bits in ((2, 1), (64, 4), (1536, 8), (96, 2.5)):
+        codec = TurboQuantCodec(dim, bits, search=True)
+        dot_scale, energy_scale = triton_encode._fixed_point_scales(codec)
+        top = float(codec.levels.abs().max())
+        assert 2 * top * np.sqrt(dim) * 1.01 * dot_scale < 2**62  # sum |u_j| <= sqrt(D) |u|
+        assert 2 * top * top * dim * energy_scale < 2**62
+        assert 2 * top * dot_scale >= 2**52  # and keep float64's precision: one unit is below 2^-52 of a level step
+
+
+@triton.jit
+def _crossings_of(bounds_ptr, units_ptr, grid_ptr, out_ptr, grid0, inv_step, LAST: tl.constexpr, N: tl.constexpr):
+    at = tl.arange(0, N)
+    unit = tl.load(units_ptr + at)
+    tl.store(out_ptr + at, triton_encode._crossing(tl.load(bounds_ptr + at), unit, unit != 0, grid_ptr, grid0, inv_step, LAST))
+
+
+def test_crossing_points_equal_the_numba_sweeps():
+    """`_crossing` on coordinates ``bound / t`` for grid points ``t`` and their float32 neighbours, where
+    the division's estimate is off by one either way (about 7% of them) and the exact float32
+    comparisons settle it: the grid index equals ``quantize._crossing``'s, rising and falling."""
+    from tqindex.quantize import _crossing
+
+    codec = TurboQuantCodec(64, 4, search=True)
+    rng = np.random.default_rng(0)
+    bounds, grid = codec._bounds_lo.numpy(), codec._search_grid
+    n = 1024
+    bound = bounds[rng.integers(0, bounds.shape[0], n)]
+    unit = (bound / grid[rng.integers(1, grid.shape[0], n)]).astype(np.float32)
+    unit = np.nextafter(unit, (rng.choice([-np.inf, np.inf], n) * (rng.random(n) < 0.6)).astype(np.float32))
+    inv_step = (grid.shape[0] - 1) / float(grid[-1] - grid[0])
+    moves = (grid[0] * unit > bound) != (grid[-1] * unit > bound)  # the predicate changes inside the grid
+    want = [_crossing(b, u, grid, inv_step, u > 0) if m else 1 for b, u, m in zip(bound, unit, moves)]
+    out = torch.zeros(n, dtype=torch.int32, device=DEVICE)
+    units = torch.from_numpy(np.where(moves, unit, 0).astype(np.float32)).to(DEVICE)
+    _crossings_of[(1,)](torch.from_numpy(bound).to(DEVICE), units, codec._search_grid_t.to(DEVICE), out, float(grid[0]), inv_step, grid.shape[0] - 1, n)
+    assert moves.sum() > n // 2
+    np.testing.assert_array_equal(out.cpu().numpy(), want)

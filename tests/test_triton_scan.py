@@ -253,10 +253,12 @@ from tqindex.kernels.triton_encode import _BLOCK_D, _BLOCK_R, _quantize_kernel
 for bits, variant, search in [(2.5, "prod", True)]:  # two codebooks, residual, code search
     layout = TurboQuantCodec(768, bits, variant=variant).layout
     signature = {name: "*fp32" for name in ("rotated_ptr", "inverse_ptr", "bounds_ptr", "levels_ptr", "grid_ptr")}
-    signature.update(packed_ptr="*u8", alignment_ptr="*fp32", energy_ptr="*fp32", residual_ptr="*fp32", n_rows="i32", n_grid="i32", grid_start="i32")
+    signature.update(packed_ptr="*u8", alignment_ptr="*fp32", energy_ptr="*fp32", residual_ptr="*fp32", dot_steps_ptr="*i64", energy_steps_ptr="*i64")
+    signature.update(row_start="i32", n_rows="i32", grid0="fp32", grid_last="fp32", inv_step="fp32")
     constants = dict(
         D=layout.dim, CODE_BYTES=layout.code_bytes, FIELDS=tuple((f.stop, f.width, f.shift, f.offset) for f in layout.index_fields),
-        BASE_BITS=layout.base_bits, EXTRA=layout.extra_coords, SEARCH=search, RESIDUAL=variant == "prod", BLOCK_R=_BLOCK_R, BLOCK_D=_BLOCK_D,
+        BASE_BITS=layout.base_bits, EXTRA=layout.extra_coords, SEARCH=search, RESIDUAL=variant == "prod", GRID=91, START=40,
+        DOT_SCALE=2.0**56, ENERGY_SCALE=2.0**56, BLOCK_R=_BLOCK_R, BLOCK_D=_BLOCK_D,
     )
     signature.update({name: "constexpr" for name in constants})
     names = list(signature)

@@ -2,17 +2,26 @@
 
 ``codec.encode`` on a GPU runs a bucketize, a gather, reductions and the bit packing as separate
 torch passes over ``(n, D)`` temporaries. Here one kernel reads each rotated row once and writes
-its packed index bytes, ``<u, c[idx]>`` and, for ``prod``, the residual; with code search
-(``search=True``) it also tries every scaling ``t`` of the grid (``quantize.search_grid``) and keeps
-the codes whose levels have the largest cosine with ``u``, as ``TurboQuantCodec._quantize_torch``
-does. The QJL signs of ``prod`` are one more GEMM on the residual; the factors come from
-``TurboQuantCodec.factors``.
+its packed index bytes, ``<u, c[idx]>`` and, for ``prod``, the residual. The QJL signs of ``prod``
+are one more GEMM on the residual; the factors come from ``TurboQuantCodec.factors``.
+
+Code search (``search=True``) keeps, of the codes ``nearest(t u)`` for the scalings ``t`` of the grid
+(``quantize.search_grid``: 91 points), the codes whose levels have the largest cosine with ``u``.
+The kernel does what the CPU's ``quantize.quantize_rows_search`` does, not 91 quantizations: per
+coordinate, the grid points where its level moves (one boundary a round, about two per coordinate
+at 4 bits), with the change of ``<u, c>`` and ``|c|^2`` added there (`_add_crossings`); then per
+row one sum over the points and the best (`_best_scaling`). The changes are int64 fixed point
+(`_fixed_point_scales`), added by atomics to a scratch of ``2 x rows x 91``: exact, so the sums do
+not depend on the order of the atomics. ``benchmarks/encode_kernel_sass.py`` counts what each
+form costs per coordinate.
 
 The codes are bit-identical to ``codec.encode``: ``u = y * (1 / |x|)`` is the same float32
-product, and the nearest level is the same count of midpoints below ``u`` (``torch.bucketize``).
-The float32 sums (alignment, energy) are taken in another order, so the factors agree to float32
-rounding; code search's float64 cosines likewise, so a row whose best two scalings tie to 1e-16
-could pick the other one.
+product, the nearest level is the same count of midpoints below ``u`` (``torch.bucketize``), and
+a level moves where the same float32 products ``t u`` cross a midpoint. The float32 sums
+(alignment, energy) are taken in another order, so the factors agree to float32 rounding; code
+search's float64 cosines likewise (and its fixed-point changes are truncated: at most one unit,
+``2^-58`` at d = 128 and 4 bits, per level move), so a row whose best two scalings tie to about
+1e-14 could pick the other one.
 
 API for callers (the index, the KV cache): ``encode(codec, x) -> Codes`` and, one level down,
 ``quantize(codec, rotated, norms, keep_residual) -> Quantized`` with the pieces.
@@ -20,6 +29,7 @@ API for callers (the index, the KV cache): ``encode(codec, x) -> Codes`` and, on
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -31,6 +41,7 @@ from tqindex.codec import Codes, TurboQuantCodec
 
 _BLOCK_D = 64  # coordinates per step
 _BLOCK_R = 16  # rows per program
+_SEARCH_ROWS = 1 << 16  # code search: rows a launch; its crossings scratch is 2 x rows x T int64 (95 MB at T = 91)
 
 
 @dataclass(frozen=True)
@@ -78,20 +89,90 @@ def _levels_and_index(value, cols, bounds_ptr, levels_ptr, BASE_BITS: tl.constex
 
 
 @triton.jit
-def _cosine_key(rotated_ptr, inverse, rows, row_ok, t, bounds_ptr, levels_ptr,
-                D: tl.constexpr, BASE_BITS: tl.constexpr, EXTRA: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):  # fmt: skip
-    """Code search's key for the codes ``nearest(t u)``: ``<u, c> |<u, c>| / |c|^2`` in float64, ``(BLOCK_R,)``."""
+def _crossing(bound, unit, active, grid_ptr, grid0, inv_step, LAST: tl.constexpr):
+    """First grid index ``g >= 1`` where ``grid[g] * unit > bound`` turns true (``unit > 0``) or false
+    (``unit < 0``), as ``quantize._crossing``: a division estimates ``g``, the float32 comparisons
+    that ``_nearest`` makes settle it. Inactive elements get 1 (they are not added).
+
+    The predicate is monotone in ``g``, so an estimate is too high or too low, never both: one loop
+    moves each element its own way (the numba code's two loops in turn)."""
+    rising = unit > 0
+    estimate = (tl.fdiv(bound, tl.where(active, unit, 1.0)) - grid0) * inv_step  # approximate: the loop settles it
+    g = tl.minimum(tl.maximum(tl.minimum(tl.maximum(estimate, 0.0), LAST).to(tl.int32) + 1, 1), LAST)
+    g = tl.where(active, g, 1)
+    high = active & (g > 1) & ((tl.load(grid_ptr + g - 1, mask=active & (g > 1), other=0.0) * unit > bound) == rising)
+    low = active & (g < LAST) & ((tl.load(grid_ptr + g, mask=active & (g < LAST), other=0.0) * unit > bound) != rising)
+    while tl.max((high | low).to(tl.int32)) > 0:
+        g = tl.where(high, g - 1, tl.where(low, g + 1, g))
+        high = high & (g > 1) & ((tl.load(grid_ptr + g - 1, mask=high & (g > 1), other=0.0) * unit > bound) == rising)
+        low = low & (g < LAST) & ((tl.load(grid_ptr + g, mask=low & (g < LAST), other=0.0) * unit > bound) != rising)
+    return g
+
+
+@triton.jit
+def _add_crossings(
+    rotated_ptr, inverse, rows, row_ok, dot_steps_ptr, energy_steps_ptr, step_rows, bounds_ptr, levels_ptr, grid_ptr, grid0, grid_last, inv_step,
+    D: tl.constexpr, BASE_BITS: tl.constexpr, EXTRA: tl.constexpr, GRID: tl.constexpr, DOT_SCALE: tl.constexpr,
+    ENERGY_SCALE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """Code search's first pass (``quantize.quantize_rows_search``) for rows ``(BLOCK_R,)``: ``<u, c>`` and
+    ``|c|^2`` of the codes ``nearest(grid[0] u)`` in float64, returned; and, at each grid point where a
+    coordinate's level moves, the change of both added to the row's ``steps`` (int64 fixed point,
+    ``DOT_SCALE`` / ``ENERGY_SCALE`` units: exact sums, so the result does not depend on the order)."""
+    N_LO: tl.constexpr = 1 << BASE_BITS
     dot = tl.zeros((BLOCK_R,), dtype=tl.float64)
     energy = tl.zeros((BLOCK_R,), dtype=tl.float64)
+    step_dot = dot_steps_ptr + step_rows[:, None] * GRID
+    step_energy = energy_steps_ptr + step_rows[:, None] * GRID
     for d0 in range(0, D, BLOCK_D):
         cols = d0 + tl.arange(0, BLOCK_D)[None, :]
         mask = row_ok[:, None] & (cols < D)
         unit = tl.load(rotated_ptr + rows[:, None] * D + cols, mask=mask, other=0.0) * inverse[:, None]
-        _, level = _levels_and_index(t * unit, cols, bounds_ptr, levels_ptr, BASE_BITS, EXTRA)
+        first, level = _levels_and_index(grid0 * unit, cols, bounds_ptr, levels_ptr, BASE_BITS, EXTRA)
+        final, _ = _levels_and_index(grid_last * unit, cols, bounds_ptr, levels_ptr, BASE_BITS, EXTRA)
         level = tl.where(mask, level, 0.0).to(tl.float64)
-        dot += tl.sum(level * unit.to(tl.float64), axis=1)
+        unit64 = unit.to(tl.float64)
+        dot += tl.sum(unit64 * level, axis=1)
         energy += tl.sum(level * level, axis=1)
-    return dot * tl.abs(dot) / tl.maximum(energy, 1e-300)
+        count = tl.where(mask, tl.abs(final - first), 0)
+        rising = final > first
+        bound_at = tl.where(cols < EXTRA, N_LO - 1, 0)
+        level_at = tl.where(cols < EXTRA, N_LO, 0)
+        old = level
+        m = 0
+        rounds = tl.max(count)
+        while m < rounds:  # one boundary of each coordinate a round: up from first (unit > 0) or down
+            active = m < count
+            k = tl.where(rising, first + m, first - 1 - m)
+            bound = tl.load(bounds_ptr + bound_at + k, mask=active, other=0.0)
+            new = tl.load(levels_ptr + level_at + tl.where(rising, k + 1, k), mask=active, other=0.0).to(tl.float64)
+            g = _crossing(bound, unit, active, grid_ptr, grid0, inv_step, GRID - 1)
+            tl.atomic_add(step_dot + g, (unit64 * (new - old) * DOT_SCALE).to(tl.int64), mask=active, sem="relaxed")
+            tl.atomic_add(step_energy + g, ((new * new - old * old) * ENERGY_SCALE).to(tl.int64), mask=active, sem="relaxed")
+            old = new
+            m += 1
+    return dot, energy
+
+
+@triton.jit
+def _best_scaling(
+    dot, energy, dot_steps_ptr, energy_steps_ptr, step_rows, row_ok, grid_ptr,
+    GRID: tl.constexpr, START: tl.constexpr, DOT_SCALE: tl.constexpr, ENERGY_SCALE: tl.constexpr,
+):  # fmt: skip
+    """Code search's sweep: the scaling ``t`` of the largest key ``<u, c> |<u, c>| / |c|^2`` over the
+    grid (the first such point, or ``grid[START] = 1`` on a tie), float32 ``(BLOCK_R,)``. The changes
+    are summed in int64, exactly: the same sums at every point as a sweep in order."""
+    points = tl.arange(0, triton.next_power_of_2(GRID))[None, :]
+    at = step_rows[:, None] * GRID + points
+    ok = row_ok[:, None] & (points < GRID)
+    moved_dot = tl.cumsum(tl.load(dot_steps_ptr + at, mask=ok, other=0, cache_modifier=".cg"), axis=1)  # past L1: the atomics went to L2
+    moved_energy = tl.cumsum(tl.load(energy_steps_ptr + at, mask=ok, other=0, cache_modifier=".cg"), axis=1)
+    d = dot[:, None] + moved_dot.to(tl.float64) * (1.0 / DOT_SCALE)
+    key = d * tl.abs(d) / tl.maximum(energy[:, None] + moved_energy.to(tl.float64) * (1.0 / ENERGY_SCALE), 1e-300)
+    key = tl.where(points < GRID, key, float("-inf"))
+    best = tl.max(key, axis=1)
+    start_key = tl.max(tl.where(points == START, key, float("-inf")), axis=1)
+    return tl.load(grid_ptr + tl.where(start_key == best, START, tl.argmax(key, axis=1)))  # argmax: the first largest
 
 
 @triton.jit
@@ -110,30 +191,29 @@ def _store_field(row_ptrs, row_mask, index, cols, d0, STOP: tl.constexpr, WIDTH:
 @triton.jit
 def _quantize_kernel(
     rotated_ptr, inverse_ptr, bounds_ptr, levels_ptr, grid_ptr, packed_ptr, alignment_ptr, energy_ptr, residual_ptr,
-    n_rows, n_grid, grid_start,
+    dot_steps_ptr, energy_steps_ptr, row_start, n_rows, grid0, grid_last, inv_step,
     D: tl.constexpr, CODE_BYTES: tl.constexpr, FIELDS: tl.constexpr, BASE_BITS: tl.constexpr, EXTRA: tl.constexpr,
-    SEARCH: tl.constexpr, RESIDUAL: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+    SEARCH: tl.constexpr, RESIDUAL: tl.constexpr, GRID: tl.constexpr, START: tl.constexpr, DOT_SCALE: tl.constexpr,
+    ENERGY_SCALE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
-    """Rows ``[pid * BLOCK_R, ...)``: packed index bytes, alignment, energy (SEARCH), residual (RESIDUAL)."""
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    """Rows ``row_start + [pid * BLOCK_R, ...)``: packed index bytes, alignment, energy (SEARCH), residual (RESIDUAL).
+
+    With SEARCH, ``dot_steps`` / ``energy_steps`` are zeroed int64 ``(rows of this launch, GRID)``
+    scratch for the crossings of `_add_crossings`, read back by `_best_scaling` after a barrier."""
+    step_rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    rows = row_start + step_rows
     row_ok = rows < n_rows
     rows = rows.to(tl.int64)
+    step_rows = step_rows.to(tl.int64)
     inverse = tl.load(inverse_ptr + rows, mask=row_ok, other=0.0)
     t = tl.full((BLOCK_R,), 1.0, dtype=tl.float32)
-    if SEARCH:  # the first scaling of largest cosine; the plain codes (t = 1) on a tie
-        best = tl.full((BLOCK_R,), float("-inf"), dtype=tl.float64)
-        best_t = tl.zeros((BLOCK_R,), dtype=tl.float32)
-        g = 0
-        while g < n_grid:  # not range(): Triton 3.6's interpreter cannot take tensor bounds under NumPy >= 2.5
-            scale = tl.load(grid_ptr + g)
-            key = _cosine_key(rotated_ptr, inverse, rows, row_ok, scale, bounds_ptr, levels_ptr, D, BASE_BITS, EXTRA, BLOCK_R, BLOCK_D)
-            better = key > best
-            best = tl.where(better, key, best)
-            best_t = tl.where(better, scale, best_t)
-            g += 1
-        plain = _cosine_key(rotated_ptr, inverse, rows, row_ok, tl.load(grid_ptr + grid_start), bounds_ptr, levels_ptr,
-                            D, BASE_BITS, EXTRA, BLOCK_R, BLOCK_D)  # fmt: skip
-        t = tl.where(plain == best, tl.load(grid_ptr + grid_start), best_t)
+    if SEARCH:
+        dot, energy = _add_crossings(
+            rotated_ptr, inverse, rows, row_ok, dot_steps_ptr, energy_steps_ptr, step_rows, bounds_ptr, levels_ptr, grid_ptr,
+            grid0, grid_last, inv_step, D, BASE_BITS, EXTRA, GRID, DOT_SCALE, ENERGY_SCALE, BLOCK_R, BLOCK_D,
+        )  # fmt: skip
+        tl.debug_barrier()  # every crossing of these rows was added by this program's threads
+        t = _best_scaling(dot, energy, dot_steps_ptr, energy_steps_ptr, step_rows, row_ok, grid_ptr, GRID, START, DOT_SCALE, ENERGY_SCALE)
     alignment = tl.zeros((BLOCK_R,), dtype=tl.float32)
     energy = tl.zeros((BLOCK_R,), dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
@@ -165,6 +245,17 @@ def _quantize_kernel(
                 tl.store(residual_ptr + rows[:, None] * D + cols, unit - a[:, None] * level, mask=mask)
 
 
+def _fixed_point_scales(codec: TurboQuantCodec) -> tuple[float, float]:
+    """Units ``2^k`` of code search's crossing sums of ``<u, c>`` and ``|c|^2``, each the largest that
+    keeps them below ``2^62`` in int64. Per grid point, and over all of them, a coordinate's level
+    moves one way, so a row's sums are at most ``2 max|c| sum|u_j| <= 2 max|c| sqrt(D) |u|``
+    (``|u| <= 2`` allowing for float32) and ``2 max|c|^2 D``."""
+    top = float(codec.levels.abs().max())
+    dim = codec.layout.dim
+    bounds = (4 * top * math.sqrt(dim), 2 * top * top * dim)
+    return tuple(2.0 ** (62 - math.ceil(math.log2(max(bound, 2.0**-60)))) for bound in bounds)
+
+
 def quantize(codec: TurboQuantCodec, rotated: torch.Tensor, norms: torch.Tensor, keep_residual: bool) -> Quantized:
     """The fused quantize + pack kernel on rotated rows ``(n, D)`` float32 and their norms ``(n,)``.
 
@@ -182,16 +273,24 @@ def quantize(codec: TurboQuantCodec, rotated: torch.Tensor, norms: torch.Tensor,
     alignment = torch.empty(n, dtype=torch.float32, device=device)
     energy = torch.empty(n, dtype=torch.float32, device=device) if search else None
     residual = torch.empty((n, layout.dim), dtype=torch.float32, device=device) if keep_residual else None
-    bounds = torch.cat([codec._bounds_lo, codec._bounds_hi])
+    bounds = codec._on(torch.cat([codec._bounds_lo, codec._bounds_hi]), device)
     grid = codec._search_grid_t
-    _quantize_kernel[(triton.cdiv(n, _BLOCK_R),)](
-        rotated, inverse, codec._on(bounds, device), codec._on(codec.levels, device), codec._on(grid, device),
-        packed, alignment, energy if search else alignment, residual if keep_residual else rotated,
-        n, grid.shape[0], codec._search_start,
-        D=layout.dim, CODE_BYTES=layout.code_bytes, FIELDS=tuple((f.stop, f.width, f.shift, f.offset) for f in layout.index_fields),
-        BASE_BITS=layout.base_bits, EXTRA=layout.extra_coords, SEARCH=search, RESIDUAL=keep_residual,
-        BLOCK_R=_BLOCK_R, BLOCK_D=_BLOCK_D,
-    )  # fmt: skip
+    chunk = _BLOCK_R * triton.cdiv(min(n, _SEARCH_ROWS) if search else n, _BLOCK_R)
+    steps = torch.zeros((2, chunk, grid.shape[0]), dtype=torch.int64, device=device) if search else None
+    dot_scale, energy_scale = _fixed_point_scales(codec)
+    for row_start in range(0, n, max(chunk, 1)):
+        if steps is not None and row_start:
+            steps.zero_()
+        _quantize_kernel[(triton.cdiv(min(chunk, n - row_start), _BLOCK_R),)](
+            rotated, inverse, bounds, codec._on(codec.levels, device), codec._on(grid, device),
+            packed, alignment, energy if search else alignment, residual if keep_residual else rotated,
+            steps[0] if search else packed, steps[1] if search else packed, row_start, n,
+            float(grid[0]), float(grid[-1]), (grid.shape[0] - 1) / float(grid[-1] - grid[0]),
+            D=layout.dim, CODE_BYTES=layout.code_bytes, FIELDS=tuple((f.stop, f.width, f.shift, f.offset) for f in layout.index_fields),
+            BASE_BITS=layout.base_bits, EXTRA=layout.extra_coords, SEARCH=search, RESIDUAL=keep_residual,
+            GRID=grid.shape[0], START=codec._search_start, DOT_SCALE=dot_scale, ENERGY_SCALE=energy_scale,
+            BLOCK_R=_BLOCK_R, BLOCK_D=_BLOCK_D,
+        )  # fmt: skip
     return Quantized(packed, alignment, energy, residual)
 
 
