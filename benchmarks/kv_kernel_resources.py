@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import os
 import subprocess
+from collections.abc import Callable
 
 import torch
 import triton
@@ -113,10 +114,12 @@ def resource_usage(compiled, path: str) -> dict[str, str]:
     return dict(part.split(":") for part in line.split() if ":" in part)
 
 
-def parse_arguments(doc: str, cases: dict, interpreted: bool) -> argparse.Namespace:
-    """``--arch``, ``--scratch`` and ``--cases`` (of ``cases``) of a static-analysis script; exits
-    under the interpreter, which compiles nothing."""
+def parse_arguments(doc: str, cases: dict, interpreted: bool, extra: Callable[[argparse.ArgumentParser], None] | None = None) -> argparse.Namespace:
+    """``--arch``, ``--scratch`` and ``--cases`` (of ``cases``) of a static-analysis script, and what
+    ``extra`` adds to the parser; exits under the interpreter, which compiles nothing."""
     parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    if extra is not None:
+        extra(parser)
     parser.add_argument("--arch", type=int, default=90, help="compute capability x 10 (default 90: H100/H200)")
     parser.add_argument("--scratch", default="/tmp", help="where the cubins are written")
     parser.add_argument("--cases", nargs="+", choices=list(cases), default=list(cases), help="which cases (default all)")

@@ -86,17 +86,20 @@ _quantize = triton_encode.quantize
 @pytest.mark.parametrize("bits, dim", [(2, 64), (4, 128), (8, 32)])
 def test_code_search_sweep_equals_codec_encode_across_launches(bits, dim, monkeypatch):
     """Code search by crossings (`_add_crossings`, `_best_scaling`) against the numba sweep: Gaussian
-    rows, rows with one large coordinate (a level moves by many boundaries, several in one grid step),
-    one-hot rows and a zero row; several launches of few rows share one scratch (zeroed between them)."""
-    monkeypatch.setattr(triton_encode, "_SEARCH_ROWS", 32)
-    codec = TurboQuantCodec(dim, bits, search=True, rotation="hadamard", seed=3)
+    rows, tiny rows, rows whose rotated form has one coordinate of 0.6-0.95 (its level moves across
+    many boundaries, several in one grid step at 8 bits) and a zero row; several launches of few
+    rows share one scratch (zeroed between them). No row has two scalings whose codes tie exactly
+    (proportional codes, as a Hadamard-rotated one-hot vector gives): those may go either way."""
+    monkeypatch.setitem(triton_encode.TILES, True, (16, 16))
+    monkeypatch.setattr(triton_encode, "_SEARCH_ROWS", 48)  # two launches
+    codec = TurboQuantCodec(dim, bits, search=True, seed=3)
     rng = np.random.default_rng(bits)
     x = rng.standard_normal((90, dim)).astype(np.float32)
     x[10:20] *= 1e-3
-    x[20:30, 0] = 40.0  # one coordinate carries most of the norm, but rotation spreads it: after it, u_j up to ~0.9
-    x[30:40] = 0
-    x[30:40, np.arange(10) % dim] = 1.0  # e_j: the Hadamard rotation makes every |u_j| = 1 / sqrt(D)
     x[40] = 0
+    spike = 0.05 * rng.standard_normal((20, dim)).astype(np.float32)
+    spike[np.arange(20), rng.integers(0, dim, 20)] = np.linspace(0.6, 0.95, 20, dtype=np.float32)
+    x[20:40] = codec.rotation.inverse(torch.from_numpy(spike)).numpy()
     x = torch.from_numpy(x)
     want = codec.encode(x)
     got = triton_encode.encode(codec, x.to(DEVICE))
@@ -144,3 +147,24 @@ def test_crossing_points_equal_the_numba_sweeps():
     _crossings_of[(1,)](torch.from_numpy(bound).to(DEVICE), units, codec._search_grid_t.to(DEVICE), out, float(grid[0]), inv_step, grid.shape[0] - 1, n)
     assert moves.sum() > n // 2
     np.testing.assert_array_equal(out.cpu().numpy(), want)
+
+
+def test_the_sass_tool_finds_the_code_search_loops(tmp_path):
+    """benchmarks/encode_kernel_sass.py compiles the encoder for sm_90 (no GPU needed) and finds the
+    loops its count rests on: coordinate blocks holding crossing rounds holding the settling loop,
+    then the per-row sweep and the last pass."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("triton.backends.nvidia")
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_CACHE_DIR": str(tmp_path), "PYTHONPATH": f"{root}{os.pathsep}{root / 'benchmarks'}"}
+    case = "d = 128, 2 bits, code search"
+    script = [sys.executable, str(root / "benchmarks" / "encode_kernel_sass.py"), "--scratch", str(tmp_path), "--rows", "256", "--cases", case]
+    done = subprocess.run(script, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    cells = next(line for line in done.stdout.splitlines() if line.startswith(f"| {case}")).split(" | ")
+    assert len(cells[3].split(" / ")) == 5, cells  # crossings, rounds, settling, sweep, last pass
+    assert float(cells[5]) > 0, cells

@@ -249,7 +249,7 @@ for bits, variant, config, int8 in [(3.5, "prod", MMA, 0), (2, "mse", FMA, 0), (
     else:
         assert "ld.global.nc.f32" in ptx, "codebooks of 4+ levels gather by inline PTX loads"
 
-from tqindex.kernels.triton_encode import _BLOCK_D, _BLOCK_R, _quantize_kernel
+from tqindex.kernels.triton_encode import TILES, _quantize_kernel
 for bits, variant, search in [(2.5, "prod", True)]:  # two codebooks, residual, code search
     layout = TurboQuantCodec(768, bits, variant=variant).layout
     signature = {name: "*fp32" for name in ("rotated_ptr", "inverse_ptr", "bounds_ptr", "levels_ptr", "grid_ptr")}
@@ -258,7 +258,7 @@ for bits, variant, search in [(2.5, "prod", True)]:  # two codebooks, residual, 
     constants = dict(
         D=layout.dim, CODE_BYTES=layout.code_bytes, FIELDS=tuple((f.stop, f.width, f.shift, f.offset) for f in layout.index_fields),
         BASE_BITS=layout.base_bits, EXTRA=layout.extra_coords, SEARCH=search, RESIDUAL=variant == "prod", GRID=91, START=40,
-        DOT_SCALE=2.0**56, ENERGY_SCALE=2.0**56, BLOCK_R=_BLOCK_R, BLOCK_D=_BLOCK_D,
+        DOT_SCALE=2.0**56, ENERGY_SCALE=2.0**56, BLOCK_R=TILES[search][0], BLOCK_D=TILES[search][1],
     )
     signature.update({name: "constexpr" for name in constants})
     names = list(signature)

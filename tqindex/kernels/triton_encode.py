@@ -10,18 +10,20 @@ Code search (``search=True``) keeps, of the codes ``nearest(t u)`` for the scali
 The kernel does what the CPU's ``quantize.quantize_rows_search`` does, not 91 quantizations: per
 coordinate, the grid points where its level moves (one boundary a round, about two per coordinate
 at 4 bits), with the change of ``<u, c>`` and ``|c|^2`` added there (`_add_crossings`); then per
-row one sum over the points and the best (`_best_scaling`). The changes are int64 fixed point
-(`_fixed_point_scales`), added by atomics to a scratch of ``2 x rows x 91``: exact, so the sums do
-not depend on the order of the atomics. ``benchmarks/encode_kernel_sass.py`` counts what each
-form costs per coordinate.
+row, one thread each, a sweep over the points for the best (`_best_scaling`). The changes are int64
+fixed point (`_fixed_point_scales`), added by atomics to a scratch of ``2 x rows x 91``: exact, so
+the sums do not depend on the order of the atomics. ``benchmarks/encode_kernel_sass.py`` counts
+what each form costs per coordinate (sm_90: ~750 instructions per coordinate at d = 128 and 4 bits,
+where 91 quantizations took ~5,400).
 
 The codes are bit-identical to ``codec.encode``: ``u = y * (1 / |x|)`` is the same float32
 product, the nearest level is the same count of midpoints below ``u`` (``torch.bucketize``), and
 a level moves where the same float32 products ``t u`` cross a midpoint. The float32 sums
 (alignment, energy) are taken in another order, so the factors agree to float32 rounding; code
-search's float64 cosines likewise (and its fixed-point changes are truncated: at most one unit,
-``2^-58`` at d = 128 and 4 bits, per level move), so a row whose best two scalings tie to about
-1e-14 could pick the other one.
+search's float64 cosines likewise (its fixed-point changes are truncated, at most one unit,
+``2^-58`` at d = 128 and 4 bits, per level move, and its keys compared as cross products), so a
+row whose best two scalings tie to about 1e-14 could pick the other one: exact ties of distinct
+codes (proportional codes, as a Hadamard-rotated one-hot vector can give) go either way.
 
 API for callers (the index, the KV cache): ``encode(codec, x) -> Codes`` and, one level down,
 ``quantize(codec, rotated, norms, keep_residual) -> Quantized`` with the pieces.
@@ -39,8 +41,9 @@ import triton.language as tl
 from tqindex._arrays import as_float_rows
 from tqindex.codec import Codes, TurboQuantCodec
 
-_BLOCK_D = 64  # coordinates per step
-_BLOCK_R = 16  # rows per program
+#: (rows per program, coordinates per step): nearest levels; code search, whose sweep over the grid
+#: runs per row, one row a thread (a [16] vector over 128 threads repeats each row's work 8 times)
+TILES = {False: (16, 64), True: (128, 8)}
 _SEARCH_ROWS = 1 << 16  # code search: rows a launch; its crossings scratch is 2 x rows x T int64 (95 MB at T = 91)
 
 
@@ -159,20 +162,34 @@ def _best_scaling(
     dot, energy, dot_steps_ptr, energy_steps_ptr, step_rows, row_ok, grid_ptr,
     GRID: tl.constexpr, START: tl.constexpr, DOT_SCALE: tl.constexpr, ENERGY_SCALE: tl.constexpr,
 ):  # fmt: skip
-    """Code search's sweep: the scaling ``t`` of the largest key ``<u, c> |<u, c>| / |c|^2`` over the
-    grid (the first such point, or ``grid[START] = 1`` on a tie), float32 ``(BLOCK_R,)``. The changes
-    are summed in int64, exactly: the same sums at every point as a sweep in order."""
-    points = tl.arange(0, triton.next_power_of_2(GRID))[None, :]
-    at = step_rows[:, None] * GRID + points
-    ok = row_ok[:, None] & (points < GRID)
-    moved_dot = tl.cumsum(tl.load(dot_steps_ptr + at, mask=ok, other=0, cache_modifier=".cg"), axis=1)  # past L1: the atomics went to L2
-    moved_energy = tl.cumsum(tl.load(energy_steps_ptr + at, mask=ok, other=0, cache_modifier=".cg"), axis=1)
-    d = dot[:, None] + moved_dot.to(tl.float64) * (1.0 / DOT_SCALE)
-    key = d * tl.abs(d) / tl.maximum(energy[:, None] + moved_energy.to(tl.float64) * (1.0 / ENERGY_SCALE), 1e-300)
-    key = tl.where(points < GRID, key, float("-inf"))
-    best = tl.max(key, axis=1)
-    start_key = tl.max(tl.where(points == START, key, float("-inf")), axis=1)
-    return tl.load(grid_ptr + tl.where(start_key == best, START, tl.argmax(key, axis=1)))  # argmax: the first largest
+    """Code search's sweep over the grid, in order: the scaling ``t`` of the largest key ``<u, c> |<u, c>|
+    / |c|^2`` (the first such point, or ``grid[START] = 1`` on a tie), float32 ``(rows,)``.
+
+    The changes are summed in int64, exactly. Keys are compared as cross products of their numerators
+    and denominators (no float64 division): the same order, but for keys within a rounding of each
+    other, and equal codes give equal products."""
+    step_dot = dot_steps_ptr + step_rows * GRID
+    step_energy = energy_steps_ptr + step_rows * GRID
+    moved_dot = tl.zeros(dot.shape, dtype=tl.int64)
+    moved_energy = tl.zeros(dot.shape, dtype=tl.int64)
+    best_num = tl.full(dot.shape, -1.0, dtype=tl.float64)  # below every key: keys are d |d| / e >= -1
+    best_den = tl.full(dot.shape, 1.0, dtype=tl.float64)
+    best_g = tl.zeros(dot.shape, dtype=tl.int32)
+    start_num, start_den = best_num, best_den
+    for g in range(GRID):
+        moved_dot += tl.load(step_dot + g, mask=row_ok, other=0, cache_modifier=".cg")  # past L1: the atomics went to L2
+        moved_energy += tl.load(step_energy + g, mask=row_ok, other=0, cache_modifier=".cg")
+        d = dot + moved_dot.to(tl.float64) * (1.0 / DOT_SCALE)
+        num = d * tl.abs(d)
+        den = tl.maximum(energy + moved_energy.to(tl.float64) * (1.0 / ENERGY_SCALE), 1e-300)
+        better = num * best_den > best_num * den
+        best_num = tl.where(better, num, best_num)
+        best_den = tl.where(better, den, best_den)
+        best_g = tl.where(better, g, best_g)
+        if g == START:
+            start_num, start_den = num, den
+    tie = start_num * best_den == best_num * start_den
+    return tl.load(grid_ptr + tl.where(tie, START, best_g))
 
 
 @triton.jit
@@ -275,13 +292,14 @@ def quantize(codec: TurboQuantCodec, rotated: torch.Tensor, norms: torch.Tensor,
     residual = torch.empty((n, layout.dim), dtype=torch.float32, device=device) if keep_residual else None
     bounds = codec._on(torch.cat([codec._bounds_lo, codec._bounds_hi]), device)
     grid = codec._search_grid_t
-    chunk = _BLOCK_R * triton.cdiv(min(n, _SEARCH_ROWS) if search else n, _BLOCK_R)
+    block_r, block_d = TILES[search]
+    chunk = block_r * triton.cdiv(min(n, _SEARCH_ROWS) if search else n, block_r)
     steps = torch.zeros((2, chunk, grid.shape[0]), dtype=torch.int64, device=device) if search else None
     dot_scale, energy_scale = _fixed_point_scales(codec)
     for row_start in range(0, n, max(chunk, 1)):
         if steps is not None and row_start:
             steps.zero_()
-        _quantize_kernel[(triton.cdiv(min(chunk, n - row_start), _BLOCK_R),)](
+        _quantize_kernel[(triton.cdiv(min(chunk, n - row_start), block_r),)](
             rotated, inverse, bounds, codec._on(codec.levels, device), codec._on(grid, device),
             packed, alignment, energy if search else alignment, residual if keep_residual else rotated,
             steps[0] if search else packed, steps[1] if search else packed, row_start, n,
@@ -289,7 +307,7 @@ def quantize(codec: TurboQuantCodec, rotated: torch.Tensor, norms: torch.Tensor,
             D=layout.dim, CODE_BYTES=layout.code_bytes, FIELDS=tuple((f.stop, f.width, f.shift, f.offset) for f in layout.index_fields),
             BASE_BITS=layout.base_bits, EXTRA=layout.extra_coords, SEARCH=search, RESIDUAL=keep_residual,
             GRID=grid.shape[0], START=codec._search_start, DOT_SCALE=dot_scale, ENERGY_SCALE=energy_scale,
-            BLOCK_R=_BLOCK_R, BLOCK_D=_BLOCK_D,
+            BLOCK_R=block_r, BLOCK_D=block_d,
         )  # fmt: skip
     return Quantized(packed, alignment, energy, residual)
 
