@@ -14,7 +14,8 @@ events around each run):
   coordinates per step, warps, programs per SM, pipelining; gathers by inline PTX vs ``tl.load``),
   and the int8 form (``TritonScanner(dtype=torch.int8)``, ``triton_int8``: DP4A on CUDA cores, int8
   ``tl.dot`` on tensor cores) at 2 and 4 bits, with its whole ``search_resident`` and the fraction
-  of its ids equal to the default form's.
+  of its ids equal to the default form's; and, on tensor cores, float16 levels looked up in
+  registers (``TritonScanner(register_tables=True)``) instead of gathered.
 * search: ``search_resident`` (scan, exact rescoring on the device, one synchronisation), the path
   ``TurboQuantIndex.search`` takes on a resident GPU index.
 * torch: the same codes decoded to fp16 chunk by chunk + one matmul + topk (``GemmScanner``), the
@@ -226,16 +227,18 @@ def sweep_rows(args, codec, packed, factors, code_bytes, copy_bps, timer, n) -> 
         if m > 1 and bits != max(args.bits):
             continue
         queries = codec.rotate_queries(torch.randn((m, args.dim), generator=torch.Generator().manual_seed(m)).to(packed.device))
-        variants = [(c, torch.float16, None, "") for c in configs]
+        variants = [(c, torch.float16, {}, "") for c in configs]
         if m == 1 and bits > 2:  # float32 queries (no conversion per value); codebook gathers by tl.load
-            variants += [(FMA, torch.float32, None, " fp32 queries"), (FMA, torch.float16, False, " tl.load gather")]
+            variants += [(FMA, torch.float32, {}, " fp32 queries"), (FMA, torch.float16, {"gather_asm": False}, " tl.load gather")]
         if bits in (2, 4):  # the int8 form: CUDA cores (DP4A; 64 and 128 coordinates a step) to 4 queries, tensor cores from 2
-            variants += [(c, torch.int8, None, " int8 dp4a") for c in (FMA, INT8_WIDE) if m <= FMA.max_block_m]
-            variants += [(INT8_MMA, torch.int8, None, " int8 tensor cores")] if m > 1 else []
-        for config, dtype, gather_asm, label in variants:
+            variants += [(c, torch.int8, {}, " int8 dp4a") for c in (FMA, INT8_WIDE) if m <= FMA.max_block_m]
+            variants += [(INT8_MMA, torch.int8, {}, " int8 tensor cores")] if m > 1 else []
+            # float16 levels looked up in registers by byte permutes instead of gathered (the same operands)
+            variants += [(c, torch.float16, {"register_tables": True}, " register look-ups") for c in configs if c.mma]
+        for config, dtype, options, label in variants:
             name = config_name(config) + label
             try:
-                scanner = TritonScanner(codec, config, dtype, gather_asm=gather_asm)
+                scanner = TritonScanner(codec, config, dtype, **options)
                 prepared = scanner.cast(queries)
                 scan = timer(lambda: scanner.candidates(prepared, packed, factors, None, candidate_count(args.k)))
                 row = dict(kind="sweep", n=n, bits=bits, batch=m, config=name, scan_s=scan, of_copy=code_bytes / scan / copy_bps)

@@ -65,6 +65,7 @@ VARIANTS = {
     "tensor cores": KernelOptions(dot=True),
     "tensor cores, 4 warps": KernelOptions(dot=True, num_warps=4),
     "tensor cores, block_t 128": KernelOptions(dot=True, block_t=128),
+    "tensor cores, register look-ups": KernelOptions(dot=True, register_tables=True),
     "token slots": KernelOptions(dot=False, slots=True),
     "token slots, 8 warps, block_t 32": KernelOptions(dot=False, slots=True, num_warps=8, block_t=32),
     "token slots, block_t 16": KernelOptions(dot=False, slots=True, block_t=16),

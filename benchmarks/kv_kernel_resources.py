@@ -31,6 +31,7 @@ CASES = {  # name: (cache options, query heads, query positions, tokens, kernel 
     "decode 4/4 bits, 32 tokens/block": (dict(), 32, 1, 4096, kernels.KernelOptions(block_t=32)),
     "decode 4/4 bits, tensor cores": (dict(), 32, 1, 4096, kernels.KernelOptions(dot=True)),
     "decode 32k tokens (defaults: tensor cores)": (dict(), 32, 1, 32768, kernels.KernelOptions()),
+    "decode 32k tokens, tensor cores, register look-ups": (dict(), 32, 1, 32768, kernels.KernelOptions(register_tables=True)),
     "decode 4/4 bits, token slots": (dict(), 32, 1, 4096, kernels.KernelOptions(slots=True)),
     "decode 4/4 bits, token slots, 32 tokens/block": (dict(), 32, 1, 4096, kernels.KernelOptions(slots=True, block_t=32)),
     "decode 4/4 bits, token slots, 8 warps": (dict(), 32, 1, 4096, kernels.KernelOptions(slots=True, num_warps=8)),

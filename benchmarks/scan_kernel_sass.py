@@ -35,29 +35,31 @@ from tqindex.codec import TurboQuantCodec
 
 _ONE = scan.FMA
 _INT8_128 = scan.ScanConfig(mma=False, max_block_m=4, block_n=128, block_d=128, num_warps=4, programs_per_sm=16)
-CASES = {  # name: (bits, config, query dtype, queries)
-    "4-bit, FMA (default, 1 query)": (4, _ONE, torch.float16, 1),
-    "4-bit, FMA, fp32 queries": (4, _ONE, torch.float32, 1),
-    "4-bit, int8 dp4a": (4, _ONE, torch.int8, 1),
-    "4-bit, int8 dp4a, 128 coordinates/step": (4, _INT8_128, torch.int8, 1),
-    "4-bit, int8 dp4a, 4 queries": (4, _ONE, torch.int8, 4),
-    "2-bit, FMA (default, 1 query)": (2, _ONE, torch.float16, 1),
-    "2-bit, int8 dp4a": (2, _ONE, torch.int8, 1),
-    "2-bit, int8 dp4a, 128 coordinates/step": (2, _INT8_128, torch.int8, 1),
-    "4-bit, tensor cores (default, 32 queries)": (4, scan.MMA, torch.float16, 32),
-    "4-bit, int8 tensor cores, 32 queries": (4, scan.INT8_MMA, torch.int8, 32),
-    "2-bit, tensor cores (default, 32 queries)": (2, scan.MMA, torch.float16, 32),
-    "2-bit, int8 tensor cores, 32 queries": (2, scan.INT8_MMA, torch.int8, 32),
+CASES = {  # name: (bits, config, query dtype, queries, register look-ups on tensor cores)
+    "4-bit, FMA (default, 1 query)": (4, _ONE, torch.float16, 1, False),
+    "4-bit, FMA, fp32 queries": (4, _ONE, torch.float32, 1, False),
+    "4-bit, int8 dp4a": (4, _ONE, torch.int8, 1, False),
+    "4-bit, int8 dp4a, 128 coordinates/step": (4, _INT8_128, torch.int8, 1, False),
+    "4-bit, int8 dp4a, 4 queries": (4, _ONE, torch.int8, 4, False),
+    "2-bit, FMA (default, 1 query)": (2, _ONE, torch.float16, 1, False),
+    "2-bit, int8 dp4a": (2, _ONE, torch.int8, 1, False),
+    "2-bit, int8 dp4a, 128 coordinates/step": (2, _INT8_128, torch.int8, 1, False),
+    "4-bit, tensor cores (default, 32 queries)": (4, scan.MMA, torch.float16, 32, False),
+    "4-bit, tensor cores, register look-ups, 32 queries": (4, scan.MMA, torch.float16, 32, True),
+    "4-bit, int8 tensor cores, 32 queries": (4, scan.INT8_MMA, torch.int8, 32, False),
+    "2-bit, tensor cores (default, 32 queries)": (2, scan.MMA, torch.float16, 32, False),
+    "2-bit, tensor cores, register look-ups, 32 queries": (2, scan.MMA, torch.float16, 32, True),
+    "2-bit, int8 tensor cores, 32 queries": (2, scan.INT8_MMA, torch.int8, 32, False),
 }
 _INSTRUCTION = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);")
 
 
-def recorded_launch(bits: float, config: scan.ScanConfig, dtype: torch.dtype, queries: int, dim: int = 768, n: int = 1 << 20):
+def recorded_launch(bits: float, config: scan.ScanConfig, dtype: torch.dtype, queries: int, tables: bool = False, dim: int = 768, n: int = 1 << 20):
     """The scan kernel's launch for ``candidates`` over ``n`` random rows of ``dim`` coordinates, k = 10."""
     codec = TurboQuantCodec(dim, bits)
     packed = torch.randint(0, 256, (n, codec.code_bytes), dtype=torch.uint8)
     factors = torch.ones(n, codec.n_factors)
-    scanner = scan.TritonScanner(codec, config, dtype)
+    scanner = scan.TritonScanner(codec, config, dtype, register_tables=tables)
     prepared = scanner.prepare(codec.rotate_queries(torch.randn(queries, dim)))
     calls: dict = {}
     real, interpreted = scan._scan_kernel, scan._INTERPRETED
@@ -97,8 +99,8 @@ def main() -> None:
     args = parse_arguments(__doc__, CASES, scan._INTERPRETED)
     rows = []
     for case in args.cases:
-        bits, config, dtype, queries = CASES[case]
-        _, call_args, call_kwargs = recorded_launch(bits, config, dtype, queries)
+        bits, config, dtype, queries, tables = CASES[case]
+        _, call_args, call_kwargs = recorded_launch(bits, config, dtype, queries, tables)
         compiled, warps = compile_for(scan._scan_kernel, call_args, call_kwargs, args.arch)
         path = os.path.join(args.scratch, "scan.cubin")
         usage = resource_usage(compiled, path)

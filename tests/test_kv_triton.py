@@ -191,3 +191,18 @@ def test_decode_attention_replays_in_a_cuda_graph():
         static.copy_(fresh)
         graph.replay()
         torch.testing.assert_close(out, codes_attention(fresh, keys, values, scaling=0.2), atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("bits, variants", [((4, 2), ("mse", "mse")), ((3, 3.5), ("prod", "mse"))])
+def test_register_lookups_on_tensor_cores_equal_the_gathers(bits, variants):
+    """`KernelOptions(register_tables=True)`: 4- and 2-bit levels (2-bit prod indices beside their sign
+    field too) looked up by byte permutes give the tensor cores the same float16 operands as the
+    gathers, so the same outputs bit for bit; a layout without the look-up (3.5 bits) keeps gathering."""
+    keys, values = layer_states(batch=1, bits=bits, variants=variants, window=4, chunk=4, tokens=72)
+    query = torch.randn(1, 4, 2, 32, generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    options = KernelOptions(dot=True, block_t=32, splits=2)
+    want = triton_codes_attention(query, keys, values, None, scaling=0.2, causal=True, options=options)
+    got = triton_codes_attention(query, keys, values, None, scaling=0.2, causal=True, options=dataclasses.replace(options, register_tables=True))
+    assert torch.equal(got, want)
+    expected = codes_attention(query, keys, values, scaling=0.2, causal=True, backend="torch")
+    assert float((got - expected).norm() / expected.norm()) < 3e-3  # float16 operands, float32 sums

@@ -20,7 +20,8 @@ from tqindex.codec import TurboQuantCodec
 from tqindex.kernels import Chunk, QueryChunk, scan_groups_topk, scan_topk
 from tqindex.kernels.gemm import GemmScanner
 from tqindex.kernels.scan import search_resident
-from tqindex.kernels.triton_int8 import dp4a, level_scale, prmt, query_order
+from tqindex.kernels.triton_int8 import dp4a, level_scale, query_order
+from tqindex.kernels.triton_unpack import prmt
 from tqindex.kernels.triton_scan import MMA, ScanConfig, TritonScanner
 
 pytestmark = pytest.mark.triton

@@ -21,6 +21,7 @@ from tqindex.kernels import Chunk, get_scanner, scan_topk
 from tqindex.kernels.gemm import GemmScanner
 from tqindex.kernels.scan import search_resident
 from tqindex.kernels.triton_scan import FMA, MMA, ScanConfig, TritonScanner, exact_topk
+from tqindex.kernels.triton_unpack import register_width
 
 pytestmark = pytest.mark.triton
 
@@ -211,16 +212,20 @@ def test_dispatch_picks_the_kernel_form_by_batch_size():
 
 _COMPILE = """
 import re, sys
+import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from tqindex.codec import TurboQuantCodec
 from tqindex.kernels.triton_int8 import lookup_asm, table_constants
 from tqindex.kernels.triton_scan import FMA, INT8_MMA, MMA, _scan_kernel
-from tqindex.kernels.triton_unpack import unpack_constants
+from tqindex.kernels.triton_unpack import half_asm, half_tables, unpack_constants
 
-# several index fields and signs; the FMA form; the int8 form at 4 and 2 bits, on CUDA and tensor cores
-for bits, variant, config, int8 in [(3.5, "prod", MMA, 0), (2, "mse", FMA, 0), (4, "mse", FMA, 4), (2, "mse", FMA, 2), (2, "mse", INT8_MMA, 2)]:
+# several index fields and signs; the FMA form; the int8 form at 4 and 2 bits, on CUDA and tensor cores;
+# float16 register look-ups on tensor cores
+cases = [(3.5, "prod", MMA, 0, False), (2, "mse", FMA, 0, False), (4, "mse", FMA, 4, False), (2, "mse", FMA, 2, False),
+         (2, "mse", INT8_MMA, 2, False), (4, "mse", MMA, 0, True)]
+for bits, variant, config, int8, half in cases:
     codec = TurboQuantCodec(768, bits, variant=variant)
     constants = unpack_constants(codec)
     signature = {
@@ -233,6 +238,8 @@ for bits, variant, config, int8 in [(3.5, "prod", MMA, 0), (2, "mse", FMA, 0), (
     constants.update(HAS_VALID=True, HAS_BIAS=True, MMA=config.mma, BLOCK_M=block_m, BLOCK_N=config.block_rows(block_m), BLOCK_D=config.block_d, PRECISION="tf32")
     constants["GATHER_ASM"] = constants.pop("GATHER_ASM")
     constants.update(INT8_WIDTH=int8, INT8_ASM=lookup_asm(codec) if int8 else "", INT8_TABLES=table_constants(codec) if int8 else ())
+    tables = half_tables(codec, torch.float16) if half else ()
+    constants.update(HALF=tables, HALF_ASM=half_asm(tables, bits) if half else "", HALF_WIDTH=bits if half else 0)
     assert constants["GATHER_ASM"], "compiled kernels gather by inline PTX"
     signature.update({name: "constexpr" for name in constants})
     names = list(signature)
@@ -243,10 +250,11 @@ for bits, variant, config, int8 in [(3.5, "prod", MMA, 0), (2, "mse", FMA, 0), (
     assert kernel.asm["cubin"], "no cubin"
     assert ("mma" in ptx) == config.mma, "tensor-core instructions where none were asked for, or none where they were"
     assert re.search(r"ld\\.global(\\.[a-z]+)*\\.v[24]\\.b32|ld\\.global(\\.[a-z]+)*\\.b32", ptx), "no wide loads of code bytes"
+    if int8 or half:
+        assert "prmt.b32" in ptx and "ld.global.nc.f32" not in ptx, "the int8 form and the register tables look levels up in registers"
     if int8:
-        assert "prmt.b32" in ptx and "ld.global.nc.f32" not in ptx, "the int8 form looks levels up in registers"
         assert ("dp4a.s32.s32" in ptx) != config.mma, "DP4A on CUDA cores, int8 MMA on tensor cores"
-    else:
+    elif not half:
         assert "ld.global.nc.f32" in ptx, "codebooks of 4+ levels gather by inline PTX loads"
 
 from tqindex.kernels.triton_encode import TILES, _quantize_kernel
@@ -356,3 +364,27 @@ def test_search_graphs_return_what_the_eager_resident_search_returns():
             index.remove_ids(np.arange(step, 300, 7))
     assert not copy.deepcopy(index._graphs)._graphs and not pickle.loads(pickle.dumps(index._graphs))._graphs
     assert isinstance(copy.deepcopy(index)._graphs, SearchGraphs)
+
+
+_BF16_ON_GPU = pytest.mark.skipif(DEVICE.type != "cuda", reason="the interpreter rounds float32 to bfloat16 toward zero; GPUs and torch to nearest")
+
+
+@pytest.mark.parametrize("bits, variant, dim, dtype", [
+    (4, "mse", 96, torch.float16), (2, "mse", 80, torch.float16), (3, "prod", 64, torch.float16),
+    pytest.param(2, "mse", 80, torch.bfloat16, marks=_BF16_ON_GPU),
+])  # fmt: skip
+def test_register_tables_give_the_tensor_cores_the_same_operands(bits, variant, dim, dtype):
+    """`TritonScanner(..., register_tables=True)`: 4- and 2-bit levels (2-bit prod indices beside their
+    signs) looked up by byte permutes are the gathered levels rounded to the queries' type, so the
+    candidates are the same, scores bit for bit; dims past the last 64-coordinate step included."""
+    codec, packed, factors, queries = encoded(bits, variant, dim, 150, m=5, seed=4)
+    config = ScanConfig(mma=True, max_block_m=16, block_n=16, block_d=64, num_warps=4)
+    gathers = TritonScanner(codec, config, dtype)
+    tables = TritonScanner(codec, config, dtype, register_tables=True)
+    assert tables._half["HALF_WIDTH"] == register_width(codec) > 0
+    prepared = gathers.prepare(queries)
+    want = gathers.candidates(prepared, packed, factors, None, 12)
+    got = tables.candidates(prepared, packed, factors, None, 12)
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+    assert TritonScanner(codec, SMALL_FMA, dtype, register_tables=True)._half["HALF_WIDTH"] == 0  # CUDA cores: float32 levels, gathered

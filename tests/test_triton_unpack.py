@@ -15,7 +15,16 @@ import triton.language as tl
 
 from triton_device import DEVICE
 from tqindex.codec import TurboQuantCodec
-from tqindex.kernels.triton_unpack import levels_table, unpack_constants, unpack_levels, unpack_signs
+from tqindex.kernels.triton_unpack import (
+    half_asm,
+    half_tables,
+    levels_table,
+    register_width,
+    unpack_constants,
+    unpack_half_levels,
+    unpack_levels,
+    unpack_signs,
+)
 
 pytestmark = pytest.mark.triton
 
@@ -100,3 +109,47 @@ def test_every_index_value_is_looked_up(select):
         packed = layout.pack(indices.to(torch.uint8)).to(DEVICE)
         levels, _ = unpacked(codec, packed, 16, select)
         assert torch.equal(levels.cpu(), codec.dequantize(packed.cpu()))
+
+
+@triton.jit
+def _half_kernel(
+    packed_ptr, out_ptr, n_rows, stride_p,
+    TABLES: tl.constexpr, ASM: tl.constexpr, WIDTH: tl.constexpr, DIM: tl.constexpr, BLOCK_D: tl.constexpr, OUT_D: tl.constexpr,
+    DTYPE: tl.constexpr,
+):  # fmt: skip
+    rows = tl.program_id(0) * 8 + tl.arange(0, 8)[:, None]
+    row_mask = rows < n_rows
+    for d0 in range(0, OUT_D, BLOCK_D):
+        levels = unpack_half_levels(packed_ptr + rows * stride_p, row_mask, d0, TABLES, ASM, WIDTH, DIM, BLOCK_D, DTYPE)
+        tl.store(out_ptr + rows * OUT_D + d0 + tl.arange(0, BLOCK_D)[None, :], levels, mask=row_mask)
+
+
+@pytest.mark.parametrize("bits, dim, block_d, dtype", [(4, 64, 32, torch.float16), (4, 40, 32, torch.bfloat16), (2, 80, 64, torch.float16), (2, 48, 16, torch.bfloat16)])
+def test_register_lookups_give_the_levels_in_16_bits(bits, dim, block_d, dtype):
+    """`unpack_half_levels` (byte permutes, no gather) equals the float32 levels rounded to float16 or
+    bfloat16 for every index value at every position, blocks past the dim included (0 there)."""
+    codec = TurboQuantCodec(dim, bits)
+    width = register_width(codec)
+    assert width == bits
+    levels = 1 << bits
+    indices = ((torch.arange(2 * levels)[:, None] * 7 + torch.arange(dim)[None, :] * 3) % levels).to(torch.uint8)
+    packed = codec.layout.pack(indices).to(DEVICE)
+    out_d = triton.cdiv(dim, block_d) * block_d
+    out = torch.full((packed.shape[0], out_d), float("nan"), dtype=dtype, device=DEVICE)
+    tables = half_tables(codec, dtype)
+    _half_kernel[(triton.cdiv(packed.shape[0], 8),)](
+        packed, out, packed.shape[0], packed.stride(0), TABLES=tables, ASM=half_asm(tables, width), WIDTH=width, DIM=dim,
+        BLOCK_D=block_d, OUT_D=out_d, DTYPE=tl.float16 if dtype == torch.float16 else tl.bfloat16,
+    )  # fmt: skip
+    assert torch.equal(out[:, :dim].cpu(), codec.levels.to(dtype)[indices.long()])
+    assert (out[:, dim:] == 0).all()
+
+
+def test_register_lookups_take_whole_words_of_one_field_only():
+    """2 and 4 bits over every coordinate on 32-bit words; not 3 bits (two fields), fractional
+    budgets (two codebooks), prod (a sign field after the indices is fine: it starts on a word), rows
+    of a partial word, or 1 and 8 bits."""
+    assert [register_width(TurboQuantCodec(64, bits)) for bits in (1, 2, 3, 4, 8, 2.5)] == [0, 2, 0, 4, 0, 0]
+    assert register_width(TurboQuantCodec(64, 3, variant="prod")) == 2
+    assert register_width(TurboQuantCodec(44, 4)) == 0  # 22 bytes a row
+    assert half_tables(TurboQuantCodec(64, 4), torch.float32) == ()

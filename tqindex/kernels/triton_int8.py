@@ -48,7 +48,8 @@ import triton
 import triton.language as tl
 
 from tqindex.codec import TurboQuantCodec
-from tqindex.kernels.triton_unpack import COMPILED
+from tqindex.kernels import triton_unpack
+from tqindex.kernels.triton_unpack import PTX, byte_lookup
 
 #: the largest int8 magnitude used: levels and queries are symmetric, round(x / s) in -127..127
 _INT8_MAX = 127
@@ -105,20 +106,8 @@ def table_constants(codec: TurboQuantCodec) -> tuple[int, int, int, int]:
 
 def lookup_asm(codec: TurboQuantCodec) -> str:
     """PTX of `level_words` for ``codec``: one 32-bit word of codes (``$`` last) -> ``8 / width``
-    words of int8 levels (``$0`` ...), the table words as immediates."""
-    width = check_layout(codec)
-    t = [f"0x{word & 0xFFFFFFFF:08x}" for word in table_constants(codec)]
-    if width == 4:
-        return (
-            "{ .reg .b32 s, b, l, h; and.b32 s, $2, 0x77777777; shr.u32 b, $2, 1; and.b32 b, b, 0x44444444; "
-            f"or.b32 b, b, 0x32103210; prmt.b32 l, {t[0]}, {t[1]}, s; prmt.b32 h, {t[2]}, {t[3]}, s; prmt.b32 $0, l, h, b; "
-            f"shr.u32 s, s, 16; shr.u32 b, b, 16; prmt.b32 l, {t[0]}, {t[1]}, s; prmt.b32 h, {t[2]}, {t[3]}, s; prmt.b32 $1, l, h, b; }}"
-        )
-    return (
-        "{ .reg .b32 e, o; and.b32 e, $4, 0x33333333; shr.u32 o, $4, 2; and.b32 o, o, 0x33333333; "
-        f"prmt.b32 $0, {t[0]}, 0, e; shr.u32 e, e, 16; prmt.b32 $1, {t[0]}, 0, e; "
-        f"prmt.b32 $2, {t[0]}, 0, o; shr.u32 o, o, 16; prmt.b32 $3, {t[0]}, 0, o; }}"
-    )
+    words of int8 levels (``$0`` ...), the table words as immediates (`triton_unpack.lookup_asm`)."""
+    return triton_unpack.lookup_asm(table_constants(codec), check_layout(codec))
 
 
 def query_order(dim: int, width: int) -> torch.Tensor:
@@ -185,28 +174,6 @@ class Int8Plan:
         return bound + (self.dim + _FLOAT_SLACK_OPS) * 2.0**-24 * magnitude + 1e-30
 
 
-#: inline PTX runs wherever the kernels are compiled (not under TRITON_INTERPRET=1)
-PTX = tl.constexpr(COMPILED)
-
-
-@triton.jit
-def prmt(a, b, sel):
-    """PTX ``prmt.b32`` (default mode) on int32 tensors: byte ``n`` of the result is byte
-    ``sel[4n : 4n + 3]`` of the eight bytes ``b:a`` (``a`` bytes 0-3). Selector nibbles must be below 8.
-
-    `level_words` runs it in the interpreter, emulating ``lookup_asm``; compiled it is the PTX
-    instruction itself, which tests hold to the same definition as the emulation on a GPU."""
-    if PTX:
-        return tl.inline_asm_elementwise("prmt.b32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, sel], dtype=tl.int32, is_pure=True, pack=1)
-    else:
-        out = tl.zeros_like(sel)
-        for n in tl.static_range(4):
-            pick = (sel >> (4 * n)) & 7
-            byte = (tl.where(pick < 4, a, b) >> ((pick & 3) * 8)) & 0xFF
-            out |= byte << (8 * n)
-        return out
-
-
 @triton.jit
 def dp4a(a, b, c):
     """PTX ``dp4a.s32.s32`` on int32 tensors: ``c`` plus the products of the four signed bytes of ``a`` and of ``b``."""
@@ -231,18 +198,7 @@ def level_words(words, ASM: tl.constexpr, TABLES: tl.constexpr, WIDTH: tl.conste
         else:
             return tl.inline_asm_elementwise(ASM, "=r,=r,=r,=r,r", [words], dtype=(tl.int32,) * 4, is_pure=True, pack=1)
     else:
-        zeros = tl.zeros_like(words)
-        t0 = zeros + TABLES[0]
-        if WIDTH == 4:
-            t1, t2, t3 = zeros + TABLES[1], zeros + TABLES[2], zeros + TABLES[3]
-            sel = words & 0x77777777
-            blend = ((words >> 1) & 0x44444444) | 0x32103210  # byte n from lo (0-3) or hi (4-7) by bit 3 of index n
-            low = prmt(prmt(t0, t1, sel), prmt(t2, t3, sel), blend)
-            return low, prmt(prmt(t0, t1, sel >> 16), prmt(t2, t3, sel >> 16), blend >> 16)
-        else:
-            even = words & 0x33333333
-            odd = (words >> 2) & 0x33333333
-            return prmt(t0, t0, even), prmt(t0, t0, even >> 16), prmt(t0, t0, odd), prmt(t0, t0, odd >> 16)
+        return byte_lookup(words, TABLES, 0, WIDTH)
 
 
 @triton.jit

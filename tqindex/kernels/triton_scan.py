@@ -42,7 +42,16 @@ from tqindex.kernels.fastscan import DEFAULT_Z
 from tqindex.kernels.scan import below_bounds, candidate_count, exact_topk, padded, rescore_resident
 from tqindex.kernels import triton_int8
 from tqindex.kernels.triton_int8 import int8_dot, int8_levels
-from tqindex.kernels.triton_unpack import levels_table, unpack_constants, unpack_levels, unpack_signs
+from tqindex.kernels.triton_unpack import (
+    half_asm,
+    half_tables,
+    levels_table,
+    register_width,
+    unpack_constants,
+    unpack_half_levels,
+    unpack_levels,
+    unpack_signs,
+)
 
 _INTERPRETER_PROGRAMS = 4
 _MAX_GRID_Y = 65535
@@ -161,9 +170,12 @@ def _tile_scores(
     DIM: tl.constexpr, HAS_VALID: tl.constexpr, HAS_BIAS: tl.constexpr, MMA: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, GATHER_ASM: tl.constexpr,
     INT8_WIDTH: tl.constexpr, INT8_ASM: tl.constexpr, INT8_TABLES: tl.constexpr,
+    HALF: tl.constexpr, HALF_ASM: tl.constexpr, HALF_WIDTH: tl.constexpr,
 ):  # fmt: skip
     """Scores of rows ``(BLOCK_N,)`` against the query tile: float32 ``[BLOCK_N, BLOCK_M]``, -inf
-    where excluded; in the int8 form (``INT8_WIDTH`` 2 or 4), each row's upper bound."""
+    where excluded; in the int8 form (``INT8_WIDTH`` 2 or 4), each row's upper bound. On tensor
+    cores with ``HALF_WIDTH`` (2 or 4), the levels in the queries' 16-bit type are looked up in
+    registers (`triton_unpack.unpack_half_levels`), the values ``levels.to(q.dtype)`` has."""
     row_ok = rows < n_rows
     row_mask = row_ok[:, None]
     row_ptrs = packed_ptr + rows.to(tl.int64)[:, None] * stride_p
@@ -182,7 +194,10 @@ def _tile_scores(
             cols = d0 + tl.arange(0, BLOCK_D)[:, None]
             q_mask = q_ok[None, :] & (cols < DIM)
             q = tl.load(q_ptrs + cols, mask=q_mask, other=0.0)
-            levels = unpack_levels(row_ptrs, row_mask, d0, levels_ptr, FIELDS, LEVELS, N_LO, EXTRA, DIM, BLOCK_D, GATHER_ASM)
+            if HALF_WIDTH > 0:
+                levels = unpack_half_levels(row_ptrs, row_mask, d0, HALF, HALF_ASM, HALF_WIDTH, DIM, BLOCK_D, q.dtype)
+            else:
+                levels = unpack_levels(row_ptrs, row_mask, d0, levels_ptr, FIELDS, LEVELS, N_LO, EXTRA, DIM, BLOCK_D, GATHER_ASM)
             acc = tl.dot(levels.to(q.dtype), q, acc, input_precision=PRECISION)
             if SIGN_OFFSET >= 0:
                 signs = unpack_signs(row_ptrs, row_mask, d0, SIGN_OFFSET, DIM, BLOCK_D)
@@ -229,6 +244,7 @@ def _scan_kernel(
     DIM: tl.constexpr, HAS_VALID: tl.constexpr, HAS_BIAS: tl.constexpr, MMA: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, GATHER_ASM: tl.constexpr,
     INT8_WIDTH: tl.constexpr, INT8_ASM: tl.constexpr, INT8_TABLES: tl.constexpr,
+    HALF: tl.constexpr, HALF_ASM: tl.constexpr, HALF_WIDTH: tl.constexpr,
 ):  # fmt: skip
     """Per query of the tile and bucket of the row group: the two best (score, row), unordered, in
     ``out[q, group, slot * BLOCK_N + lane]``; and the best score any bucket dropped, ``out_dropped[q, group]``."""
@@ -249,7 +265,7 @@ def _scan_kernel(
             queries_ptr, packed_ptr, factors_ptr, valid_ptr, bias_ptr, levels_ptr, terms_ptr,
             rows, q_rows, q_ok, n_rows, n_queries, stride_q, stride_p, stride_f,
             FIELDS, LEVELS, N_LO, EXTRA, SIGN_OFFSET, DIM, HAS_VALID, HAS_BIAS, MMA, BLOCK_M, BLOCK_N, BLOCK_D, PRECISION, GATHER_ASM,
-            INT8_WIDTH, INT8_ASM, INT8_TABLES,
+            INT8_WIDTH, INT8_ASM, INT8_TABLES, HALF, HALF_ASM, HALF_WIDTH,
         )  # fmt: skip
         row = rows[:, None] + tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.int32)
         above1 = scores > best1
@@ -302,6 +318,10 @@ class TritonScanner:
         gather_asm: gathers as inline PTX loads (None: wherever compiled); see ``unpack_constants``.
         z: the int8 form's margin in standard deviations of its rounding error (<= 0: the worst
             case, and the results are provably the codec's own top-k); as the CPU fast-scan's.
+        register_tables: on tensor cores with float16 or bfloat16 queries, look 2- and 4-bit levels
+            (one field over whole 32-bit words, ``triton_unpack.register_width``) up in registers by
+            byte permutes instead of gathering them: the same operands, so the same results; other
+            layouts and forms gather. Not yet timed on a GPU (``bench_gpu.py``'s sweep times it).
     """
 
     def __init__(
@@ -314,6 +334,7 @@ class TritonScanner:
         select: bool = True,
         gather_asm: bool | None = None,
         z: float = DEFAULT_Z,
+        register_tables: bool = False,
     ):
         if dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.int8):
             raise ValueError(f"dtype must be float16, bfloat16, float32 or int8, got {dtype}")
@@ -329,6 +350,9 @@ class TritonScanner:
                              f"(32 code bytes a step, int8 tl.dot's least K), got {config.block_d}")  # fmt: skip
         asm, tables = ("", ()) if self.int8 is None else (self.int8.asm, self.int8.tables)
         self._int8 = {"INT8_WIDTH": width, "INT8_ASM": asm, "INT8_TABLES": tables}
+        half = half_tables(codec, dtype) if register_tables and config.mma else ()
+        half_width = register_width(codec) if half else 0
+        self._half = {"HALF": half, "HALF_ASM": half_asm(half, half_width) if half else "", "HALF_WIDTH": half_width}
         self.codec, self.config, self.dtype, self.tiles_per_program, self.z = codec, config, dtype, tiles_per_program, z
         self._constants = unpack_constants(codec, select, gather_asm)
         del self._constants["SIGN_OFFSET"], self._constants["DIM"]  # passed by name below
@@ -430,6 +454,7 @@ class TritonScanner:
             HAS_BIAS=bias is not None, MMA=config.mma,
             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=config.block_d,
             PRECISION="ieee" if self.dtype == torch.float32 else "tf32", **self._int8,
+            **(self._half if packed.data_ptr() % 4 == 0 else {**self._half, "HALF_WIDTH": 0}),  # look-ups load 32-bit words
             num_warps=config.num_warps, num_stages=config.num_stages,
         )  # fmt: skip
         kept = min(count, groups * slots)

@@ -9,6 +9,10 @@ The one unpacking routine of every Triton kernel here (the index scan, the KV at
   the QJL signs as +-1 (0 past ``DIM``).
 * ``unpack_indices(row_ptrs, row_mask, d0, FIELDS, DIM, BLOCK_D)`` -> int32 ``[R, BLOCK_D]`` code indices.
 
+* ``unpack_half_levels(row_ptrs, row_mask, d0, TABLES, ASM, WIDTH, DIM, BLOCK_D, DTYPE)`` -> float16
+  or bfloat16 ``[R, BLOCK_D]``: the levels rounded to ``DTYPE``, looked up in registers (below), for
+  products on tensor cores, which round the float32 levels to that type anyway.
+
 ``row_ptrs`` is a ``[R, 1]`` tensor of ``uint8`` pointers to the first byte of each packed row,
 ``row_mask`` ``[R, 1]`` bool (masked rows read as index 0: callers mask their scores), ``d0`` a
 multiple of ``BLOCK_D`` below ``DIM`` (``BLOCK_D`` a power of two >= 8, so every field's bytes
@@ -30,6 +34,15 @@ layout, where a ``tl.load`` of a gathered pointer tensor gets a layout of its ow
 crosses shared memory to reach it. Measured on an H200 (benchmarks/bench_gpu.py, 10M x 768, one
 query): 4 bits 2.8 ms with the PTX gather, 7.7 with ``tl.load``; 2 bits 2.75 ms gathering vs 3.57
 with a 3-select tree, so select trees stop at 2 levels.
+
+Look-ups in registers, without a gather (codes of 2 or 4 bits in one field over whole 32-bit words:
+`half_tables`): PTX ``prmt`` picks bytes from a table held as 32-bit immediates, four levels of a
+word of codes at a time (the look-up of llama.cpp's IQ4_NL kernels). At 4 bits two ``prmt`` pick
+each index's byte by its low 3 bits from the table words of levels 0-7 and of 8-15, and a third
+chooses between them by bit 3; at 2 bits one ``prmt`` looks up four indices. The int8 scan
+(`triton_int8`) looks up int8 levels so; `unpack_half_levels` looks up the low and the high bytes
+of 16-bit levels and interleaves them (two more ``prmt`` per four levels). The interpreter runs
+the same steps with ``prmt`` emulated (`prmt`, `byte_lookup`).
 """
 
 from __future__ import annotations
@@ -172,3 +185,184 @@ def unpack_signs(row_ptrs, row_mask, d0, SIGN_OFFSET: tl.constexpr, DIM: tl.cons
     if DIM % BLOCK_D != 0:
         signs = tl.where(d0 + tl.arange(0, BLOCK_D)[None, :] < DIM, signs, 0.0)
     return signs
+
+
+# ---- look-ups in registers ------------------------------------------------------------------
+
+#: code widths whose indices tile a 32-bit word and whose levels fit a byte look-up (16 entries)
+REGISTER_WIDTHS = (2, 4)
+_SELECTOR_REGISTERS = {4: ".reg .b32 s, b, s2, b2, l, h;", 2: ".reg .b32 e, o, e2, o2;"}
+_HALF_PAIRS = (0x5140, 0x7362)  # prmt selectors: bytes (lo 0, hi 0, lo 1, hi 1) and (lo 2, hi 2, lo 3, hi 3)
+
+
+def register_width(codec: TurboQuantCodec) -> int:
+    """The code width (2 or 4) of a layout whose levels can be looked up in registers, else 0: one
+    index field over every coordinate, on 32-bit words (its offset and the row's bytes multiples of 4)."""
+    layout = codec.layout
+    fields = layout.index_fields
+    if len(fields) != 1 or fields[0].width not in REGISTER_WIDTHS or fields[0].stop != layout.dim or layout.extra_coords:
+        return 0
+    if fields[0].offset % 4 or layout.code_bytes % 4 or layout.dim % (32 // fields[0].width):
+        return 0
+    return fields[0].width
+
+
+def selectors_ptx(width: int, word: str) -> str:
+    """PTX: the ``prmt`` selectors of one word of codes (register ``word``) for `lookup_ptx`."""
+    if width == 4:  # s: each index's low 3 bits; b: byte n from the low (0-3) or high (4-7) table half by its bit 3
+        return (
+            f"and.b32 s, {word}, 0x77777777; shr.u32 b, {word}, 1; and.b32 b, b, 0x44444444; or.b32 b, b, 0x32103210; "
+            "shr.u32 s2, s, 16; shr.u32 b2, b, 16; "
+        )
+    return f"and.b32 e, {word}, 0x33333333; shr.u32 o, {word}, 2; and.b32 o, o, 0x33333333; shr.u32 e2, e, 16; shr.u32 o2, o, 16; "
+
+
+def lookup_ptx(table: tuple[int, ...], width: int, outputs: tuple[str, ...]) -> str:
+    """PTX: bytes of ``table`` (four 32-bit words, byte ``i`` of word ``w`` for index ``4 w + i``) for
+    the indices `selectors_ptx` prepared, into ``outputs``: 4 bits, two words (coordinates 0-3, 4-7);
+    2 bits, four (coordinates 0 2 4 6, 8 10 12 14, 1 3 5 7, 9 11 13 15)."""
+    t = [f"0x{word & 0xFFFFFFFF:08x}" for word in table]
+    if width == 4:
+        steps = zip(outputs, ("s", "s2"), ("b", "b2"))
+        return "".join(f"prmt.b32 l, {t[0]}, {t[1]}, {s}; prmt.b32 h, {t[2]}, {t[3]}, {s}; prmt.b32 {out}, l, h, {b}; " for out, s, b in steps)
+    return "".join(f"prmt.b32 {out}, {t[0]}, 0, {sel}; " for out, sel in zip(outputs, ("e", "e2", "o", "o2")))
+
+
+def lookup_asm(table: tuple[int, ...], width: int) -> str:
+    """PTX of one word of codes (``$`` last) -> ``8 / width`` words of table bytes (`byte_lookup`'s order)."""
+    parts = 8 // width
+    return "{ " + _SELECTOR_REGISTERS[width] + " " + selectors_ptx(width, f"${parts}") + lookup_ptx(table, width, tuple(f"${i}" for i in range(parts))) + "}"
+
+
+def half_tables(codec: TurboQuantCodec, dtype: torch.dtype) -> tuple[int, ...]:
+    """Byte tables of the levels rounded to ``dtype`` (float16 or bfloat16): four words of their low
+    bytes, then four of their high bytes (byte ``i`` of word ``w``: level ``4 w + i``); ``()`` where
+    `register_width` is 0 or for another dtype."""
+    if not register_width(codec) or dtype not in (torch.float16, torch.bfloat16):
+        return ()
+    bits = torch.zeros(16, dtype=torch.int32)
+    bits[: codec.levels.numel()] = codec.levels.to(dtype).view(torch.int16).to(torch.int32) & 0xFFFF
+    table = torch.cat([bits & 0xFF, bits >> 8]).to(torch.uint8).view(torch.int32)
+    return tuple(int(word) for word in table.tolist())
+
+
+def half_asm(tables: tuple[int, ...], width: int) -> str:
+    """PTX of `half_words`: one word of codes (``$`` last) -> ``16 / width`` words of two 16-bit levels."""
+    parts = 8 // width
+    low, high = tuple(f"L{i}" for i in range(parts)), tuple(f"H{i}" for i in range(parts))
+    pairs = "".join(f"prmt.b32 ${2 * i + j}, {lo}, {hi}, 0x{_HALF_PAIRS[j]:04x}; " for i, (lo, hi) in enumerate(zip(low, high)) for j in range(2))
+    registers = f".reg .b32 {', '.join(low + high)};"
+    body = selectors_ptx(width, f"${2 * parts}") + lookup_ptx(tables[:4], width, low) + lookup_ptx(tables[4:], width, high)
+    return "{ " + _SELECTOR_REGISTERS[width] + " " + registers + " " + body + pairs + "}"
+
+
+#: inline PTX runs wherever the kernels are compiled (not under TRITON_INTERPRET=1)
+PTX = tl.constexpr(COMPILED)
+
+
+@triton.jit
+def prmt(a, b, sel):
+    """PTX ``prmt.b32`` (default mode) on int32 tensors: byte ``n`` of the result is byte
+    ``sel[4n : 4n + 3]`` of the eight bytes ``b:a`` (``a`` bytes 0-3). Selector nibbles must be below 8.
+
+    In the interpreter it emulates the look-ups (`byte_lookup`); compiled it is the PTX instruction
+    itself, which tests hold to the same definition as the emulation on a GPU."""
+    if PTX:
+        return tl.inline_asm_elementwise("prmt.b32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, sel], dtype=tl.int32, is_pure=True, pack=1)
+    else:
+        out = tl.zeros_like(sel)
+        for n in tl.static_range(4):
+            pick = (sel >> (4 * n)) & 7
+            byte = (tl.where(pick < 4, a, b) >> ((pick & 3) * 8)) & 0xFF
+            out |= byte << (8 * n)
+        return out
+
+
+@triton.jit
+def byte_lookup(words, TABLES: tl.constexpr, START: tl.constexpr, WIDTH: tl.constexpr):
+    """`lookup_asm`'s steps with ``prmt`` (the interpreter's form): int32 code words ``[R, W]`` ->
+    ``8 / WIDTH`` int32 tensors ``[R, W]`` of bytes of the table ``TABLES[START : START + 4]``."""
+    zeros = tl.zeros_like(words)
+    t0 = zeros + TABLES[START]
+    if WIDTH == 4:
+        t1, t2, t3 = zeros + TABLES[START + 1], zeros + TABLES[START + 2], zeros + TABLES[START + 3]
+        sel = words & 0x77777777
+        blend = ((words >> 1) & 0x44444444) | 0x32103210  # byte n from the low (0-3) or high (4-7) half by bit 3 of index n
+        low = prmt(prmt(t0, t1, sel), prmt(t2, t3, sel), blend)
+        return low, prmt(prmt(t0, t1, sel >> 16), prmt(t2, t3, sel >> 16), blend >> 16)
+    else:
+        even = words & 0x33333333
+        odd = (words >> 2) & 0x33333333
+        return prmt(t0, t0, even), prmt(t0, t0, even >> 16), prmt(t0, t0, odd), prmt(t0, t0, odd >> 16)
+
+
+@triton.jit
+def half_words(words, TABLES: tl.constexpr, ASM: tl.constexpr, WIDTH: tl.constexpr):
+    """int32 code words ``[R, W]`` -> ``16 / WIDTH`` int32 tensors ``[R, W]`` of two 16-bit levels each
+    (`half_tables`): 4 bits, coordinates (0, 1), (2, 3), (4, 5), (6, 7); 2 bits, (0, 2), (4, 6),
+    (8, 10), (12, 14), (1, 3), (5, 7), (9, 11), (13, 15). Compiled: ``ASM`` (`half_asm`)."""
+    if PTX:
+        if WIDTH == 4:
+            return tl.inline_asm_elementwise(ASM, "=r,=r,=r,=r,r", [words], dtype=(tl.int32,) * 4, is_pure=True, pack=1)
+        else:
+            return tl.inline_asm_elementwise(ASM, "=r,=r,=r,=r,=r,=r,=r,=r,r", [words], dtype=(tl.int32,) * 8, is_pure=True, pack=1)
+    else:
+        low = byte_lookup(words, TABLES, 0, WIDTH)
+        high = byte_lookup(words, TABLES, 4, WIDTH)
+        first = tl.zeros_like(words) + 0x5140
+        second = tl.zeros_like(words) + 0x7362
+        if WIDTH == 4:
+            return prmt(low[0], high[0], first), prmt(low[0], high[0], second), prmt(low[1], high[1], first), prmt(low[1], high[1], second)
+        else:
+            return (
+                prmt(low[0], high[0], first), prmt(low[0], high[0], second), prmt(low[1], high[1], first), prmt(low[1], high[1], second),
+                prmt(low[2], high[2], first), prmt(low[2], high[2], second), prmt(low[3], high[3], first), prmt(low[3], high[3], second),
+            )  # fmt: skip
+
+
+@triton.jit
+def _halves(pair, DTYPE: tl.constexpr):
+    """A word of two 16-bit levels -> the first and the second as ``DTYPE``."""
+    return pair.to(tl.int16).to(DTYPE, bitcast=True), (pair >> 16).to(tl.int16).to(DTYPE, bitcast=True)
+
+
+@triton.jit
+def unpack_half_levels(
+    row_ptrs, row_mask, d0,
+    TABLES: tl.constexpr, ASM: tl.constexpr, WIDTH: tl.constexpr, DIM: tl.constexpr, BLOCK_D: tl.constexpr, DTYPE: tl.constexpr,
+):  # fmt: skip
+    """Levels rounded to ``DTYPE`` of coordinates ``d0 + [0, BLOCK_D)`` of each row, looked up in
+    registers: ``DTYPE`` ``[R, BLOCK_D]``, 0 past ``DIM``. The layout's one field starts at byte 0
+    (`register_width`); ``row_ptrs`` are 4-byte aligned."""
+    WORDS: tl.constexpr = BLOCK_D * WIDTH // 32
+    ROW_WORDS: tl.constexpr = DIM * WIDTH // 32
+    at = (d0 // BLOCK_D) * WORDS + tl.arange(0, WORDS)  # written so its alignment is known
+    ptrs = (row_ptrs + 4 * at[None, :]).to(tl.pointer_type(tl.int32))
+    if ROW_WORDS % WORDS == 0:
+        words = tl.load(ptrs, mask=row_mask, other=0)
+    else:
+        words = tl.load(ptrs, mask=row_mask & (at < ROW_WORDS)[None, :], other=0)
+    R: tl.constexpr = words.shape[0]
+    pairs = half_words(words, TABLES, ASM, WIDTH)
+    if ROW_WORDS % WORDS != 0:  # levels past DIM (whole words: register_width) are 0, set as bits: +0.0 in both types
+        inside = (at < ROW_WORDS)[None, :]
+        pairs = tuple(tl.where(inside, pair, 0) for pair in pairs)
+    # coordinate n of a word sits at join depth (bit 0 outermost): the join trees put n = 0 .. 32 / WIDTH - 1 in order
+    if WIDTH == 4:
+        c0, c1 = _halves(pairs[0], DTYPE)
+        c2, c3 = _halves(pairs[1], DTYPE)
+        c4, c5 = _halves(pairs[2], DTYPE)
+        c6, c7 = _halves(pairs[3], DTYPE)
+        levels = tl.join(tl.join(tl.join(c0, c4), tl.join(c2, c6)), tl.join(tl.join(c1, c5), tl.join(c3, c7)))
+    else:
+        c0, c2 = _halves(pairs[0], DTYPE)
+        c4, c6 = _halves(pairs[1], DTYPE)
+        c8, c10 = _halves(pairs[2], DTYPE)
+        c12, c14 = _halves(pairs[3], DTYPE)
+        c1, c3 = _halves(pairs[4], DTYPE)
+        c5, c7 = _halves(pairs[5], DTYPE)
+        c9, c11 = _halves(pairs[6], DTYPE)
+        c13, c15 = _halves(pairs[7], DTYPE)
+        even = tl.join(tl.join(tl.join(c0, c8), tl.join(c4, c12)), tl.join(tl.join(c2, c10), tl.join(c6, c14)))
+        levels = tl.join(even, tl.join(tl.join(tl.join(c1, c9), tl.join(c5, c13)), tl.join(tl.join(c3, c11), tl.join(c7, c15))))
+    return tl.reshape(levels, (R, BLOCK_D))

@@ -7,7 +7,8 @@ the query positions: ``M = g * L``) and ``Tc`` encoded tokens, then ``Tw`` dense
    ``SPLIT_BLOCKS * BLOCK_T`` tokens. Per block of ``BLOCK_T`` tokens it loads the packed key and
    value rows once for all ``BLOCK_M`` rows (the GQA group shares each code read), unpacks them in
    registers with the shared helper `tqindex.kernels.triton_unpack` (whole byte tiles, shift, mask
-   and interleave per bit field, levels by select tree or an L1 gather), decodes one-byte log
+   and interleave per bit field, levels by select tree or an L1 gather; on tensor cores, with
+   ``KernelOptions(register_tables=True)``, 2- and 4-bit levels by byte permutes), decodes one-byte log
    factors in place, and keeps an online softmax: running max, sum of exponentials and the value
    sum in rotated space (DESIGN.md section 5: rotated back once, after the merge). It writes one
    partial per split.
@@ -39,7 +40,17 @@ import triton
 import triton.language as tl
 
 from tqindex.codec import Codes, TurboQuantCodec
-from tqindex.kernels.triton_unpack import levels_table, resolve_gather_asm, unpack_constants, unpack_levels, unpack_signs
+from tqindex.kernels.triton_unpack import (
+    half_asm,
+    half_tables,
+    levels_table,
+    register_width,
+    resolve_gather_asm,
+    unpack_constants,
+    unpack_half_levels,
+    unpack_levels,
+    unpack_signs,
+)
 from tqindex.kv.compressed import CompressedKV
 from tqindex.kv.factors import STEPS_PER_OCTAVE
 
@@ -69,10 +80,17 @@ def _rows(
     P, row_base, offs_t, tmask, s_t, F, f_base, s_ft, table, low,
     FIELDS: tl.constexpr, LEVELS: tl.constexpr, N_LO: tl.constexpr, EXTRA: tl.constexpr, SIGN_OFFSET: tl.constexpr,
     LOG: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, GATHER_ASM: tl.constexpr,
+    HALF: tl.constexpr, HALF_ASM: tl.constexpr, WIDTH: tl.constexpr,
 ):  # fmt: skip
-    """Tokens ``offs_t``: levels ``(BT, D_PAD)`` and first factor ``(BT,)``; for prod QJL signs (+-1) and second factor."""
+    """Tokens ``offs_t``: levels ``(BT, D_PAD)`` and first factor ``(BT,)``; for prod QJL signs (+-1) and second factor.
+
+    With ``WIDTH`` (2 or 4; 0: gathers) the levels are float16, looked up in registers from the
+    ``HALF`` tables (`triton_unpack.unpack_half_levels`): for tensor cores, which take them so."""
     row_ptrs = P + row_base + offs_t.to(tl.int64)[:, None] * s_t
-    lev = unpack_levels(row_ptrs, tmask[:, None], 0, table, FIELDS, LEVELS, N_LO, EXTRA, D, D_PAD, GATHER_ASM)
+    if WIDTH > 0:
+        lev = unpack_half_levels(row_ptrs, tmask[:, None], 0, HALF, HALF_ASM, WIDTH, D, D_PAD, tl.float16)
+    else:
+        lev = unpack_levels(row_ptrs, tmask[:, None], 0, table, FIELDS, LEVELS, N_LO, EXTRA, D, D_PAD, GATHER_ASM)
     factor_ptrs = F + f_base + offs_t.to(tl.int64) * s_ft
     scale = _factor(factor_ptrs, tmask, LOG, low)
     if SIGN_OFFSET >= 0:
@@ -212,7 +230,9 @@ def _split_slots(
     s_qn, s_qm, s_kpb, s_kph, s_kpt, s_kfb, s_kfh, s_kft, s_vpb, s_vph, s_vpt, s_vfb, s_vfh, s_vft,
     s_mb, s_ml, s_mt, s_an, s_as, s_am, D: tl.constexpr, D_PAD: tl.constexpr,
     K_FIELDS: tl.constexpr, K_LEVELS: tl.constexpr, K_N_LO: tl.constexpr, K_EXTRA: tl.constexpr, K_SIGN_OFFSET: tl.constexpr, K_LOG: tl.constexpr,
+    K_HALF: tl.constexpr, K_HALF_ASM: tl.constexpr, K_WIDTH: tl.constexpr,
     V_FIELDS: tl.constexpr, V_LEVELS: tl.constexpr, V_N_LO: tl.constexpr, V_EXTRA: tl.constexpr, V_SIGN_OFFSET: tl.constexpr, V_LOG: tl.constexpr,
+    V_HALF: tl.constexpr, V_HALF_ASM: tl.constexpr, V_WIDTH: tl.constexpr,
     MASK_MODE: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr, SPLIT_BLOCKS: tl.constexpr,
     GATHER_ASM: tl.constexpr,
 ):  # fmt: skip
@@ -235,11 +255,11 @@ def _split_slots(
         tmask = offs_t < tokens
         keys, k_scale, k_signs, k_qjl = _rows(
             KP, b * s_kpb + h * s_kph, offs_t, tmask, s_kpt, KF, b * s_kfb + h * s_kfh, s_kft, K_TABLE, k_low,
-            K_FIELDS, K_LEVELS, K_N_LO, K_EXTRA, K_SIGN_OFFSET, K_LOG, D, D_PAD, GATHER_ASM,
+            K_FIELDS, K_LEVELS, K_N_LO, K_EXTRA, K_SIGN_OFFSET, K_LOG, D, D_PAD, GATHER_ASM, K_HALF, K_HALF_ASM, 0,
         )  # fmt: skip
         values, v_scale, v_signs, v_qjl = _rows(
             VP, b * s_vpb + h * s_vph, offs_t, tmask, s_vpt, VF, b * s_vfb + h * s_vfh, s_vft, V_TABLE, v_low,
-            V_FIELDS, V_LEVELS, V_N_LO, V_EXTRA, V_SIGN_OFFSET, V_LOG, D, D_PAD, GATHER_ASM,
+            V_FIELDS, V_LEVELS, V_N_LO, V_EXTRA, V_SIGN_OFFSET, V_LOG, D, D_PAD, GATHER_ASM, V_HALF, V_HALF_ASM, 0,
         )  # fmt: skip
         acc0, qjl0, top0, total0 = _slot_row(
             acc0, qjl0, top0, total0, q_row, row0, rows, row0 % q_len, d, keys, k_scale, k_signs, k_qjl, values, v_scale, v_signs,
@@ -280,7 +300,9 @@ def _split_kernel(
     s_mb, s_ml, s_mt, s_an, s_as, s_am,
     D: tl.constexpr, D_PAD: tl.constexpr,
     K_FIELDS: tl.constexpr, K_LEVELS: tl.constexpr, K_N_LO: tl.constexpr, K_EXTRA: tl.constexpr, K_SIGN_OFFSET: tl.constexpr, K_LOG: tl.constexpr,
+    K_HALF: tl.constexpr, K_HALF_ASM: tl.constexpr, K_WIDTH: tl.constexpr,
     V_FIELDS: tl.constexpr, V_LEVELS: tl.constexpr, V_N_LO: tl.constexpr, V_EXTRA: tl.constexpr, V_SIGN_OFFSET: tl.constexpr, V_LOG: tl.constexpr,
+    V_HALF: tl.constexpr, V_HALF_ASM: tl.constexpr, V_WIDTH: tl.constexpr,
     MASK_MODE: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr, SPLIT_BLOCKS: tl.constexpr, DOT: tl.constexpr,
     GATHER_ASM: tl.constexpr, SLOTS: tl.constexpr,
 ):  # fmt: skip
@@ -295,7 +317,8 @@ def _split_kernel(
             k_low, v_low, scaling, tokens, rows, q_len, causal_shift,
             s_qn, s_qm, s_kpb, s_kph, s_kpt, s_kfb, s_kfh, s_kft, s_vpb, s_vph, s_vpt, s_vfb, s_vfh, s_vft,
             s_mb, s_ml, s_mt, s_an, s_as, s_am, D, D_PAD,
-            K_FIELDS, K_LEVELS, K_N_LO, K_EXTRA, K_SIGN_OFFSET, K_LOG, V_FIELDS, V_LEVELS, V_N_LO, V_EXTRA, V_SIGN_OFFSET, V_LOG,
+            K_FIELDS, K_LEVELS, K_N_LO, K_EXTRA, K_SIGN_OFFSET, K_LOG, K_HALF, K_HALF_ASM, K_WIDTH,
+            V_FIELDS, V_LEVELS, V_N_LO, V_EXTRA, V_SIGN_OFFSET, V_LOG, V_HALF, V_HALF_ASM, V_WIDTH,
             MASK_MODE, CAUSAL, BLOCK_M, BLOCK_T, SPLIT_BLOCKS, GATHER_ASM,
         )  # fmt: skip
     else:
@@ -318,7 +341,7 @@ def _split_kernel(
             tmask = offs_t < tokens
             lev, scale, signs, qjl = _rows(
                 KP, b * s_kpb + h * s_kph, offs_t, tmask, s_kpt, KF, b * s_kfb + h * s_kfh, s_kft, K_TABLE, k_low,
-                K_FIELDS, K_LEVELS, K_N_LO, K_EXTRA, K_SIGN_OFFSET, K_LOG, D, D_PAD, GATHER_ASM,
+                K_FIELDS, K_LEVELS, K_N_LO, K_EXTRA, K_SIGN_OFFSET, K_LOG, D, D_PAD, GATHER_ASM, K_HALF, K_HALF_ASM, K_WIDTH,
             )  # fmt: skip
             s = _scores(q, lev, BLOCK_M, DOT) * scale[None, :]
             if K_SIGN_OFFSET >= 0:
@@ -329,7 +352,7 @@ def _split_kernel(
 
             lev, scale, signs, qjl = _rows(
                 VP, b * s_vpb + h * s_vph, offs_t, tmask, s_vpt, VF, b * s_vfb + h * s_vfh, s_vft, V_TABLE, v_low,
-                V_FIELDS, V_LEVELS, V_N_LO, V_EXTRA, V_SIGN_OFFSET, V_LOG, D, D_PAD, GATHER_ASM,
+                V_FIELDS, V_LEVELS, V_N_LO, V_EXTRA, V_SIGN_OFFSET, V_LOG, D, D_PAD, GATHER_ASM, V_HALF, V_HALF_ASM, V_WIDTH,
             )  # fmt: skip
             acc = acc * alpha[:, None] + _scaled_weighted(p, scale, lev, BLOCK_M, DOT)
             if V_SIGN_OFFSET >= 0:
@@ -429,7 +452,10 @@ class KernelOptions:
     codebook gathers as inline PTX loads (None: wherever compiled; `triton_unpack.unpack_constants`).
     slots: on CUDA cores with at most `SLOT_MAX_ROWS` rows, an online softmax per token slot
     (`_split_slots`: no reduction across tokens inside the loop). Checked against the torch path in
-    the interpreter only so far; benchmarks/bench_kv_gpu.py times it on a GPU.
+    the interpreter only so far; benchmarks/bench_kv_gpu.py times it on a GPU. register_tables: on
+    tensor cores, 2- and 4-bit levels (one field over whole 32-bit words) looked up in registers
+    by byte permutes (`triton_unpack.unpack_half_levels`) instead of gathered: the same float16
+    operands; unmeasured on a GPU (the benchmark's variants time it).
     """
 
     programs_per_sm: int = PROGRAMS_PER_SM
@@ -440,6 +466,7 @@ class KernelOptions:
     merge_warps: int = 4
     gather_asm: bool | None = None
     slots: bool = False
+    register_tables: bool = False
 
 
 @dataclass(frozen=True)
@@ -453,6 +480,7 @@ class Plan:
     block_t: int
     split_blocks: int  # token blocks per split (a power of two: few compiled variants as T grows)
     splits: int
+    tables: bool = False  # tensor cores with 2- and 4-bit levels looked up in registers
 
 
 @lru_cache(maxsize=16)
@@ -480,15 +508,20 @@ def plan(pairs: int, rows: int, tokens: int, dim_pad: int, sms: int, options: Ke
     split_blocks = triton.next_power_of_2(triton.cdiv(triton.cdiv(max(tokens, 1), wanted), block_t))
     slots = options.slots and not dot and block_m <= SLOT_MAX_ROWS
     warps = options.num_warps or (DOT_WARPS if dot else SPLIT_WARPS)
-    return Plan(block_m, dot, slots, warps, block_t, split_blocks, triton.cdiv(max(tokens, 1), split_blocks * block_t))
+    splits = triton.cdiv(max(tokens, 1), split_blocks * block_t)
+    return Plan(block_m, dot, slots, warps, block_t, split_blocks, splits, options.register_tables and dot)
 
 
 @lru_cache(maxsize=64)
-def _codes_args(prefix: str, codec: TurboQuantCodec, log_factors: bool) -> dict:
-    """The split kernel's constexpr arguments for keys (``prefix`` "K") or values ("V"), made once per codec."""
+def _codes_args(prefix: str, codec: TurboQuantCodec, log_factors: bool, tables: bool) -> dict:
+    """The split kernel's constexpr arguments for keys (``prefix`` "K") or values ("V"), made once per
+    codec; with ``tables``, the float16 register look-ups where the layout has them (`register_width`)."""
     layout = unpack_constants(codec)
     names = ("FIELDS", "LEVELS", "N_LO", "EXTRA", "SIGN_OFFSET")
-    return {f"{prefix}_{name}": layout[name] for name in names} | {f"{prefix}_LOG": log_factors}
+    width = register_width(codec) if tables else 0
+    half = half_tables(codec, torch.float16) if width else ()
+    registers = {f"{prefix}_HALF": half, f"{prefix}_HALF_ASM": half_asm(half, width) if width else "", f"{prefix}_WIDTH": width}
+    return {f"{prefix}_{name}": layout[name] for name in names} | {f"{prefix}_LOG": log_factors} | registers
 
 
 def _mask_args(mask: torch.Tensor | None, placeholder: torch.Tensor) -> tuple[torch.Tensor, int, tuple[int, int, int]]:
@@ -548,8 +581,8 @@ def triton_codes_attention(
         _low(key), _low(value), scaling, encoded, rows, q_len, heads, causal_shift,
         rotated.stride(0), rotated.stride(1), *kc.packed.stride()[:3], *kc.factors.stride()[:3],
         *vc.packed.stride()[:3], *vc.factors.stride()[:3], *mask_strides, *partial_acc.stride()[:3],
-        D=dim, D_PAD=d_pad, **_codes_args("K", key_codec, key.log_factors is not None),
-        **_codes_args("V", value_codec, value.log_factors is not None),
+        D=dim, D_PAD=d_pad, **_codes_args("K", key_codec, key.log_factors is not None, launch.tables and _word_aligned(kc.packed)),
+        **_codes_args("V", value_codec, value.log_factors is not None, launch.tables and _word_aligned(vc.packed)),
         MASK_MODE=mask_mode, CAUSAL=causal, BLOCK_M=launch.block_m, BLOCK_T=launch.block_t,
         SPLIT_BLOCKS=launch.split_blocks, DOT=launch.dot, SLOTS=launch.slots, num_warps=launch.num_warps,
         GATHER_ASM=resolve_gather_asm(options.gather_asm),
@@ -583,6 +616,11 @@ def triton_codes_attention(
 def _unit_last(tensor: torch.Tensor) -> torch.Tensor:
     """``tensor`` with a unit stride along its last dim (the kernels index it so); copied only if needed."""
     return tensor if tensor.stride(-1) == 1 else tensor.contiguous()
+
+
+def _word_aligned(packed: torch.Tensor) -> bool:
+    """Whether every row of ``packed`` starts on a 4-byte boundary (the register look-ups load 32-bit words)."""
+    return packed.data_ptr() % 4 == 0 and all(stride % 4 == 0 for stride in packed.stride()[:-1])
 
 
 def _loops(count: int, block: int) -> int:
