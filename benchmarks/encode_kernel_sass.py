@@ -28,8 +28,7 @@ import triton
 
 import tqindex.kernels.triton_encode as enc
 from _common import markdown_table
-from kv_kernel_resources import _Recorder, compile_for, parse_arguments, resource_usage
-from scan_kernel_sass import sass
+from kv_kernel_resources import _Recorder, compile_for, parse_arguments, resource_usage, sass
 from tqindex.codec import TurboQuantCodec
 
 CASES = {  # name: (dim, bits, search)

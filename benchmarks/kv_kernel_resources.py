@@ -1,10 +1,13 @@
-"""Registers, spills and shared memory of the KV attention kernels for an NVIDIA GPU, compiled without one.
+"""Registers, spills, shared memory and SASS counts of the KV attention kernels for an NVIDIA GPU, compiled without one.
 
 Triton compiles ahead of time for a target (default sm_90, the H100/H200) with its bundled ptxas;
 ``cuobjdump -res-usage`` reads each cubin. The kernels' arguments come from a real call of
 `triton_codes_attention` on CPU tensors whose launches are recorded instead of run. Use it to
 choose warps and block sizes where no GPU is at hand (a spill or 255 registers halves the
-programs an SM holds); timing still needs the GPU (benchmarks/bench_kv_gpu.py).
+programs an SM holds); timing still needs the GPU (benchmarks/bench_kv_gpu.py). For the split
+kernel it also counts the SASS of its loop over token blocks (``cuobjdump -sass``) per token and
+key or value coordinate, for all the rows of a program, and the loads in it (codebook gathers
+are LDGs).
 
 Usage: python benchmarks/kv_kernel_resources.py [--arch 90] [--cases NAME ...]   (TRITON_INTERPRET must be 0 or unset)
 """
@@ -13,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import subprocess
 from collections.abc import Callable
 
@@ -25,6 +29,7 @@ from _common import markdown_table
 from tqindex.kv import TurboQuantCache
 
 _DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.uint8: "u8", torch.int8: "i8", torch.int32: "i32", torch.int64: "i64"}
+_INSTRUCTION = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);")
 CASES = {  # name: (cache options, query heads, query positions, tokens, kernel options)
     "decode 4/4 bits (defaults)": (dict(), 32, 1, 4096, kernels.KernelOptions()),
     "decode 4/4 bits, 4 warps": (dict(), 32, 1, 4096, kernels.KernelOptions(num_warps=4)),
@@ -32,6 +37,8 @@ CASES = {  # name: (cache options, query heads, query positions, tokens, kernel 
     "decode 4/4 bits, tensor cores": (dict(), 32, 1, 4096, kernels.KernelOptions(dot=True)),
     "decode 32k tokens (defaults: tensor cores)": (dict(), 32, 1, 32768, kernels.KernelOptions()),
     "decode 32k tokens, tensor cores, register look-ups": (dict(), 32, 1, 32768, kernels.KernelOptions(register_tables=True)),
+    "decode 32k tokens, 2/2 bits (tensor cores)": (dict(key_bits=2, value_bits=2), 32, 1, 32768, kernels.KernelOptions()),
+    "decode 32k tokens, 2/2 bits, register look-ups": (dict(key_bits=2, value_bits=2), 32, 1, 32768, kernels.KernelOptions(register_tables=True)),
     "decode 4/4 bits, token slots": (dict(), 32, 1, 4096, kernels.KernelOptions(slots=True)),
     "decode 4/4 bits, token slots, 32 tokens/block": (dict(), 32, 1, 4096, kernels.KernelOptions(slots=True, block_t=32)),
     "decode 4/4 bits, token slots, 8 warps": (dict(), 32, 1, 4096, kernels.KernelOptions(slots=True, num_warps=8)),
@@ -115,6 +122,30 @@ def resource_usage(compiled, path: str) -> dict[str, str]:
     return dict(part.split(":") for part in line.split() if ":" in part)
 
 
+def sass(cubin: bytes, path: str) -> list[tuple[int, str, str]]:
+    """``(address, opcode, operands)`` of every instruction of the cubin."""
+    with open(path, "wb") as out:
+        out.write(cubin)
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    text = subprocess.run([tool, "-sass", path], capture_output=True, text=True, check=True).stdout
+    return [(int(m.group(1), 16), m.group(3), m.group(4)) for m in _INSTRUCTION.finditer(text)]
+
+
+def innermost_loop(code: list[tuple[int, str, str]]) -> tuple[list[tuple[int, str, str]], bool]:
+    """The instructions of the largest loop (a backward branch and its target) holding no other
+    loop, and whether another loop holds it: then it is the step over coordinates inside the
+    loop over row tiles; else ptxas unrolled the steps and it is the row-tile loop, over all coordinates."""
+    loops = []
+    for address, opcode, operands in code:
+        target = re.search(r"0x([0-9a-f]+)", operands)
+        if opcode.startswith("BRA") and target and int(target.group(1), 16) < address:
+            loops.append((int(target.group(1), 16), address))
+    inner = [(a, b) for a, b in loops if not any(a <= c and d <= b and (c, d) != (a, b) for c, d in loops)]
+    start, stop = max(inner, key=lambda span: span[1] - span[0])
+    nested = any(a <= start and stop <= b and (a, b) != (start, stop) for a, b in loops)
+    return [ins for ins in code if start <= ins[0] <= stop], nested
+
+
 def parse_arguments(doc: str, cases: dict, interpreted: bool, extra: Callable[[argparse.ArgumentParser], None] | None = None) -> argparse.Namespace:
     """``--arch``, ``--scratch`` and ``--cases`` (of ``cases``) of a static-analysis script, and what
     ``extra`` adds to the parser; exits under the interpreter, which compiles nothing."""
@@ -130,6 +161,23 @@ def parse_arguments(doc: str, cases: dict, interpreted: bool, extra: Callable[[a
     return args
 
 
+def split_cost(code: list[tuple[int, str, str]], warps: int, kwargs: dict) -> tuple[float, int]:
+    """The split kernel's SASS per token and coordinate (keys and values: ``2 D`` of them), for all the
+    rows of a program, and the loads (LDG) per token block: its loop over token blocks, or, with one
+    block a split, the whole kernel."""
+    spans = []
+    for address, opcode, operands in code:
+        target = re.search(r"0x([0-9a-f]+)", operands)
+        if opcode.startswith("BRA") and target and int(target.group(1), 16) < address:
+            spans.append((int(target.group(1), 16), address))
+    body = code
+    if spans:
+        start, stop = max(spans, key=lambda span: span[1] - span[0])
+        body = [ins for ins in code if start <= ins[0] <= stop]
+    per_token = len(body) * 32 * warps / kwargs["BLOCK_T"]
+    return per_token / (2 * kwargs["D"]), sum(opcode.startswith("LDG") for _, opcode, _ in body)
+
+
 def main() -> None:
     args = parse_arguments(__doc__, CASES, kernels.INTERPRETED)
     rows = []
@@ -137,11 +185,15 @@ def main() -> None:
         cache_options, q_heads, q_len, tokens, options = CASES[case]
         for name, (kernel, grid, call_args, call_kwargs) in recorded_launches(cache_options, q_heads, q_len, tokens, options).items():
             compiled, warps = compile_for(kernel, call_args, call_kwargs, args.arch)
-            usage = resource_usage(compiled, os.path.join(args.scratch, f"kv_{name}.cubin"))
-            rows.append([case, name, str(grid), warps, usage["REG"], usage["STACK"], compiled.metadata.shared])
+            path = os.path.join(args.scratch, f"kv_{name}.cubin")
+            usage = resource_usage(compiled, path)
+            cost, loads = split_cost(sass(compiled.asm["cubin"], path), warps, call_kwargs) if name == "split" else (None, None)
+            per = f"{cost:.1f}" if cost is not None else ""
+            rows.append([case, name, str(grid), warps, usage["REG"], usage["STACK"], compiled.metadata.shared, per, "" if loads is None else loads])
             print(rows[-1], flush=True)
     print(f"\nsm_{args.arch}, triton {triton.__version__}:\n")
-    print(markdown_table(["case", "kernel", "grid", "warps", "registers", "stack bytes (spills)", "shared bytes"], rows))
+    headers = ["case", "kernel", "grid", "warps", "registers", "stack bytes (spills)", "shared bytes", "instructions / token and coordinate", "LDG a token block"]
+    print(markdown_table(headers, rows))
 
 
 if __name__ == "__main__":

@@ -22,15 +22,13 @@ from __future__ import annotations
 
 import collections
 import os
-import re
-import subprocess
 
 import torch
 import triton
 
 import tqindex.kernels.triton_scan as scan
 from _common import markdown_table
-from kv_kernel_resources import _Recorder, compile_for, parse_arguments, resource_usage
+from kv_kernel_resources import _Recorder, compile_for, innermost_loop, parse_arguments, resource_usage, sass
 from tqindex.codec import TurboQuantCodec
 
 _ONE = scan.FMA
@@ -51,7 +49,6 @@ CASES = {  # name: (bits, config, query dtype, queries, register look-ups on ten
     "2-bit, tensor cores, register look-ups, 32 queries": (2, scan.MMA, torch.float16, 32, True),
     "2-bit, int8 tensor cores, 32 queries": (2, scan.INT8_MMA, torch.int8, 32, False),
 }
-_INSTRUCTION = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);")
 
 
 def recorded_launch(bits: float, config: scan.ScanConfig, dtype: torch.dtype, queries: int, tables: bool = False, dim: int = 768, n: int = 1 << 20):
@@ -69,30 +66,6 @@ def recorded_launch(bits: float, config: scan.ScanConfig, dtype: torch.dtype, qu
     finally:
         scan._scan_kernel, scan._INTERPRETED = real, interpreted
     return calls[real.__name__]
-
-
-def sass(cubin: bytes, path: str) -> list[tuple[int, str, str]]:
-    """``(address, opcode, operands)`` of every instruction of the cubin."""
-    with open(path, "wb") as out:
-        out.write(cubin)
-    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    text = subprocess.run([tool, "-sass", path], capture_output=True, text=True, check=True).stdout
-    return [(int(m.group(1), 16), m.group(3), m.group(4)) for m in _INSTRUCTION.finditer(text)]
-
-
-def innermost_loop(code: list[tuple[int, str, str]]) -> tuple[list[tuple[int, str, str]], bool]:
-    """The instructions of the largest loop (a backward branch and its target) holding no other
-    loop, and whether another loop holds it: then it is the step over coordinates inside the
-    loop over row tiles; else ptxas unrolled the steps and it is the row-tile loop, over all coordinates."""
-    loops = []
-    for address, opcode, operands in code:
-        target = re.search(r"0x([0-9a-f]+)", operands)
-        if opcode.startswith("BRA") and target and int(target.group(1), 16) < address:
-            loops.append((int(target.group(1), 16), address))
-    inner = [(a, b) for a, b in loops if not any(a <= c and d <= b and (c, d) != (a, b) for c, d in loops)]
-    start, stop = max(inner, key=lambda span: span[1] - span[0])
-    nested = any(a <= start and stop <= b and (a, b) != (start, stop) for a, b in loops)
-    return [ins for ins in code if start <= ins[0] <= stop], nested
 
 
 def main() -> None:
