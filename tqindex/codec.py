@@ -440,6 +440,15 @@ class TurboQuantCodec:
             base = base + rotated[..., dim:] @ self._on(self.qjl, rotated.device)
         return self.rotation.inverse(base.reshape(-1, dim)).view(*rotated.shape[:-1], self.dim)
 
+    def finish_matrix(self, device: torch.device | str) -> torch.Tensor:
+        """``finish`` as a matrix: float32 ``(W, d)`` on ``device``, ``finish(r) == r @ finish_matrix``
+        (to float32 rounding): the inverse rotation, and for prod below it the QJL matrix times it.
+        For kernels that fold ``finish`` into their last step (the KV cache's merge)."""
+        if "_finish_cpu" not in self.__dict__:
+            inverse = self.rotation.inverse(torch.eye(self.rotated_dim))
+            self._finish_cpu = inverse if self.qjl is None else torch.cat([inverse, self.qjl @ inverse])
+        return self._on(self._finish_cpu, torch.device(device))
+
     def accumulate(self, weights: torch.Tensor, packed: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
         """``sum_j weights[..., i, j] x_j`` in rotated space: weights ``(..., m, n)`` -> float32 ``(..., m, W)``.
 
@@ -502,8 +511,8 @@ class TurboQuantCodec:
         return cache[key]
 
     def __getstate__(self) -> dict[str, Any]:
-        """Pickled and copied without the device cache: its keys are ids of this object's tensors."""
-        return {key: value for key, value in self.__dict__.items() if key != "_device_cache"}
+        """Pickled and copied without the device cache (its keys are ids of this object's tensors) and ``finish_matrix``'s."""
+        return {key: value for key, value in self.__dict__.items() if key not in ("_device_cache", "_finish_cpu")}
 
     def __repr__(self) -> str:
         c = self.config

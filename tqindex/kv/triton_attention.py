@@ -14,9 +14,10 @@ the query positions: ``M = g * L``) and ``Tc`` encoded tokens, then ``Tw`` dense
    partial per split.
 2. `_merge_kernel`, grid ``(N, row blocks)``: merges the ``S`` partials, adds the key centring's
    ``q . offset`` to the code logits, attends the dense window exactly (online softmax over
-   blocks, so memory stays linear in the window), and writes the normalised code part (rotated)
-   and the window part (model space) of every row.
-3. ``codec.finish`` rotates the code part back (one matrix product) and the window part is added.
+   blocks, so memory stays linear in the window), rotates the normalised code part back (a
+   product with ``codec.finish_matrix``, the code part read back from a scratch in blocks of
+   coordinates) and adds the window part: the output, in the query's dtype. Two launches per
+   call besides the query rotation, where ``codec.finish``, an add and a cast were three more.
 
 Products: with at most 8 rows per (batch, KV head) (decode: ``g`` rows per position) over fewer
 than `DOT_MIN_TOKENS` codes, one row at a time on CUDA cores in float32, exact; with more rows
@@ -369,14 +370,18 @@ def _split_kernel(
 
 @triton.jit
 def _merge_kernel(
-    ACC, TOP, TOTAL, Q, OFFSET, KW, VW, MASK, OUT_CODES, OUT_WINDOW,
+    ACC, TOP, TOTAL, Q, OFFSET, KW, VW, MASK, CODES, FINISH, OUT,
     splits, rows, q_len, heads, window, encoded, causal_shift, scaling,
-    s_an, s_as, s_am, s_qn, s_qm, s_ob, s_oh, s_kwb, s_kwh, s_kwt, s_vwb, s_vwh, s_vwt, s_mb, s_ml, s_mt, s_ocn, s_ocm, s_own, s_owm,
+    s_an, s_as, s_am, s_qn, s_qm, s_ob, s_oh, s_kwb, s_kwh, s_kwt, s_vwb, s_vwh, s_vwt, s_mb, s_ml, s_mt, s_cn, s_cm, s_on, s_om,
     DACC: tl.constexpr, DACC_PAD: tl.constexpr, DK: tl.constexpr, DK_PAD: tl.constexpr, DV: tl.constexpr, DV_PAD: tl.constexpr,
     HAS_OFFSET: tl.constexpr, MASK_MODE: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_S: tl.constexpr, SPLIT_LOOPS: tl.constexpr, BLOCK_W: tl.constexpr, WINDOW_LOOPS: tl.constexpr, DOT: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):  # fmt: skip
-    """Rows ``(n, row block)``: merge the split partials, add the key offset, attend the window; normalised outputs."""
+    """Rows ``(n, row block)``: merge the split partials, add the key offset, attend the window, rotate
+    the code part back (``FINISH``, `TurboQuantCodec.finish_matrix`) and add the window part: the
+    attention output in ``OUT``'s type. ``CODES`` is float32 scratch for the code part, which the
+    rotation reads back in blocks of ``BLOCK_K`` coordinates."""
     n = tl.program_id(0)
     b = (n // heads).to(tl.int64)
     h = (n % heads).to(tl.int64)
@@ -428,10 +433,20 @@ def _merge_kernel(
         acc_window = acc_window * alpha[:, None] + _weighted(p, values.to(tl.float32), BLOCK_M, DOT)
 
     inverse = 1.0 / tl.maximum(total, 1.1754943508222875e-38)  # rows that see no key at all: 0, not nan
-    codes_out = OUT_CODES + n.to(tl.int64) * s_ocn + offs_m[:, None].to(tl.int64) * s_ocm + c[None, :]
-    tl.store(codes_out, acc * (code_scale * inverse)[:, None], mask=mmask[:, None] & (c < DACC)[None, :])
-    window_out = OUT_WINDOW + n.to(tl.int64) * s_own + offs_m[:, None].to(tl.int64) * s_owm + dv[None, :]
-    tl.store(window_out, acc_window * inverse[:, None], mask=mmask[:, None] & (dv < DV)[None, :])
+    codes = CODES + n.to(tl.int64) * s_cn + offs_m[:, None].to(tl.int64) * s_cm
+    tl.store(codes + c[None, :], acc * (code_scale * inverse)[:, None], mask=mmask[:, None] & (c < DACC)[None, :])
+    tl.debug_barrier()  # this program's stores are visible to all its threads
+    out = acc_window * inverse[:, None]
+    for k0 in range(0, DACC, BLOCK_K):  # out += code part (rotated) @ FINISH, float32
+        kk = k0 + tl.arange(0, BLOCK_K)
+        part = tl.load(codes + kk[None, :], mask=mmask[:, None] & (kk < DACC)[None, :], other=0.0)
+        back = tl.load(FINISH + kk[:, None].to(tl.int64) * DV + dv[None, :], mask=(kk < DACC)[:, None] & (dv < DV)[None, :], other=0.0)
+        if DOT:
+            out += tl.dot(part, back, input_precision="ieee")
+        else:
+            out += tl.sum(part[:, :, None] * back[None, :, :], axis=1)
+    outs = OUT + n.to(tl.int64) * s_on + offs_m[:, None].to(tl.int64) * s_om + dv[None, :]
+    tl.store(outs, out.to(OUT.dtype.element_ty), mask=mmask[:, None] & (dv < DV)[None, :])
 
 
 # ---- host side ----------------------------------------------------------------------------
@@ -590,7 +605,7 @@ def triton_codes_attention(
 
     value_dim = value_codec.dim
     codes_part = torch.empty((pairs, rows, acc_dim), dtype=torch.float32, device=device)
-    window_part = torch.empty((pairs, rows, value_dim), dtype=torch.float32, device=device)
+    out = torch.empty((pairs, rows, value_dim), dtype=query.dtype, device=device)
     merge_m = launch.block_m
     acc_pad, dk_pad, dv_pad = triton.next_power_of_2(acc_dim), triton.next_power_of_2(head_dim), triton.next_power_of_2(value_dim)
     block_s = max(1, min(triton.next_power_of_2(launch.splits), _MERGE_TILE // (merge_m * acc_pad)))
@@ -598,19 +613,23 @@ def triton_codes_attention(
     offset = _unit_last(key.offset) if key.offset is not None else partial_top[:, :, None]  # a placeholder, never read
     kw, vw = _unit_last(key.window), _unit_last(value.window)
     _merge_kernel[(pairs, triton.cdiv(rows, merge_m))](
-        partial_acc, partial_top, partial_total, queries, offset, kw, vw, mask_tensor, codes_part, window_part,
+        partial_acc, partial_top, partial_total, queries, offset, kw, vw, mask_tensor, codes_part, value_codec.finish_matrix(device), out,
         launch.splits, rows, q_len, heads, window, encoded, causal_shift, scaling,
         *partial_acc.stride()[:3], queries.stride(0), queries.stride(1), offset.stride(0), offset.stride(1),
-        *kw.stride()[:3], *vw.stride()[:3], *mask_strides, codes_part.stride(0), codes_part.stride(1),
-        window_part.stride(0), window_part.stride(1),
+        *kw.stride()[:3], *vw.stride()[:3], *mask_strides, codes_part.stride(0), codes_part.stride(1), out.stride(0), out.stride(1),
         DACC=acc_dim, DACC_PAD=acc_pad, DK=head_dim, DK_PAD=dk_pad, DV=value_dim, DV_PAD=dv_pad,
         HAS_OFFSET=key.offset is not None, MASK_MODE=mask_mode, CAUSAL=causal, BLOCK_M=merge_m,
         BLOCK_S=block_s, SPLIT_LOOPS=triton.next_power_of_2(launch.splits) // block_s, BLOCK_W=block_w,
         WINDOW_LOOPS=_loops(window, block_w),
-        DOT=launch.dot, num_warps=options.merge_warps,
+        DOT=launch.dot, BLOCK_K=_finish_block(launch.dot, merge_m, dv_pad), num_warps=options.merge_warps,
     )  # fmt: skip
-    out = value_codec.finish(codes_part) + window_part
-    return out.view(batch, q_heads, q_len, value_dim).to(query.dtype)
+    return out.view(batch, q_heads, q_len, value_dim)
+
+
+def _finish_block(dot: bool, block_m: int, dv_pad: int) -> int:
+    """Coordinates of the code part the merge rotates back a step: on CUDA cores a ``(rows, step, dv)``
+    product of at most `_MERGE_TILE` elements."""
+    return 32 if dot else max(1, min(32, _MERGE_TILE // (block_m * dv_pad)))
 
 
 def _unit_last(tensor: torch.Tensor) -> torch.Tensor:
