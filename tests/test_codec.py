@@ -324,3 +324,18 @@ def test_code_search_config_round_trips_and_old_configs_load_without_it(tmp_path
 def test_bad_search_option_is_refused(kwargs, error, match):
     with pytest.raises(error, match=match):
         TurboQuantCodec(16, 2, **kwargs)
+
+
+@pytest.mark.parametrize("variant, rotation, dim", [("mse", "dense", 48), ("prod", "hadamard", 40), ("prod", "dense", 32)])
+def test_finish_matrix_is_finish(variant, rotation, dim):
+    """`finish_matrix`: ``finish(r) == r @ finish_matrix`` for rows of the rotated width (inverse
+    rotation, and the QJL matrix times it for prod; Hadamard's padding dropped); not pickled."""
+    import pickle
+
+    codec = TurboQuantCodec(dim, 3, variant=variant, rotation=rotation, scale="norm" if variant == "prod" else "unbiased")
+    width = codec.rotated_dim * codec.n_factors
+    rows = torch.randn(7, width, generator=torch.Generator().manual_seed(dim))
+    matrix = codec.finish_matrix("cpu")
+    assert matrix.shape == (width, dim) and matrix.dtype == torch.float32
+    torch.testing.assert_close(rows @ matrix, codec.finish(rows), rtol=1e-5, atol=1e-5)
+    assert "_finish_cpu" not in pickle.loads(pickle.dumps(codec)).__dict__
