@@ -257,6 +257,18 @@ for bits, variant, config, int8, half in cases:
     elif not half:
         assert "ld.global.nc.f32" in ptx, "codebooks of 4+ levels gather by inline PTX loads"
 
+from tqindex.kernels.triton_scan import _rescore_kernel
+for bits, variant in [(2.5, "prod"), (4, "mse")]:  # the rescoring kernel: two codebooks and signs; one field
+    constants = unpack_constants(TurboQuantCodec(768, bits, variant=variant))
+    constants.update(HAS_BIAS=True, BLOCK_C=64, BLOCK_D=64)  # in the kernel's order: unpack_constants' ends with GATHER_ASM
+    signature = {name: "*fp32" for name in ("queries_ptr", "rows_ptr", "packed_ptr", "factors_ptr", "bias_ptr", "levels_ptr", "out_scores_ptr", "out_rows_ptr")}
+    signature.update(rows_ptr="*i64", packed_ptr="*u8", out_rows_ptr="*i64")
+    signature.update({name: "i32" for name in ("n_candidates", "k", "stride_q", "stride_r", "stride_p", "stride_f", "stride_o")})
+    signature.update({name: "constexpr" for name in constants})
+    names = list(signature)
+    source = ASTSource(_rescore_kernel, signature, constexprs={(names.index(k),): v for k, v in constants.items()})
+    assert triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4}).asm["cubin"]
+
 from tqindex.kernels.triton_encode import TILES, _quantize_kernel
 for bits, variant, search in [(2.5, "prod", True)]:  # two codebooks, residual, code search
     layout = TurboQuantCodec(768, bits, variant=variant).layout
@@ -277,8 +289,8 @@ print("compiled")
 
 
 def test_kernels_compile_for_a_real_gpu(tmp_path):
-    """The interpreter accepts code the compiler rejects: compile both scan forms and the fused
-    encoder for sm_90 (no GPU needed)."""
+    """The interpreter accepts code the compiler rejects: compile both scan forms, the rescoring
+    kernel and the fused encoder for sm_90 (no GPU needed)."""
     pytest.importorskip("triton.backends.nvidia")
     env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_DEFAULT_FP_FUSION": "1", "TRITON_CACHE_DIR": str(tmp_path)}
     done = subprocess.run([sys.executable, "-c", _COMPILE], env=env, capture_output=True, text=True, timeout=300)
@@ -388,3 +400,30 @@ def test_register_tables_give_the_tensor_cores_the_same_operands(bits, variant, 
     for a, b in zip(got, want):
         assert torch.equal(a, b)
     assert TritonScanner(codec, SMALL_FMA, dtype, register_tables=True)._half["HALF_WIDTH"] == 0  # CUDA cores: float32 levels, gathered
+
+
+@pytest.mark.parametrize("bits, variant", [(4, "mse"), (2.5, "prod")])
+def test_rescore_kernel_equals_the_torch_rescoring(bits, variant):
+    """`TritonScanner.rescore` (one launch) against `scan.rescore_resident`: the same rows in the same
+    order (equal scores, from duplicated codes, by lower row first), scores to float32 rounding, with
+    a bias, padding candidates (-1), and more result slots than candidates ((-inf, -1) there)."""
+    from tqindex.kernels.scan import rescore_resident
+
+    codec, packed, factors, queries = encoded(bits, variant, 48, 120, m=6, seed=9)
+    packed[10:20], factors[10:20] = packed[3], factors[3]  # rows 3 and 10-19 tie for every query
+    bias = torch.linspace(-0.1, 0.1, 120, device=DEVICE)
+    bias[10:20] = bias[3]
+    rng = np.random.default_rng(2)
+    tied = [3, 15, 10, 19, 11, 12, 13, 14, 16, 17, 18, 20]
+    others = np.setdiff1d(np.arange(120), tied)
+    rows = torch.from_numpy(np.stack([np.concatenate([tied, rng.permutation(others)[:18]]) for _ in range(6)])).to(DEVICE)  # distinct, as candidates are
+    rows[2, 20:] = -1
+    rows[4] = -1
+    scanner = TritonScanner(codec, SMALL_MMA)
+    for bias_ in (None, bias):
+        for k in (5, 40):
+            want = rescore_resident(codec, queries, rows, packed, factors, bias_, k)
+            got = scanner.rescore(queries, rows, packed, factors, bias_, k)
+            assert torch.equal(got[1], want[1])
+            torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5)
+    assert (got[1][4] == -1).all() and torch.isinf(got[0][4]).all()

@@ -190,7 +190,11 @@ def resident_candidates(
     finite = scanner.finite(queries)
     count = candidate_count(k)
     bounds, rows, overflow = scanner.candidates(queries, packed, factors, valid, count, bias)
-    scores, found = rescore_resident(codec, rotated_queries, rows, packed, factors, bias, k)
+    rescore = getattr(scanner, "rescore", None)  # a scanner's own kernel for it (the Triton scan's), else torch
+    if rescore is not None:
+        scores, found = rescore(rotated_queries, rows, packed, factors, bias, k)
+    else:
+        scores, found = rescore_resident(codec, rotated_queries, rows, packed, factors, bias, k)
     if getattr(scanner, "bounds", False):  # candidates by upper bounds: a row left out is below the last
         overflow = overflow | below_bounds(bounds, count, scores, k)
     return scores, found, torch.cat([overflow, finite[None]])

@@ -54,6 +54,9 @@ from tqindex.kernels.triton_unpack import (
 )
 
 _INTERPRETER_PROGRAMS = 4
+#: ``TritonScanner.rescore`` takes up to this many candidates a query in its kernel (one program a query)
+RESCORE_MAX_CANDIDATES = 1024
+_RESCORE_TILE = 4096  # elements of a (candidates, coordinates) tile of the rescoring kernel
 _MAX_GRID_Y = 65535
 #: buckets per query >= this * C^1.5 for C candidates: keeps a query's chance of needing the exact
 #: rescan near C^3 / (6 B^2) = 1 / (6 * 64^2) ~ 4e-5, whatever C
@@ -284,6 +287,50 @@ def _scan_kernel(
     tl.store(out_dropped_ptr + q_rows.to(tl.int64) * tl.num_programs(1) + group, tl.max(dropped, axis=0), mask=q_ok)
 
 
+@triton.jit
+def _rescore_kernel(
+    queries_ptr, rows_ptr, packed_ptr, factors_ptr, bias_ptr, levels_ptr, out_scores_ptr, out_rows_ptr,
+    n_candidates, k, stride_q, stride_r, stride_p, stride_f, stride_o,
+    FIELDS: tl.constexpr, LEVELS: tl.constexpr, N_LO: tl.constexpr, EXTRA: tl.constexpr, SIGN_OFFSET: tl.constexpr,
+    DIM: tl.constexpr, GATHER_ASM: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """One query (program): exact float32 scores (+ bias) of its candidate rows (``-1``: none), the
+    best ``k`` written best first, equal scores by lower row first, ``(-inf, -1)`` past the
+    candidates: `scan.rescore_resident`'s results in one launch."""
+    q = tl.program_id(0).to(tl.int64)
+    c = tl.arange(0, BLOCK_C)
+    rows = tl.load(rows_ptr + q * stride_r + c, mask=c < n_candidates, other=-1)
+    ok = rows >= 0
+    at = tl.maximum(rows, 0)
+    row_ptrs = packed_ptr + at[:, None] * stride_p
+    acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    acc_signs = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    for d0 in range(0, DIM, BLOCK_D):
+        cols = d0 + tl.arange(0, BLOCK_D)
+        query = tl.load(queries_ptr + q * stride_q + cols, mask=cols < DIM, other=0.0)
+        levels = unpack_levels(row_ptrs, ok[:, None], d0, levels_ptr, FIELDS, LEVELS, N_LO, EXTRA, DIM, BLOCK_D, GATHER_ASM)
+        acc += tl.sum(levels * query[None, :], axis=1)
+        if SIGN_OFFSET >= 0:
+            query_signs = tl.load(queries_ptr + q * stride_q + DIM + cols, mask=cols < DIM, other=0.0)
+            acc_signs += tl.sum(unpack_signs(row_ptrs, ok[:, None], d0, SIGN_OFFSET, DIM, BLOCK_D) * query_signs[None, :], axis=1)
+    score = acc * tl.load(factors_ptr + at * stride_f, mask=ok, other=0.0)
+    if SIGN_OFFSET >= 0:
+        score += acc_signs * tl.load(factors_ptr + at * stride_f + 1, mask=ok, other=0.0)
+    if HAS_BIAS:
+        score += tl.load(bias_ptr + at, mask=ok, other=0.0)
+    score = tl.where(ok, score, float("-inf"))
+    taken = c < 0
+    j = 0
+    while j < k:  # selection, k times: the best untaken score, the lowest row among its ties
+        live = tl.where(taken, float("-inf"), score)
+        best = tl.max(live, axis=0)
+        pick = tl.min(tl.where(~taken & (live == best), rows, 9223372036854775807), axis=0)
+        taken |= rows == pick
+        tl.store(out_scores_ptr + q * stride_o + j, best)
+        tl.store(out_rows_ptr + q * stride_o + j, tl.where(best == float("-inf"), -1, pick))
+        j += 1
+
+
 # decided when triton decorates the kernel: TRITON_INTERPRET=1 at import time runs it on CPU tensors
 _INTERPRETED = not isinstance(_scan_kernel, triton.runtime.JITFunction)
 
@@ -464,6 +511,39 @@ class TritonScanner:
         dropped = out_dropped.max(dim=1).values
         return scores, rows, (dropped > float("-inf")) & (dropped >= floor)
 
+    def rescore(
+        self,
+        rotated_queries: torch.Tensor,
+        rows: torch.Tensor,
+        packed: torch.Tensor,
+        factors: torch.Tensor,
+        bias: torch.Tensor | None,
+        k: int,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`scan.rescore_resident` (same arguments and results) in one kernel launch: per query the
+        exact float32 scores (+ ``bias``) of its candidate ``rows`` int64 ``(m, c)``, the best ``k``
+        best first (equal scores by lower row), ``(-inf, -1)`` past them; no synchronisation.
+        More than `RESCORE_MAX_CANDIDATES` candidates a query go to the torch path."""
+        m, count = rows.shape
+        if count > RESCORE_MAX_CANDIDATES:
+            return rescore_resident(self.codec, rotated_queries, rows, packed, factors, bias, k)
+        device = packed.device
+        scores = torch.empty((m, k), dtype=torch.float32, device=device)
+        found = torch.empty((m, k), dtype=torch.int64, device=device)
+        if m == 0 or k == 0:
+            return scores, found
+        queries = rotated_queries.to(device=device, dtype=torch.float32).contiguous()
+        rows, factors = rows.to(device).contiguous(), factors.to(torch.float32).contiguous()
+        block_c = max(16, triton.next_power_of_2(count))
+        _rescore_kernel[(m,)](
+            queries, rows, packed.contiguous(), factors, None if bias is None else bias.to(torch.float32).contiguous(),
+            levels_table(self.codec, device), scores, found, count, k,
+            queries.stride(0), rows.stride(0), packed.shape[1], factors.shape[1], scores.stride(0),
+            **self._constants, SIGN_OFFSET=self._sign_offset, DIM=self._dim, HAS_BIAS=bias is not None,
+            BLOCK_C=block_c, BLOCK_D=max(16, min(64, _RESCORE_TILE // block_c)),
+        )  # fmt: skip
+        return scores, found
+
     def _check_queries(self, queries: torch.Tensor | triton_int8.Int8Queries) -> int:
         """The batch size of ``prepare`` output; ValueError for anything else."""
         if self.int8 is not None:
@@ -500,7 +580,7 @@ class TritonScanner:
         if self.bounds:
             count = candidate_count(k)
             bounds, rows, overflow = self.candidates(queries, packed, factors, valid, count, bias)
-            scores, rows = rescore_resident(self.codec, queries.rotated, rows, packed, factors, bias, k)
+            scores, rows = self.rescore(queries.rotated, rows, packed, factors, bias, k)
             overflow = overflow | below_bounds(bounds, count, scores, k)
         else:
             scores, rows, overflow = self.candidates(queries, packed, factors, valid, k, bias)
