@@ -8,6 +8,7 @@ Select alone with ``pytest -m triton``. Sizes are tiny: the interpreter is slow.
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -427,3 +428,15 @@ def test_rescore_kernel_equals_the_torch_rescoring(bits, variant):
             assert torch.equal(got[1], want[1])
             torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5)
     assert (got[1][4] == -1).all() and torch.isinf(got[0][4]).all()
+
+
+def test_search_launches_counts_a_resident_search(tmp_path):
+    """benchmarks/search_launches.py runs a resident search in the interpreter and counts its device
+    work: the scan and the rescoring kernel, and no torch rescoring (no bmm or gather of codes)."""
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "TRITON_INTERPRET": "1", "TRITON_CACHE_DIR": str(tmp_path), "PYTHONPATH": f"{root}{os.pathsep}{root / 'benchmarks'}"}
+    script = [sys.executable, str(root / "benchmarks" / "search_launches.py"), "--rows", "300", "--dim", "32"]
+    done = subprocess.run(script, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Triton launches: 2 (_scan_kernel 1, _rescore_kernel 1)" in done.stdout, done.stdout
+    assert "bmm" not in done.stdout and "embedding" not in done.stdout, done.stdout
