@@ -138,7 +138,8 @@ def test_crossing_points_equal_the_numba_sweeps():
     n = 1024
     bound = bounds[rng.integers(0, bounds.shape[0], n)]
     unit = (bound / grid[rng.integers(1, grid.shape[0], n)]).astype(np.float32)
-    unit = np.nextafter(unit, (rng.choice([-np.inf, np.inf], n) * (rng.random(n) < 0.6)).astype(np.float32))
+    toward = np.where(rng.random(n) < 0.6, rng.choice([-np.inf, np.inf], n), unit).astype(np.float32)  # a neighbour, or itself
+    unit = np.nextafter(unit, toward)
     inv_step = (grid.shape[0] - 1) / float(grid[-1] - grid[0])
     moves = (grid[0] * unit > bound) != (grid[-1] * unit > bound)  # the predicate changes inside the grid
     want = [_crossing(b, u, grid, inv_step, u > 0) if m else 1 for b, u, m in zip(bound, unit, moves)]
