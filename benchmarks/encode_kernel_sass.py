@@ -4,11 +4,11 @@ The quantize kernel is compiled ahead of time (default sm_90, the H100/H200) for
 real ``quantize`` call on CPU tensors, whose launch is recorded instead of run (as
 ``scan_kernel_sass.py``). Its SASS loops are told apart by nesting: with code search, the loop over
 coordinate blocks of `_add_crossings` holds the loop over crossing rounds, which holds the loop that
-settles each crossing's grid point; the loop of the last pass (nearest levels and packing) stands
-alone. Each loop's instructions, times 32 threads times the warps, are spread over the ``BLOCK_R x
+settles each crossing's grid point; then come the two sweeps over the grid (`_best_scaling`) and
+the loop of the last pass (nearest levels and packing). Each loop's instructions, times 32 threads times the warps, are spread over the ``BLOCK_R x
 BLOCK_D`` elements one pass covers; the round loop runs as often as the most level moves of any
 element of a block (measured here on Gaussian rows, the same rotation), the settling loop once per
-round (an estimate off by one; ``--settle`` changes it). The sweep over the 91 grid points, and
+round (an estimate off by one; ``--settle`` changes it). The sweeps over the 91 grid points, and
 straight-line code, run once per program: spread over its ``BLOCK_R x D`` elements. The result is what every
 thread of the GPU issues per coordinate encoded; it ranks kernel forms, it times nothing. The H200
 issues ~3.3e13 thread-instructions/s.
@@ -98,11 +98,11 @@ def main() -> None:
         total = size[last[:2]] * per_pass
         rounds = rounds_per_block(codec, x, block_r, block_d) if search else 0.0
         per_program = threads / (block_r * dim)  # code a program runs once over its rows
-        if search:  # top level: the crossings' coordinate blocks, the sweep over the grid, the last pass
-            outer, sweep, _ = (s[:2] for s in spans if s[2] == 0)
+        if search:  # top level: the crossings' coordinate blocks, the sweeps over the grid (best key; choice), the last pass
+            outer, *sweeps, _ = (s[:2] for s in spans if s[2] == 0)
             inner, settle = (next(s[:2] for s in spans if s[2] == depth) for depth in (1, 2))
             total += (size[outer] - size[inner]) * per_pass + rounds * ((size[inner] - size[settle]) + args.settle * size[settle]) * per_pass
-            total += size[sweep] * len(codec._search_grid) * per_program
+            total += sum(size[sweep] for sweep in sweeps) * len(codec._search_grid) * per_program
         straight = len(code) - sum(size[s[:2]] for s in spans if s[2] == 0)
         total += straight * per_program
         mix = collections.Counter(opcode.split(".")[0] for _, opcode, _ in code).most_common(6)

@@ -153,7 +153,7 @@ def test_crossing_points_equal_the_numba_sweeps():
 def test_the_sass_tool_finds_the_code_search_loops(tmp_path):
     """benchmarks/encode_kernel_sass.py compiles the encoder for sm_90 (no GPU needed) and finds the
     loops its count rests on: coordinate blocks holding crossing rounds holding the settling loop,
-    then the per-row sweep and the last pass."""
+    then the per-row sweeps (the best key; the choice) and the last pass."""
     import os
     import subprocess
     import sys
@@ -167,5 +167,33 @@ def test_the_sass_tool_finds_the_code_search_loops(tmp_path):
     done = subprocess.run(script, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     cells = next(line for line in done.stdout.splitlines() if line.startswith(f"| {case}")).split(" | ")
-    assert len(cells[3].split(" / ")) == 5, cells  # crossings, rounds, settling, sweep, last pass
+    assert len(cells[3].split(" / ")) == 6, cells  # crossings, rounds, settling, two sweeps, last pass
     assert float(cells[5]) > 0, cells
+
+
+@pytest.mark.parametrize("dim, bits", [(2, 2), (3, 4), (4, 2)])
+def test_code_search_ties_resolve_as_on_the_cpu(dim, bits):
+    """At d <= 4 the codes at two scalings are often proportional (every coordinate one cell out):
+    equal cosines that only float64 rounding orders, and each encoder rounds differently (the
+    kernel sums fixed-point changes and compares cross products). Keys within
+    ``quantize.SEARCH_TIE`` count as tied in every encoder, so the GPU picks the CPU's codes on
+    every row (without it, 0.5-5% of these rows differed)."""
+    codec = TurboQuantCodec(dim, bits, search=True, seed=1)
+    x = torch.randn(2000, dim, generator=torch.Generator().manual_seed(dim))
+    assert torch.equal(triton_encode.encode(codec, x.to(DEVICE)).packed.cpu(), codec.encode(x).packed)
+
+
+@pytest.mark.parametrize("search", [False, True])
+def test_vectors_near_the_ends_of_float32_encode_as_on_the_cpu(search):
+    """Rows scaled by a power of two first, as `codec.encode` does: tiny rows (whose norm would
+    underflow) and huge ones (whose squares would overflow) get the CPU's codes and factors."""
+    codec = TurboQuantCodec(64, 3, search=search)
+    x = torch.randn(6, 64, generator=torch.Generator().manual_seed(3))
+    x[0] *= 1e-30
+    x[1] *= 1e19
+    x[2] = 1e-40  # subnormal
+    want = codec.encode(x)
+    got = triton_encode.encode(codec, x.to(DEVICE))
+    assert torch.equal(got.packed.cpu(), want.packed)
+    torch.testing.assert_close(got.factors.cpu(), want.factors, rtol=2e-6, atol=0)
+    assert (got.factors[:3] > 0).all()

@@ -28,7 +28,7 @@ import torch
 from tqindex._arrays import as_float_rows, is_torch, like, power_of_two_scaled, times_power_of_two
 from tqindex.codebook import lloyd_max_codebook
 from tqindex.packing import BitLayout
-from tqindex.quantize import quantize_rows, quantize_rows_search, search_grid
+from tqindex.quantize import SEARCH_TIE, quantize_rows, quantize_rows_search, search_grid
 from tqindex.rotation import ROTATIONS, make_rotation, rotation_from_state
 from tqindex.trellis import SCALES as TRELLIS_SCALES
 from tqindex.trellis import STARTS as TRELLIS_STARTS
@@ -385,8 +385,9 @@ class TurboQuantCodec:
             dot = (levels * unit64).sum(dim=2)
             keys.append((dot * dot.abs() / (levels * levels).sum(dim=2).clamp_min(1e-300)).t())
         keys = torch.cat(keys, dim=1)
-        best_key, best = keys.max(dim=1).values, keys.argmax(dim=1)  # the first point of largest cosine,
-        best = torch.where(keys[:, self._search_start] == best_key, self._search_start, best)  # or the plain codes on a tie
+        best_key = keys.max(dim=1).values
+        tied = keys >= (best_key - SEARCH_TIE * best_key.abs())[:, None]  # as numba's _tied_best: the plain codes
+        best = torch.where(tied[:, self._search_start], self._search_start, tied.to(torch.uint8).argmax(dim=1))  # if tied, else the first
         indices = self._nearest_torch(grid[best][:, None] * unit)
         levels = self._levels_of(indices)
         alignment, energy = (unit * levels).sum(dim=1), (levels * levels).sum(dim=1)

@@ -99,6 +99,11 @@ def _add_crossings(value, bounds, levels, grid, inv_step, step_dot, step_energy)
 #: (docs/benchmarks.md); the best ``t`` falls in [0.7, 1.3] for 98% of vectors there.
 SEARCH_RANGE = (0.6, 1.5)
 SEARCH_STEP = 0.01
+#: code search: keys within this fraction of the best tie (the plain codes if among them, else the
+#: first point). Codes at two scalings can be proportional (all coordinates one cell out, as at
+#: d <= 4), so their cosines are equal and only float64 rounding, which differs between the
+#: encoders (numba, torch, Triton), would tell them apart; distinct cosines differ by far more.
+SEARCH_TIE = 1e-12
 _SEARCH_BLOCK = 64  # rows per parallel task of quantize_rows_search (shares its scratch arrays)
 
 
@@ -111,16 +116,31 @@ def search_grid() -> tuple[np.ndarray, int]:
     return grid, below
 
 
+@njit(inline="always")
+def _tied_best(keys, start):  # pragma: no cover - compiled
+    """Code search's choice among the keys of the grid points: the plain codes (``start``) if within
+    `SEARCH_TIE` of the largest, else the first point that is."""
+    floor = keys.max()
+    floor -= SEARCH_TIE * abs(floor)
+    if keys[start] >= floor:
+        return start
+    for g in range(keys.shape[0]):
+        if keys[g] >= floor:
+            return g
+    return start
+
+
 @njit(parallel=True, cache=True)
 def quantize_rows_search(rotated, inverse_norms, bounds_lo, levels_lo, bounds_hi, levels_hi, extra, grid, start, indices, alignment, energy, residual):  # pragma: no cover - compiled
     """``quantize_rows`` with code search: of the codes ``nearest(t u)`` for ``t`` in ``grid``, the
     one whose levels have the largest cosine with ``u``.
 
     ``grid`` float32 ``(T,)``, increasing, evenly spaced, with ``grid[start] == 1`` (the plain
-    codes, kept on ties). Per row, a first pass finds for each coordinate the grid points where
+    codes, kept on ties: keys within `SEARCH_TIE` of the best). Per row, a first pass finds for each coordinate the grid points where
     its level ``nearest(t u_j)`` moves (the level boundaries crossed between ``grid[0] u_j`` and
     ``grid[-1] u_j``) and adds there the change of ``<u, c>`` and ``|c|^2``; a sweep over the
-    ``T`` points finds the largest cosine (compared as ``<u, c> |<u, c>| / |c|^2``, in float64);
+    ``T`` points finds the largest cosine (compared as ``<u, c> |<u, c>| / |c|^2``, in float64,
+    ties within `SEARCH_TIE`);
     a last pass writes ``nearest(t* u)``. Cost: about three plain passes plus one step per
     boundary crossed, not ``T`` quantizations. The result is exactly ``nearest(grid[g] u)`` for
     one ``g``: the same float32 products and comparisons as the torch path.
@@ -135,6 +155,7 @@ def quantize_rows_search(rotated, inverse_norms, bounds_lo, levels_lo, bounds_hi
     for block in prange((rows + _SEARCH_BLOCK - 1) // _SEARCH_BLOCK):
         step_dot = np.empty(points, np.float64)
         step_energy = np.empty(points, np.float64)
+        keys = np.empty(points, np.float64)
         for r in range(block * _SEARCH_BLOCK, min(rows, (block + 1) * _SEARCH_BLOCK)):
             scale = inverse_norms[r]
             step_dot[:] = 0.0
@@ -151,17 +172,11 @@ def quantize_rows_search(rotated, inverse_norms, bounds_lo, levels_lo, bounds_hi
                 level = _add_crossings(value, bounds_lo, levels_lo, grid, inv_step, step_dot, step_energy)
                 dot += np.float64(value) * level
                 norm2 += level * level
-            best, best_key, start_key = 0, -np.inf, 0.0
-            for g in range(points):  # the first point of largest cosine, but the plain codes on a tie
+            for g in range(points):
                 dot += step_dot[g]
                 norm2 += step_energy[g]
-                key = dot * abs(dot) / max(norm2, 1e-300)
-                if g == start:
-                    start_key = key
-                if key > best_key:
-                    best, best_key = g, key
-            if start_key == best_key:
-                best = start
+                keys[g] = dot * abs(dot) / max(norm2, 1e-300)
+            best = _tied_best(keys, start)
             t = grid[best]
             total = np.float32(0.0)
             total2 = np.float32(0.0)

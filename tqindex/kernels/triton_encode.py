@@ -13,17 +13,18 @@ at 4 bits), with the change of ``<u, c>`` and ``|c|^2`` added there (`_add_cross
 row, one thread each, a sweep over the points for the best (`_best_scaling`). The changes are int64
 fixed point (`_fixed_point_scales`), added by atomics to a scratch of ``2 x rows x 91``: exact, so
 the sums do not depend on the order of the atomics. ``benchmarks/encode_kernel_sass.py`` counts
-what each form costs per coordinate (sm_90: ~750 instructions per coordinate at d = 128 and 4 bits,
+what each form costs per coordinate (sm_90: ~770 instructions per coordinate at d = 128 and 4 bits,
 where 91 quantizations took ~5,400).
 
 The codes are bit-identical to ``codec.encode``: ``u = y * (1 / |x|)`` is the same float32
 product, the nearest level is the same count of midpoints below ``u`` (``torch.bucketize``), and
 a level moves where the same float32 products ``t u`` cross a midpoint. The float32 sums
-(alignment, energy) are taken in another order, so the factors agree to float32 rounding; code
-search's float64 cosines likewise (its fixed-point changes are truncated, at most one unit,
-``2^-58`` at d = 128 and 4 bits, per level move, and its keys compared as cross products), so a
-row whose best two scalings tie to about 1e-14 could pick the other one: exact ties of distinct
-codes (proportional codes, as a Hadamard-rotated one-hot vector can give) go either way.
+(alignment, energy) are taken in another order, so the factors agree to float32 rounding. Code
+search's keys (cosines) agree to float64 rounding (its fixed-point changes are truncated, at most
+one unit, ``2^-58`` at d = 128 and 4 bits, per level move, and compared as cross products); every
+encoder treats keys within ``quantize.SEARCH_TIE`` (1e-12) of the best as tied, so exact ties of
+proportional codes (common at d <= 4) are resolved alike, and only a key that falls within float64
+rounding of that tie margin could be taken differently.
 
 API for callers (the index, the KV cache): ``encode(codec, x) -> Codes`` and, one level down,
 ``quantize(codec, rotated, norms, keep_residual) -> Quantized`` with the pieces.
@@ -38,8 +39,9 @@ import torch
 import triton
 import triton.language as tl
 
-from tqindex._arrays import as_float_rows
+from tqindex._arrays import as_float_rows, power_of_two_scaled, times_power_of_two
 from tqindex.codec import Codes, TurboQuantCodec
+from tqindex.quantize import SEARCH_TIE
 
 #: (rows per program, coordinates per step): nearest levels; code search, whose sweep over the grid
 #: runs per row, one row a thread (a [16] vector over 128 threads repeats each row's work 8 times)
@@ -158,38 +160,50 @@ def _add_crossings(
 
 
 @triton.jit
+def _key_parts(dot, energy, moved_dot, moved_energy, DOT_SCALE: tl.constexpr, ENERGY_SCALE: tl.constexpr):
+    """A grid point's key ``<u, c> |<u, c>| / |c|^2`` as (numerator, denominator > 0), float64."""
+    d = dot + moved_dot.to(tl.float64) * (1.0 / DOT_SCALE)
+    return d * tl.abs(d), tl.maximum(energy + moved_energy.to(tl.float64) * (1.0 / ENERGY_SCALE), 1e-300)
+
+
+@triton.jit
 def _best_scaling(
     dot, energy, dot_steps_ptr, energy_steps_ptr, step_rows, row_ok, grid_ptr,
-    GRID: tl.constexpr, START: tl.constexpr, DOT_SCALE: tl.constexpr, ENERGY_SCALE: tl.constexpr,
+    GRID: tl.constexpr, START: tl.constexpr, DOT_SCALE: tl.constexpr, ENERGY_SCALE: tl.constexpr, TIE: tl.constexpr,
 ):  # fmt: skip
-    """Code search's sweep over the grid, in order: the scaling ``t`` of the largest key ``<u, c> |<u, c>|
-    / |c|^2`` (the first such point, or ``grid[START] = 1`` on a tie), float32 ``(rows,)``.
+    """Code search's sweep over the grid, in order, twice: the largest key, then the scaling ``t``
+    chosen as ``quantize._tied_best`` does (``grid[START] = 1`` if its key is within ``TIE`` of the
+    largest, else the first point that is), float32 ``(rows,)``.
 
-    The changes are summed in int64, exactly. Keys are compared as cross products of their numerators
-    and denominators (no float64 division): the same order, but for keys within a rounding of each
-    other, and equal codes give equal products."""
+    The changes are summed in int64, exactly. Keys are compared as cross products of their
+    numerators and denominators (no float64 division)."""
     step_dot = dot_steps_ptr + step_rows * GRID
     step_energy = energy_steps_ptr + step_rows * GRID
     moved_dot = tl.zeros(dot.shape, dtype=tl.int64)
     moved_energy = tl.zeros(dot.shape, dtype=tl.int64)
     best_num = tl.full(dot.shape, -1.0, dtype=tl.float64)  # below every key: keys are d |d| / e >= -1
     best_den = tl.full(dot.shape, 1.0, dtype=tl.float64)
-    best_g = tl.zeros(dot.shape, dtype=tl.int32)
-    start_num, start_den = best_num, best_den
     for g in range(GRID):
         moved_dot += tl.load(step_dot + g, mask=row_ok, other=0, cache_modifier=".cg")  # past L1: the atomics went to L2
         moved_energy += tl.load(step_energy + g, mask=row_ok, other=0, cache_modifier=".cg")
-        d = dot + moved_dot.to(tl.float64) * (1.0 / DOT_SCALE)
-        num = d * tl.abs(d)
-        den = tl.maximum(energy + moved_energy.to(tl.float64) * (1.0 / ENERGY_SCALE), 1e-300)
+        num, den = _key_parts(dot, energy, moved_dot, moved_energy, DOT_SCALE, ENERGY_SCALE)
         better = num * best_den > best_num * den
         best_num = tl.where(better, num, best_num)
         best_den = tl.where(better, den, best_den)
-        best_g = tl.where(better, g, best_g)
+    floor = best_num - TIE * tl.abs(best_num)  # key >= floor / best_den: tied with the best
+    moved_dot = tl.zeros(dot.shape, dtype=tl.int64)
+    moved_energy = tl.zeros(dot.shape, dtype=tl.int64)
+    first = tl.full(dot.shape, -1, dtype=tl.int32)
+    start_tied = row_ok & False
+    for g in range(GRID):
+        moved_dot += tl.load(step_dot + g, mask=row_ok, other=0, cache_modifier=".cg")
+        moved_energy += tl.load(step_energy + g, mask=row_ok, other=0, cache_modifier=".cg")
+        num, den = _key_parts(dot, energy, moved_dot, moved_energy, DOT_SCALE, ENERGY_SCALE)
+        tied = num * best_den >= floor * den
+        first = tl.where((first < 0) & tied, g, first)
         if g == START:
-            start_num, start_den = num, den
-    tie = start_num * best_den == best_num * start_den
-    return tl.load(grid_ptr + tl.where(tie, START, best_g))
+            start_tied = tied
+    return tl.load(grid_ptr + tl.where(start_tied | (first < 0), START, first))
 
 
 @triton.jit
@@ -211,7 +225,7 @@ def _quantize_kernel(
     dot_steps_ptr, energy_steps_ptr, row_start, n_rows, grid0, grid_last, inv_step,
     D: tl.constexpr, CODE_BYTES: tl.constexpr, FIELDS: tl.constexpr, BASE_BITS: tl.constexpr, EXTRA: tl.constexpr,
     SEARCH: tl.constexpr, RESIDUAL: tl.constexpr, GRID: tl.constexpr, START: tl.constexpr, DOT_SCALE: tl.constexpr,
-    ENERGY_SCALE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+    ENERGY_SCALE: tl.constexpr, TIE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     """Rows ``row_start + [pid * BLOCK_R, ...)``: packed index bytes, alignment, energy (SEARCH), residual (RESIDUAL).
 
@@ -230,7 +244,7 @@ def _quantize_kernel(
             grid0, grid_last, inv_step, D, BASE_BITS, EXTRA, GRID, DOT_SCALE, ENERGY_SCALE, BLOCK_R, BLOCK_D,
         )  # fmt: skip
         tl.debug_barrier()  # every crossing of these rows was added by this program's threads
-        t = _best_scaling(dot, energy, dot_steps_ptr, energy_steps_ptr, step_rows, row_ok, grid_ptr, GRID, START, DOT_SCALE, ENERGY_SCALE)
+        t = _best_scaling(dot, energy, dot_steps_ptr, energy_steps_ptr, step_rows, row_ok, grid_ptr, GRID, START, DOT_SCALE, ENERGY_SCALE, TIE)
     alignment = tl.zeros((BLOCK_R,), dtype=tl.float32)
     energy = tl.zeros((BLOCK_R,), dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
@@ -306,7 +320,7 @@ def quantize(codec: TurboQuantCodec, rotated: torch.Tensor, norms: torch.Tensor,
             float(grid[0]), float(grid[-1]), (grid.shape[0] - 1) / float(grid[-1] - grid[0]),
             D=layout.dim, CODE_BYTES=layout.code_bytes, FIELDS=tuple((f.stop, f.width, f.shift, f.offset) for f in layout.index_fields),
             BASE_BITS=layout.base_bits, EXTRA=layout.extra_coords, SEARCH=search, RESIDUAL=keep_residual,
-            GRID=grid.shape[0], START=codec._search_start, DOT_SCALE=dot_scale, ENERGY_SCALE=energy_scale,
+            GRID=grid.shape[0], START=codec._search_start, DOT_SCALE=dot_scale, ENERGY_SCALE=energy_scale, TIE=SEARCH_TIE,
             BLOCK_R=block_r, BLOCK_D=block_d,
         )  # fmt: skip
     return Quantized(packed, alignment, energy, residual)
@@ -329,12 +343,13 @@ def encode(codec: TurboQuantCodec, x: torch.Tensor) -> Codes:
     overflow float32, as ``codec.encode`` does.
     """
     rows = as_float_rows(x, codec.dim, "x")
+    rows, exponents = power_of_two_scaled(rows)  # as codec.encode: exact, keeps norms finite and nonzero near the ends of float32
     norms = torch.linalg.vector_norm(rows, dim=1)
     prod = codec.config.variant == "prod"
     parts = quantize(codec, codec.rotation.forward(rows), norms, keep_residual=prod)
     if prod:
         _pack_signs(codec, parts.packed, codec.qjl_signs(parts.residual))
-    factors = codec.factors(norms, parts.alignment, parts.residual, parts.energy)
+    factors = codec.factors(times_power_of_two(norms, exponents), parts.alignment, parts.residual, parts.energy)
     if not bool(torch.isfinite(factors).all()):
         raise ValueError("x has a vector whose norm overflows float32: scale the vectors down")
     return Codes(parts.packed, factors)

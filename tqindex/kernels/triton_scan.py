@@ -367,8 +367,9 @@ class TritonScanner:
             case, and the results are provably the codec's own top-k); as the CPU fast-scan's.
         register_tables: on tensor cores with float16 or bfloat16 queries, look 2- and 4-bit levels
             (one field over whole 32-bit words, ``triton_unpack.register_width``) up in registers by
-            byte permutes instead of gathering them: the same operands, so the same results; other
-            layouts and forms gather. Not yet timed on a GPU (``bench_gpu.py``'s sweep times it).
+            byte permutes instead of gathering them: the same operands, so the same results (on a
+            GPU; Triton's interpreter rounds float32 to bfloat16 toward zero, the tables to nearest
+            even); other layouts and forms gather. Not yet timed on a GPU (``bench_gpu.py``'s sweep).
     """
 
     def __init__(
