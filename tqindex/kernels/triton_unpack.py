@@ -332,8 +332,9 @@ def unpack_half_levels(
     TABLES: tl.constexpr, ASM: tl.constexpr, WIDTH: tl.constexpr, DIM: tl.constexpr, BLOCK_D: tl.constexpr, DTYPE: tl.constexpr,
 ):  # fmt: skip
     """Levels rounded to ``DTYPE`` of coordinates ``d0 + [0, BLOCK_D)`` of each row, looked up in
-    registers: ``DTYPE`` ``[R, BLOCK_D]``, 0 past ``DIM``. The layout's one field starts at byte 0
-    (`register_width`); ``row_ptrs`` are 4-byte aligned."""
+    registers: ``DTYPE`` ``[R, BLOCK_D]``, 0 past ``DIM``. For layouts `register_width` takes: one
+    index field, first in the row (offset 0), so words are read from ``row_ptrs``, which must be
+    4-byte aligned."""
     WORDS: tl.constexpr = BLOCK_D * WIDTH // 32
     ROW_WORDS: tl.constexpr = DIM * WIDTH // 32
     at = (d0 // BLOCK_D) * WORDS + tl.arange(0, WORDS)  # written so its alignment is known
