@@ -197,12 +197,12 @@ _HALF_PAIRS = (0x5140, 0x7362)  # prmt selectors: bytes (lo 0, hi 0, lo 1, hi 1)
 
 def register_width(codec: TurboQuantCodec) -> int:
     """The code width (2 or 4) of a layout whose levels can be looked up in registers, else 0: one
-    index field over every coordinate, on 32-bit words (its offset and the row's bytes multiples of 4)."""
+    index field over every coordinate, first in the row, rows of whole 32-bit words."""
     layout = codec.layout
     fields = layout.index_fields
     if len(fields) != 1 or fields[0].width not in REGISTER_WIDTHS or fields[0].stop != layout.dim or layout.extra_coords:
         return 0
-    if fields[0].offset % 4 or layout.code_bytes % 4 or layout.dim % (32 // fields[0].width):
+    if fields[0].offset or layout.code_bytes % 4 or layout.dim % (32 // fields[0].width):  # look-ups read from the row's start
         return 0
     return fields[0].width
 
