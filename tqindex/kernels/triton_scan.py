@@ -144,7 +144,7 @@ def _int8_scores(
             parts = int8_levels(words, ASM, TABLES, WIDTH)
             for r in tl.static_range(8 // WIDTH):
                 q = tl.load(q_ptrs + r * ROW_BYTES + at[:, None], mask=q_ok[None, :] & col_ok[:, None], other=0)
-                acc = tl.dot(parts[r], q, acc)
+                acc = tl.dot(parts[r], q, acc, out_dtype=tl.int32)  # Triton <= 3.6 asserts acc's dtype is out_dtype (default float32)
     else:
         WORDS: tl.constexpr = DIM * WIDTH // 32
         BLOCK_W: tl.constexpr = BLOCK_D * WIDTH // 32
