@@ -70,6 +70,7 @@ VARIANTS = {
     "token slots, 8 warps, block_t 32": KernelOptions(dot=False, slots=True, num_warps=8, block_t=32),
     "token slots, block_t 16": KernelOptions(dot=False, slots=True, block_t=16),
     "tl.load gather": KernelOptions(gather_asm=False),
+    "merge: 4 rows a program": KernelOptions(merge_rows=4),
 }
 SMOKE = dict(
     contexts=[64, 200], batches=[1, 2], q_heads=4, kv_heads=2, head_dim=32, e2e_contexts=[96], layers=2, decode_steps=3,

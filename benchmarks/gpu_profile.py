@@ -27,7 +27,12 @@ from tqindex.kernels.graphs import SearchGraphs
 from tqindex.kv import TurboQuantCache
 from tqindex.kv.triton_attention import KernelOptions, triton_codes_attention
 
-PLANS = {"default": KernelOptions(), "tensor cores": KernelOptions(dot=True), "token slots": KernelOptions(slots=True)}
+PLANS = {
+    "default": KernelOptions(),
+    "tensor cores": KernelOptions(dot=True),
+    "token slots": KernelOptions(slots=True),
+    "merge: 4 rows a program": KernelOptions(merge_rows=4),
+}
 
 
 def table(run: Callable[[], object], label: str, reps: int) -> None:

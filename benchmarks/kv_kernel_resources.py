@@ -7,7 +7,7 @@ choose warps and block sizes where no GPU is at hand (a spill or 255 registers h
 programs an SM holds); timing still needs the GPU (benchmarks/bench_kv_gpu.py). For the split
 kernel it also counts the SASS of its loop over token blocks (``cuobjdump -sass``) per token and
 key or value coordinate, for all the rows of a program, and the loads in it (codebook gathers
-are LDGs).
+are LDGs); for the merge kernel, the loop steps a program takes one after another (`merge_steps`).
 
 Usage: python benchmarks/kv_kernel_resources.py [--arch 90] [--cases NAME ...]   (TRITON_INTERPRET must be 0 or unset)
 """
@@ -36,6 +36,7 @@ CASES = {  # name: (cache options, query heads, query positions, tokens, kernel 
     "decode 4/4 bits, 32 tokens/block": (dict(), 32, 1, 4096, kernels.KernelOptions(block_t=32)),
     "decode 4/4 bits, tensor cores": (dict(), 32, 1, 4096, kernels.KernelOptions(dot=True)),
     "decode 32k tokens (defaults: tensor cores)": (dict(), 32, 1, 32768, kernels.KernelOptions()),
+    "decode 32k tokens, 4 rows a merge program": (dict(), 32, 1, 32768, kernels.KernelOptions(merge_rows=4)),
     "decode 32k tokens, tensor cores, register look-ups": (dict(), 32, 1, 32768, kernels.KernelOptions(register_tables=True)),
     "decode 32k tokens, 2/2 bits (tensor cores)": (dict(key_bits=2, value_bits=2), 32, 1, 32768, kernels.KernelOptions()),
     "decode 32k tokens, 2/2 bits, register look-ups": (dict(key_bits=2, value_bits=2), 32, 1, 32768, kernels.KernelOptions(register_tables=True)),
@@ -178,6 +179,12 @@ def split_cost(code: list[tuple[int, str, str]], warps: int, kwargs: dict) -> tu
     return per_token / (2 * kwargs["D"]), sum(opcode.startswith("LDG") for _, opcode, _ in body)
 
 
+def merge_steps(kwargs: dict) -> int:
+    """Loop steps a merge program takes one after another: tiles of split partials, window blocks,
+    blocks of the rotation back (`_merge_kernel`'s three loops)."""
+    return kwargs["SPLIT_LOOPS"] + kwargs["WINDOW_LOOPS"] + -(-kwargs["DACC"] // kwargs["BLOCK_K"])
+
+
 def main() -> None:
     args = parse_arguments(__doc__, CASES, kernels.INTERPRETED)
     rows = []
@@ -189,10 +196,11 @@ def main() -> None:
             usage = resource_usage(compiled, path)
             cost, loads = split_cost(sass(compiled.asm["cubin"], path), warps, call_kwargs) if name == "split" else (None, None)
             per = f"{cost:.1f}" if cost is not None else ""
-            rows.append([case, name, str(grid), warps, usage["REG"], usage["STACK"], compiled.metadata.shared, per, "" if loads is None else loads])
+            steps = merge_steps(call_kwargs) if name == "merge" else ""
+            rows.append([case, name, str(grid), warps, usage["REG"], usage["STACK"], compiled.metadata.shared, per, "" if loads is None else loads, steps])
             print(rows[-1], flush=True)
     print(f"\nsm_{args.arch}, triton {triton.__version__}:\n")
-    headers = ["case", "kernel", "grid", "warps", "registers", "stack bytes (spills)", "shared bytes", "instructions / token and coordinate", "LDG a token block"]
+    headers = ["case", "kernel", "grid", "warps", "registers", "stack bytes (spills)", "shared bytes", "instructions / token and coordinate", "LDG a token block", "merge steps"]
     print(markdown_table(headers, rows))
 
 

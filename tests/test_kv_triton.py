@@ -91,8 +91,24 @@ def test_many_rows_run_on_tensor_cores_and_agree_to_float16_rounding():
     decode = query[:, :, -1:]  # and one position, forced onto tensor cores
     forced = triton_codes_attention(decode, keys, values, None, scaling=0.2, causal=True, options=KernelOptions(dot=True, block_t=32))
     assert float((forced - expected[:, :, -1:]).norm() / expected[:, :, -1:].norm()) < 3e-3
+    assert not plan(2, 2, 40, 32, DEFAULT_SMS, KernelOptions(dot=True)).merge_dot  # its merge: CUDA cores, 2 rows
     with pytest.raises(ValueError, match="tensor-core blocks need block_t >= 32"):  # wrong on an H200 (Triton 3.6)
         triton_codes_attention(decode, keys, values, None, scaling=0.2, causal=True, options=KernelOptions(dot=True, block_t=16))
+
+
+@pytest.mark.parametrize("case", ["mse4-mse2.5", "prod3-prod3"])
+def test_a_merge_program_per_row_equals_one_per_row_block(case):
+    """A decode's merge: one program per query row (the default) or all rows in one (3 and 6 rows here)."""
+    options, q_heads, q_len, masking, kernel_options = CASES[case]
+    keys, values = layer_states(**options)
+    query = torch.randn(keys.shape[0], q_heads, q_len, keys.shape[-1], generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    mask = padding_mask(keys.shape[0], q_len, keys.shape[2]) if masking == "padding" else None
+    kwargs = dict(scaling=0.3, causal=masking == "causal")
+    per_row = triton_codes_attention(query, keys, values, mask, options=kernel_options, **kwargs)
+    together = dataclasses.replace(kernel_options, merge_rows=8)
+    rows = q_heads // keys.shape[1] * q_len
+    assert plan(4, rows, 40, 32, DEFAULT_SMS, kernel_options).merge_m == 1 and plan(4, rows, 40, 32, DEFAULT_SMS, together).merge_m > 2
+    torch.testing.assert_close(triton_codes_attention(query, keys, values, mask, options=together, **kwargs), per_row, atol=1e-6, rtol=1e-6)
 
 
 def test_plan_fills_the_sms_with_whole_power_of_two_splits():
@@ -107,6 +123,10 @@ def test_plan_fills_the_sms_with_whole_power_of_two_splits():
     assert not plan(8, 4, 4096, 128, 132).dot and plan(8, 64, 4096, 128, 132).dot
     assert plan(8, 4, 32768, 128, 132).dot  # long decode: tensor cores (measured faster from 32k tokens)
     assert plan(8, 4, 4096, 128, 132).num_warps == 4 and plan(8, 4, 32768, 128, 132).num_warps == 8
+    long = plan(8, 4, 32768, 128, 132, KernelOptions(merge_rows=4))  # a decode's merge: CUDA cores, not padded to the split's 16
+    assert (long.block_m, long.merge_m, long.merge_dot) == (16, 4, False)
+    extend = plan(8, 24, 32768, 128, 132, KernelOptions(merge_rows=4))  # more rows: the split's blocks, tensor cores
+    assert (extend.merge_m, extend.merge_dot) == (extend.block_m, True)
     slots = KernelOptions(slots=True)  # the token-slot decode: CUDA cores, at most 4 rows
     assert plan(8, 4, 4096, 128, 132, slots).slots and plan(8, 3, 4096, 128, 132, slots).slots
     assert not plan(8, 6, 4096, 128, 132, slots).slots and not plan(8, 4, 4096, 128, 132, KernelOptions(slots=True, dot=True)).slots

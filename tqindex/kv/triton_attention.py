@@ -12,7 +12,8 @@ the query positions: ``M = g * L``) and ``Tc`` encoded tokens, then ``Tw`` dense
    factors in place, and keeps an online softmax: running max, sum of exponentials and the value
    sum in rotated space (DESIGN.md section 5: rotated back once, after the merge). It writes one
    partial per split.
-2. `_merge_kernel`, grid ``(N, row blocks)``: merges the ``S`` partials, adds the key centring's
+2. `_merge_kernel`, grid ``(N, row blocks)`` (a decode: one row a program, on CUDA cores; more rows:
+   the split kernel's blocks): merges the ``S`` partials, adds the key centring's
    ``q . offset`` to the code logits, attends the dense window exactly (online softmax over
    blocks, so memory stays linear in the window), rotates the normalised code part back (a
    product with ``codec.finish_matrix``, the code part read back from a scratch in blocks of
@@ -470,7 +471,12 @@ class KernelOptions:
     the interpreter only so far; benchmarks/bench_kv_gpu.py times it on a GPU. register_tables: on
     tensor cores, 2- and 4-bit levels (one field over whole 32-bit words) looked up in registers
     by byte permutes (`triton_unpack.unpack_half_levels`) instead of gathered: the same float16
-    operands; unmeasured on a GPU (the benchmark's variants time it).
+    operands; unmeasured on a GPU (the benchmark's variants time it). merge_warps: per merge
+    program. merge_rows: with at most `FMA_MAX_ROWS` rows per (batch, KV head) (a decode), rows per
+    merge program (rounded up to a power of two). A decode's merge runs on CUDA cores, one program
+    per row by default, even where the split kernel uses tensor cores: at 32k tokens (64 splits,
+    4 rows) a program takes 9 loop steps one after another, against 16 with 4 rows a program
+    and 24 with them padded to ``tl.dot``'s 16 (`benchmarks/kv_kernel_resources.py`; unmeasured).
     """
 
     programs_per_sm: int = PROGRAMS_PER_SM
@@ -479,6 +485,7 @@ class KernelOptions:
     dot: bool | None = None
     num_warps: int | None = None
     merge_warps: int = 4
+    merge_rows: int = 1
     gather_asm: bool | None = None
     slots: bool = False
     register_tables: bool = False
@@ -495,7 +502,9 @@ class Plan:
     block_t: int
     split_blocks: int  # token blocks per split (a power of two: few compiled variants as T grows)
     splits: int
-    tables: bool = False  # tensor cores with 2- and 4-bit levels looked up in registers
+    tables: bool  # tensor cores with 2- and 4-bit levels looked up in registers
+    merge_m: int  # rows per merge program
+    merge_dot: bool  # the merge's window and rotation on tensor cores
 
 
 @lru_cache(maxsize=16)
@@ -524,7 +533,9 @@ def plan(pairs: int, rows: int, tokens: int, dim_pad: int, sms: int, options: Ke
     slots = options.slots and not dot and block_m <= SLOT_MAX_ROWS
     warps = options.num_warps or (DOT_WARPS if dot else SPLIT_WARPS)
     splits = triton.cdiv(max(tokens, 1), split_blocks * block_t)
-    return Plan(block_m, dot, slots, warps, block_t, split_blocks, splits, options.register_tables and dot)
+    merge_dot = rows > FMA_MAX_ROWS  # a decode's few rows: CUDA cores, not padded to tl.dot's 16
+    merge_m = block_m if merge_dot else triton.next_power_of_2(min(options.merge_rows, rows))
+    return Plan(block_m, dot, slots, warps, block_t, split_blocks, splits, options.register_tables and dot, merge_m, merge_dot)
 
 
 @lru_cache(maxsize=64)
@@ -606,10 +617,10 @@ def triton_codes_attention(
     value_dim = value_codec.dim
     codes_part = torch.empty((pairs, rows, acc_dim), dtype=torch.float32, device=device)
     out = torch.empty((pairs, rows, value_dim), dtype=query.dtype, device=device)
-    merge_m = launch.block_m
+    merge_m = launch.merge_m
     acc_pad, dk_pad, dv_pad = triton.next_power_of_2(acc_dim), triton.next_power_of_2(head_dim), triton.next_power_of_2(value_dim)
     block_s = max(1, min(triton.next_power_of_2(launch.splits), _MERGE_TILE // (merge_m * acc_pad)))
-    block_w = 32 if launch.dot or merge_m * dk_pad <= 2048 else 16
+    block_w = 32 if launch.merge_dot or merge_m * dk_pad <= 2048 else 16
     offset = _unit_last(key.offset) if key.offset is not None else partial_top[:, :, None]  # a placeholder, never read
     kw, vw = _unit_last(key.window), _unit_last(value.window)
     _merge_kernel[(pairs, triton.cdiv(rows, merge_m))](
@@ -621,7 +632,7 @@ def triton_codes_attention(
         HAS_OFFSET=key.offset is not None, MASK_MODE=mask_mode, CAUSAL=causal, BLOCK_M=merge_m,
         BLOCK_S=block_s, SPLIT_LOOPS=triton.next_power_of_2(launch.splits) // block_s, BLOCK_W=block_w,
         WINDOW_LOOPS=_loops(window, block_w),
-        DOT=launch.dot, BLOCK_K=_finish_block(launch.dot, merge_m, dv_pad), num_warps=options.merge_warps,
+        DOT=launch.merge_dot, BLOCK_K=_finish_block(launch.merge_dot, merge_m, dv_pad), num_warps=options.merge_warps,
     )  # fmt: skip
     return out.view(batch, q_heads, q_len, value_dim)
 
