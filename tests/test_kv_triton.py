@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 pytest.importorskip("triton")
 
@@ -154,6 +155,90 @@ def test_kernels_compile_for_a_real_gpu(tmp_path):
     done = subprocess.run(script, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("| split |") == done.stdout.count("| merge |") == len(cases), done.stdout[-2000:]
+
+
+class _HostReads(TorchDispatchMode):
+    """The aten operations that read a tensor's values back to the host (on a GPU each waits for it)."""
+
+    READS = {"_local_scalar_dense", "nonzero", "masked_select", "is_nonzero", "equal", "_unique2", "unique_consecutive"}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        boolean_index = name == "index" and any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1])
+        if name in self.READS or boolean_index:
+            self.reads.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("factor_dtype", ["log8", torch.float16])
+def test_a_flush_reads_back_from_the_device_once(monkeypatch, factor_dtype):
+    """Keys and values of a flush, their encoding (the GPU's fused encoder), the log8 range fitted at the
+    first flush and its check at the next: one read back to the host (``tolist``) a flush, no other."""
+    import tqindex.kv.cache as cache_module
+    from tqindex.kernels import triton_encode
+
+    if not ON_GPU:
+        monkeypatch.setattr(cache_module, "encode", triton_encode.encode)  # on CUDA tensors kernels.encode picks it
+    transfers = []
+    real_tolist = torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda self: transfers.append(self.shape) or real_tolist(self))
+    cache = TurboQuantCache(4, 4, window=8, chunk=8, factor_dtype=factor_dtype)
+    keys, values = (torch.randn(1, 2, 40, 32, generator=torch.Generator().manual_seed(i)).to(DEVICE) for i in range(2))
+    log = _HostReads()
+    reference = TurboQuantCache(4, 4, window=8, chunk=8, factor_dtype=factor_dtype)  # the CPU encoder, its own checks
+    log, counted = _HostReads(), 0
+    for steps in [slice(0, 24)] + [slice(t, t + 1) for t in range(24, 32)]:  # a prefill encodes 16 tokens, the 8th step 8 more
+        reference.update(keys[:, :, steps].cpu(), values[:, :, steps].cpu(), 0)
+        before = len(transfers)
+        with log:
+            cache.update(keys[:, :, steps], values[:, :, steps], 0)
+        counted += len(transfers) - before
+    assert log.reads == [] and counted == 2, (log.reads, counted)
+    assert cache.layers[0].encoded_len == 24
+    for got, want in zip((cache.layers[0].key_codes, cache.layers[0].value_codes), (reference.layers[0].key_codes, reference.layers[0].value_codes)):
+        assert torch.equal(got.packed.cpu(), want.packed)
+        torch.testing.assert_close(got.factors.cpu().float(), want.factors.float(), atol=0, rtol=2e-3)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU (torch's synchronisation debug mode)")
+def test_a_flush_synchronises_with_the_gpu_once():
+    cache = TurboQuantCache(4, 4, window=8, chunk=8)
+    keys, values = torch.randn(1, 2, 40, 32, device=DEVICE), torch.randn(1, 2, 40, 32, device=DEVICE)
+    cache.update(keys[:, :, :24], values[:, :, :24], 0)  # the first flush fits the log8 ranges
+    for t in range(24, 31):
+        cache.update(keys[:, :, t : t + 1], values[:, :, t : t + 1], 0)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with pytest.warns(UserWarning) as caught:
+            cache.update(keys[:, :, 31:32], values[:, :, 31:32], 0)  # flushes 8 tokens
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert cache.layers[0].encoded_len == 24
+    assert sum("synchroniz" in str(w.message) for w in caught) == 1, [str(w.message) for w in caught]
+
+
+def test_a_flush_refuses_non_finite_states_before_storing_anything(monkeypatch):
+    import tqindex.kv.cache as cache_module
+    from tqindex.kernels import triton_encode
+
+    if not ON_GPU:
+        monkeypatch.setattr(cache_module, "encode", triton_encode.encode)
+    cache = TurboQuantCache(4, 4, window=4, chunk=4)
+    keys, values = torch.randn(1, 2, 16, 32).to(DEVICE), torch.randn(1, 2, 16, 32).to(DEVICE)
+    cache.update(keys[:, :, :8], values[:, :, :8], 0)
+    layer = cache.layers[0]
+    before = (layer.key_codes.packed.clone(), layer.value_codes.factors.clone(), layer.keys.clone())
+    bad = values[:, :, 8:].clone()
+    bad[0, 1, 0, 3] = float("nan")
+    with pytest.raises(ValueError, match="value states hold a non-finite value"):
+        cache.update(keys[:, :, 8:], bad, 0)
+    assert torch.equal(layer.key_codes.packed, before[0]) and torch.equal(layer.value_codes.factors, before[1])
+    assert torch.equal(layer.keys, before[2])
 
 
 @pytest.fixture(scope="module")

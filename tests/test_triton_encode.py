@@ -197,3 +197,34 @@ def test_vectors_near_the_ends_of_float32_encode_as_on_the_cpu(search):
     assert torch.equal(got.packed.cpu(), want.packed)
     torch.testing.assert_close(got.factors.cpu(), want.factors, rtol=2e-6, atol=0)
     assert (got.factors[:3] > 0).all()
+
+
+def test_unchecked_encode_marks_bad_rows_instead_of_reading_the_device():
+    """``check=False`` (the KV cache's flush): the same codes, no read back to the host (which on a GPU
+    waits for it), and NaN factors for the rows a check would refuse, so that the caller's own check of
+    the factors finds them: a NaN row would otherwise get factor 0, a zero vector."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Reads(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.reads = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket.__name__ in ("_local_scalar_dense", "nonzero", "is_nonzero", "masked_select"):
+                self.reads.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    codec = TurboQuantCodec(64, 3, search=True)
+    x = torch.randn(7, 64, generator=torch.Generator().manual_seed(4))
+    x[1] *= 1e19  # scaled by a power of two, as when checked
+    x[2] = 1e-40
+    checked = triton_encode.encode(codec, x.to(DEVICE))
+    x[4, 5], x[5, 0], x[6] = float("nan"), float("inf"), 3e38  # NaN, inf, a norm that overflows float32
+    log = Reads()
+    with log:
+        unchecked = triton_encode.encode(codec, x.to(DEVICE), check=False)
+    assert log.reads == []
+    assert torch.equal(unchecked.packed[:4].cpu(), checked.packed[:4].cpu())
+    assert torch.equal(unchecked.factors[:4].cpu(), checked.factors[:4].cpu())
+    assert not torch.isfinite(unchecked.factors[4:]).any()

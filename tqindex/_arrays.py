@@ -16,12 +16,13 @@ def is_torch(x: Any) -> bool:
     return isinstance(x, torch.Tensor)
 
 
-def as_float_rows(x: Any, dim: int, name: str, *, allow_1d: bool = True) -> torch.Tensor:
+def as_float_rows(x: Any, dim: int, name: str, *, allow_1d: bool = True, finite: bool = True) -> torch.Tensor:
     """``x`` as a float32 torch tensor of shape ``(n, dim)``, after checking it.
 
     Accepts numpy arrays and torch tensors of float16, bfloat16, float32 or float64 (a 1-D
     vector of length ``dim`` is one row when ``allow_1d``). Raises TypeError for other kinds
-    and dtypes, ValueError for a wrong shape or non-finite values (naming the first such row).
+    and dtypes, ValueError for a wrong shape or, with ``finite``, non-finite values (naming the
+    first such row; on a GPU that check waits for the device).
     """
     if isinstance(x, np.ndarray):
         if x.dtype.kind != "f":
@@ -43,6 +44,8 @@ def as_float_rows(x: Any, dim: int, name: str, *, allow_1d: bool = True) -> torc
         expected = f"(n, {dim})" + (f" or ({dim},)" if allow_1d else "")
         raise ValueError(f"{name} must have shape {expected}, got {tuple(tensor.shape)}")
     converted = tensor if tensor.dtype == torch.float32 else tensor.to(torch.float32)
+    if not finite:
+        return converted
     # a reduction instead of a full boolean mask: NaN and inf propagate into it (numpy's on the
     # CPU: each torch call on a small tensor costs microseconds)
     if converted.device.type == "cpu":
@@ -84,7 +87,7 @@ def _refuse_row(name: str, row: int, finite: bool) -> None:
     raise ValueError(f"{name} contains NaN or inf in row {row}")
 
 
-def power_of_two_scaled(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+def power_of_two_scaled(rows: torch.Tensor, *, synchronize: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Rows ``(n, d)`` divided each by a power of two, and those exponents int32 ``(n,)``, or None
     where no row needed it.
 
@@ -92,6 +95,8 @@ def power_of_two_scaled(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor 
     [2^-48, 2^48] (near the ends of the float32 range) is brought to a largest ``|x|`` in [0.5, 1), so its
     norm and its products neither overflow nor underflow; other rows are kept as they are
     (exponent 0), so ordinary input gives bit-identical results. Zero rows stay zero.
+    ``synchronize=False`` (rows on a GPU): never wait for the device to tell whether any row needs
+    it; every row is scaled, by ``2^0`` where not extreme (the same values).
     """
     if rows.device.type == "cpu":  # numpy: each torch call on a small tensor costs microseconds
         values = rows.numpy()
@@ -107,7 +112,7 @@ def power_of_two_scaled(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor 
     else:
         largest = rows.abs().amax(dim=1) if rows.numel() else rows.new_zeros(rows.shape[0])
         extreme = (largest > _SAFE) | ((largest < 1 / _SAFE) & (largest > 0))
-        if not bool(extreme.any()):
+        if synchronize and not bool(extreme.any()):
             return rows, None
         exponents = torch.where(extreme, torch.frexp(largest)[1], 0)
     return times_power_of_two(rows, -exponents), exponents

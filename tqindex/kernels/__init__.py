@@ -71,13 +71,16 @@ def get_scanner(
     return made[backend]
 
 
-def encode(codec: TurboQuantCodec, x: Any) -> Codes:
+def encode(codec: TurboQuantCodec, x: Any, *, check: bool = True) -> Codes:
     """``codec.encode(x)``; for tensors on a CUDA device where triton is installed, the fused GPU
-    encoder (``triton_encode``: rotation GEMM + one quantize-and-pack kernel, the same packed bytes)."""
+    encoder (``triton_encode``: rotation GEMM + one quantize-and-pack kernel, the same packed bytes).
+    ``check=False`` lets a GPU caller skip the encoder's finiteness checks, which wait for the
+    device, and check the factors itself (non-finite input gives non-finite factors); the
+    other paths check as ``codec.encode`` does."""
     if isinstance(x, torch.Tensor) and x.device.type == "cuda" and codec.trellis is None and _triton_available():
         from tqindex.kernels import triton_encode
 
-        return triton_encode.encode(codec, x)
+        return triton_encode.encode(codec, x, check=check)
     return codec.encode(x)
 
 

@@ -281,7 +281,7 @@ def _fixed_point_scales(codec: TurboQuantCodec) -> tuple[float, float]:
     keeps them below ``2^62`` in int64. Per grid point, and over all of them, a coordinate's level
     moves one way, so a row's sums are at most ``2 max|c| sum|u_j| <= 2 max|c| sqrt(D) |u|``
     (``|u| <= 2`` allowing for float32) and ``2 max|c|^2 D``."""
-    top = float(codec.levels.abs().max())
+    top = float(abs(codec._levels_np).max())  # numpy: no device read
     dim = codec.layout.dim
     bounds = (4 * top * math.sqrt(dim), 2 * top * top * dim)
     return tuple(2.0 ** (62 - math.ceil(math.log2(max(bound, 2.0**-60)))) for bound in bounds)
@@ -305,7 +305,7 @@ def quantize(codec: TurboQuantCodec, rotated: torch.Tensor, norms: torch.Tensor,
     energy = torch.empty(n, dtype=torch.float32, device=device) if search else None
     residual = torch.empty((n, layout.dim), dtype=torch.float32, device=device) if keep_residual else None
     bounds = codec._on(torch.cat([codec._bounds_lo, codec._bounds_hi]), device)
-    grid = codec._search_grid_t
+    grid = codec._search_grid  # numpy: its floats are read without a device transfer
     block_r, block_d = TILES[search]
     chunk = block_r * triton.cdiv(min(n, _SEARCH_ROWS) if search else n, block_r)
     steps = torch.zeros((2, chunk, grid.shape[0]), dtype=torch.int64, device=device) if search else None
@@ -314,7 +314,7 @@ def quantize(codec: TurboQuantCodec, rotated: torch.Tensor, norms: torch.Tensor,
         if steps is not None and row_start:
             steps.zero_()
         _quantize_kernel[(triton.cdiv(min(chunk, n - row_start), block_r),)](
-            rotated, inverse, bounds, codec._on(codec.levels, device), codec._on(grid, device),
+            rotated, inverse, bounds, codec._on(codec.levels, device), codec._on(codec._search_grid_t, device),
             packed, alignment, energy if search else alignment, residual if keep_residual else rotated,
             steps[0] if search else packed, steps[1] if search else packed, row_start, n,
             float(grid[0]), float(grid[-1]), (grid.shape[0] - 1) / float(grid[-1] - grid[0]),
@@ -335,21 +335,25 @@ def _pack_signs(codec: TurboQuantCodec, packed: torch.Tensor, signs: torch.Tenso
     packed[:, field.offset : field.offset + field.nbytes] = (padded.view(-1, field.nbytes, 8) * weights).sum(dim=2, dtype=torch.uint8)
 
 
-def encode(codec: TurboQuantCodec, x: torch.Tensor) -> Codes:
+def encode(codec: TurboQuantCodec, x: torch.Tensor, *, check: bool = True) -> Codes:
     """``codec.encode`` for a tensor on the GPU (or CPU under the interpreter): rotation GEMM + fused kernel.
 
     ``x`` float ``(n, d)`` or ``(d,)``; returns ``Codes`` of torch tensors on ``x``'s device, packed
     bytes identical to ``codec.encode(x)``. Raises ValueError for non-finite input or norms that
-    overflow float32, as ``codec.encode`` does.
+    overflow float32, as ``codec.encode`` does. ``check=False``: no host synchronisation at all
+    (the checks wait for the GPU); a row with a non-finite value then gets NaN factors, and the
+    caller checks the factors (the KV cache: once a flush, for keys and values together).
     """
-    rows = as_float_rows(x, codec.dim, "x")
-    rows, exponents = power_of_two_scaled(rows)  # as codec.encode: exact, keeps norms finite and nonzero near the ends of float32
+    rows = as_float_rows(x, codec.dim, "x", finite=check)
+    rows, exponents = power_of_two_scaled(rows, synchronize=check)  # as codec.encode: exact, keeps norms finite and nonzero near the ends of float32
     norms = torch.linalg.vector_norm(rows, dim=1)
     prod = codec.config.variant == "prod"
     parts = quantize(codec, codec.rotation.forward(rows), norms, keep_residual=prod)
     if prod:
         _pack_signs(codec, parts.packed, codec.qjl_signs(parts.residual))
     factors = codec.factors(times_power_of_two(norms, exponents), parts.alignment, parts.residual, parts.energy)
+    if not check:  # a NaN row has a NaN norm, but factor 0 (codec.factors maps norms that are not > 0 to 0)
+        return Codes(parts.packed, torch.where(torch.isfinite(norms)[:, None], factors, math.nan))
     if not bool(torch.isfinite(factors).all()):
         raise ValueError("x has a vector whose norm overflows float32: scale the vectors down")
     return Codes(parts.packed, factors)

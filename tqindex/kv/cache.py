@@ -20,6 +20,7 @@ Shapes: ``B`` batch, ``H`` KV heads, ``Tc`` encoded tokens, ``Tw`` window tokens
 from __future__ import annotations
 
 import inspect
+import math
 import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -32,7 +33,7 @@ from transformers.configuration_utils import PreTrainedConfig
 from tqindex.codec import CodecConfig, Codes, TurboQuantCodec
 from tqindex.kernels import encode
 from tqindex.kv.compressed import CompressedKV, map_codes
-from tqindex.kv.factors import LogByteFactors
+from tqindex.kv.factors import LogByteFactors, log_range
 
 BACKENDS = ("auto", "torch", "triton")
 LOG8 = "log8"  # factor_dtype for one-byte logarithmic factors (tqindex.kv.factors)
@@ -109,13 +110,14 @@ class TurboQuantLayer(DynamicLayer):
         attended = self._view(keys, values) if self.dense_prefill else None  # the codes written before this call
         flush = self._flush_len(keys.shape[-2])
         if flush:
-            if self.center_keys and self.key_offset is None:  # exact: softmax ignores q . offset
-                self.key_offset = keys.float().mean(dim=-2, keepdim=True).to(torch.bfloat16)
+            offset = self.key_offset
+            if self.center_keys and offset is None:  # exact: softmax ignores q . offset
+                offset = keys.float().mean(dim=-2, keepdim=True).to(torch.bfloat16)
             old_keys = keys[..., :flush, :]
-            if self.key_offset is not None:
-                old_keys = old_keys.float() - self.key_offset.float()
-            new_keys = self._encode(self.key_codec, old_keys, "key")
-            new_values = self._encode(self.value_codec, values[..., :flush, :], "value")
+            if offset is not None:
+                old_keys = old_keys.float() - offset.float()
+            new_keys, new_values = self._encode(old_keys, values[..., :flush, :])
+            self.key_offset = offset
             self.key_codes, self.value_codes = _concat(self.key_codes, new_keys), _concat(self.value_codes, new_values)
             keys, values = keys[..., flush:, :].clone(), values[..., flush:, :].clone()
         self.keys, self.values = keys, values
@@ -150,22 +152,49 @@ class TurboQuantLayer(DynamicLayer):
             return 0
         return (dense_len - self.window) // self.chunk * self.chunk
 
-    def _encode(self, codec: TurboQuantCodec, states: torch.Tensor, role: str) -> Codes:
-        """Encode ``(B, H, t, d)`` states -> ``Codes`` ``(B, H, t, C)`` and ``(B, H, t, F)`` as stored."""
-        batch, heads, tokens, dim = states.shape
-        codes = encode(codec, states.reshape(-1, dim))  # on a GPU: the fused Triton encoder
-        if self._factor_dtype(role) == LOG8:
-            log_factors = self._log_factors.setdefault(role, LogByteFactors.fit(codes.factors))
-            if log_factors.fits(codes.factors):
-                factors = log_factors.encode(codes.factors)
-                return Codes(codes.packed.view(batch, heads, tokens, -1), factors.view(batch, heads, tokens, -1))
-            self._keep_float_factors(role)
-        factors = codes.factors.to(self._factor_dtype(role))
-        if not bool(torch.isfinite(factors).all()):
-            raise OverflowError(
-                f"a per-vector scale does not fit {self._factor_dtype(role)}: pass factor_dtype=torch.float32 or 'log8' to TurboQuantCache"
-            )
-        return Codes(codes.packed.view(batch, heads, tokens, -1), factors.view(batch, heads, tokens, -1))
+    def _encode(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[Codes, Codes]:
+        """Encode ``(B, H, t, d)`` keys and values -> ``Codes`` ``(B, H, t, C)`` and ``(B, H, t, F)`` as stored.
+
+        On a GPU the encoder's checks are left to this one read back from the device, for both
+        roles (`_factor_checks`): a flush waits for the GPU once, not at every check.
+        Raises ValueError for non-finite states, OverflowError for scales beyond a float16 factor
+        dtype, before anything is stored; warns and keeps float32 factors where log8 would clamp.
+        """
+        states = {"key": keys, "value": values}
+        raw = {role: encode(self._codec(role), x.reshape(-1, x.shape[-1]), check=False) for role, x in states.items()}
+        checks = torch.stack([self._factor_checks(role, codes.factors) for role, codes in raw.items()]).tolist()
+        for (role, x), (finite, cast_finite, *_) in zip(states.items(), checks):
+            if not finite:
+                raise ValueError(f"{role} states hold a non-finite value, or a vector whose norm overflows float32")
+            if not cast_finite:
+                raise OverflowError(
+                    f"a per-vector scale does not fit {self._factor_dtype(role)}: pass factor_dtype=torch.float32 or 'log8' to TurboQuantCache"
+                )
+        stored = []
+        for (role, x), (_, _, smallest, largest, median) in zip(states.items(), checks):
+            factors = raw[role].factors
+            if self._factor_dtype(role) == LOG8:
+                log_factors = self._log_factors.setdefault(role, LogByteFactors.fitted(smallest, largest, median))
+                if log_factors.holds(smallest, largest):
+                    factors = log_factors.encode(factors)
+                else:
+                    self._keep_float_factors(role)
+            factors = factors.to(torch.uint8 if self._factor_dtype(role) == LOG8 else self._factor_dtype(role))
+            stored.append(Codes(raw[role].packed.view(*x.shape[:3], -1), factors.view(*x.shape[:3], -1)))
+        return stored[0], stored[1]
+
+    def _factor_checks(self, role: str, factors: torch.Tensor) -> torch.Tensor:
+        """float64 ``(5,)`` on the device: float32 ``factors`` all finite; all finite in a float
+        storage dtype (1 for log8); for log8, `factors.log_range` (the median only until fitted)."""
+        dtype = self._factor_dtype(role)
+        finite = torch.isfinite(factors).all()
+        if dtype == LOG8:
+            return torch.cat([torch.stack([finite, finite]).double(), log_range(factors, median=role not in self._log_factors)])
+        cast = torch.isfinite(factors.to(dtype)).all()
+        return torch.cat([torch.stack([finite, cast]).double(), factors.new_tensor([0.0, 0.0, math.nan], dtype=torch.float64)])
+
+    def _codec(self, role: str) -> TurboQuantCodec:
+        return self.key_codec if role == "key" else self.value_codec
 
     def _factor_dtype(self, role: str) -> torch.dtype | str:
         """How ``role``'s factors are stored now: as configured, or float32 after `_keep_float_factors`."""

@@ -10,6 +10,7 @@ callers check `fits` first: the cache keeps a layer's factors in float32 once an
 
 from __future__ import annotations
 
+import math
 
 import torch
 
@@ -27,19 +28,26 @@ class LogByteFactors:
     @classmethod
     def fit(cls, factors: torch.Tensor) -> "LogByteFactors":
         """A range centred on the median log2 of the positive ``factors`` (any shape)."""
-        logs = torch.log2(factors[factors > 0].float())
-        if not logs.numel():
+        return cls.fitted(*log_range(factors).tolist())
+
+    @classmethod
+    def fitted(cls, smallest: float, largest: float, median: float) -> "LogByteFactors":
+        """`fit` from `log_range`'s three numbers."""
+        if math.isnan(median):  # no positive factor
             return cls(-_WIDTH / 2)
-        low = min(float(logs.median()) - _WIDTH / 2, float(logs.min()))  # take in the smallest,
-        return cls(max(low, float(logs.max()) - _WIDTH))  # and the largest (if the span allows both)
+        low = min(median - _WIDTH / 2, smallest)  # take in the smallest,
+        return cls(max(low, largest - _WIDTH))  # and the largest (if the span allows both)
 
     def fits(self, factors: torch.Tensor) -> bool:
         """Whether `encode` holds every factor of ``factors`` (any shape) within half a step: none clamped."""
-        logs = torch.log2(factors[factors > 0].float())
-        if not logs.numel():
+        smallest, largest, _ = log_range(factors, median=False).tolist()
+        return self.holds(smallest, largest)
+
+    def holds(self, smallest: float, largest: float) -> bool:
+        """`fits` for positive factors whose log2 lie in ``[smallest, largest]`` (`log_range`; none if empty)."""
+        if smallest > largest:
             return True
-        steps = (logs - self.low) * STEPS_PER_OCTAVE
-        return bool(steps.min() >= -0.5) and bool(steps.max() <= _LEVELS - 0.5)
+        return (smallest - self.low) * STEPS_PER_OCTAVE >= -0.5 and (largest - self.low) * STEPS_PER_OCTAVE <= _LEVELS - 0.5
 
     def encode(self, factors: torch.Tensor) -> torch.Tensor:
         """float factors ``(...)`` >= 0 -> uint8 ``(...)``."""
@@ -51,3 +59,15 @@ class LogByteFactors:
         """uint8 ``(...)`` -> float32 ``(...)``."""
         values = torch.exp2(self.low + (codes.float() - 1) / STEPS_PER_OCTAVE)
         return torch.where(codes > 0, values, torch.zeros_like(values))
+
+
+def log_range(factors: torch.Tensor, *, median: bool = True) -> torch.Tensor:
+    """float64 ``(3,)`` on ``factors``' device, computed there (no host read): the smallest, the
+    largest and (with ``median``, else NaN) the median log2 of the positive ``factors`` (any
+    shape); ``(inf, -inf, nan)`` where none is positive."""
+    positive = factors.reshape(-1) > 0
+    logs = torch.log2(torch.where(positive, factors.reshape(-1).float(), 1.0))
+    if not logs.numel():
+        return torch.tensor([math.inf, -math.inf, math.nan], dtype=torch.float64, device=factors.device)
+    middle = torch.nanmedian(torch.where(positive, logs, math.nan)) if median else logs.new_tensor(math.nan)
+    return torch.stack([torch.where(positive, logs, math.inf).min(), torch.where(positive, logs, -math.inf).max(), middle]).double()
