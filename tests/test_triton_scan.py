@@ -440,3 +440,16 @@ def test_search_launches_counts_a_resident_search(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert "Triton launches: 2 (_scan_kernel 1, _rescore_kernel 1)" in done.stdout, done.stdout
     assert "bmm" not in done.stdout and "embedding" not in done.stdout, done.stdout
+
+
+def test_results_reach_the_host_in_one_buffer():
+    """`scan.to_host` copies a search's scores, rows and flags as one buffer; its views give each back."""
+    from tqindex.kernels.scan import _one_buffer, to_host
+
+    scores = torch.randn(5, 7)[:, ::2]  # not contiguous
+    rows, flags = torch.arange(-3, 12).reshape(3, 5), torch.tensor([True, False, True])
+    half = torch.randn(3).half()
+    got = _one_buffer((flags, scores, half, rows))  # any order of item sizes
+    for g, want in zip(got, (flags, scores, half, rows)):
+        assert g.dtype == want.dtype and torch.equal(g, want)
+    assert to_host(scores, rows)[0] is scores  # CPU tensors stay as they are

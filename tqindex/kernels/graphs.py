@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from tqindex.codec import TurboQuantCodec
-from tqindex.kernels.scan import finish_resident, resident_candidates, search_resident
+from tqindex.kernels.scan import finish_resident, resident_candidates, search_resident, to_host
 
 #: batches of up to this many queries are captured (the candidate buffers grow with the batch); 0: off,
 #: until measured on a GPU (32 is what tests/test_triton_scan.py and benchmarks/bench_gpu.py use)
@@ -73,7 +73,7 @@ class SearchGraphs:
         k: int,
         bias: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Same arguments and results as `scan.search_resident` (CUDA tensors); replays a graph where one
+        """Same arguments and results as `scan.search_resident` (CUDA tensors in, CPU tensors out); replays a graph where one
         is (or can be) captured for this shape, else runs eagerly."""
         m = rotated_queries.shape[0]
         if packed.device.type != "cuda" or not 0 < m <= self.max_queries:
@@ -93,7 +93,7 @@ class SearchGraphs:
             return search_resident(codec, scanner, rotated_queries, packed, factors, valid, k, bias)
         captured.queries.copy_(rotated_queries)
         captured.graph.replay()
-        scores, found, flags = captured.scores.clone(), captured.found.clone(), captured.flags.cpu()
+        scores, found, flags = to_host(captured.scores, captured.found, captured.flags)  # copies: the next replay overwrites them
         return finish_resident(codec, scanner, rotated_queries, packed, factors, valid, k, bias, scores, found, flags)
 
     def __deepcopy__(self, memo: dict) -> "SearchGraphs":

@@ -164,12 +164,34 @@ def search_resident(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``scan_topk`` over rows resident on one device, for a scanner with ``candidates``: one kernel
     over all rows, the merge and the exact rescoring on the device, and one synchronisation at the
-    end (to learn whether any query needs the exact rescan, and whether the queries overflowed the
-    scanner's precision). Same arguments and results as ``scan_topk``; ``valid`` bool ``(n,)`` or
-    None, ``bias`` float32 ``(n,)`` or None.
+    end: one transfer brings the results to the host with the flags that tell whether any query
+    needs the exact rescan and whether the queries overflowed the scanner's precision. Same
+    arguments as ``scan_topk``, and its results on the CPU; ``valid`` bool ``(n,)`` or None,
+    ``bias`` float32 ``(n,)`` or None.
     """
     scores, found, flags = resident_candidates(codec, scanner, rotated_queries, packed, factors, valid, k, bias)
-    return finish_resident(codec, scanner, rotated_queries, packed, factors, valid, k, bias, scores, found, flags.cpu())
+    return finish_resident(codec, scanner, rotated_queries, packed, factors, valid, k, bias, *to_host(scores, found, flags))
+
+
+def to_host(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """``tensors`` (contiguous or not, any dtypes) on the CPU, from a device in one transfer: one
+    synchronisation instead of one each. CPU tensors come back as they are."""
+    if all(t.device.type == "cpu" for t in tensors):
+        return tensors
+    return _one_buffer(tensors)
+
+
+def _one_buffer(tensors: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    """`to_host`'s copy: the tensors' bytes concatenated on their device, copied, and viewed apart."""
+    order = sorted(range(len(tensors)), key=lambda i: -tensors[i].element_size())  # each part starts aligned for its dtype
+    parts = [tensors[i].contiguous().reshape(-1).view(torch.uint8) for i in order]
+    host = torch.cat(parts).cpu()
+    out: list[torch.Tensor] = [host] * len(tensors)
+    start = 0
+    for i, part in zip(order, parts):
+        out[i] = host[start : start + part.numel()].view(tensors[i].dtype).view(tensors[i].shape)
+        start += part.numel()
+    return tuple(out)
 
 
 def resident_candidates(
@@ -225,13 +247,15 @@ def finish_resident(
     flags: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The host part of `search_resident`: ``flags`` (on the CPU) checked, the flagged queries
-    rescanned exactly (rare); ``scores`` and ``found`` updated in place and returned."""
+    rescanned exactly (rare); ``scores`` and ``found`` (on the CPU) updated in place and returned."""
     if not bool(flags[-1]):
         raise scanner.overflow_error()
-    redo = flags[:-1].nonzero().flatten().to(found.device)
+    redo = flags[:-1].nonzero().flatten()
     if redo.numel():
-        _, exact_rows = exact_topk(codec, rotated_queries[redo], packed, factors, valid, candidate_count(k), bias)
-        scores[redo], found[redo] = rescore_resident(codec, rotated_queries[redo], exact_rows, packed, factors, bias, k)
+        at = redo.to(packed.device)
+        _, exact_rows = exact_topk(codec, rotated_queries[at], packed, factors, valid, candidate_count(k), bias)
+        exact = rescore_resident(codec, rotated_queries[at], exact_rows, packed, factors, bias, k)
+        scores[redo], found[redo] = to_host(*exact)
     return scores, found
 
 
