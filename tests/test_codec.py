@@ -339,3 +339,15 @@ def test_finish_matrix_is_finish(variant, rotation, dim):
     assert matrix.shape == (width, dim) and matrix.dtype == torch.float32
     torch.testing.assert_close(rows @ matrix, codec.finish(rows), rtol=1e-5, atol=1e-5)
     assert "_finish_cpu" not in pickle.loads(pickle.dumps(codec)).__dict__
+
+
+def test_device_copies_are_cached_by_the_tensor_itself_not_a_reused_id():
+    """`TurboQuantCodec._on` keys its cache by ``id``; an entry left by a freed tensor whose id a new
+    tensor gets must not answer for it (the fused encoder once passed a temporary)."""
+    codec = TurboQuantCodec(16, 2)
+    meta = torch.device("meta")
+    old, new = torch.zeros(3), torch.zeros(5)
+    codec._on(old, meta)
+    codec.__dict__["_device_cache"][(id(new), meta)] = codec.__dict__["_device_cache"][(id(old), meta)]  # as after id reuse
+    assert codec._on(new, meta).shape == (5,)
+    assert codec._on(old, meta) is codec._on(old, meta)  # and a live tensor's copy is made once

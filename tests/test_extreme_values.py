@@ -80,3 +80,37 @@ def test_exact_knn_angular_ignores_the_magnitude():
         scaled = exact_knn(exactly(X, x_scale), exactly(Q, q_scale), 5, "angular", progress=False)
         np.testing.assert_array_equal(scaled[1], plain[1])
         np.testing.assert_allclose(scaled[0], plain[0], atol=1e-5)
+
+
+def test_the_device_rescale_equals_the_host_one_and_can_skip_its_read_back():
+    """`power_of_two_scaled`'s torch branch (rows on a GPU; called here on CPU tensors): the numpy
+    branch's exponents, and with ``synchronize=False`` no read back to the host, every row scaled
+    (by 2^0 where ordinary), the same values."""
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from tqindex._arrays import _device_exponents, _host_exponents, times_power_of_two
+
+    class Reads(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.reads = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket.__name__ in ("_local_scalar_dense", "is_nonzero", "nonzero"):
+                self.reads.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    ordinary = torch.from_numpy(X[:4].copy())
+    extreme = ordinary.clone()
+    extreme[1] *= 2.0**100
+    extreme[2] = 1e-40
+    extreme[3] = 0.0
+    assert _device_exponents(ordinary, synchronize=True) is None and _host_exponents(ordinary) is None
+    assert torch.equal(_device_exponents(extreme, synchronize=True), _host_exponents(extreme))
+    log = Reads()
+    with log:
+        lazy = [_device_exponents(rows, synchronize=False) for rows in (ordinary, extreme)]
+    assert log.reads == []
+    assert not lazy[0].any() and torch.equal(times_power_of_two(ordinary, -lazy[0]), ordinary)
+    assert torch.equal(lazy[1], _host_exponents(extreme))

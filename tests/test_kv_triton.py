@@ -128,6 +128,9 @@ def test_plan_fills_the_sms_with_whole_power_of_two_splits():
     assert (long.block_m, long.merge_m, long.merge_dot) == (16, 4, False)
     extend = plan(8, 24, 32768, 128, 132, KernelOptions(merge_rows=4))  # more rows: the split's blocks, tensor cores
     assert (extend.merge_m, extend.merge_dot) == (extend.block_m, True)
+    assert not plan(8, 24, 4096, 128, 132, KernelOptions(dot=False)).merge_dot  # CUDA cores asked for: the merge too
+    with pytest.raises(ValueError, match="merge_rows must be at least 1"):
+        KernelOptions(merge_rows=0)
     slots = KernelOptions(slots=True)  # the token-slot decode: CUDA cores, at most 4 rows
     assert plan(8, 4, 4096, 128, 132, slots).slots and plan(8, 3, 4096, 128, 132, slots).slots
     assert not plan(8, 6, 4096, 128, 132, slots).slots and not plan(8, 4, 4096, 128, 132, KernelOptions(slots=True, dot=True)).slots
@@ -158,9 +161,10 @@ def test_kernels_compile_for_a_real_gpu(tmp_path):
 
 
 class _HostReads(TorchDispatchMode):
-    """The aten operations that read a tensor's values back to the host (on a GPU each waits for it)."""
+    """The aten operations that read a tensor's values back to the host, or make a tensor of host data
+    (``torch.tensor``, ``new_tensor``: a copy to the device there): on a GPU each waits for it."""
 
-    READS = {"_local_scalar_dense", "nonzero", "masked_select", "is_nonzero", "equal", "_unique2", "unique_consecutive"}
+    READS = {"_local_scalar_dense", "nonzero", "masked_select", "is_nonzero", "equal", "_unique2", "unique_consecutive", "lift_fresh"}
 
     def __init__(self) -> None:
         super().__init__()
@@ -188,8 +192,8 @@ def test_a_flush_reads_back_from_the_device_once(monkeypatch, factor_dtype):
     monkeypatch.setattr(torch.Tensor, "tolist", lambda self: transfers.append(self.shape) or real_tolist(self))
     cache = TurboQuantCache(4, 4, window=8, chunk=8, factor_dtype=factor_dtype)
     keys, values = (torch.randn(1, 2, 40, 32, generator=torch.Generator().manual_seed(i)).to(DEVICE) for i in range(2))
-    log = _HostReads()
     reference = TurboQuantCache(4, 4, window=8, chunk=8, factor_dtype=factor_dtype)  # the CPU encoder, its own checks
+    cache.update(keys[:, :, :0], values[:, :, :0], 0)  # no tokens: the layer and its codecs (CPU constants from numpy) made before counting
     log, counted = _HostReads(), 0
     for steps in [slice(0, 24)] + [slice(t, t + 1) for t in range(24, 32)]:  # a prefill encodes 16 tokens, the 8th step 8 more
         reference.update(keys[:, :, steps].cpu(), values[:, :, steps].cpu(), 0)

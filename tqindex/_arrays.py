@@ -98,24 +98,34 @@ def power_of_two_scaled(rows: torch.Tensor, *, synchronize: bool = True) -> tupl
     ``synchronize=False`` (rows on a GPU): never wait for the device to tell whether any row needs
     it; every row is scaled, by ``2^0`` where not extreme (the same values).
     """
-    if rows.device.type == "cpu":  # numpy: each torch call on a small tensor costs microseconds
-        values = rows.numpy()
-        if len(values) == 1 and values.size:  # one query: one reduction
-            top = float(np.abs(values).max())
-            if top <= _SAFE and not 0 < top < 1 / _SAFE:
-                return rows, None
-        largest = np.maximum(values.max(axis=1), -values.min(axis=1)) if values.size else np.zeros(len(values), values.dtype)
-        extreme = (largest > _SAFE) | ((largest < 1 / _SAFE) & (largest > 0))
-        if not extreme.any():
-            return rows, None
-        exponents = torch.from_numpy(np.where(extreme, np.frexp(largest)[1], 0).astype(np.int32))
-    else:
-        largest = rows.abs().amax(dim=1) if rows.numel() else rows.new_zeros(rows.shape[0])
-        extreme = (largest > _SAFE) | ((largest < 1 / _SAFE) & (largest > 0))
-        if synchronize and not bool(extreme.any()):
-            return rows, None
-        exponents = torch.where(extreme, torch.frexp(largest)[1], 0)
+    exponents = _host_exponents(rows) if rows.device.type == "cpu" else _device_exponents(rows, synchronize)
+    if exponents is None:
+        return rows, None
     return times_power_of_two(rows, -exponents), exponents
+
+
+def _host_exponents(rows: torch.Tensor) -> torch.Tensor | None:
+    """`power_of_two_scaled`'s exponents of CPU rows, by numpy (each torch call on a small tensor costs microseconds)."""
+    values = rows.numpy()
+    if len(values) == 1 and values.size:  # one query: one reduction
+        top = float(np.abs(values).max())
+        if top <= _SAFE and not 0 < top < 1 / _SAFE:
+            return None
+    largest = np.maximum(values.max(axis=1), -values.min(axis=1)) if values.size else np.zeros(len(values), values.dtype)
+    extreme = (largest > _SAFE) | ((largest < 1 / _SAFE) & (largest > 0))
+    if not extreme.any():
+        return None
+    return torch.from_numpy(np.where(extreme, np.frexp(largest)[1], 0).astype(np.int32))
+
+
+def _device_exponents(rows: torch.Tensor, synchronize: bool) -> torch.Tensor | None:
+    """`power_of_two_scaled`'s exponents of rows on a device, by torch there; with ``synchronize``
+    None where no row needs scaling (which reads a flag back), else always a tensor."""
+    largest = rows.abs().amax(dim=1) if rows.numel() else rows.new_zeros(rows.shape[0])
+    extreme = (largest > _SAFE) | ((largest < 1 / _SAFE) & (largest > 0))
+    if synchronize and not bool(extreme.any()):
+        return None
+    return torch.where(extreme, torch.frexp(largest)[1], 0)
 
 
 def times_power_of_two(values: torch.Tensor, exponents: torch.Tensor | None) -> torch.Tensor:

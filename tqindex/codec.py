@@ -502,18 +502,20 @@ class TurboQuantCodec:
         return packed, factors.to(torch.float32)
 
     def _on(self, tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
-        """A fixed tensor on ``device`` (cached, so GPU callers do not copy it every call)."""
+        """A fixed tensor on ``device`` (cached, so GPU callers do not copy it every call). The cache
+        holds the source too: an id is unique only while its object lives."""
         if tensor.device == device:
             return tensor
         cache = self.__dict__.setdefault("_device_cache", {})
         key = (id(tensor), device)
-        if key not in cache:
-            cache[key] = tensor.to(device)
-        return cache[key]
+        if key not in cache or cache[key][0] is not tensor:
+            cache[key] = (tensor, tensor.to(device))
+        return cache[key][1]
 
     def __getstate__(self) -> dict[str, Any]:
-        """Pickled and copied without the device cache (its keys are ids of this object's tensors) and ``finish_matrix``'s."""
-        return {key: value for key, value in self.__dict__.items() if key not in ("_device_cache", "_finish_cpu")}
+        """Pickled and copied without the device cache (its keys are ids of this object's tensors), ``finish_matrix``'s
+        and the fused encoder's (derived, made again when needed)."""
+        return {key: value for key, value in self.__dict__.items() if key not in ("_device_cache", "_finish_cpu", "_encode_bounds")}
 
     def __repr__(self) -> str:
         c = self.config

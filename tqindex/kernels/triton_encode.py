@@ -287,6 +287,14 @@ def _fixed_point_scales(codec: TurboQuantCodec) -> tuple[float, float]:
     return tuple(2.0 ** (62 - math.ceil(math.log2(max(bound, 2.0**-60)))) for bound in bounds)
 
 
+def _bounds(codec: TurboQuantCodec) -> torch.Tensor:
+    """The codec's midpoints, base levels' then extra levels', as one CPU tensor kept on the codec
+    (so `TurboQuantCodec._on` copies it to a device once)."""
+    if "_encode_bounds" not in codec.__dict__:
+        codec.__dict__["_encode_bounds"] = torch.cat([codec._bounds_lo, codec._bounds_hi])
+    return codec.__dict__["_encode_bounds"]
+
+
 def quantize(codec: TurboQuantCodec, rotated: torch.Tensor, norms: torch.Tensor, keep_residual: bool) -> Quantized:
     """The fused quantize + pack kernel on rotated rows ``(n, D)`` float32 and their norms ``(n,)``.
 
@@ -304,7 +312,7 @@ def quantize(codec: TurboQuantCodec, rotated: torch.Tensor, norms: torch.Tensor,
     alignment = torch.empty(n, dtype=torch.float32, device=device)
     energy = torch.empty(n, dtype=torch.float32, device=device) if search else None
     residual = torch.empty((n, layout.dim), dtype=torch.float32, device=device) if keep_residual else None
-    bounds = codec._on(torch.cat([codec._bounds_lo, codec._bounds_hi]), device)
+    bounds = codec._on(_bounds(codec), device)
     grid = codec._search_grid  # numpy: its floats are read without a device transfer
     block_r, block_d = TILES[search]
     chunk = block_r * triton.cdiv(min(n, _SEARCH_ROWS) if search else n, block_r)
@@ -331,7 +339,7 @@ def _pack_signs(codec: TurboQuantCodec, packed: torch.Tensor, signs: torch.Tenso
     field = codec.layout.sign_field
     padded = torch.zeros((signs.shape[0], field.nbytes * 8), dtype=torch.uint8, device=signs.device)
     padded[:, : field.stop] = signs
-    weights = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8, device=signs.device)
+    weights = 2 ** torch.arange(8, dtype=torch.uint8, device=signs.device)  # made there: no copy from the host
     packed[:, field.offset : field.offset + field.nbytes] = (padded.view(-1, field.nbytes, 8) * weights).sum(dim=2, dtype=torch.uint8)
 
 

@@ -156,16 +156,18 @@ class TurboQuantLayer(DynamicLayer):
         """Encode ``(B, H, t, d)`` keys and values -> ``Codes`` ``(B, H, t, C)`` and ``(B, H, t, F)`` as stored.
 
         On a GPU the encoder's checks are left to this one read back from the device, for both
-        roles (`_factor_checks`): a flush waits for the GPU once, not at every check.
+        roles (`_factor_checks`): a flush waits for the GPU once, not at every check (the trellis
+        quantizer encodes on the CPU path, with its own checks).
         Raises ValueError for non-finite states, OverflowError for scales beyond a float16 factor
         dtype, before anything is stored; warns and keeps float32 factors where log8 would clamp.
         """
         states = {"key": keys, "value": values}
-        raw = {role: encode(self._codec(role), x.reshape(-1, x.shape[-1]), check=False) for role, x in states.items()}
+        raw = {role: self._encode_role(role, x) for role, x in states.items()}
         checks = torch.stack([self._factor_checks(role, codes.factors) for role, codes in raw.items()]).tolist()
-        for (role, x), (finite, cast_finite, *_) in zip(states.items(), checks):
+        for role, (finite, *_) in zip(states, checks):
             if not finite:
                 raise ValueError(f"{role} states hold a non-finite value, or a vector whose norm overflows float32")
+        for role, (_, cast_finite, *_) in zip(states, checks):
             if not cast_finite:
                 raise OverflowError(
                     f"a per-vector scale does not fit {self._factor_dtype(role)}: pass factor_dtype=torch.float32 or 'log8' to TurboQuantCache"
@@ -183,6 +185,14 @@ class TurboQuantLayer(DynamicLayer):
             stored.append(Codes(raw[role].packed.view(*x.shape[:3], -1), factors.view(*x.shape[:3], -1)))
         return stored[0], stored[1]
 
+    def _encode_role(self, role: str, states: torch.Tensor) -> Codes:
+        """``(B, H, t, d)`` states -> flat ``Codes``, float32 factors: on a GPU without the encoder's host
+        checks; elsewhere ``codec.encode`` checks (its error then names the role)."""
+        try:
+            return encode(self._codec(role), states.reshape(-1, states.shape[-1]), check=False)
+        except ValueError as error:
+            raise ValueError(f"{role} states: {error}") from error
+
     def _factor_checks(self, role: str, factors: torch.Tensor) -> torch.Tensor:
         """float64 ``(5,)`` on the device: float32 ``factors`` all finite; all finite in a float
         storage dtype (1 for log8); for log8, `factors.log_range` (the median only until fitted)."""
@@ -191,7 +201,8 @@ class TurboQuantLayer(DynamicLayer):
         if dtype == LOG8:
             return torch.cat([torch.stack([finite, finite]).double(), log_range(factors, median=role not in self._log_factors)])
         cast = torch.isfinite(factors.to(dtype)).all()
-        return torch.cat([torch.stack([finite, cast]).double(), factors.new_tensor([0.0, 0.0, math.nan], dtype=torch.float64)])
+        unused = torch.full((3,), math.nan, dtype=torch.float64, device=factors.device)  # made there: no copy from the host
+        return torch.cat([torch.stack([finite, cast]).double(), unused])
 
     def _codec(self, role: str) -> TurboQuantCodec:
         return self.key_codec if role == "key" else self.value_codec

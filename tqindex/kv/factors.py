@@ -62,12 +62,12 @@ class LogByteFactors:
 
 
 def log_range(factors: torch.Tensor, *, median: bool = True) -> torch.Tensor:
-    """float64 ``(3,)`` on ``factors``' device, computed there (no host read): the smallest, the
+    """float64 ``(3,)`` on ``factors``' device, computed there (no transfer either way): the smallest, the
     largest and (with ``median``, else NaN) the median log2 of the positive ``factors`` (any
     shape); ``(inf, -inf, nan)`` where none is positive."""
     positive = factors.reshape(-1) > 0
     logs = torch.log2(torch.where(positive, factors.reshape(-1).float(), 1.0))
     if not logs.numel():
         return torch.tensor([math.inf, -math.inf, math.nan], dtype=torch.float64, device=factors.device)
-    middle = torch.nanmedian(torch.where(positive, logs, math.nan)) if median else logs.new_tensor(math.nan)
+    middle = torch.nanmedian(torch.where(positive, logs, math.nan)) if median else torch.full((), math.nan, device=logs.device)
     return torch.stack([torch.where(positive, logs, math.inf).min(), torch.where(positive, logs, -math.inf).max(), middle]).double()

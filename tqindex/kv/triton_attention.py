@@ -472,9 +472,10 @@ class KernelOptions:
     tensor cores, 2- and 4-bit levels (one field over whole 32-bit words) looked up in registers
     by byte permutes (`triton_unpack.unpack_half_levels`) instead of gathered: the same float16
     operands; unmeasured on a GPU (the benchmark's variants time it). merge_warps: per merge
-    program. merge_rows: with at most `FMA_MAX_ROWS` rows per (batch, KV head) (a decode), rows per
-    merge program (rounded up to a power of two). A decode's merge runs on CUDA cores, one program
-    per row by default, even where the split kernel uses tensor cores: at 32k tokens (64 splits,
+    program. merge_rows: rows per merge program (rounded up to a power of two) where the merge runs on
+    CUDA cores: with at most `FMA_MAX_ROWS` rows per (batch, KV head) (a decode), or ``dot=False``.
+    A decode's merge runs on CUDA cores, one program per row by default, even where the split
+    kernel uses tensor cores: at 32k tokens (64 splits,
     4 rows) a program takes 9 loop steps one after another, against 16 with 4 rows a program
     and 24 with them padded to ``tl.dot``'s 16 (`benchmarks/kv_kernel_resources.py`; unmeasured).
     """
@@ -489,6 +490,10 @@ class KernelOptions:
     gather_asm: bool | None = None
     slots: bool = False
     register_tables: bool = False
+
+    def __post_init__(self) -> None:
+        if self.merge_rows < 1:
+            raise ValueError(f"merge_rows must be at least 1, got {self.merge_rows}")
 
 
 @dataclass(frozen=True)
@@ -533,7 +538,7 @@ def plan(pairs: int, rows: int, tokens: int, dim_pad: int, sms: int, options: Ke
     slots = options.slots and not dot and block_m <= SLOT_MAX_ROWS
     warps = options.num_warps or (DOT_WARPS if dot else SPLIT_WARPS)
     splits = triton.cdiv(max(tokens, 1), split_blocks * block_t)
-    merge_dot = rows > FMA_MAX_ROWS  # a decode's few rows: CUDA cores, not padded to tl.dot's 16
+    merge_dot = dot and rows > FMA_MAX_ROWS  # a decode's few rows: CUDA cores, not padded to tl.dot's 16
     merge_m = block_m if merge_dot else triton.next_power_of_2(min(options.merge_rows, rows))
     return Plan(block_m, dot, slots, warps, block_t, split_blocks, splits, options.register_tables and dot, merge_m, merge_dot)
 
