@@ -41,6 +41,7 @@ import triton.language as tl
 
 from tqindex._arrays import as_float_rows, power_of_two_scaled, times_power_of_two
 from tqindex.codec import Codes, TurboQuantCodec
+from tqindex.kernels.grid import cdiv
 from tqindex.quantize import SEARCH_TIE
 
 #: (rows per program, coordinates per step): nearest levels; code search, whose sweep over the grid
@@ -315,13 +316,13 @@ def quantize(codec: TurboQuantCodec, rotated: torch.Tensor, norms: torch.Tensor,
     bounds = codec._on(_bounds(codec), device)
     grid = codec._search_grid  # numpy: its floats are read without a device transfer
     block_r, block_d = TILES[search]
-    chunk = block_r * triton.cdiv(min(n, _SEARCH_ROWS) if search else n, block_r)
+    chunk = block_r * cdiv(min(n, _SEARCH_ROWS) if search else n, block_r)
     steps = torch.zeros((2, chunk, grid.shape[0]), dtype=torch.int64, device=device) if search else None
     dot_scale, energy_scale = _fixed_point_scales(codec)
     for row_start in range(0, n, max(chunk, 1)):
         if steps is not None and row_start:
             steps.zero_()
-        _quantize_kernel[(triton.cdiv(min(chunk, n - row_start), block_r),)](
+        _quantize_kernel[(cdiv(min(chunk, n - row_start), block_r),)](
             rotated, inverse, bounds, codec._on(codec.levels, device), codec._on(codec._search_grid_t, device),
             packed, alignment, energy if search else alignment, residual if keep_residual else rotated,
             steps[0] if search else packed, steps[1] if search else packed, row_start, n,

@@ -39,6 +39,7 @@ import triton.language as tl
 
 from tqindex.codec import TurboQuantCodec
 from tqindex.kernels.fastscan import DEFAULT_Z
+from tqindex.kernels.grid import cdiv, next_power_of_2
 from tqindex.kernels.scan import below_bounds, candidate_count, exact_topk, padded, rescore_resident
 from tqindex.kernels import triton_int8
 from tqindex.kernels.triton_int8 import int8_dot, int8_levels
@@ -97,7 +98,7 @@ class ScanConfig:
 
     def block_m(self, m: int) -> int:
         """Queries per program for a batch of ``m``."""
-        return min(max(16 if self.mma else 1, triton.next_power_of_2(m)), self.max_block_m)
+        return min(max(16 if self.mma else 1, next_power_of_2(m)), self.max_block_m)
 
     def block_rows(self, block_m: int) -> int:
         """Rows per tile for ``block_m`` queries per program."""
@@ -475,15 +476,15 @@ class TritonScanner:
         config = self.config
         block_m = config.block_m(m)
         block_n = config.block_rows(block_m)
-        tiles, query_tiles = triton.cdiv(n, block_n), triton.cdiv(m, block_m)
+        tiles, query_tiles = cdiv(n, block_n), cdiv(m, block_m)
         if self.tiles_per_program is None:
             buckets = _BUCKETS_PER_CANDIDATE * math.ceil(count**1.5)
-            groups = max(triton.cdiv(_target_programs(device, config.programs_per_sm), query_tiles), triton.cdiv(buckets, block_n))
-            per_program = triton.cdiv(tiles, min(groups, tiles))
+            groups = max(cdiv(_target_programs(device, config.programs_per_sm), query_tiles), cdiv(buckets, block_n))
+            per_program = cdiv(tiles, min(groups, tiles))
         else:
             per_program = self.tiles_per_program
-        per_program = max(per_program, triton.cdiv(tiles, _MAX_GRID_Y))
-        groups = triton.cdiv(tiles, per_program)
+        per_program = max(per_program, cdiv(tiles, _MAX_GRID_Y))
+        groups = cdiv(tiles, per_program)
         slots = 2 * block_n
         out_scores = torch.empty((m, groups * slots), dtype=torch.float32, device=device)
         out_rows = torch.empty((m, groups * slots), dtype=torch.int32, device=device)
@@ -535,7 +536,7 @@ class TritonScanner:
             return scores, found
         queries = rotated_queries.to(device=device, dtype=torch.float32).contiguous()
         rows, factors = rows.to(device).contiguous(), factors.to(torch.float32).contiguous()
-        block_c = max(16, triton.next_power_of_2(count))
+        block_c = max(16, next_power_of_2(count))
         _rescore_kernel[(m,)](
             queries, rows, packed.contiguous(), factors, None if bias is None else bias.to(torch.float32).contiguous(),
             levels_table(self.codec, device), scores, found, count, k,

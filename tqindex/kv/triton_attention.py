@@ -42,6 +42,7 @@ import triton
 import triton.language as tl
 
 from tqindex.codec import Codes, TurboQuantCodec
+from tqindex.kernels.grid import cdiv, next_power_of_2
 from tqindex.kernels.triton_unpack import (
     half_asm,
     half_tables,
@@ -528,18 +529,18 @@ def plan(pairs: int, rows: int, tokens: int, dim_pad: int, sms: int, options: Ke
     Raises ValueError for tensor cores with ``block_t`` under `DOT_MIN_BLOCK_T`.
     """
     dot = (rows > FMA_MAX_ROWS or tokens >= DOT_MIN_TOKENS) if options.dot is None else options.dot
-    block_m = max(16, min(_DOT_BLOCK_M, triton.next_power_of_2(rows))) if dot else triton.next_power_of_2(rows)
+    block_m = max(16, min(_DOT_BLOCK_M, next_power_of_2(rows))) if dot else next_power_of_2(rows)
     block_t = options.block_t or (64 if dim_pad <= 128 else 32)
     if dot and block_t < DOT_MIN_BLOCK_T:
         raise ValueError(f"tensor-core blocks need block_t >= {DOT_MIN_BLOCK_T}, got {block_t}")
-    row_blocks = triton.cdiv(rows, block_m)
-    wanted = options.splits or max(1, triton.cdiv(options.programs_per_sm * sms, pairs * row_blocks))
-    split_blocks = triton.next_power_of_2(triton.cdiv(triton.cdiv(max(tokens, 1), wanted), block_t))
+    row_blocks = cdiv(rows, block_m)
+    wanted = options.splits or max(1, cdiv(options.programs_per_sm * sms, pairs * row_blocks))
+    split_blocks = next_power_of_2(cdiv(cdiv(max(tokens, 1), wanted), block_t))
     slots = options.slots and not dot and block_m <= SLOT_MAX_ROWS
     warps = options.num_warps or (DOT_WARPS if dot else SPLIT_WARPS)
-    splits = triton.cdiv(max(tokens, 1), split_blocks * block_t)
+    splits = cdiv(max(tokens, 1), split_blocks * block_t)
     merge_dot = dot and rows > FMA_MAX_ROWS  # a decode's few rows: CUDA cores, not padded to tl.dot's 16
-    merge_m = block_m if merge_dot else triton.next_power_of_2(min(options.merge_rows, rows))
+    merge_m = block_m if merge_dot else next_power_of_2(min(options.merge_rows, rows))
     return Plan(block_m, dot, slots, warps, block_t, split_blocks, splits, options.register_tables and dot, merge_m, merge_dot)
 
 
@@ -596,7 +597,7 @@ def triton_codes_attention(
     queries = _unit_last(query.reshape(pairs, rows, head_dim))  # (N, M, d): rows are (query head of the group, position)
     # unchecked (a finiteness check waits for the GPU and breaks CUDA graph capture): NaN flows through, as in sdpa
     rotated = key_codec.rotate_rows(queries.reshape(-1, head_dim).float()).view(pairs, rows, -1)
-    d_pad = max(16, triton.next_power_of_2(dim))
+    d_pad = max(16, next_power_of_2(dim))
     launch = plan(pairs, rows, encoded, d_pad, sm_count(device), options)
     acc_dim = dim * value_codec.n_factors
     partial_acc = torch.empty((pairs, launch.splits, rows, acc_dim), dtype=torch.float32, device=device)
@@ -606,7 +607,7 @@ def triton_codes_attention(
     causal = causal and mask is None and q_len > 1
     causal_shift = tokens - q_len
     kc, vc = (Codes(_unit_last(kv.codes.packed), _unit_last(kv.codes.factors)) for kv in (key, value))
-    _split_kernel[(pairs, launch.splits, triton.cdiv(rows, launch.block_m))](
+    _split_kernel[(pairs, launch.splits, cdiv(rows, launch.block_m))](
         rotated, kc.packed, kc.factors, vc.packed, vc.factors, mask_tensor, partial_acc, partial_top, partial_total,
         levels_table(key_codec, device), levels_table(value_codec, device),
         _low(key), _low(value), scaling, encoded, rows, q_len, heads, causal_shift,
@@ -623,19 +624,19 @@ def triton_codes_attention(
     codes_part = torch.empty((pairs, rows, acc_dim), dtype=torch.float32, device=device)
     out = torch.empty((pairs, rows, value_dim), dtype=query.dtype, device=device)
     merge_m = launch.merge_m
-    acc_pad, dk_pad, dv_pad = triton.next_power_of_2(acc_dim), triton.next_power_of_2(head_dim), triton.next_power_of_2(value_dim)
-    block_s = max(1, min(triton.next_power_of_2(launch.splits), _MERGE_TILE // (merge_m * acc_pad)))
+    acc_pad, dk_pad, dv_pad = next_power_of_2(acc_dim), next_power_of_2(head_dim), next_power_of_2(value_dim)
+    block_s = max(1, min(next_power_of_2(launch.splits), _MERGE_TILE // (merge_m * acc_pad)))
     block_w = 32 if launch.merge_dot or merge_m * dk_pad <= 2048 else 16
     offset = _unit_last(key.offset) if key.offset is not None else partial_top[:, :, None]  # a placeholder, never read
     kw, vw = _unit_last(key.window), _unit_last(value.window)
-    _merge_kernel[(pairs, triton.cdiv(rows, merge_m))](
+    _merge_kernel[(pairs, cdiv(rows, merge_m))](
         partial_acc, partial_top, partial_total, queries, offset, kw, vw, mask_tensor, codes_part, value_codec.finish_matrix(device), out,
         launch.splits, rows, q_len, heads, window, encoded, causal_shift, scaling,
         *partial_acc.stride()[:3], queries.stride(0), queries.stride(1), offset.stride(0), offset.stride(1),
         *kw.stride()[:3], *vw.stride()[:3], *mask_strides, codes_part.stride(0), codes_part.stride(1), out.stride(0), out.stride(1),
         DACC=acc_dim, DACC_PAD=acc_pad, DK=head_dim, DK_PAD=dk_pad, DV=value_dim, DV_PAD=dv_pad,
         HAS_OFFSET=key.offset is not None, MASK_MODE=mask_mode, CAUSAL=causal, BLOCK_M=merge_m,
-        BLOCK_S=block_s, SPLIT_LOOPS=triton.next_power_of_2(launch.splits) // block_s, BLOCK_W=block_w,
+        BLOCK_S=block_s, SPLIT_LOOPS=next_power_of_2(launch.splits) // block_s, BLOCK_W=block_w,
         WINDOW_LOOPS=_loops(window, block_w),
         DOT=launch.merge_dot, BLOCK_K=_finish_block(launch.merge_dot, merge_m, dv_pad), num_warps=options.merge_warps,
     )  # fmt: skip
@@ -661,8 +662,8 @@ def _word_aligned(packed: torch.Tensor) -> bool:
 def _loops(count: int, block: int) -> int:
     """Blocks to cover ``count``, rounded up to a power of two past 8 (few compiled variants as ``count`` grows:
     a decode window cycles through ``chunk`` sizes, so it takes at most two)."""
-    loops = triton.cdiv(count, block)
-    return loops if loops <= 8 else triton.next_power_of_2(loops)
+    loops = cdiv(count, block)
+    return loops if loops <= 8 else next_power_of_2(loops)
 
 
 def _low(kv: CompressedKV) -> float:
