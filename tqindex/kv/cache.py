@@ -156,8 +156,8 @@ class TurboQuantLayer(DynamicLayer):
         """Encode ``(B, H, t, d)`` keys and values -> ``Codes`` ``(B, H, t, C)`` and ``(B, H, t, F)`` as stored.
 
         On a GPU the encoder's checks are left to this one read back from the device, for both
-        roles (`_factor_checks`): a flush waits for the GPU once, not at every check (the trellis
-        quantizer encodes on the CPU path, with its own checks).
+        roles (`_factor_checks`): a flush waits for the GPU once, not at every check (trellis codes
+        are encoded by ``codec.encode``, with its own checks).
         Raises ValueError for non-finite states, OverflowError for scales beyond a float16 factor
         dtype, before anything is stored; warns and keeps float32 factors where log8 would clamp.
         """
@@ -205,6 +205,7 @@ class TurboQuantLayer(DynamicLayer):
         return torch.cat([torch.stack([finite, cast]).double(), unused])
 
     def _codec(self, role: str) -> TurboQuantCodec:
+        """The codec of ``role`` ("key" or "value")."""
         return self.key_codec if role == "key" else self.value_codec
 
     def _factor_dtype(self, role: str) -> torch.dtype | str:
