@@ -1,12 +1,14 @@
-"""Host time of a decode attention call over codes, without a GPU: Python, torch's
-CPU work and Triton's JIT launch path (argument binding, specialisation, cache key), which a GPU
-run pays on top of its kernels whenever it is not replayed from a CUDA graph (a transformers
-decode step calls it once per layer).
+"""Host time of a decode attention call over codes and of a resident index search, without a GPU:
+Python, torch's CPU work and Triton's JIT launch path (argument binding, specialisation, cache
+key), which a GPU run pays on top of its kernels whenever it is not replayed from a CUDA graph (a
+transformers decode step calls the attention once per layer).
 
 Triton's driver is replaced by a stand-in (device 0, stream 0, target sm_90), the kernels are
 compiled for sm_90 as on the GPU, and only the final C launch is a no-op; the tensors stay on the
 CPU, so torch operations run there instead of being queued (the rotation's small matrix product
-among them). Per case: the whole call, and each Triton launch alone, in microseconds, the best of
+among them). The scan is told it runs interpreted, which lets CPU tensors through its device check
+and aims its grid at a few programs; the kernels writing nothing, their row outputs are zeroed
+for the index to map. Per case: the whole call, and each Triton launch alone, in microseconds, the best of
 ``--rounds`` rounds of ``--calls`` calls. Relies on Triton internals (``driver.set_active``,
 ``CompiledKernel``): for comparing forms of the host code on one machine, not a public figure.
 
@@ -20,13 +22,16 @@ import os
 import time
 from collections.abc import Callable
 
+import numpy as np
 import torch
 import triton.compiler.compiler as compiler
 from triton.backends.compiler import GPUTarget
 from triton.runtime import driver
 
+import tqindex.kernels.triton_scan as triton_scan
 import tqindex.kv.triton_attention as triton_attention
 from _common import markdown_table
+from tqindex import TurboQuantIndex
 from tqindex.kv import TurboQuantCache
 
 
@@ -99,6 +104,28 @@ def measure(label: str, run: Callable[[], object], module, names: tuple[str, ...
     return rows
 
 
+def _search() -> Callable[[], object]:
+    """A resident index's search of one query, with the scanner's row outputs zeroed (the kernels write nothing)."""
+    triton_scan._INTERPRETED = True
+    scanner = triton_scan.TritonScanner
+    candidates, rescore = scanner.candidates, scanner.rescore
+
+    def zeroed_candidates(self, *args, **kwargs):
+        bounds, rows, overflow = candidates(self, *args, **kwargs)
+        return bounds, rows.zero_(), overflow.zero_()
+
+    def zeroed_rescore(self, *args, **kwargs):
+        scores, rows = rescore(self, *args, **kwargs)
+        return scores.zero_(), rows.zero_()
+
+    scanner.candidates, scanner.rescore = zeroed_candidates, zeroed_rescore
+    rng = np.random.default_rng(0)
+    index = TurboQuantIndex(768, 4, backend="triton").to("cpu")
+    index.add(rng.standard_normal((2000, 768)).astype(np.float32))
+    queries = rng.standard_normal((1, 768)).astype(np.float32)
+    return lambda: index.search(queries, 10)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--calls", type=int, default=2000)
@@ -120,6 +147,7 @@ def main() -> None:
 
     rows = measure("decode attention, 4k tokens, 32/8 heads", attention, triton_attention, ("_split_kernel", "_merge_kernel"), args)
 
+    rows += measure("index.search, 1 query, 2,000 x 768, 4 bits", _search(), triton_scan, ("_scan_kernel", "_rescore_kernel"), args)
     print(f"\nhost time, microseconds (best of {args.rounds} rounds of {args.calls} calls; Triton launches faked, torch on the CPU):\n")
     print(markdown_table(["case", "part", "us"], rows))
 
