@@ -245,6 +245,18 @@ def test_a_flush_refuses_non_finite_states_before_storing_anything(monkeypatch):
     assert torch.equal(layer.keys, before[2])
 
 
+def test_the_launch_overhead_tool_times_both_calls(tmp_path):
+    """`benchmarks/launch_overhead.py` (Triton's driver faked, kernels compiled for sm_90) runs both cases."""
+    pytest.importorskip("triton.backends.nvidia")
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_CACHE_DIR": str(tmp_path), "PYTHONPATH": f"{root}{os.pathsep}{root / 'benchmarks'}"}
+    script = [sys.executable, str(root / "benchmarks" / "launch_overhead.py"), "--calls", "5", "--rounds", "1"]
+    done = subprocess.run(script, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for part in ("_split_kernel launch", "_merge_kernel launch", "_scan_kernel launch", "_rescore_kernel launch"):
+        assert part in done.stdout, done.stdout[-2000:]
+
+
 @pytest.fixture(scope="module")
 def model() -> LlamaForCausalLM:
     torch.manual_seed(0)
