@@ -58,14 +58,16 @@ CASES = {  # name: (cache options, query heads, query positions, tokens, kernel 
 
 
 class _Recorder:
-    """Stands in for a kernel: ``kernel[grid](*args, **kwargs)`` records the call."""
+    """Stands in for a kernel: ``kernel[grid](*args, **kwargs)`` records the call (its last one, by
+    kernel name, in ``calls``), then launches it if ``forward``."""
 
-    def __init__(self, kernel, calls: dict):
-        self.kernel, self.calls = kernel, calls
+    def __init__(self, kernel, calls: dict, forward: bool = False):
+        self.kernel, self.calls, self.forward = kernel, calls, forward
 
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
             self.calls[self.kernel.__name__] = (grid, args, kwargs)
+            return self.kernel[grid](*args, **kwargs) if self.forward else None
 
         return launch
 

@@ -31,6 +31,7 @@ from triton.runtime import driver
 import tqindex.kernels.triton_scan as triton_scan
 import tqindex.kv.triton_attention as triton_attention
 from _common import markdown_table
+from kv_kernel_resources import _Recorder
 from tqindex import TurboQuantIndex
 from tqindex.kv import TurboQuantCache
 
@@ -59,20 +60,6 @@ def _no_launch() -> None:
     compiler.CompiledKernel.packed_metadata = None
 
 
-class _Recorder:
-    """A kernel whose last launch (grid, arguments) is kept, then passed on."""
-
-    def __init__(self, kernel, calls: dict):
-        self.kernel, self.calls = kernel, calls
-
-    def __getitem__(self, grid):
-        def launch(*args, **kwargs):
-            self.calls[self.kernel.__name__] = (grid, args, kwargs)
-            return self.kernel[grid](*args, **kwargs)
-
-        return launch
-
-
 def best_time(run: Callable[[], object], calls: int, rounds: int) -> float:
     """Microseconds a call, the best round."""
     best = float("inf")
@@ -89,7 +76,7 @@ def measure(label: str, run: Callable[[], object], module, names: tuple[str, ...
     calls: dict = {}
     real = {name: getattr(module, name) for name in names}
     for name, kernel in real.items():
-        setattr(module, name, _Recorder(kernel, calls))
+        setattr(module, name, _Recorder(kernel, calls, forward=True))
     try:
         run()  # compiles; records the launches
     finally:
