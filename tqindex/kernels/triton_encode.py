@@ -41,7 +41,7 @@ import triton.language as tl
 
 from tqindex._arrays import as_float_rows, power_of_two_scaled, times_power_of_two
 from tqindex.codec import Codes, TurboQuantCodec
-from tqindex.kernels.grid import cdiv
+from tqindex.kernels.grid import cdiv, on_device
 from tqindex.quantize import SEARCH_TIE
 
 #: (rows per program, coordinates per step): nearest levels; code search, whose sweep over the grid
@@ -319,19 +319,20 @@ def quantize(codec: TurboQuantCodec, rotated: torch.Tensor, norms: torch.Tensor,
     chunk = block_r * cdiv(min(n, _SEARCH_ROWS) if search else n, block_r)
     steps = torch.zeros((2, chunk, grid.shape[0]), dtype=torch.int64, device=device) if search else None
     dot_scale, energy_scale = _fixed_point_scales(codec)
-    for row_start in range(0, n, max(chunk, 1)):
-        if steps is not None and row_start:
-            steps.zero_()
-        _quantize_kernel[(cdiv(min(chunk, n - row_start), block_r),)](
-            rotated, inverse, bounds, codec._on(codec.levels, device), codec._on(codec._search_grid_t, device),
-            packed, alignment, energy if search else alignment, residual if keep_residual else rotated,
-            steps[0] if search else packed, steps[1] if search else packed, row_start, n,
-            float(grid[0]), float(grid[-1]), (grid.shape[0] - 1) / float(grid[-1] - grid[0]),
-            D=layout.dim, CODE_BYTES=layout.code_bytes, FIELDS=tuple((f.stop, f.width, f.shift, f.offset) for f in layout.index_fields),
-            BASE_BITS=layout.base_bits, EXTRA=layout.extra_coords, SEARCH=search, RESIDUAL=keep_residual,
-            GRID=grid.shape[0], START=codec._search_start, DOT_SCALE=dot_scale, ENERGY_SCALE=energy_scale, TIE=SEARCH_TIE,
-            BLOCK_R=block_r, BLOCK_D=block_d,
-        )  # fmt: skip
+    with on_device(device):
+        for row_start in range(0, n, max(chunk, 1)):
+            if steps is not None and row_start:
+                steps.zero_()
+            _quantize_kernel[(cdiv(min(chunk, n - row_start), block_r),)](
+                rotated, inverse, bounds, codec._on(codec.levels, device), codec._on(codec._search_grid_t, device),
+                packed, alignment, energy if search else alignment, residual if keep_residual else rotated,
+                steps[0] if search else packed, steps[1] if search else packed, row_start, n,
+                float(grid[0]), float(grid[-1]), (grid.shape[0] - 1) / float(grid[-1] - grid[0]),
+                D=layout.dim, CODE_BYTES=layout.code_bytes, FIELDS=tuple((f.stop, f.width, f.shift, f.offset) for f in layout.index_fields),
+                BASE_BITS=layout.base_bits, EXTRA=layout.extra_coords, SEARCH=search, RESIDUAL=keep_residual,
+                GRID=grid.shape[0], START=codec._search_start, DOT_SCALE=dot_scale, ENERGY_SCALE=energy_scale, TIE=SEARCH_TIE,
+                BLOCK_R=block_r, BLOCK_D=block_d,
+            )  # fmt: skip
     return Quantized(packed, alignment, energy, residual)
 
 

@@ -39,7 +39,7 @@ import triton.language as tl
 
 from tqindex.codec import TurboQuantCodec
 from tqindex.kernels.fastscan import DEFAULT_Z
-from tqindex.kernels.grid import cdiv, next_power_of_2
+from tqindex.kernels.grid import cdiv, next_power_of_2, on_device
 from tqindex.kernels.scan import below_bounds, candidate_count, exact_topk, padded, rescore_resident
 from tqindex.kernels import triton_int8
 from tqindex.kernels.triton_int8 import int8_dot, int8_levels
@@ -494,18 +494,19 @@ class TritonScanner:
         words, terms = queries, None
         if self.int8 is not None:  # whole 32-bit words of codes (check_layout: rows are whole words); tl.dot takes query bytes
             packed, words, terms = packed.view(torch.int32), queries.words.view(torch.int8) if config.mma else queries.words, queries.terms
-        _scan_kernel[(query_tiles, groups)](
-            words, packed, factors, None if valid is None else valid.contiguous().view(torch.uint8),
-            None if bias is None else bias.to(torch.float32).contiguous(),
-            levels_table(self.codec, device), terms, out_scores, out_rows, out_dropped,
-            n, m, per_program, words.stride(0), packed.shape[1], factors.shape[1],
-            **self._constants, SIGN_OFFSET=self._sign_offset, DIM=self._dim, HAS_VALID=valid is not None,
-            HAS_BIAS=bias is not None, MMA=config.mma,
-            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=config.block_d,
-            PRECISION="ieee" if self.dtype == torch.float32 else "tf32", **self._int8,
-            **(self._half if packed.data_ptr() % 4 == 0 else {**self._half, "HALF_WIDTH": 0}),  # look-ups load 32-bit words
-            num_warps=config.num_warps, num_stages=config.num_stages,
-        )  # fmt: skip
+        with on_device(device):
+            _scan_kernel[(query_tiles, groups)](
+                words, packed, factors, None if valid is None else valid.contiguous().view(torch.uint8),
+                None if bias is None else bias.to(torch.float32).contiguous(),
+                levels_table(self.codec, device), terms, out_scores, out_rows, out_dropped,
+                n, m, per_program, words.stride(0), packed.shape[1], factors.shape[1],
+                **self._constants, SIGN_OFFSET=self._sign_offset, DIM=self._dim, HAS_VALID=valid is not None,
+                HAS_BIAS=bias is not None, MMA=config.mma,
+                BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=config.block_d,
+                PRECISION="ieee" if self.dtype == torch.float32 else "tf32", **self._int8,
+                **(self._half if packed.data_ptr() % 4 == 0 else {**self._half, "HALF_WIDTH": 0}),  # look-ups load 32-bit words
+                num_warps=config.num_warps, num_stages=config.num_stages,
+            )  # fmt: skip
         kept = min(count, groups * slots)
         scores, at = out_scores.topk(kept, dim=1)
         rows = out_rows.gather(1, at).to(torch.int64)
@@ -537,13 +538,14 @@ class TritonScanner:
         queries = rotated_queries.to(device=device, dtype=torch.float32).contiguous()
         rows, factors = rows.to(device).contiguous(), factors.to(torch.float32).contiguous()
         block_c = max(16, next_power_of_2(count))
-        _rescore_kernel[(m,)](
-            queries, rows, packed.contiguous(), factors, None if bias is None else bias.to(torch.float32).contiguous(),
-            levels_table(self.codec, device), scores, found, count, k,
-            queries.stride(0), rows.stride(0), packed.shape[1], factors.shape[1], scores.stride(0),
-            **self._constants, SIGN_OFFSET=self._sign_offset, DIM=self._dim, HAS_BIAS=bias is not None,
-            BLOCK_C=block_c, BLOCK_D=max(16, min(64, _RESCORE_TILE // block_c)),
-        )  # fmt: skip
+        with on_device(device):
+            _rescore_kernel[(m,)](
+                queries, rows, packed.contiguous(), factors, None if bias is None else bias.to(torch.float32).contiguous(),
+                levels_table(self.codec, device), scores, found, count, k,
+                queries.stride(0), rows.stride(0), packed.shape[1], factors.shape[1], scores.stride(0),
+                **self._constants, SIGN_OFFSET=self._sign_offset, DIM=self._dim, HAS_BIAS=bias is not None,
+                BLOCK_C=block_c, BLOCK_D=max(16, min(64, _RESCORE_TILE // block_c)),
+            )  # fmt: skip
         return scores, found
 
     def _check_queries(self, queries: torch.Tensor | triton_int8.Int8Queries) -> int:

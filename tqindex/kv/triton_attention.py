@@ -42,7 +42,7 @@ import triton
 import triton.language as tl
 
 from tqindex.codec import Codes, TurboQuantCodec
-from tqindex.kernels.grid import cdiv, next_power_of_2
+from tqindex.kernels.grid import cdiv, next_power_of_2, on_device
 from tqindex.kernels.triton_unpack import (
     half_asm,
     half_tables,
@@ -607,39 +607,40 @@ def triton_codes_attention(
     causal = causal and mask is None and q_len > 1
     causal_shift = tokens - q_len
     kc, vc = (Codes(_unit_last(kv.codes.packed), _unit_last(kv.codes.factors)) for kv in (key, value))
-    _split_kernel[(pairs, launch.splits, cdiv(rows, launch.block_m))](
-        rotated, kc.packed, kc.factors, vc.packed, vc.factors, mask_tensor, partial_acc, partial_top, partial_total,
-        levels_table(key_codec, device), levels_table(value_codec, device),
-        _low(key), _low(value), scaling, encoded, rows, q_len, heads, causal_shift,
-        rotated.stride(0), rotated.stride(1), *kc.packed.stride()[:3], *kc.factors.stride()[:3],
-        *vc.packed.stride()[:3], *vc.factors.stride()[:3], *mask_strides, *partial_acc.stride()[:3],
-        D=dim, D_PAD=d_pad, **_codes_args("K", key_codec, key.log_factors is not None, launch.tables and _word_aligned(kc.packed)),
-        **_codes_args("V", value_codec, value.log_factors is not None, launch.tables and _word_aligned(vc.packed)),
-        MASK_MODE=mask_mode, CAUSAL=causal, BLOCK_M=launch.block_m, BLOCK_T=launch.block_t,
-        SPLIT_BLOCKS=launch.split_blocks, DOT=launch.dot, SLOTS=launch.slots, num_warps=launch.num_warps,
-        GATHER_ASM=resolve_gather_asm(options.gather_asm),
-    )  # fmt: skip
+    with on_device(device):  # Triton launches on the current device, not the tensors'
+        _split_kernel[(pairs, launch.splits, cdiv(rows, launch.block_m))](
+            rotated, kc.packed, kc.factors, vc.packed, vc.factors, mask_tensor, partial_acc, partial_top, partial_total,
+            levels_table(key_codec, device), levels_table(value_codec, device),
+            _low(key), _low(value), scaling, encoded, rows, q_len, heads, causal_shift,
+            rotated.stride(0), rotated.stride(1), *kc.packed.stride()[:3], *kc.factors.stride()[:3],
+            *vc.packed.stride()[:3], *vc.factors.stride()[:3], *mask_strides, *partial_acc.stride()[:3],
+            D=dim, D_PAD=d_pad, **_codes_args("K", key_codec, key.log_factors is not None, launch.tables and _word_aligned(kc.packed)),
+            **_codes_args("V", value_codec, value.log_factors is not None, launch.tables and _word_aligned(vc.packed)),
+            MASK_MODE=mask_mode, CAUSAL=causal, BLOCK_M=launch.block_m, BLOCK_T=launch.block_t,
+            SPLIT_BLOCKS=launch.split_blocks, DOT=launch.dot, SLOTS=launch.slots, num_warps=launch.num_warps,
+            GATHER_ASM=resolve_gather_asm(options.gather_asm),
+        )  # fmt: skip
 
-    value_dim = value_codec.dim
-    codes_part = torch.empty((pairs, rows, acc_dim), dtype=torch.float32, device=device)
-    out = torch.empty((pairs, rows, value_dim), dtype=query.dtype, device=device)
-    merge_m = launch.merge_m
-    acc_pad, dk_pad, dv_pad = next_power_of_2(acc_dim), next_power_of_2(head_dim), next_power_of_2(value_dim)
-    block_s = max(1, min(next_power_of_2(launch.splits), _MERGE_TILE // (merge_m * acc_pad)))
-    block_w = 32 if launch.merge_dot or merge_m * dk_pad <= 2048 else 16
-    offset = _unit_last(key.offset) if key.offset is not None else partial_top[:, :, None]  # a placeholder, never read
-    kw, vw = _unit_last(key.window), _unit_last(value.window)
-    _merge_kernel[(pairs, cdiv(rows, merge_m))](
-        partial_acc, partial_top, partial_total, queries, offset, kw, vw, mask_tensor, codes_part, value_codec.finish_matrix(device), out,
-        launch.splits, rows, q_len, heads, window, encoded, causal_shift, scaling,
-        *partial_acc.stride()[:3], queries.stride(0), queries.stride(1), offset.stride(0), offset.stride(1),
-        *kw.stride()[:3], *vw.stride()[:3], *mask_strides, codes_part.stride(0), codes_part.stride(1), out.stride(0), out.stride(1),
-        DACC=acc_dim, DACC_PAD=acc_pad, DK=head_dim, DK_PAD=dk_pad, DV=value_dim, DV_PAD=dv_pad,
-        HAS_OFFSET=key.offset is not None, MASK_MODE=mask_mode, CAUSAL=causal, BLOCK_M=merge_m,
-        BLOCK_S=block_s, SPLIT_LOOPS=next_power_of_2(launch.splits) // block_s, BLOCK_W=block_w,
-        WINDOW_LOOPS=_loops(window, block_w),
-        DOT=launch.merge_dot, BLOCK_K=_finish_block(launch.merge_dot, merge_m, dv_pad), num_warps=options.merge_warps,
-    )  # fmt: skip
+        value_dim = value_codec.dim
+        codes_part = torch.empty((pairs, rows, acc_dim), dtype=torch.float32, device=device)
+        out = torch.empty((pairs, rows, value_dim), dtype=query.dtype, device=device)
+        merge_m = launch.merge_m
+        acc_pad, dk_pad, dv_pad = next_power_of_2(acc_dim), next_power_of_2(head_dim), next_power_of_2(value_dim)
+        block_s = max(1, min(next_power_of_2(launch.splits), _MERGE_TILE // (merge_m * acc_pad)))
+        block_w = 32 if launch.merge_dot or merge_m * dk_pad <= 2048 else 16
+        offset = _unit_last(key.offset) if key.offset is not None else partial_top[:, :, None]  # a placeholder, never read
+        kw, vw = _unit_last(key.window), _unit_last(value.window)
+        _merge_kernel[(pairs, cdiv(rows, merge_m))](
+            partial_acc, partial_top, partial_total, queries, offset, kw, vw, mask_tensor, codes_part, value_codec.finish_matrix(device), out,
+            launch.splits, rows, q_len, heads, window, encoded, causal_shift, scaling,
+            *partial_acc.stride()[:3], queries.stride(0), queries.stride(1), offset.stride(0), offset.stride(1),
+            *kw.stride()[:3], *vw.stride()[:3], *mask_strides, codes_part.stride(0), codes_part.stride(1), out.stride(0), out.stride(1),
+            DACC=acc_dim, DACC_PAD=acc_pad, DK=head_dim, DK_PAD=dk_pad, DV=value_dim, DV_PAD=dv_pad,
+            HAS_OFFSET=key.offset is not None, MASK_MODE=mask_mode, CAUSAL=causal, BLOCK_M=merge_m,
+            BLOCK_S=block_s, SPLIT_LOOPS=next_power_of_2(launch.splits) // block_s, BLOCK_W=block_w,
+            WINDOW_LOOPS=_loops(window, block_w),
+            DOT=launch.merge_dot, BLOCK_K=_finish_block(launch.merge_dot, merge_m, dv_pad), num_warps=options.merge_warps,
+        )  # fmt: skip
     return out.view(batch, q_heads, q_len, value_dim)
 
 
