@@ -112,6 +112,38 @@ def test_buckets_that_overflow_are_rescanned_exactly():
     torch.testing.assert_close(scores[0], exact[order[:6]], rtol=1e-5, atol=1e-5)
 
 
+def test_candidate_buffers_stay_within_their_budget_for_large_k(monkeypatch):
+    """64 C^1.5 buckets for C candidates outgrow the rows scanned as k grows (k = 1000: 5.8M a
+    query): the slots of one scan are capped (`_MAX_CANDIDATE_SLOTS`, here shrunk to fit the
+    interpreter), the buckets that overflow are flagged, and the search still returns the CPU scan's top-k."""
+    from tqindex.kernels import triton_scan
+
+    n, m, k = 400, 3, 40
+    codec, packed, factors, queries = encoded(4, "mse", 64, n, m=m, seed=21)
+    budget = 2 * m * 2 * SMALL_FMA.block_n  # two groups a query
+    monkeypatch.setattr(triton_scan, "_MAX_CANDIDATE_SLOTS", budget)
+    grids = []
+    kernel = triton_scan._scan_kernel
+
+    class Recorded:
+        def __getitem__(self, grid):
+            grids.append(grid)
+            return kernel[grid]
+
+    monkeypatch.setattr(triton_scan, "_scan_kernel", Recorded())
+    scanner = TritonScanner(codec, SMALL_FMA)
+    prepared = scanner.prepare(queries)
+    _, _, overflow = scanner.candidates(prepared, packed, factors, None, 2 * k + 16)
+    block_m = SMALL_FMA.block_m(m)
+    assert all(m * groups * 2 * SMALL_FMA.block_rows(block_m) <= budget for _, groups in grids)
+    assert overflow.any(), "too few buckets for 96 candidates: some must overflow"
+    cpu = GemmScanner(codec, dtype=torch.float32)
+    want_scores, want_rows = scan_topk(codec, cpu, queries.cpu(), [Chunk(0, packed.cpu(), factors.cpu())], k, fetch_on_cpu(packed, factors))
+    scores, rows = search_resident(codec, scanner, queries, packed, factors, None, k)
+    torch.testing.assert_close(scores.cpu(), want_scores, rtol=1e-5, atol=1e-5)
+    assert torch.equal(rows.cpu(), want_rows)
+
+
 def chunks_on_cpu(chunks):
     for c in chunks:
         yield Chunk(c.start, c.packed.cpu(), c.factors.cpu(), None if c.valid is None else c.valid.cpu())

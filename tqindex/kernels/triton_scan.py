@@ -62,6 +62,10 @@ _MAX_GRID_Y = 65535
 #: buckets per query >= this * C^1.5 for C candidates: keeps a query's chance of needing the exact
 #: rescan near C^3 / (6 B^2) = 1 / (6 * 64^2) ~ 4e-5, whatever C
 _BUCKETS_PER_CANDIDATE = 64
+#: candidate slots of one scan (queries x buckets x 2, 8 bytes each: 256 MiB): 64 C^1.5 buckets grow
+#: past the rows scanned for large k (k = 1000: 5.8M a query, 13.7 GB for 256 queries over 10M rows);
+#: beyond this, fewer buckets, and more queries go to the exact rescan (bucket overflows are flagged)
+_MAX_CANDIDATE_SLOTS = 1 << 25
 
 
 @dataclass(frozen=True)
@@ -477,15 +481,16 @@ class TritonScanner:
         block_m = config.block_m(m)
         block_n = config.block_rows(block_m)
         tiles, query_tiles = cdiv(n, block_n), cdiv(m, block_m)
+        slots = 2 * block_n
         if self.tiles_per_program is None:
             buckets = _BUCKETS_PER_CANDIDATE * math.ceil(count**1.5)
             groups = max(cdiv(_target_programs(device, config.programs_per_sm), query_tiles), cdiv(buckets, block_n))
+            groups = min(groups, max(1, _MAX_CANDIDATE_SLOTS // (m * slots)))  # memory first; overflows are rescanned
             per_program = cdiv(tiles, min(groups, tiles))
         else:
             per_program = self.tiles_per_program
         per_program = max(per_program, cdiv(tiles, _MAX_GRID_Y))
         groups = cdiv(tiles, per_program)
-        slots = 2 * block_n
         out_scores = torch.empty((m, groups * slots), dtype=torch.float32, device=device)
         out_rows = torch.empty((m, groups * slots), dtype=torch.int32, device=device)
         out_dropped = torch.empty((m, groups), dtype=torch.float32, device=device)
