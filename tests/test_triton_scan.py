@@ -361,14 +361,16 @@ def test_kernel_adds_the_row_bias_before_selecting(config):
     assert torch.equal(rows, expected_rows)
 
 
-def test_l2_index_search_through_the_triton_backend_equals_the_torch_backend():
+@pytest.mark.parametrize("scale", [1.0, 3e4])
+def test_l2_index_search_through_the_triton_backend_equals_the_torch_backend(scale):
     """As above with the L2 bias, the Triton index on DEVICE (a CPU index with backend="triton"
-    runs only under the interpreter)."""
+    runs only under the interpreter); l2 queries are not rescaled, so norms past float16's range
+    (``scale`` 3e4: ~2e5) take the scan's float32 form instead of overflowing its float16 one."""
     from tqindex import TurboQuantIndex
 
     rng = np.random.default_rng(6)
-    x = (rng.standard_normal((300, 48)) + 2).astype(np.float32)
-    q = (rng.standard_normal((3, 48)) + 2).astype(np.float32)
+    x = ((rng.standard_normal((300, 48)) + 2) * scale).astype(np.float32)
+    q = ((rng.standard_normal((3, 48)) + 2) * scale).astype(np.float32)
     indexes = {
         "triton": TurboQuantIndex(48, 4, metric="l2", backend="triton", chunk_rows=120).to(DEVICE),
         "torch": TurboQuantIndex(48, 4, metric="l2", backend="torch", chunk_rows=120),

@@ -381,7 +381,8 @@ class TurboQuantIndex:
         exponents = None  # l2 distances depend on the query's scale: no rescaling there
         if self.metric != "l2":
             rows, exponents = power_of_two_scaled(rows)  # exact; the ranking of a query ignores its scale
-        scanner = get_scanner(self.codec, self.backend, self.device, queries=rows.shape[0])
+        norm = float(torch.linalg.vector_norm(rows, dim=1).max()) if self.metric == "l2" and len(rows) else 0.0  # others are rescaled
+        scanner = get_scanner(self.codec, self.backend, self.device, queries=rows.shape[0], query_norm=norm)
         budget = _SCORE_ELEMENTS["cpu" if self.device.type == "cpu" else "accelerator"]
         tile = max(1, budget // self._scan_step())
         if len(rows) <= tile:

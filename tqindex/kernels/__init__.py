@@ -20,6 +20,9 @@ BACKENDS = ("auto", "torch", "lut", "fastscan", "triton")
 #: over 10M x 768 4-bit codes (benchmarks/bench_gpu.py): FMAs 2.6 ms for 1 query, 6.3 for 2;
 #: tensor cores 4.0 for 2.
 TRITON_FMA_MAX_QUERIES = 1
+#: the Triton scan reads float16 queries; queries whose norm reaches this (rotated coordinates are at
+#: most the norm; float16 holds 65504) get its float32 form instead (l2 queries, which are not rescaled)
+HALF_QUERY_NORM = 2.0**15
 
 #: "auto" on the CPU scans with look-up tables (where the layout allows) while queries x bits
 #: <= this, else decodes + GEMMs. Table work grows with the code bytes per query, decode work
@@ -37,15 +40,16 @@ def _triton_available() -> bool:
 
 
 def get_scanner(
-    codec: TurboQuantCodec, backend: str = "auto", device: torch.device | str = "cpu", queries: int = 1
+    codec: TurboQuantCodec, backend: str = "auto", device: torch.device | str = "cpu", queries: int = 1, query_norm: float = 0.0
 ) -> Scanner:
-    """The scanner for ``backend`` on ``device`` for a batch of ``queries``.
+    """The scanner for ``backend`` on ``device`` for a batch of ``queries`` whose largest norm is ``query_norm``.
 
     "torch": decode + GEMM in torch (any device). "lut": per-byte look-up tables (CPU, numba;
     layouts of 1, 2, 4 or 8 index bits). "fastscan": the compiled SIMD fast-scan (CPU, every
     scalar layout; ``kernels.fastscan``). "triton": the fused Triton kernel (CUDA tensors, or CPU
     tensors under ``TRITON_INTERPRET=1``), its FMA form up to ``TRITON_FMA_MAX_QUERIES`` queries
-    and its tensor-core form above. "auto": triton on a CUDA device where triton is installed; on
+    and its tensor-core form above, both with float16 queries below `HALF_QUERY_NORM` and float32
+    ones from there. "auto": triton on a CUDA device where triton is installed; on
     the CPU, fastscan where the extension is built, else (with a warning) lut while
     ``queries * bits <= LUT_MAX_QUERY_BITS`` where the layout allows, else torch.
     """
@@ -65,6 +69,7 @@ def get_scanner(
         raise ValueError(f"backend={backend!r} runs on the CPU only")
     if backend == "triton":
         backend = "triton-fma" if queries <= TRITON_FMA_MAX_QUERIES else "triton-mma"
+        backend += "-fp32" if query_norm >= HALF_QUERY_NORM else ""
     made = _SCANNERS.setdefault(codec, {})
     if backend not in made:
         made[backend] = _make_scanner(codec, backend)
@@ -88,7 +93,8 @@ def _make_scanner(codec: TurboQuantCodec, backend: str) -> Scanner:
     if backend.startswith("triton"):
         from tqindex.kernels import triton_scan  # imported here: `import tqindex` never needs triton
 
-        return triton_scan.TritonScanner(codec, triton_scan.FMA if backend == "triton-fma" else triton_scan.MMA)
+        config = triton_scan.FMA if backend.startswith("triton-fma") else triton_scan.MMA
+        return triton_scan.TritonScanner(codec, config, torch.float32 if backend.endswith("-fp32") else torch.float16)
     if backend == "lut":
         return lut.LutScanner(codec)
     if backend == "fastscan":
@@ -97,6 +103,6 @@ def _make_scanner(codec: TurboQuantCodec, backend: str) -> Scanner:
 
 
 __all__ = [
-    "BACKENDS", "LUT_MAX_QUERY_BITS", "TRITON_FMA_MAX_QUERIES", "Chunk", "QueryChunk", "Scanner", "candidate_count", "encode",
+    "BACKENDS", "HALF_QUERY_NORM", "LUT_MAX_QUERY_BITS", "TRITON_FMA_MAX_QUERIES", "Chunk", "QueryChunk", "Scanner", "candidate_count", "encode",
     "get_scanner", "scan_groups_topk", "scan_topk", "search_resident",
 ]  # fmt: skip
