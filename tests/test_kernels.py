@@ -118,3 +118,28 @@ def test_resident_codes_give_the_same_results_and_take_new_rows(tmp_path):
     for a, b in zip(in_ram.search(q, 10, filter=np.arange(500, 1200)), plain.search(q, 10, filter=np.arange(500, 1200))):
         assert np.array_equal(a, b)
     np.testing.assert_array_equal(in_ram.reconstruct([3, 1100]), plain.reconstruct([3, 1100]))
+
+
+def test_making_an_on_disk_index_resident_holds_one_slice_in_host_memory(tmp_path, monkeypatch):
+    """``to(device)`` copies the stored columns a slice at a time (`_UPLOAD_BYTES`): an index larger
+    than the host's memory can still be made resident on a GPU. Measured here on the CPU with
+    tracemalloc, which sees numpy's allocations (torch's destination tensor is not counted)."""
+    import tracemalloc
+
+    import tqindex.index
+
+    x, q = unit_rows(3000, 64, seed=5), unit_rows(4, 64, seed=6)
+    with TurboQuantIndex(64, 4, path=tmp_path / "idx") as on_disk:
+        on_disk.add(x)
+    monkeypatch.setattr(tqindex.index, "_UPLOAD_BYTES", 4096)
+    index = TurboQuantIndex.open(tmp_path / "idx", mode="r")
+    column_bytes = index._store.column("codes").nbytes  # 96 kB
+    tracemalloc.start()
+    try:
+        index.to("cpu")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < column_bytes / 4, f"{peak} bytes of host memory at once for a {column_bytes}-byte column"
+    for a, b in zip(index.search(q, 10), TurboQuantIndex.open(tmp_path / "idx", mode="r").search(q, 10)):
+        assert np.array_equal(a, b)

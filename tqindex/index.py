@@ -43,6 +43,7 @@ _RESIDENT_CHUNK_ROWS = 1 << 20  # rows per scan step over codes resident on an a
 #: untiled scan at 10k queries over 100k rows, where tiles of 1,024 took twice as long
 #: (docs/reliability.md). An accelerator: 1 GiB, 256 queries per step of resident rows (a memory
 #: bound, not timed here)
+_UPLOAD_BYTES = 1 << 26  # host memory one step of making stored rows resident may take
 _SCORE_ELEMENTS = {"cpu": 1 << 25, "accelerator": 1 << 28}
 
 
@@ -252,10 +253,22 @@ class TurboQuantIndex:
         """
         self._check_open()
         device = _usable_device(device)
-        resident = tuple(torch.from_numpy(np.array(self._store.column(name))).to(device) for name in _scanned_columns(self.metric))
+        resident = tuple(self._uploaded(name, 0, self._rows, device) for name in _scanned_columns(self.metric))
         self.device, self._resident = device, resident
         self._live = torch.from_numpy(~self._deleted).to(device)
         return self
+
+    def _uploaded(self, name: str, start: int, stop: int, device: torch.device) -> torch.Tensor:
+        """Committed rows ``[start, stop)`` of column ``name`` as a tensor on ``device``, copied
+        `_UPLOAD_BYTES` at a time: an on-disk index is never whole in host memory on its way to a GPU."""
+        column = self._store.column(name)
+        dtype = torch.from_numpy(np.empty(0, column.dtype)).dtype
+        out = torch.empty((stop - start, *column.shape[1:]), dtype=dtype, device=device)
+        step = max(1, _UPLOAD_BYTES // max(1, column.dtype.itemsize * int(np.prod(column.shape[1:]))))
+        for at in range(start, stop, step):
+            end = min(at + step, stop)
+            out[at - start : end - start] = torch.from_numpy(np.array(column[at:end]))
+        return out
 
     # ---- adding and removing -----------------------------------------------------------
     def add(self, x: Any, *, progress: bool | None = None) -> np.ndarray:
@@ -354,7 +367,7 @@ class TurboQuantIndex:
             if have > self._rows:
                 self._resident = tuple(t[: self._rows] for t in self._resident)
             elif have < self._rows:
-                new = [torch.from_numpy(self._store.read_rows(n, have, self._rows)).to(self.device) for n in _scanned_columns(self.metric)]
+                new = [self._uploaded(n, have, self._rows, self.device) for n in _scanned_columns(self.metric)]
                 self._resident = tuple(torch.cat([held, added]) for held, added in zip(self._resident, new))
             self._live = torch.from_numpy(~self._deleted).to(self.device)
 
