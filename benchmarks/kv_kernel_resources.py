@@ -30,7 +30,7 @@ from tqindex.kv import TurboQuantCache
 
 _DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.uint8: "u8", torch.int8: "i8", torch.int32: "i32", torch.int64: "i64"}
 _INSTRUCTION = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);")
-CASES = {  # name: (cache options, query heads, query positions, tokens, kernel options)
+CASES = {  # name: (cache options (and "head_dim", default 128), query heads, query positions, tokens, kernel options)
     "decode 4/4 bits (defaults)": (dict(), 32, 1, 4096, kernels.KernelOptions()),
     "decode 4/4 bits, 4 warps": (dict(), 32, 1, 4096, kernels.KernelOptions(num_warps=4)),
     "decode 4/4 bits, 32 tokens/block": (dict(), 32, 1, 4096, kernels.KernelOptions(block_t=32)),
@@ -54,6 +54,9 @@ CASES = {  # name: (cache options, query heads, query positions, tokens, kernel 
     "decode, 8 query heads per KV head": (dict(), 64, 1, 4096, kernels.KernelOptions()),
     "4 positions (16 rows, tensor cores)": (dict(), 32, 4, 4096, kernels.KernelOptions()),
     "extend 64 positions": (dict(), 32, 64, 2048, kernels.KernelOptions()),
+    "extend 64 positions, prod 3/3 bits": (dict(key_bits=3, value_bits=3, key_variant="prod", value_variant="prod"), 32, 64, 2048, kernels.KernelOptions()),
+    "extend 64 positions, head_dim 256": (dict(head_dim=256), 32, 64, 2048, kernels.KernelOptions()),
+    "extend 4 positions, head_dim 8": (dict(head_dim=8), 32, 4, 2048, kernels.KernelOptions()),
 }  # fmt: skip
 
 
@@ -73,16 +76,17 @@ class _Recorder:
 
 
 def recorded_launches(cache_options: dict, q_heads: int, q_len: int, tokens: int, options) -> dict:
-    """The two kernels' launches for one attention call (8 KV heads, head_dim 128, fp16)."""
-    bits = dict(key_bits=4, value_bits=4) | cache_options
-    cache = TurboQuantCache(**bits, window=128, chunk=32)
-    cache.update(torch.randn(1, 8, tokens, 128).half(), torch.randn(1, 8, tokens, 128).half(), 0)
+    """The two kernels' launches for one attention call (8 KV heads, head_dim 128 unless the options say, fp16)."""
+    cache_kwargs = dict(key_bits=4, value_bits=4) | cache_options
+    head_dim = cache_kwargs.pop("head_dim", 128)
+    cache = TurboQuantCache(**cache_kwargs, window=128, chunk=32)
+    cache.update(torch.randn(1, 8, tokens, head_dim).half(), torch.randn(1, 8, tokens, head_dim).half(), 0)
     keys, values = cache.layers[0].states()
     calls: dict = {}
     real = kernels._split_kernel, kernels._merge_kernel
     kernels._split_kernel, kernels._merge_kernel = _Recorder(real[0], calls), _Recorder(real[1], calls)
     try:
-        kernels.triton_codes_attention(torch.randn(1, q_heads, q_len, 128).half(), keys, values, None, scaling=0.09, causal=q_len > 1, options=options)
+        kernels.triton_codes_attention(torch.randn(1, q_heads, q_len, head_dim).half(), keys, values, None, scaling=0.09, causal=q_len > 1, options=options)
     except Exception:  # noqa: BLE001 - the host code after the launches reads outputs nothing wrote
         pass
     finally:

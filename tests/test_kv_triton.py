@@ -24,7 +24,7 @@ from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM  # noqa: E4
 
 from tqindex.kv import TurboQuantCache, codes_attention  # noqa: E402
 from tqindex.kv import attention as torch_attention  # noqa: E402
-from tqindex.kv.triton_attention import DEFAULT_SMS, KernelOptions, plan, triton_codes_attention  # noqa: E402
+from tqindex.kv.triton_attention import DEFAULT_SMS, FMA_MAX_ROWS, KernelOptions, plan, triton_codes_attention  # noqa: E402
 from triton_device import DEVICE  # noqa: E402
 
 pytestmark = pytest.mark.triton
@@ -58,6 +58,8 @@ CASES = {
     "mse1-mse8": (dict(bits=(1, 8), center_keys=False), 4, 2, "float", KernelOptions(block_t=32, splits=1)),
     # fractional keys with their extra-bit field, prod 2-bit values, head dim 48 (dense rotation, padded to 64)
     "mse3.5-prod2": (dict(bits=(3.5, 2), variants=("mse", "prod"), dim=48), 2, 1, None, KernelOptions(block_t=16, splits=3)),
+    # 20 rows on CUDA cores (asked for): 3 row blocks of at most FMA_MAX_ROWS, causal across them
+    "mse4-mse4-cuda-cores": (dict(bits=(4, 4)), 4, 10, "causal", KernelOptions(block_t=16, dot=False)),
 }  # fmt: skip
 
 
@@ -129,6 +131,7 @@ def test_plan_fills_the_sms_with_whole_power_of_two_splits():
     extend = plan(8, 24, 32768, 128, 132, KernelOptions(merge_rows=4))  # more rows: the split's blocks, tensor cores
     assert (extend.merge_m, extend.merge_dot) == (extend.block_m, True)
     assert not plan(8, 24, 4096, 128, 132, KernelOptions(dot=False)).merge_dot  # CUDA cores asked for: the merge too
+    assert plan(8, 100_000, 4096, 128, 132, KernelOptions(dot=False)).block_m == FMA_MAX_ROWS  # rows unrolled one by one: bounded
     with pytest.raises(ValueError, match="merge_rows must be at least 1"):
         KernelOptions(merge_rows=0)
     slots = KernelOptions(slots=True)  # the token-slot decode: CUDA cores, at most 4 rows
@@ -149,10 +152,11 @@ def test_torch_path_in_blocks_of_query_positions_equals_one_block(monkeypatch):
 
 def test_kernels_compile_for_a_real_gpu(tmp_path):
     """The interpreter accepts code the compiler rejects: compile both kernels for sm_90 (no GPU needed)
-    on CUDA-core decode with log factors, prod codes, and a tensor-core extend with a causal mask."""
+    on CUDA-core decode with log factors, prod codes, a tensor-core extend with a causal mask, and one
+    at head_dim 8 (the interpreter's tl.dot takes K = 8, the compiler wants 16)."""
     pytest.importorskip("triton.backends.nvidia")
     root = Path(__file__).resolve().parents[1]
-    cases = ["decode 4/4 bits (defaults)", "decode prod 3/3 bits", "extend 64 positions"]
+    cases = ["decode 4/4 bits (defaults)", "decode prod 3/3 bits", "extend 64 positions", "extend 4 positions, head_dim 8"]
     env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_CACHE_DIR": str(tmp_path), "PYTHONPATH": f"{root}{os.pathsep}{root / 'benchmarks'}"}
     script = [sys.executable, str(root / "benchmarks" / "kv_kernel_resources.py"), "--scratch", str(tmp_path), "--cases", *cases]
     done = subprocess.run(script, env=env, capture_output=True, text=True, timeout=600)

@@ -3,7 +3,8 @@
 For one (batch, KV head) pair ``n``, its query rows ``m`` (the query heads of its GQA group times
 the query positions: ``M = g * L``) and ``Tc`` encoded tokens, then ``Tw`` dense window tokens:
 
-1. `_split_kernel`, grid ``(N, S, row blocks)``: program ``(n, s, .)`` owns a contiguous range of
+1. `_split_kernel`, grid ``(row blocks, N, S)`` (row blocks first: CUDA's 65,535 limit binds only the
+   other axes): program ``(., n, s)`` owns a contiguous range of
    ``SPLIT_BLOCKS * BLOCK_T`` tokens. Per block of ``BLOCK_T`` tokens it loads the packed key and
    value rows once for all ``BLOCK_M`` rows (the GQA group shares each code read), unpacks them in
    registers with the shared helper `tqindex.kernels.triton_unpack` (whole byte tiles, shift, mask
@@ -12,7 +13,7 @@ the query positions: ``M = g * L``) and ``Tc`` encoded tokens, then ``Tw`` dense
    factors in place, and keeps an online softmax: running max, sum of exponentials and the value
    sum in rotated space (DESIGN.md section 5: rotated back once, after the merge). It writes one
    partial per split.
-2. `_merge_kernel`, grid ``(N, row blocks)`` (a decode: one row a program, on CUDA cores; more rows:
+2. `_merge_kernel`, grid ``(row blocks, N)`` (a decode: one row a program, on CUDA cores; more rows:
    the split kernel's blocks): merges the ``S`` partials, adds the key centring's
    ``q . offset`` to the code logits, attends the dense window exactly (online softmax over
    blocks, so memory stays linear in the window), rotates the normalised code part back (a
@@ -66,6 +67,8 @@ FMA_MAX_ROWS = 8  # up to this many rows per (batch, KV head): CUDA-core product
 # 32k tokens (8 warps: 0.108 / 0.443), tensor cores with 8 warps 0.149 / 0.218 ms.
 SPLIT_WARPS = 4  # split-kernel warps on CUDA cores
 DOT_WARPS = 8  # on tensor cores
+MERGE_WARPS = 4  # merge-kernel warps on CUDA cores
+MERGE_DOT_WARPS = 8  # on tensor cores (an extend's 64-row blocks: 4 warps took 255 registers and spilled, sm_90)
 DOT_MIN_TOKENS = 16384  # decode runs on tensor cores from this many encoded tokens (between the two measured)
 DOT_MIN_BLOCK_T = 32  # tensor-core blocks of 16 tokens computed wrong results on an H200 (Triton 3.6; right
 # in the interpreter, and with 32 or 64 tokens): not established whether Triton's or ours, so not run
@@ -241,7 +244,7 @@ def _split_slots(
 ):  # fmt: skip
     """`_split_kernel` for 1, 2 or 4 rows (``BLOCK_M``) on CUDA cores, token slot by token slot (`_slot_row`):
     no reduction across tokens, so no barrier, until each row's slots are folded at the end."""
-    row0 = tl.program_id(2) * BLOCK_M
+    row0 = tl.program_id(0) * BLOCK_M
     q_row = Q + n.to(tl.int64) * s_qn + row0.to(tl.int64) * s_qm
     d = tl.arange(0, D_PAD)
     m_base = b * s_mb
@@ -286,7 +289,7 @@ def _split_slots(
                 V_SIGN_OFFSET, MASK_MODE, CAUSAL,
             )  # fmt: skip
     acc_row = ACC + n.to(tl.int64) * s_an + split.to(tl.int64) * s_as + row0.to(tl.int64) * s_am
-    stats = (n * tl.num_programs(1) + split).to(tl.int64) * rows + row0
+    stats = (n * tl.num_programs(2) + split).to(tl.int64) * rows + row0
     _slot_store(acc0, qjl0, top0, total0, acc_row, stats, TOP, TOTAL, row0, rows, d, D, V_SIGN_OFFSET)
     if BLOCK_M > 1:
         _slot_store(acc1, qjl1, top1, total1, acc_row + s_am, stats + 1, TOP, TOTAL, row0 + 1, rows, d, D, V_SIGN_OFFSET)
@@ -310,8 +313,8 @@ def _split_kernel(
     GATHER_ASM: tl.constexpr, SLOTS: tl.constexpr,
 ):  # fmt: skip
     """Partial attention of rows ``(n, row block)`` over split ``s``'s tokens -> ACC, TOP, TOTAL ``[n, s, rows]``."""
-    n = tl.program_id(0)
-    split = tl.program_id(1)
+    n = tl.program_id(1)
+    split = tl.program_id(2)
     b = (n // heads).to(tl.int64)
     h = (n % heads).to(tl.int64)
     if SLOTS:
@@ -325,7 +328,7 @@ def _split_kernel(
             MASK_MODE, CAUSAL, BLOCK_M, BLOCK_T, SPLIT_BLOCKS, GATHER_ASM,
         )  # fmt: skip
     else:
-        offs_m = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         mmask = offs_m < rows
         d = tl.arange(0, D_PAD)
         q_ptrs = Q + n.to(tl.int64) * s_qn + offs_m[:, None].to(tl.int64) * s_qm + d[None, :]
@@ -365,7 +368,7 @@ def _split_kernel(
         tl.store(ACC + out, acc, mask=qmask)
         if V_SIGN_OFFSET >= 0:
             tl.store(ACC + out + D, acc_qjl, mask=qmask)
-        stats = (n * tl.num_programs(1) + split).to(tl.int64) * rows + offs_m
+        stats = (n * tl.num_programs(2) + split).to(tl.int64) * rows + offs_m
         tl.store(TOP + stats, top, mask=mmask)
         tl.store(TOTAL + stats, total, mask=mmask)
 
@@ -384,10 +387,10 @@ def _merge_kernel(
     the code part back (``FINISH``, `TurboQuantCodec.finish_matrix`) and add the window part: the
     attention output in ``OUT``'s type. ``CODES`` is float32 scratch for the code part, which the
     rotation reads back in blocks of ``BLOCK_K`` coordinates."""
-    n = tl.program_id(0)
+    n = tl.program_id(1)
     b = (n // heads).to(tl.int64)
     h = (n % heads).to(tl.int64)
-    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     mmask = offs_m < rows
     c = tl.arange(0, DACC_PAD)
 
@@ -473,7 +476,7 @@ class KernelOptions:
     tensor cores, 2- and 4-bit levels (one field over whole 32-bit words) looked up in registers
     by byte permutes (`triton_unpack.unpack_half_levels`) instead of gathered: the same float16
     operands; unmeasured on a GPU (the benchmark's variants time it). merge_warps: per merge
-    program. merge_rows: rows per merge program (rounded up to a power of two) where the merge runs on
+    program (None: `MERGE_WARPS` on CUDA cores, `MERGE_DOT_WARPS` on tensor cores). merge_rows: rows per merge program (rounded up to a power of two) where the merge runs on
     CUDA cores: with at most `FMA_MAX_ROWS` rows per (batch, KV head) (a decode), or ``dot=False``.
     A decode's merge runs on CUDA cores, one program per row by default, even where the split
     kernel uses tensor cores: at 32k tokens (64 splits,
@@ -486,7 +489,7 @@ class KernelOptions:
     block_t: int | None = None
     dot: bool | None = None
     num_warps: int | None = None
-    merge_warps: int = 4
+    merge_warps: int | None = None
     merge_rows: int = 1
     gather_asm: bool | None = None
     slots: bool = False
@@ -529,7 +532,8 @@ def plan(pairs: int, rows: int, tokens: int, dim_pad: int, sms: int, options: Ke
     Raises ValueError for tensor cores with ``block_t`` under `DOT_MIN_BLOCK_T`.
     """
     dot = (rows > FMA_MAX_ROWS or tokens >= DOT_MIN_TOKENS) if options.dot is None else options.dot
-    block_m = max(16, min(_DOT_BLOCK_M, next_power_of_2(rows))) if dot else next_power_of_2(rows)
+    # on CUDA cores rows run one by one, unrolled: blocks of at most FMA_MAX_ROWS, more row blocks for more rows
+    block_m = max(16, min(_DOT_BLOCK_M, next_power_of_2(rows))) if dot else min(FMA_MAX_ROWS, next_power_of_2(rows))
     block_t = options.block_t or (64 if dim_pad <= 128 else 32)
     if dot and block_t < DOT_MIN_BLOCK_T:
         raise ValueError(f"tensor-core blocks need block_t >= {DOT_MIN_BLOCK_T}, got {block_t}")
@@ -608,7 +612,7 @@ def triton_codes_attention(
     causal_shift = tokens - q_len
     kc, vc = (Codes(_unit_last(kv.codes.packed), _unit_last(kv.codes.factors)) for kv in (key, value))
     with on_device(device):  # Triton launches on the current device, not the tensors'
-        _split_kernel[(pairs, launch.splits, cdiv(rows, launch.block_m))](
+        _split_kernel[(cdiv(rows, launch.block_m), pairs, launch.splits)](
             rotated, kc.packed, kc.factors, vc.packed, vc.factors, mask_tensor, partial_acc, partial_top, partial_total,
             levels_table(key_codec, device), levels_table(value_codec, device),
             _low(key), _low(value), scaling, encoded, rows, q_len, heads, causal_shift,
@@ -626,11 +630,14 @@ def triton_codes_attention(
         out = torch.empty((pairs, rows, value_dim), dtype=query.dtype, device=device)
         merge_m = launch.merge_m
         acc_pad, dk_pad, dv_pad = next_power_of_2(acc_dim), next_power_of_2(head_dim), next_power_of_2(value_dim)
+        if launch.merge_dot:  # tl.dot takes K >= 16 (the interpreter takes less, a GPU's compiler does not)
+            dk_pad, dv_pad = max(16, dk_pad), max(16, dv_pad)
         block_s = max(1, min(next_power_of_2(launch.splits), _MERGE_TILE // (merge_m * acc_pad)))
         block_w = 32 if launch.merge_dot or merge_m * dk_pad <= 2048 else 16
         offset = _unit_last(key.offset) if key.offset is not None else partial_top[:, :, None]  # a placeholder, never read
         kw, vw = _unit_last(key.window), _unit_last(value.window)
-        _merge_kernel[(pairs, cdiv(rows, merge_m))](
+        merge_warps = options.merge_warps or (MERGE_DOT_WARPS if launch.merge_dot else MERGE_WARPS)
+        _merge_kernel[(cdiv(rows, merge_m), pairs)](
             partial_acc, partial_top, partial_total, queries, offset, kw, vw, mask_tensor, codes_part, value_codec.finish_matrix(device), out,
             launch.splits, rows, q_len, heads, window, encoded, causal_shift, scaling,
             *partial_acc.stride()[:3], queries.stride(0), queries.stride(1), offset.stride(0), offset.stride(1),
@@ -639,7 +646,7 @@ def triton_codes_attention(
             HAS_OFFSET=key.offset is not None, MASK_MODE=mask_mode, CAUSAL=causal, BLOCK_M=merge_m,
             BLOCK_S=block_s, SPLIT_LOOPS=next_power_of_2(launch.splits) // block_s, BLOCK_W=block_w,
             WINDOW_LOOPS=_loops(window, block_w),
-            DOT=launch.merge_dot, BLOCK_K=_finish_block(launch.merge_dot, merge_m, dv_pad), num_warps=options.merge_warps,
+            DOT=launch.merge_dot, BLOCK_K=_finish_block(launch.merge_dot, merge_m, dv_pad), num_warps=merge_warps,
         )  # fmt: skip
     return out.view(batch, q_heads, q_len, value_dim)
 
