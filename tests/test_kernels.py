@@ -143,3 +143,36 @@ def test_making_an_on_disk_index_resident_holds_one_slice_in_host_memory(tmp_pat
     assert peak < column_bytes / 4, f"{peak} bytes of host memory at once for a {column_bytes}-byte column"
     for a, b in zip(index.search(q, 10), TurboQuantIndex.open(tmp_path / "idx", mode="r").search(q, 10)):
         assert np.array_equal(a, b)
+
+
+def test_adds_to_a_resident_index_copy_only_their_rows_until_the_spare_runs_out():
+    """Resident columns keep spare rows (`resident.GROWTH`): an add writes its rows there instead of
+    copying every row held; copies and pickles hold the rows without the spare; results equal an
+    index that never was resident."""
+    import pickle
+
+    from tqindex.resident import GROWTH
+
+    x, q = unit_rows(1300, 32, seed=7), unit_rows(4, 32, seed=8)
+    resident = TurboQuantIndex(32, 4).to("cpu")
+    plain = TurboQuantIndex(32, 4)
+    for index in (resident, plain):
+        index.add(x[:1000])
+    for index in (resident, plain):
+        index.add(x[1000:1001])  # the resident one full: regrown by a quarter
+    buffer, capacity = resident._resident[0].data_ptr(), resident._held.capacity
+    assert capacity == int(1000 * GROWTH)
+    for i in range(1001, 1250):
+        for index in (resident, plain):  # the same batches: encoding one row or many rounds apart
+            index.add(x[i : i + 1])
+        assert resident._resident[0].data_ptr() == buffer, f"the add of row {i} copied the rows held"
+    for index in (resident, plain):
+        index.add(x[1250:])  # past the spare: regrown once more
+    assert resident._held.rows == 1300 <= resident._held.capacity
+    assert resident.memory_usage() >= resident._held.capacity * resident.codec.code_bytes
+    resident.remove_ids(np.arange(0, 1300, 9))
+    plain.remove_ids(np.arange(0, 1300, 9))
+    for copied in (resident, pickle.loads(pickle.dumps(resident))):
+        for a, b in zip(copied.search(q, 10), plain.search(q, 10)):
+            assert np.array_equal(a, b)
+    assert pickle.loads(pickle.dumps(resident))._held.capacity == 1300  # the spare stays behind

@@ -31,6 +31,7 @@ from tqindex.kernels import BACKENDS, Chunk, encode, get_scanner, scan_topk, sea
 from tqindex.kernels.graphs import SearchGraphs
 from tqindex.kernels.fastscan import FastScanner, KeyColumns
 from tqindex.memstore import MemoryStore
+from tqindex.resident import ResidentColumns
 from tqindex.errors import CorruptIndexError
 from tqindex.storage import ColumnSpec, ColumnStore
 
@@ -165,8 +166,8 @@ class TurboQuantIndex:
     def _attach(self, codec: TurboQuantCodec, metric: str, store: Any, backend: str, chunk_rows: int) -> None:
         self.codec, self.metric, self._store, self.chunk_rows, self.backend = codec, metric, store, chunk_rows, backend
         self.device = torch.device("cpu")
-        #: the scanned columns (`_scanned_columns`) as tensors on ``self.device`` after ``to()``; None: read from the store
-        self._resident: tuple[torch.Tensor, ...] | None = None
+        #: the scanned columns (`_scanned_columns`) held on ``self.device`` after ``to()``; None: read from the store
+        self._held: ResidentColumns | None = None
         #: with ``_resident``: bool ``(rows,)`` on ``self.device``, False for deleted rows (the scan's valid mask)
         self._live: torch.Tensor | None = None
         #: the fast-scan's key columns of codes in RAM (``_key_columns``), made at the first such search
@@ -232,6 +233,11 @@ class TurboQuantIndex:
         """Bytes of codes and per-vector factors per vector, the L2 norm included (ids add 8 more)."""
         return self.codec.bytes_per_vector + (4 if self.metric == "l2" else 0)
 
+    @property
+    def _resident(self) -> tuple[torch.Tensor, ...] | None:
+        """The resident columns' rows (`ResidentColumns.views`), or None where rows are read from the store."""
+        return None if self._held is None else self._held.views
+
     def memory_usage(self) -> int:
         """Bytes this index holds in RAM (an on-disk index keeps its rows on disk)."""
         held = sum(a.nbytes for a in self._store.fixed.values()) + self._deleted.nbytes
@@ -239,8 +245,8 @@ class TurboQuantIndex:
             held += sum(self._store.column(name).nbytes for name in self._store.columns)
         if self._id_lookup is not None:
             held += sum(a.nbytes for a in self._id_lookup)
-        if self._resident is not None and self.device.type == "cpu":
-            held += sum(t.numel() * t.element_size() for t in self._resident)
+        if self._held is not None and self.device.type == "cpu":
+            held += self._held.nbytes  # spare rows included
         if self._columns is not None:
             held += self._columns.nbytes
         return held
@@ -253,8 +259,8 @@ class TurboQuantIndex:
         """
         self._check_open()
         device = _usable_device(device)
-        resident = tuple(self._uploaded(name, 0, self._rows, device) for name in _scanned_columns(self.metric))
-        self.device, self._resident = device, resident
+        resident = ResidentColumns([self._uploaded(name, 0, self._rows, device) for name in _scanned_columns(self.metric)])
+        self.device, self._held = device, resident
         self._live = torch.from_numpy(~self._deleted).to(device)
         return self
 
@@ -321,9 +327,8 @@ class TurboQuantIndex:
             for name, values in (extra or {}).items():
                 self._store.append(name, values)
             self._store.commit()
-            if self._resident is not None:
-                new = [columns[name] for name in _scanned_columns(self.metric)]
-                self._resident = tuple(torch.cat([held, added]) for held, added in zip(self._resident, new))
+            if self._held is not None:
+                self._held.append([columns[name] for name in _scanned_columns(self.metric)])
                 self._live = torch.cat([self._live, torch.ones(len(ids), dtype=torch.bool, device=self.device)])
             self._grow_rows(len(ids))
             self._id_lookup = None
@@ -362,13 +367,12 @@ class TurboQuantIndex:
     def _sync(self) -> None:
         """Take the store's committed rows, deletions and (if resident) codes: after `refresh`, and after a failed write."""
         self._load_rows()
-        if self._resident is not None:
-            have = self._resident[0].shape[0]
+        if self._held is not None:
+            have = self._held.rows
             if have > self._rows:
-                self._resident = tuple(t[: self._rows] for t in self._resident)
+                self._held.truncate(self._rows)
             elif have < self._rows:
-                new = [self._uploaded(n, have, self._rows, self.device) for n in _scanned_columns(self.metric)]
-                self._resident = tuple(torch.cat([held, added]) for held, added in zip(self._resident, new))
+                self._held.append([self._uploaded(n, have, self._rows, self.device) for n in _scanned_columns(self.metric)])
             self._live = torch.from_numpy(~self._deleted).to(self.device)
 
     # ---- reading -----------------------------------------------------------------------
