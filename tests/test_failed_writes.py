@@ -103,6 +103,28 @@ def test_interrupted_write_in_memory_changes_nothing(operation, monkeypatch):
     assert index.ntotal == 52 and len(index._store.column("codes")) == 52
 
 
+def test_an_interrupted_add_to_a_resident_index_holds_none_of_its_rows(monkeypatch):
+    """A resident index streams an add's batches into its spare rows: interrupted at the commit, it
+    holds none of them and answers as before, and the next add (which writes over those spare
+    rows) answers as an index that never failed."""
+    import tqindex.index
+
+    monkeypatch.setattr(tqindex.index, "_ENCODE_BATCH", 4)  # the add below: 3 batches
+    index = TurboQuantIndex(D, 2).to("cpu")
+    index.add(X[:50])
+    before = answers(index, np.arange(50))
+    with monkeypatch.context() as patch:
+        patch.setattr(MemoryStore, "commit", lambda self: (_ for _ in ()).throw(KeyboardInterrupt()))
+        with pytest.raises(KeyboardInterrupt):
+            index.add(X[50:60])
+    assert answers(index, np.arange(50)) == before and index._held.rows == 50
+    index.add(X[60:65])
+    reference = TurboQuantIndex(D, 2)
+    reference.add(X[:50])
+    reference.add(X[60:65])
+    assert answers(index, np.arange(55)) == answers(reference, np.arange(55))
+
+
 def test_interrupt_after_the_commit_leaves_the_add_whole(tmp_path, monkeypatch):
     """Interrupted after its rows are committed (here: while the index updates its own state),
     the add is wholly there, and the index agrees with what is stored."""

@@ -176,3 +176,21 @@ def test_adds_to_a_resident_index_copy_only_their_rows_until_the_spare_runs_out(
         for a, b in zip(copied.search(q, 10), plain.search(q, 10)):
             assert np.array_equal(a, b)
     assert pickle.loads(pickle.dumps(resident))._held.capacity == 1300  # the spare stays behind
+
+
+def test_resident_columns_stage_only_into_spare_rows():
+    from tqindex.resident import ResidentColumns
+
+    held = ResidentColumns([torch.arange(6).view(3, 2)])
+    held.reserve(5)
+    assert (held.rows, held.capacity) == (3, 5)
+    with pytest.raises(ValueError, match="not spare"):
+        held.stage(2, [torch.zeros(1, 2, dtype=torch.int64)])  # over a held row
+    with pytest.raises(ValueError, match="not spare"):
+        held.stage(4, [torch.zeros(2, 2, dtype=torch.int64)])  # past the room
+    held.stage(3, [torch.full((2, 2), 7)])
+    assert held.rows == 3  # staged, not held
+    held.hold(5)
+    assert held.views[0][3:].eq(7).all() and held.views[0][:3].equal(torch.arange(6).view(3, 2))
+    with pytest.raises(ValueError, match="cannot hold 6 rows"):
+        held.hold(6)

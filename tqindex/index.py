@@ -309,28 +309,35 @@ class TurboQuantIndex:
         self, vectors: torch.Tensor, ids: np.ndarray, progress: bool | None, extra: dict[str, np.ndarray] | None = None
     ) -> None:
         """Encode and commit ``vectors`` under ``ids``; ``extra``: a subclass's own columns' rows
-        (one per vector), committed with them."""
-        batches = range(0, vectors.shape[0], _ENCODE_BATCH)
-        encoded = [
-            encode(self.codec, vectors[i : i + _ENCODE_BATCH].to(self.device))
-            for i in tqdm(batches, desc="encode", unit="batch", disable=None if progress is None else not progress)
-        ]
-        if not encoded:
+        (one per vector), committed with them. Batch by batch: each is encoded on ``self.device``,
+        appended to the store and, on a resident index, written into its spare rows, which it holds
+        once the store commits; device and host memory hold one batch beyond the rows."""
+        n = vectors.shape[0]
+        if n == 0:
             return
-        columns = {"codes": torch.cat([c.packed for c in encoded]), "factors": torch.cat([c.factors for c in encoded])}
-        if self.metric == "l2":
-            columns["norms"] = torch.linalg.vector_norm(vectors.double(), dim=1).float().to(self.device)
+        scanned = _scanned_columns(self.metric)
+        batches = range(0, n, _ENCODE_BATCH)
         with self._writing():
-            for name, values in columns.items():
-                self._store.append(name, values.cpu().numpy())
+            if self._held is not None:
+                self._held.reserve(self._rows + n)
+            for i in tqdm(batches, desc="encode", unit="batch", disable=None if progress is None else not progress):
+                batch = vectors[i : i + _ENCODE_BATCH]
+                codes = encode(self.codec, batch.to(self.device))
+                columns = {"codes": codes.packed, "factors": codes.factors}
+                if self.metric == "l2":
+                    columns["norms"] = torch.linalg.vector_norm(batch.double(), dim=1).float().to(self.device)
+                for name, values in columns.items():
+                    self._store.append(name, values.cpu().numpy())
+                if self._held is not None:
+                    self._held.stage(self._rows + i, [columns[name] for name in scanned])
             self._store.append("ids", ids)
             for name, values in (extra or {}).items():
                 self._store.append(name, values)
             self._store.commit()
             if self._held is not None:
-                self._held.append([columns[name] for name in _scanned_columns(self.metric)])
-                self._live = torch.cat([self._live, torch.ones(len(ids), dtype=torch.bool, device=self.device)])
-            self._grow_rows(len(ids))
+                self._held.hold(self._rows + n)
+                self._live = torch.cat([self._live, torch.ones(n, dtype=torch.bool, device=self.device)])
+            self._grow_rows(n)
             self._id_lookup = None
             self._next_id = max(self._next_free_id(), int(ids.max()) + 1)
 
@@ -370,7 +377,7 @@ class TurboQuantIndex:
         if self._held is not None:
             have = self._held.rows
             if have > self._rows:
-                self._held.truncate(self._rows)
+                self._held.hold(self._rows)
             elif have < self._rows:
                 self._held.append([self._uploaded(n, have, self._rows, self.device) for n in _scanned_columns(self.metric)])
             self._live = torch.from_numpy(~self._deleted).to(self.device)

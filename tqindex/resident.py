@@ -21,7 +21,8 @@ class ResidentColumns:
     """Tensors ``(rows, ...)`` on one device, one a column, in buffers of ``capacity`` rows.
 
     ``views``: the rows held, one tensor a column (views of the buffers, updated by `append` and
-    `truncate`; a view taken earlier keeps the rows it had).
+    `hold`; a view taken earlier keeps the rows it had). An add streams its rows into the spare
+    ones (`reserve`, then `stage` batch by batch) and holds them once committed (`hold`).
     """
 
     def __init__(self, columns: Sequence[torch.Tensor]):
@@ -42,22 +43,34 @@ class ResidentColumns:
         return sum(b.numel() * b.element_size() for b in self._buffers)
 
     def append(self, new: Sequence[torch.Tensor]) -> None:
-        """Rows ``new`` (one tensor a column, on the buffers' device) after those held; the buffers
-        are copied to larger ones only when full."""
+        """Rows ``new`` (one tensor a column, on the buffers' device) after those held."""
         rows = self.rows
-        needed = rows + int(new[0].shape[0])
-        if needed > self.capacity:
-            size = max(needed, int(self.capacity * GROWTH))
+        self.reserve(rows + int(new[0].shape[0]))
+        self.stage(rows, new)
+        self.hold(rows + int(new[0].shape[0]))
+
+    def reserve(self, rows: int) -> None:
+        """Room for ``rows`` rows: the buffers copied to larger ones (by `GROWTH` at least) only when full."""
+        if rows > self.capacity:
+            size = max(rows, int(self.capacity * GROWTH))
             grown = tuple(torch.empty((size, *b.shape[1:]), dtype=b.dtype, device=b.device) for b in self._buffers)
             for buffer, held in zip(grown, self.views):
-                buffer[:rows] = held
+                buffer[: self.rows] = held
             self._buffers = grown
-        for buffer, added in zip(self._buffers, new):
-            buffer[rows:needed] = added
-        self.views = tuple(b[:needed] for b in self._buffers)
+            self.views = tuple(b[: self.rows] for b in grown)
 
-    def truncate(self, rows: int) -> None:
-        """Hold only the first ``rows`` rows (their buffers kept)."""
+    def stage(self, start: int, new: Sequence[torch.Tensor]) -> None:
+        """Write rows ``new`` at ``start`` (at or past the rows held, within the capacity) without holding them yet."""
+        stop = start + int(new[0].shape[0])
+        if start < self.rows or stop > self.capacity:
+            raise ValueError(f"rows [{start}, {stop}) are not spare: {self.rows} held, room for {self.capacity}")
+        for buffer, added in zip(self._buffers, new):
+            buffer[start:stop] = added
+
+    def hold(self, rows: int) -> None:
+        """Hold the first ``rows`` rows (fewer: the rest become spare; more: rows staged there)."""
+        if rows > self.capacity:
+            raise ValueError(f"cannot hold {rows} rows in room for {self.capacity}")
         self.views = tuple(b[:rows] for b in self._buffers)
 
     def __getstate__(self) -> dict[str, Any]:
